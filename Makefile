@@ -1,0 +1,31 @@
+# Two commands set everything up on a fresh machine: `make demo` and `make test`.
+# Both create .venv (Python 3.11, torch pinned to the CPU build on disk) when missing.
+SHELL := /bin/bash
+.SHELLFLAGS := -eo pipefail -c
+PY ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+STAMP := $(VENV)/.installed-stamp
+# pip's offline index locations that are absent on some machines only add noise
+PIPQUIET := grep -v "is ignored: it is neither a file nor a directory" || true
+
+.PHONY: venv demo test bench clean-state
+
+$(STAMP): pyproject.toml
+	@test -x $(VENV)/bin/python || $(PY) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install -q --upgrade pip 2>&1 | $(PIPQUIET)
+	$(VENV)/bin/python -m pip install -q -e '.[test]' 2>&1 | $(PIPQUIET)
+	@touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: venv  ## the retrain flow on the embedded defaults, demo scale
+	$(VENV)/bin/python -m flows.retrain --scale demo
+
+test: venv  ## the whole test suite
+	$(VENV)/bin/python -m pytest -q
+
+bench: venv  ## data-step timings (JSON)
+	$(VENV)/bin/python bench/data_steps.py
+
+clean-state:  ## forget local runs and state (data/ stays: it is DVC's)
+	rm -rf .skyeye mlruns/mlflow.db mlruns/artifacts

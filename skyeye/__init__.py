@@ -1,0 +1,1 @@
+"""SkyEye: the SkyEyeGPT platform domain library."""

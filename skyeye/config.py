@@ -1,0 +1,101 @@
+"""Defaults in one typed place, and the environment the platform sets for itself.
+
+Every path and service address has an embedded default (one machine: SQLite MLflow
+under `mlruns/`, Prefect's ephemeral server with state under `.skyeye/`, a local Ray,
+a local DVC remote). Environment variables with the `SKYEYE_` prefix, or the
+services' own variables (`MLFLOW_TRACKING_URI`, `PREFECT_API_URL`, `RAY_ADDRESS`),
+point the same code at servers.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def _find_project_root() -> Path:
+    """The nearest folder at or above the working directory that holds a `.dvc/` or `pyproject.toml` of ours."""
+    here = Path.cwd().resolve()
+    for folder in (here, *here.parents):
+        if (folder / ".dvc").is_dir() or (folder / "data.dvc").exists():
+            return folder
+    return here
+
+
+class Settings(BaseSettings):
+    """Platform-wide settings. Fields say why they exist; env vars override (SKYEYE_<FIELD>)."""
+
+    model_config = SettingsConfigDict(env_prefix="SKYEYE_", extra="ignore")
+
+    project_root: Path = Field(default_factory=_find_project_root,
+                               description="Repository root: holds data.dvc, .dvc/, mlruns/.")
+    data_dir: Path | None = Field(None, description="DVC-tracked data folder; default <root>/data.")
+    state_dir: Path | None = Field(None, description="Local state (Prefect home, GX context, caches); default <root>/.skyeye.")
+    dvc_remote_url: str | None = Field(
+        None, description="Any DVC remote URL (s3://..., /mnt/share/...). Unset: the committed local remote.")
+    mlflow_tracking_uri: str | None = Field(
+        None, description="Unset: MLFLOW_TRACKING_URI, else SQLite under <root>/mlruns/.")
+
+    @property
+    def data(self) -> Path:
+        return (self.data_dir or self.project_root / "data").resolve()
+
+    @property
+    def synth_dir(self) -> Path:
+        return self.data / "synth"
+
+    @property
+    def instructions_dir(self) -> Path:
+        return self.data / "instructions"
+
+    @property
+    def state(self) -> Path:
+        return (self.state_dir or self.project_root / ".skyeye").resolve()
+
+    @property
+    def tracking_uri(self) -> str:
+        if self.mlflow_tracking_uri:
+            return self.mlflow_tracking_uri
+        if os.environ.get("MLFLOW_TRACKING_URI"):
+            return os.environ["MLFLOW_TRACKING_URI"]
+        return f"sqlite:///{self.project_root / 'mlruns' / 'mlflow.db'}"
+
+    @property
+    def artifact_root(self) -> str:
+        return str(self.project_root / "mlruns" / "artifacts")
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()
+
+
+def configure_environment(settings: Settings | None = None) -> Settings:
+    """Set what the services need before they are imported: no analytics (offline
+    machines log errors and once locked Prefect's database), state under the project.
+    Values already set by the user win."""
+    s = settings or get_settings()
+    s.state.mkdir(parents=True, exist_ok=True)
+    defaults = {
+        "DVC_NO_ANALYTICS": "1",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_HOME": str(s.state / "prefect"),
+        "PREFECT_LOGGING_LEVEL": "WARNING",
+        "MLFLOW_TRACKING_URI": s.tracking_uri,
+        "GIT_PYTHON_REFRESH": "quiet",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    for key, value in defaults.items():
+        os.environ.setdefault(key, value)
+    return s
+
+
+def git_revision(root: Path | None = None) -> str | None:
+    """HEAD's commit, or None outside a git checkout."""
+    root = root or get_settings().project_root
+    out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True)
+    return out.stdout.strip() if out.returncode == 0 else None

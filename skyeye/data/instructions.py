@@ -1,0 +1,302 @@
+"""The instruction builder: benchmark records -> our SkyEye-968k.
+
+Stage 1: single-task instructions from the train splits (captions, video captions,
+VQA, scene classification as `[vqa]`, `[refer]`, `[identify]`, `[detection]`).
+Stage 2: multi-task conversations, several turns about one image that mix tasks and
+granularity (scene, region, object), as the paper's *-Conversa sets do.
+Evaluation: one normalised file per scored split, with all references, question
+types and pixel boxes. Formats: docs/formats.md. Output is deterministic.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import zlib
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from .. import prompts
+from ..boxes import box_text, boxes_text
+from .readers import BENCHMARKS, SCORED_SPLITS, detect_benchmark, read_benchmark
+from .records import CaptionSample, GroundingSample, ReadReport, Sample, VQASample
+
+VIDEO_FRAMES = 4  # frames sampled per clip (the model sees a video as a few frames)
+# DIOR-style class names -> words for [detection] phrases (unknown names are used as they are)
+CLASS_WORDS = {"storagetank": ("storage tank", "storage tanks"), "tenniscourt": ("tennis court", "tennis courts"),
+               "airplane": ("airplane", "airplanes"), "ship": ("ship", "ships"), "vehicle": ("vehicle", "vehicles"),
+               "building": ("building", "buildings"), "bridge": ("bridge", "bridges")}
+NUMBER_WORDS = ["no", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+
+
+def _human(text: str, first: bool) -> dict:
+    return {"from": "human", "value": f"{prompts.IMAGE_PLACEHOLDER} {text}" if first else text}
+
+
+def _gpt(text: str) -> dict:
+    return {"from": "gpt", "value": text}
+
+
+class Builder:
+    """Collects samples per stage; paths are written relative to the output folder."""
+
+    def __init__(self, out: Path):
+        self.out = out
+        self.stage1: list[dict] = []
+        self.stage2: list[dict] = []
+        self._sizes: dict[Path, tuple[int, int]] = {}
+
+    def rel(self, path: Path) -> str:
+        return os.path.relpath(path, self.out).replace(os.sep, "/")
+
+    def size(self, path: Path) -> tuple[int, int]:
+        if path not in self._sizes:
+            with Image.open(path) as im:  # reads the header only
+                self._sizes[path] = im.size
+        return self._sizes[path]
+
+    def media(self, s: Sample) -> dict:
+        if isinstance(s, CaptionSample) and s.is_video:
+            return {"video": self.rel(s.image), "frames": VIDEO_FRAMES}
+        return {"image": self.rel(s.image)}
+
+    def add1(self, task: str, s: Sample, turns: list[dict], n: int) -> None:
+        self.stage1.append({"id": f"s1-{s.benchmark}-{task}-{s.id}-{n}", "source": s.benchmark, "task": task,
+                            **self.media(s), "conversations": turns})
+
+    # ------------------------------------------------------------ stage 1
+    def captions(self, samples: list[CaptionSample]) -> None:
+        for s in samples:
+            task = "video_caption" if s.is_video else "caption"
+            for k, cap in enumerate(s.captions):
+                ask = prompts.pick(task, f"{s.id}-{k}")
+                self.add1(task, s, [_human(f"[caption] {ask}", True), _gpt(cap)], k)
+            if s.scene_class and not s.is_video:
+                ask = prompts.pick("scene_vqa", s.id)
+                self.add1("scene_vqa", s, [_human(f"[vqa] {ask}", True), _gpt(s.scene_class)], 0)
+
+    def vqa(self, samples: list[VQASample]) -> None:
+        for s in samples:
+            self.add1("vqa", s, [_human(f"[vqa] {s.question}", True), _gpt(s.answer)], 0)
+
+    def grounding(self, samples: list[GroundingSample]) -> None:
+        for s in samples:
+            w, h = s.image_size
+            box = box_text(s.box, w, h)
+            ask = prompts.pick("refer", s.id).format(expression=s.expression)
+            self.add1("refer", s, [_human(f"[refer] {ask}", True), _gpt(box)], 0)
+            ask = prompts.pick("identify", s.id).format(box=box)
+            self.add1("identify", s, [_human(f"[identify] {ask}", True), _gpt(s.expression)], 0)
+        for image, group in _by_image(samples).items():
+            by_class: dict[str, list[GroundingSample]] = defaultdict(list)
+            for s in group:
+                by_class[s.category].append(s)
+            for cls, objs in sorted(by_class.items()):
+                phrase = _phrase(cls, len(objs))
+                singular = CLASS_WORDS.get(cls, (cls, cls))[0]
+                ask = prompts.pick("detection", objs[0].id).format(phrase=CLASS_WORDS.get(cls, (cls, cls))[1],
+                                                                 singular=singular)
+                w, h = objs[0].image_size
+                answer = boxes_text([o.box for o in objs], w, h, phrase=phrase)
+                self.add1("detection", objs[0], [_human(f"[detection] {ask}", True), _gpt(answer)], 0)
+
+    # ------------------------------------------------------------ stage 2
+    def conversation(self, s: Sample, turns: list[tuple[str, str]]) -> None:
+        conv = []
+        for i, (q, a) in enumerate(turns):
+            conv += [_human(q, i == 0), _gpt(a)]
+        self.stage2.append({"id": f"s2-{s.benchmark}-{s.id}", "source": s.benchmark, "task": "conversation",
+                            **self.media(s), "conversations": conv})
+
+    def grounding_conversations(self, samples: list[GroundingSample]) -> None:
+        """DIOR-Conversa style: scene (counts, presence), object ([refer]), region ([identify])."""
+        for image, group in _by_image(samples).items():
+            rng = np.random.default_rng(zlib.crc32(str(group[0].id).encode()))
+            counts = Counter(s.category for s in group)
+            w, h = group[0].image_size
+            scene = " and ".join(_phrase(c, n) for c, n in sorted(counts.items()))
+            cands = [(f"[caption] {prompts.pick('caption', group[0].id)}", f"there are {scene} in the image.")]
+            cls = sorted(counts)[int(rng.integers(len(counts)))]
+            cands.append((f"[vqa] how many {CLASS_WORDS.get(cls, (cls, cls))[1]} are there?", str(counts[cls])))
+            for s in group:
+                cands.append((f"[refer] {s.expression}", box_text(s.box, w, h)))
+                cands.append((f"[identify] {box_text(s.box, w, h)}", s.expression))
+            objs = [s for s in group if s.category == cls]
+            cands.append((f"[detection] {CLASS_WORDS.get(cls, (cls, cls))[1]}",
+                          boxes_text([o.box for o in objs], w, h, phrase=_phrase(cls, len(objs)))))
+            self.conversation(group[0], _pick_turns(cands, rng))
+
+    def caption_conversations(self, samples: list[CaptionSample]) -> None:
+        """UCM/Sydney-Conversa style: a caption, the scene class when known, a second wording."""
+        for s in samples:
+            if s.is_video:
+                continue
+            turns = [(f"[caption] {prompts.pick('caption', s.id)}", s.captions[0])]
+            if s.scene_class:
+                turns.append((f"[vqa] {prompts.pick('scene_vqa', s.id)}", s.scene_class))
+            turns.append(("[caption] Describe it once more in other words.", s.captions[1 % len(s.captions)]))
+            if len(turns) < 3:
+                turns.append(("[caption] And one more description, please.", s.captions[2 % len(s.captions)]))
+            self.conversation(s, turns)
+
+    def vqa_conversations(self, samples: list[VQASample]) -> None:
+        """Several questions of different types about one image."""
+        for image, group in _by_image(samples).items():
+            rng = np.random.default_rng(zlib.crc32(str(group[0].id).encode()))
+            cands = [(f"[vqa] {s.question}", s.answer) for s in group]
+            if len(cands) >= 3:
+                self.conversation(group[0], _pick_turns(cands, rng))
+
+
+def _by_image(samples: list[Sample]) -> dict[Path, list]:
+    groups: dict[Path, list] = defaultdict(list)
+    for s in samples:
+        groups[s.image].append(s)
+    return dict(sorted(groups.items()))
+
+
+def _pick_turns(cands: list[tuple[str, str]], rng: np.random.Generator) -> list[tuple[str, str]]:
+    """3 to 5 distinct turns, mixing whatever tasks the candidates hold."""
+    n = min(len(cands), int(rng.integers(3, 6)))
+    idx = rng.choice(len(cands), size=n, replace=False)
+    return [cands[i] for i in sorted(idx)]
+
+
+def _phrase(cls: str, n: int) -> str:
+    singular, plural = CLASS_WORDS.get(cls, (cls, cls))
+    word = NUMBER_WORDS[n] if n < len(NUMBER_WORDS) else str(n)
+    return f"{word} {singular if n == 1 else plural}"
+
+
+# ---------------------------------------------------------------- evaluation files
+def eval_samples(b: Builder, samples: list[Sample]) -> list[dict]:
+    out = []
+    for s in samples:
+        row = {"id": s.id, **b.media(s)}
+        if isinstance(s, CaptionSample):
+            if not s.is_video:
+                row["image_size"] = list(b.size(s.image))
+            task = "video_caption" if s.is_video else "caption"
+            row |= {"prompt": f"[caption] {prompts.first(task)}", "references": list(s.captions)}
+        elif isinstance(s, VQASample):
+            row |= {"image_size": list(b.size(s.image)), "prompt": f"[vqa] {s.question}", "question": s.question,
+                    "answer": s.answer, "question_type": s.question_type}
+        elif isinstance(s, GroundingSample):
+            row |= {"image_size": list(s.image_size), "prompt": f"[refer] {s.expression}",
+                    "expression": s.expression, "box": [float(v) for v in s.box]}
+        out.append(row)
+    return out
+
+
+EVAL_TASK = {"ucm_captions": "caption", "sydney_captions": "caption", "rsicd": "caption", "capera": "video_caption",
+             "rsvqa_lr": "vqa", "rsvqa_hr": "vqa", "rsvg": "grounding", "dior_rsvg": "grounding"}
+
+
+# ---------------------------------------------------------------- driver
+def find_sources(root: Path, extra: dict[str, Path] | None = None) -> dict[str, Path]:
+    """Benchmark folders found under `root` (by their layout), plus `extra` ones."""
+    found: dict[str, Path] = {}
+    for folder in sorted(p for p in Path(root).iterdir() if p.is_dir()) if Path(root).is_dir() else []:
+        name = detect_benchmark(folder)
+        if name:
+            found[name] = folder
+    for name, path in (extra or {}).items():
+        if name not in BENCHMARKS:
+            raise ValueError(f"--source {name}={path}: unknown benchmark {name!r}; known: {', '.join(BENCHMARKS)}")
+        if not Path(path).is_dir():
+            raise ValueError(f"--source {name}={path}: no such folder")
+        found[name] = Path(path)
+    if not found:
+        raise ValueError(f"{root}: no benchmark folder found (expected some of {', '.join(BENCHMARKS)})")
+    return dict(sorted(found.items(), key=lambda kv: BENCHMARKS.index(kv[0])))
+
+
+def build(root: Path, out: Path, extra: dict[str, Path] | None = None) -> dict:
+    """Build stage-1/stage-2 instructions, evaluation files and the data card into `out`.
+    Written to a temporary folder and renamed into place."""
+    out = Path(out).resolve()
+    sources = find_sources(Path(root), extra)
+    tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "eval").mkdir(parents=True)
+    b = Builder(out)  # paths relative to the final location
+    b.out = tmp  # same depth as `out`, so relative paths are identical once renamed
+    reports: list[ReadReport] = []
+    eval_counts: dict[str, int] = {}
+    try:
+        for name, folder in sources.items():
+            train, report = read_benchmark(name, folder.resolve(), ["train"])
+            reports.append(report)
+            if EVAL_TASK[name] in ("caption", "video_caption"):
+                b.captions(train)
+                b.caption_conversations(train)
+            elif EVAL_TASK[name] == "vqa":
+                b.vqa(train)
+                b.vqa_conversations(train)
+            else:
+                b.grounding(train)
+                b.grounding_conversations(train)
+            for split in SCORED_SPLITS[name]:
+                test, rep = read_benchmark(name, folder.resolve(), [split])
+                reports.append(rep)
+                rows = eval_samples(b, test)
+                key = f"{name}_{split}"
+                _write_json(tmp / "eval" / f"{key}.json",
+                            {"benchmark": name, "split": split, "task": EVAL_TASK[name], "samples": rows})
+                eval_counts[key] = len(rows)
+        _write_json(tmp / "stage1.json", b.stage1)
+        _write_json(tmp / "stage2.json", b.stage2)
+        card = data_card(b, eval_counts, reports)
+        _write_json(tmp / "card.json", card)
+        (tmp / "DATA_CARD.md").write_text(render_card(card), encoding="utf-8")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = out.with_name(out.name + f".old-{os.getpid()}")
+    if out.exists():
+        out.rename(old)
+    tmp.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
+    card["reports"] = [r.summary() for r in reports]
+    return card
+
+
+def _write_json(path: Path, obj) -> None:
+    path.write_text(json.dumps(obj, ensure_ascii=True, indent=None), encoding="utf-8")
+
+
+def data_card(b: Builder, eval_counts: dict[str, int], reports: list[ReadReport]) -> dict:
+    def counts(samples):
+        return {"total": len(samples), "by_task": dict(sorted(Counter(s["task"] for s in samples).items())),
+                "by_source": dict(sorted(Counter(s["source"] for s in samples).items()))}
+    skipped: dict[str, dict[str, int]] = defaultdict(dict)
+    for r in reports:
+        for reason, n in r.skipped.items():
+            skipped[r.benchmark][reason] = skipped[r.benchmark].get(reason, 0) + n
+    return {"stage1": counts(b.stage1), "stage2": counts(b.stage2), "eval": dict(sorted(eval_counts.items())),
+            "skipped": dict(sorted(skipped.items()))}
+
+
+def render_card(card: dict) -> str:
+    lines = ["# Data card: SkyEye instruction set", "",
+             "Built by `skyeye data build` from the benchmark folders (SkyEye-Synth unless real data was given).", ""]
+    for stage, title in (("stage1", "Stage 1: single-task instructions"), ("stage2", "Stage 2: multi-task conversations")):
+        c = card[stage]
+        by_pair: dict[tuple[str, str], int] = Counter()
+        lines += [f"## {title} ({c['total']} samples)", "", "| task | samples | sources |", "|---|---|---|"]
+        for task, n in c["by_task"].items():
+            lines.append(f"| {task} | {n} | |")
+        lines += ["", "| source | samples |", "|---|---|"]
+        lines += [f"| {src} | {n} |" for src, n in c["by_source"].items()]
+        lines.append("")
+        del by_pair
+    lines += ["## Evaluation files", "", "| benchmark split | samples |", "|---|---|"]
+    lines += [f"| {k} | {n} |" for k, n in card["eval"].items()]
+    if card["skipped"]:
+        lines += ["", "## Rows left out by the readers", "", "| benchmark | reason | rows |", "|---|---|---|"]
+        for bench, reasons in card["skipped"].items():
+            lines += [f"| {bench} | {reason} | {n} |" for reason, n in sorted(reasons.items())]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,97 @@
+"""Registry of the 8 benchmark readers: names, splits, layout detection, one entry point.
+
+`read_benchmark(name, root)` reads a benchmark folder in its native layout (a real
+download or SkyEye-Synth) into typed records plus a ReadReport of what was left out.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+
+from skyeye.data.capera import ANNOTATION_FILE as CAPERA_FILE
+from skyeye.data.capera import read_capera
+from skyeye.data.captions import read_karpathy
+from skyeye.data.records import ReadReport, Sample, read_json
+from skyeye.data.rsvqa import read_rsvqa
+from skyeye.data.voc import VOC_SPLITS, read_voc
+
+BENCHMARKS: tuple[str, ...] = (
+    "ucm_captions", "sydney_captions", "rsicd", "capera", "rsvqa_lr", "rsvqa_hr", "rsvg", "dior_rsvg",
+)
+_TVT = ("train", "val", "test")
+SPLITS: dict[str, tuple[str, ...]] = {name: _TVT for name in BENCHMARKS} | {"rsvqa_hr": (*_TVT, "test_phili")}
+# the splits the paper reports numbers on
+SCORED_SPLITS: dict[str, tuple[str, ...]] = {name: ("test",) for name in BENCHMARKS} | {
+    "rsvqa_hr": ("test", "test_phili"),
+    "rsvg": ("val", "test"),
+}
+
+Reader = Callable[[str, Path, Sequence[str] | None], tuple[list, ReadReport]]
+_READERS: dict[str, Reader] = {
+    "ucm_captions": read_karpathy,
+    "sydney_captions": read_karpathy,
+    "rsicd": read_karpathy,
+    "capera": read_capera,
+    "rsvqa_lr": read_rsvqa,
+    "rsvqa_hr": read_rsvqa,
+    "rsvg": read_voc,
+    "dior_rsvg": read_voc,
+}
+
+
+def read_benchmark(
+    name: str, root: Path, splits: Iterable[str] | None = None
+) -> tuple[list[Sample], ReadReport]:
+    """Read benchmark `name` from folder `root`; `splits=None` reads every split present.
+
+    Image paths in the samples are absolute; the order is deterministic (split, then id).
+    """
+    if name not in BENCHMARKS:
+        raise ValueError(f"unknown benchmark {name!r}; known: {', '.join(BENCHMARKS)}")
+    wanted: tuple[str, ...] | None = None
+    if splits is not None:
+        wanted = tuple(dict.fromkeys([splits] if isinstance(splits, str) else splits))  # dedupe, keep order
+        unknown = [s for s in wanted if s not in SPLITS[name]]
+        if unknown:
+            raise ValueError(f"{name} has no split(s) {unknown}; its splits: {', '.join(SPLITS[name])}")
+    root = Path(root).resolve()
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: benchmark folder not found")
+    return _READERS[name](name, root, wanted)
+
+
+def detect_benchmark(folder: Path) -> str | None:
+    """Which of the 8 layouts `folder` holds, from its marker files; None if none matches."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return None
+    folder_name = folder.resolve().name.lower()
+    if (folder / "dataset_rsicd.json").is_file():
+        return "rsicd"
+    if (folder / "dataset.json").is_file():
+        # UCM and Sydney share the file name: tell them by the "dataset" value, else the folder name
+        for hint in (_dataset_value(folder / "dataset.json"), folder_name):
+            for key, name in (("ucm", "ucm_captions"), ("sydney", "sydney_captions"), ("rsicd", "rsicd")):
+                if key in hint:
+                    return name
+        return None
+    if (folder / CAPERA_FILE).is_file():
+        return "capera"
+    if any(folder.glob("LR_split_*.json")):
+        return "rsvqa_lr"
+    if any(folder.glob("USGS_split_*.json")):
+        return "rsvqa_hr"
+    if (folder / "Annotations").is_dir() and any((folder / f"{s}.txt").is_file() for s in VOC_SPLITS):
+        # RSVG and DIOR-RSVG share one layout: only the folder name tells them apart
+        return "dior_rsvg" if "dior" in folder_name else "rsvg"
+    return None
+
+
+def _dataset_value(path: Path) -> str:
+    """The lower-cased "dataset" value of a Karpathy JSON, or "" if unreadable."""
+    try:
+        doc = read_json(path)
+    except (OSError, ValueError):
+        return ""
+    value = doc.get("dataset") if isinstance(doc, dict) else None
+    return value.lower() if isinstance(value, str) else ""

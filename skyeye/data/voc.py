@@ -1,0 +1,171 @@
+"""Reader for DIOR-RSVG and RSVG: Pascal-VOC XML with a referring expression per object.
+
+Layout: `Annotations/*.xml`, `JPEGImages/`, and split files `train.txt`, `val.txt`,
+`test.txt` with one integer per line. Each `<object>` is one sample; the integers index
+a running count of objects over the XML files sorted by file name. RSVG's own release
+layout was not available to us, so it is read in this same layout.
+"""
+from __future__ import annotations
+
+import math
+import xml.etree.ElementTree as ET
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from skyeye.data.records import Box, DataFormatError, GroundingSample, ReadReport
+
+VOC_SPLITS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class VocObject:
+    name: str
+    box: Box  # pixels, (xmin, ymin, xmax, ymax)
+    description: str
+
+
+@dataclass(frozen=True)
+class VocAnnotation:
+    filename: str | None  # the image file name, when the XML carries one
+    size: tuple[int, int]  # (width, height)
+    objects: tuple[VocObject, ...]
+
+
+def _text(elem: ET.Element, tag: str, path: Path, where: str) -> str:
+    child = elem.find(tag)
+    if child is None or child.text is None:
+        raise DataFormatError(path, f"{where}/{tag}", "missing")
+    return child.text.strip()
+
+
+def _number(elem: ET.Element, tag: str, path: Path, where: str) -> float:
+    text = _text(elem, tag, path, where)
+    try:
+        value = float(text)
+    except ValueError:
+        raise DataFormatError(path, f"{where}/{tag}", f"not a number: {text!r}") from None
+    if not math.isfinite(value):
+        raise DataFormatError(path, f"{where}/{tag}", f"not a finite number: {text!r}")
+    return value
+
+
+def parse_annotation(path: Path) -> VocAnnotation:
+    """Parse one VOC XML; objects in file order."""
+    try:
+        root = ET.parse(path).getroot()
+    except ET.ParseError as e:
+        raise DataFormatError(path, "(whole file)", f"not valid XML: {e}") from e
+    filename = root.findtext("filename")
+    size = root.find("size")
+    if size is None:
+        raise DataFormatError(path, "size", "missing")
+    dims = []
+    for tag in ("width", "height"):
+        value = _number(size, tag, path, "size")
+        if not value.is_integer() or value <= 0:
+            raise DataFormatError(path, f"size/{tag}", f"not a positive integer: {value}")
+        dims.append(int(value))
+    objects = []
+    for k, obj in enumerate(root.findall("object")):
+        where = f"object[{k}]"
+        bndbox = obj.find("bndbox")
+        if bndbox is None:
+            raise DataFormatError(path, f"{where}/bndbox", "missing")
+        box = tuple(_number(bndbox, t, path, f"{where}/bndbox") for t in ("xmin", "ymin", "xmax", "ymax"))
+        description = obj.findtext("description")
+        if description is None:
+            raise DataFormatError(path, f"{where}/description", "missing")
+        objects.append(VocObject(_text(obj, "name", path, where), box, description.strip()))  # type: ignore[arg-type]
+    return VocAnnotation(filename.strip() if filename and filename.strip() else None, (dims[0], dims[1]), tuple(objects))
+
+
+def load_split_indices(folder: Path, n_objects: int | None = None) -> dict[str, list[int]]:
+    """The object indices of every split file present in `folder`, checked.
+
+    Each line must be a non-negative integer, listed once in one split only, and below
+    `n_objects` when given; a violation is a DataFormatError naming the split file.
+    """
+    folder = Path(folder)
+    result: dict[str, list[int]] = {}
+    owner: dict[int, str] = {}  # index -> split file that lists it
+    for split in VOC_SPLITS:
+        path = folder / f"{split}.txt"
+        if not path.is_file():
+            continue
+        indices = []
+        for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                index = int(line.strip())
+            except ValueError:
+                raise DataFormatError(path, f"line {lineno}", f"not an integer: {line.strip()!r}") from None
+            if index < 0 or (n_objects is not None and index >= n_objects):
+                bound = f"0..{n_objects - 1}" if n_objects is not None else ">= 0"
+                raise DataFormatError(path, f"line {lineno}", f"object index {index} out of range {bound}")
+            if index in owner:
+                raise DataFormatError(path, f"line {lineno}", f"object index {index} also listed in {owner[index]}")
+            owner[index] = path.name
+            indices.append(index)
+        result[split] = indices
+    if not result:
+        raise DataFormatError(folder, "train.txt/val.txt/test.txt", "no split files in this folder")
+    return result
+
+
+def read_voc(
+    benchmark: str, root: Path, splits: Sequence[str] | None = None
+) -> tuple[list[GroundingSample], ReadReport]:
+    """Read the asked splits (default: all whose split files exist); samples by split, then index."""
+    xml_files = sorted((root / "Annotations").glob("*.xml"), key=lambda p: p.name)
+    if not xml_files:
+        raise DataFormatError(root / "Annotations", "*.xml", "no annotation files")
+    # the running index spans every object of every XML, so all are parsed whatever the split
+    flat: list[tuple[Path, VocAnnotation, int]] = []
+    for xml in xml_files:
+        ann = parse_annotation(xml)
+        flat.extend((xml, ann, k) for k in range(len(ann.objects)))
+    indices = load_split_indices(root, n_objects=len(flat))
+    if splits is None:
+        splits = tuple(indices)
+    for split in splits:
+        if split not in indices:
+            raise FileNotFoundError(f"{root / (split + '.txt')}: split file not found")
+    report = ReadReport(benchmark)
+    if unlisted := len(flat) - sum(len(v) for v in indices.values()):
+        report.skip("object in no split file", unlisted)
+    samples: list[GroundingSample] = []
+    for split in splits:
+        kept = 0
+        for index in sorted(indices[split]):
+            xml, ann, k = flat[index]
+            obj = ann.objects[k]
+            x1, y1, x2, y2 = obj.box
+            if not (x1 < x2 and y1 < y2):
+                report.skip("degenerate box")
+                continue
+            if not obj.description:
+                report.skip("object without description")
+                continue
+            image = _image_path(root, xml, ann)
+            if image is None:
+                report.skip("missing image file")
+                continue
+            samples.append(
+                GroundingSample(
+                    benchmark, split, f"{xml.stem}_{k}", image,
+                    expression=obj.description, box=obj.box, image_size=ann.size, category=obj.name,
+                )
+            )
+            kept += 1
+        report.kept[split] += kept
+    return samples, report
+
+
+def _image_path(root: Path, xml: Path, ann: VocAnnotation) -> Path | None:
+    """JPEGImages/<filename from the XML>, else JPEGImages/<xml stem>.jpg; None if neither exists."""
+    for name in (ann.filename, f"{xml.stem}.jpg"):
+        if name and (path := root / "JPEGImages" / name).is_file():
+            return path
+    return None

@@ -1,0 +1,38 @@
+"""Task identifiers and instruction phrasings (SkyEye-968k style, MiniGPT-v2 format).
+
+Several phrasings per task keep the model from keying on one sentence; the evaluation
+uses the first phrasing of each task, as the paper's prompts do.
+"""
+from __future__ import annotations
+
+import zlib
+
+IMAGE_PLACEHOLDER = "<Img><ImageHere></Img>"
+TASK_IDENTIFIERS = ("[caption]", "[vqa]", "[refer]", "[identify]", "[detection]")
+# task (the instruction file's `task` field) -> task identifier
+TASK_TO_IDENTIFIER = {"caption": "[caption]", "video_caption": "[caption]", "vqa": "[vqa]", "scene_vqa": "[vqa]",
+                      "refer": "[refer]", "identify": "[identify]", "detection": "[detection]"}
+STAGE1_TASKS = tuple(TASK_TO_IDENTIFIER)
+STAGE2_TASKS = ("conversation",)
+
+PHRASINGS = {
+    "caption": ["Briefly describe this image.", "Describe the image in one sentence.",
+                "What does this remote sensing image show?", "Give a short caption for this aerial image."],
+    "video_caption": ["describe the video frame image", "Describe what happens in this UAV video.",
+                      "Give a short caption for this drone clip."],
+    "scene_vqa": ["Which scene category does this image belong to?", "What type of scene is shown in this image?",
+                  "Classify the land use of this image."],
+    "refer": ["{expression}", "where is {expression}?", "give me the location of {expression}"],
+    "identify": ["{box}", "what object is in {box}?", "describe the object in {box}"],
+    "detection": ["{phrase}", "find every {singular} in the image", "where are the {phrase}?"],
+}
+
+
+def pick(task: str, key: str) -> str:
+    """A phrasing for `task`, chosen by a stable hash of `key` (same corpus, same text)."""
+    options = PHRASINGS[task]
+    return options[zlib.crc32(key.encode()) % len(options)]
+
+
+def first(task: str) -> str:
+    return PHRASINGS[task][0]

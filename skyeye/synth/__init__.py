@@ -1,0 +1,1 @@
+"""SkyEye-Synth: the procedural offline stand-in for the 8 RS benchmarks."""

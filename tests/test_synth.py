@@ -1,0 +1,154 @@
+"""SkyEye-Synth: deterministic, in the native layouts, and its text is true of its pixels."""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from skyeye.data.readers import BENCHMARKS, SPLITS, detect_benchmark, read_benchmark
+from skyeye.synth.corpus import synthesize
+from skyeye.synth.language import captions, questions, referring_expression, region
+from skyeye.synth.render import render
+from skyeye.synth.scene import Scene, SceneObject, outline, sample_scene
+from skyeye.synth.video import EVENTS, event_scene, read_frames, write_clip
+
+
+def _digest(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_same_seed_gives_byte_identical_files(tiny_synth, tmp_path):
+    again = tmp_path / "again"
+    synthesize(again, scale="tiny", seed=0, workers=2, progress=False)  # other worker count, same bytes
+    assert _digest(again) == _digest(tiny_synth)
+    other = tmp_path / "other"
+    synthesize(other, scale="tiny", seed=1, workers=1, progress=False, benchmarks=("ucm_captions",))
+    assert _digest(other / "ucm_captions") != _digest(tiny_synth / "ucm_captions")
+
+
+def test_every_benchmark_folder_is_read_by_the_native_readers(tiny_synth):
+    for name in BENCHMARKS:
+        folder = tiny_synth / name
+        assert detect_benchmark(folder) == name
+        samples, report = read_benchmark(name, folder)
+        splits = {s.split for s in samples}
+        assert splits == set(SPLITS[name]), name
+        images_by_split: dict[str, set] = {}
+        for s in samples:
+            assert s.image.exists()
+            images_by_split.setdefault(s.split, set()).add(s.image)
+        seen: set = set()
+        for imgs in images_by_split.values():  # no image in two splits
+            assert not (imgs & seen), name
+            seen |= imgs
+
+
+def test_native_layout_details(tiny_synth):
+    ucm = json.loads((tiny_synth / "ucm_captions/dataset.json").read_text())
+    assert ucm["dataset"] == "ucm" and all(len(i["sentences"]) == 5 for i in ucm["images"])
+    assert (tiny_synth / "rsicd/dataset_rsicd.json").exists()
+    lr = json.loads((tiny_synth / "rsvqa_lr/LR_split_test_questions.json").read_text())["questions"]
+    assert {"id", "img_id", "type", "question", "answers_ids", "active"} <= set(lr[0])
+    hr_stub = json.loads((tiny_synth / "rsvqa_hr/USGS_split_train_questions.json").read_text())["questions"]
+    assert set(hr_stub[0]) == {"id", "active"}  # the variant with text in all_questions.json
+    assert (tiny_synth / "rsvqa_hr/USGS_split_test_phili_images.json").exists()
+    lines = (tiny_synth / "dior_rsvg/test.txt").read_text().split()
+    assert all(x.isdigit() for x in lines)
+    with Image.open(next((tiny_synth / "rsvqa_lr/Images_LR").glob("*.tif"))) as im:
+        assert im.format == "TIFF" and im.size == (64, 64)
+
+
+def test_vqa_types_and_answers_follow_the_scene():
+    objs = [SceneObject("ship", "red", (0.1, 0.1, 0.3, 0.2), 0.0, 0.2, 0.06),
+            SceneObject("ship", "white", (0.6, 0.6, 0.8, 0.7), 0.0, 0.2, 0.06),
+            SceneObject("storage tank", "grey", (0.1, 0.7, 0.2, 0.8), 0.0, 0.1, 0.1)]
+    scene = Scene("harbour", "default", objs, water=[(0, 0.5, 1, 1)])
+    qas = questions(scene, np.random.default_rng(0), ("presence", "comp", "rural_urban", "count", "area"), 60)
+    assert {t for _, _, t in qas} == {"presence", "comp", "rural_urban", "count", "area"}
+    for q, a, t in qas:
+        if t == "count" and "ships" in q:
+            assert a == "2"
+        if t == "count" and "storage tanks" in q:
+            assert a == "1"
+        if t == "rural_urban":
+            assert a == "urban"
+        if t == "presence" and ("ship" in q or "storage tank" in q):
+            assert a == "yes"
+        if t == "presence" and "airplane" in q:
+            assert a == "no"
+        if q == "are there more ships than storage tanks?":
+            assert a == "yes"
+
+
+def test_referring_expressions_single_out_one_object():
+    twins = [SceneObject("airplane", "red", (0.05, 0.05, 0.25, 0.25), 0.0, 0.2, 0.2),
+             SceneObject("airplane", "red", (0.70, 0.70, 0.90, 0.90), 0.0, 0.2, 0.2),
+             SceneObject("airplane", "white", (0.70, 0.05, 0.90, 0.25), 0.0, 0.2, 0.2)]
+    scene = Scene("airport", "default", twins)
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        text = referring_expression(twins[0], scene, rng)
+        assert text is not None and text not in ("the red airplane", "the airplane")
+        assert "top left" in text or "leftmost" in text
+    # Two objects that nothing tells apart get no expression at all.
+    same = [SceneObject("vehicle", "red", (0.1, 0.1, 0.15, 0.13), 0.0, 0.05, 0.03),
+            SceneObject("vehicle", "red", (0.2, 0.1, 0.25, 0.13), 0.0, 0.05, 0.03)]
+    assert referring_expression(same[0], Scene("parking lot", "default", same), rng) in (None, "the leftmost vehicle")
+
+
+def test_grounding_boxes_cover_the_drawn_object():
+    rng = np.random.default_rng(3)
+    scene = sample_scene(rng, land_use="airport")
+    img = np.asarray(render(scene, 128), dtype=np.float32)
+    empty = Scene(scene.land_use, scene.style, [], scene.water, scene.roads, scene.texture_seed)
+    ground = np.asarray(render(empty, 128), dtype=np.float32)
+    changed = np.abs(img - ground).sum(-1) > 60
+    for obj in scene.objects:
+        x1, y1, x2, y2 = (int(v * 128) for v in obj.box)
+        inside = changed[y1:y2 + 1, x1:x2 + 1].sum()
+        assert inside > 0.3 * (x2 - x1) * (y2 - y1) * 0.3, obj  # the object is drawn where its box says
+
+
+def test_captions_are_five_and_say_what_is_there():
+    scene = sample_scene(np.random.default_rng(5), land_use="harbour")
+    caps = captions(scene, np.random.default_rng(0))
+    assert len(caps) == 5 and len(set(caps)) >= 4
+    assert any("harbour" in c for c in caps)
+
+
+def test_phili_style_is_visibly_different():
+    means = {}
+    for style in ("default", "phili"):
+        imgs = [np.asarray(render(sample_scene(np.random.default_rng(i), land_use="residential", style=style), 64),
+                           dtype=np.float32) for i in range(6)]
+        means[style] = np.mean([im.mean(axis=(0, 1)) for im in imgs], axis=0)
+    # warmer: more red relative to blue
+    assert means["phili"][0] / means["phili"][2] > 1.2 * means["default"][0] / means["default"][2]
+
+
+@pytest.mark.parametrize("event", EVENTS)
+def test_clips_move_unless_nothing_happens(event, tmp_path):
+    scene, vel, _ = event_scene(event, np.random.default_rng(1))
+    path = tmp_path / "clip.mp4"
+    write_clip(path, scene, vel, 64)
+    frames = [np.asarray(f, dtype=np.float32) for f in read_frames(path, 10)]
+    assert len(frames) == 10
+    moved = (np.abs(frames[-1] - frames[0]).max(-1) > 40).mean()  # share of pixels that changed (not codec noise)
+    assert (moved < 0.0005) if event == "non-event" else (moved > 0.001), moved
+
+
+def test_region_words():
+    obj = SceneObject("ship", "red", (0.0, 0.0, 0.1, 0.1), 0.0, 0.1, 0.1)
+    assert region(obj) == "top left"
+    assert len(outline("airplane", 0.2, 0.2, 45.0)) > 4
+
+
+def test_unknown_scale_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="unknown scale"):
+        synthesize(tmp_path / "x", scale="huge")
+    assert not (tmp_path / "x").exists()
