@@ -6,7 +6,7 @@ PY ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 STAMP := $(VENV)/.installed-stamp
 # pip's offline index locations that are absent on some machines only add noise
-PIPQUIET := grep -v "is ignored: it is neither a file nor a directory" || true
+PIPQUIET := { grep -v "is ignored: it is neither a file nor a directory" || true; }
 
 .PHONY: venv demo test bench clean-state
 
@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 demo: venv  ## the retrain flow on the embedded defaults, demo scale
-	$(VENV)/bin/python -m flows.retrain --scale demo
+	$(VENV)/bin/python -m flows.retrain
 
 test: venv  ## the whole test suite
 	$(VENV)/bin/python -m pytest -q

@@ -13,7 +13,8 @@ import subprocess
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -69,6 +70,38 @@ class Settings(BaseSettings):
         return str(self.project_root / "mlruns" / "artifacts")
 
 
+class DataConfig(BaseModel):
+    """The data steps of the retrain flow (configs/data.yaml)."""
+
+    model_config = ConfigDict(extra="forbid")
+    scale: str = Field("demo", description="SkyEye-Synth scale: tiny | demo | full.")
+    seed: int = Field(0, description="Same seed and scale give byte-identical data.")
+    sources: dict[str, Path] = Field(default_factory=dict,
+                                     description="Benchmark name -> real data folder; replaces the synthetic one.")
+    commit_data: bool = Field(False, description="git-commit data.dvc when the data changed.")
+
+    @field_validator("scale")
+    @classmethod
+    def _known_scale(cls, v: str) -> str:
+        if v not in ("tiny", "demo", "full"):
+            raise ValueError(f"unknown scale {v!r}: choose tiny, demo or full")
+        return v
+
+
+def load_yaml_config(path: Path, model: type[BaseModel]) -> BaseModel:
+    """Load a YAML config into its typed model; errors name the file and the field."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+        return model.model_validate(raw)
+    except FileNotFoundError:
+        raise ValueError(f"{path}: config file not found") from None
+    except yaml.YAMLError as err:
+        raise ValueError(f"{path}: not valid YAML: {err}") from None
+    except Exception as err:  # pydantic.ValidationError names each field
+        raise ValueError(f"{path}: {err}") from None
+
+
 @lru_cache
 def get_settings() -> Settings:
     return Settings()
@@ -84,8 +117,6 @@ def configure_environment(settings: Settings | None = None) -> Settings:
         "DVC_NO_ANALYTICS": "1",
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_HOME": str(s.state / "prefect"),
-        "PREFECT_LOGGING_LEVEL": "WARNING",
-        "MLFLOW_TRACKING_URI": s.tracking_uri,
         "GIT_PYTHON_REFRESH": "quiet",
         "TOKENIZERS_PARALLELISM": "false",
     }

@@ -86,12 +86,15 @@ def test_one_evaluation_file_per_scored_split(tiny_synth, tiny_instructions):
 
 
 def test_no_evaluation_image_is_trained_on(tiny_instructions):
-    train = {(s["source"], s.get("image") or s.get("video"))
+    train = {(s["source"], (tiny_instructions / (s.get("image") or s.get("video"))).resolve())
              for name in ("stage1.json", "stage2.json") for s in _load(tiny_instructions, name)}
+    assert len(train) > 50
     for path in (tiny_instructions / "eval").glob("*.json"):
         ev = json.loads(path.read_text())
         for row in ev["samples"]:
-            assert (ev["benchmark"], row.get("image") or row.get("video")) not in train
+            media = row.get("image") or row.get("video")
+            assert (path.parent / media).exists()  # relative to the evaluation file's folder
+            assert (ev["benchmark"], (path.parent / media).resolve()) not in train
 
 
 def test_card_counts_what_was_written(tiny_instructions):

@@ -49,8 +49,8 @@ class Builder:
         self.stage2: list[dict] = []
         self._sizes: dict[Path, tuple[int, int]] = {}
 
-    def rel(self, path: Path) -> str:
-        return os.path.relpath(path, self.out).replace(os.sep, "/")
+    def rel(self, path: Path, base: Path | None = None) -> str:
+        return os.path.relpath(path, base or self.out).replace(os.sep, "/")
 
     def size(self, path: Path) -> tuple[int, int]:
         if path not in self._sizes:
@@ -58,10 +58,11 @@ class Builder:
                 self._sizes[path] = im.size
         return self._sizes[path]
 
-    def media(self, s: Sample) -> dict:
+    def media(self, s: Sample, base: Path | None = None) -> dict:
+        """The image (or clip) path relative to the file that will hold it."""
         if isinstance(s, CaptionSample) and s.is_video:
-            return {"video": self.rel(s.image), "frames": VIDEO_FRAMES}
-        return {"image": self.rel(s.image)}
+            return {"video": self.rel(s.image, base), "frames": VIDEO_FRAMES}
+        return {"image": self.rel(s.image, base)}
 
     def add1(self, task: str, s: Sample, turns: list[dict], n: int) -> None:
         self.stage1.append({"id": f"s1-{s.benchmark}-{task}-{s.id}-{n}", "source": s.benchmark, "task": task,
@@ -175,7 +176,7 @@ def _phrase(cls: str, n: int) -> str:
 def eval_samples(b: Builder, samples: list[Sample]) -> list[dict]:
     out = []
     for s in samples:
-        row = {"id": s.id, **b.media(s)}
+        row = {"id": s.id, **b.media(s, b.out / "eval")}
         if isinstance(s, CaptionSample):
             if not s.is_video:
                 row["image_size"] = list(b.size(s.image))
@@ -191,7 +192,7 @@ def eval_samples(b: Builder, samples: list[Sample]) -> list[dict]:
     return out
 
 
-EVAL_TASK = {"ucm_captions": "caption", "sydney_captions": "caption", "rsicd": "caption", "capera": "video_caption",
+EVAL_TASK = {"ucm_captions": "caption", "sydney_captions": "caption", "rsicd": "caption", "capera": "caption",
              "rsvqa_lr": "vqa", "rsvqa_hr": "vqa", "rsvg": "grounding", "dior_rsvg": "grounding"}
 
 
@@ -230,7 +231,7 @@ def build(root: Path, out: Path, extra: dict[str, Path] | None = None) -> dict:
         for name, folder in sources.items():
             train, report = read_benchmark(name, folder.resolve(), ["train"])
             reports.append(report)
-            if EVAL_TASK[name] in ("caption", "video_caption"):
+            if EVAL_TASK[name] == "caption":
                 b.captions(train)
                 b.caption_conversations(train)
             elif EVAL_TASK[name] == "vqa":

@@ -1,0 +1,175 @@
+"""The `skyeye` command. Thin: parses arguments, calls the library, prints results.
+
+Every command works on the embedded defaults (paths under the project, SQLite MLflow
+under mlruns/, the committed local DVC remote); SKYEYE_* and the services' own
+environment variables point it elsewhere.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from .config import configure_environment, get_settings
+
+app = typer.Typer(help="SkyEye: train, evaluate, ship and retrain SkyEyeGPT, a remote-sensing multimodal LLM.",
+                  no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+data_app = typer.Typer(help="The data layer: SkyEye-Synth, readers, instruction builder, DVC versions, the data gate.",
+                       no_args_is_help=True)
+app.add_typer(data_app, name="data")
+console = Console(soft_wrap=True)  # never wrap paths and ids: people copy them
+
+
+def _say(text: str) -> None:
+    """Print library-rendered text as is (it may hold [task] identifiers, not markup)."""
+    console.print(text, markup=False, highlight=False)
+
+
+def _fail(message: str) -> None:
+    console.print("[bold red]error:[/] ", end="")
+    _say(message)
+    raise typer.Exit(2)
+
+
+@app.callback()
+def _main() -> None:
+    configure_environment()
+
+
+@data_app.command("synth")
+def synth(
+    out: Annotated[Optional[Path], typer.Option(help="Output folder (default: data/synth).")] = None,
+    scale: Annotated[str, typer.Option(help="tiny (seconds, tests) | demo (the demo corpus) | full (about the real sets' sizes).")] = "demo",
+    seed: Annotated[int, typer.Option(help="Same seed and scale give byte-identical files.")] = 0,
+    workers: Annotated[Optional[int], typer.Option(help="Processes (default: all cores).")] = None,
+) -> None:
+    """Write SkyEye-Synth: procedural RS scenes in the 8 benchmarks' native layouts (synthetic, not real imagery)."""
+    from .synth.corpus import synthesize
+    out = out or get_settings().synth_dir
+    start = time.perf_counter()
+    try:
+        summary = synthesize(out, scale=scale, seed=seed, workers=workers)
+    except ValueError as err:
+        _fail(str(err))
+    console.print(f"SkyEye-Synth ({scale}, seed {seed}) written to {out} in {time.perf_counter() - start:.1f} s")
+    for bench, splits in summary.items():
+        console.print(f"  {bench:16s} " + ", ".join(f"{s}={n}" for s, n in splits.items()))
+
+
+def _sources(values: list[str]) -> dict[str, Path]:
+    out = {}
+    for v in values:
+        if "=" not in v:
+            _fail(f"--source {v!r}: expected NAME=PATH, e.g. rsvqa_hr=/data/RSVQA-HR")
+        name, path = v.split("=", 1)
+        out[name.strip()] = Path(path).expanduser()
+    return out
+
+
+@data_app.command("build")
+def build(
+    root: Annotated[Optional[Path], typer.Option(help="Folder holding benchmark folders (default: data/synth).")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Output folder (default: data/instructions).")] = None,
+    source: Annotated[list[str], typer.Option(help="NAME=PATH: add a benchmark folder from elsewhere (repeatable), e.g. a real download.")] = [],
+) -> None:
+    """Build stage-1 instructions, stage-2 conversations, evaluation files and the data card."""
+    from .data.instructions import build as build_instructions
+    from .data.records import DataFormatError
+    s = get_settings()
+    start = time.perf_counter()
+    try:
+        card = build_instructions(root or s.synth_dir, out or s.instructions_dir, _sources(source))
+    except (ValueError, DataFormatError, FileNotFoundError) as err:
+        _fail(str(err))
+    console.print(f"built in {time.perf_counter() - start:.1f} s: stage1={card['stage1']['total']} "
+                  f"stage2={card['stage2']['total']} eval files={len(card['eval'])} -> {out or s.instructions_dir}")
+    for line in card["reports"]:
+        if "skipped" in line:
+            _say(f"  {line}")
+
+
+@data_app.command("inspect")
+def inspect(folder: Path, name: Annotated[Optional[str], typer.Option(help="Benchmark name if the layout cannot be told from the folder.")] = None) -> None:
+    """Read one benchmark folder (real download or SkyEye-Synth) and report what was kept and skipped."""
+    from .data.readers import detect_benchmark, read_benchmark
+    from .data.records import DataFormatError
+    name = name or detect_benchmark(folder)
+    if not name:
+        _fail(f"{folder}: not a known benchmark layout; pass --name")
+    try:
+        samples, report = read_benchmark(name, folder)
+    except (ValueError, DataFormatError, FileNotFoundError) as err:
+        _fail(str(err))
+    _say(report.summary())
+
+
+@data_app.command("version")
+def version(
+    commit: Annotated[bool, typer.Option("--commit", help="Also git-commit data.dvc.")] = False,
+    message: Annotated[Optional[str], typer.Option("-m", "--message", help="Commit message with --commit.")] = None,
+) -> None:
+    """Record the current data/ as a DVC version (add + push) and say what changed."""
+    from .versioning import VersioningError, ensure_dvc, version_data
+    root = get_settings().project_root
+    try:
+        ensure_dvc(root)
+        report = version_data(root, commit=commit, message=message)
+    except VersioningError as err:
+        _fail(str(err))
+    _say(report.render())
+
+
+@data_app.command("history")
+def history(limit: Annotated[int, typer.Option(help="Most recent versions to list.")] = 50) -> None:
+    """List data versions: git revision, DVC hash, sample counts, validation outcome."""
+    from . import tracking
+    from .versioning import VersioningError, history as data_history, render_history
+    try:
+        entries = data_history(get_settings().project_root, validation_lookup=tracking.validation_outcome, limit=limit)
+    except VersioningError as err:
+        _fail(str(err))
+    _say(render_history(entries))
+
+
+@data_app.command("checkout")
+def checkout(rev: str, force: Annotated[bool, typer.Option(help="Overwrite local changes in data/.")] = False) -> None:
+    """Restore data/ to the version recorded in data.dvc at git revision REV."""
+    from .versioning import VersioningError, checkout_data
+    try:
+        restored = checkout_data(get_settings().project_root, rev, force=force)
+    except VersioningError as err:
+        _fail(str(err))
+    _say(f"data/ restored: {restored.render()}")
+
+
+@data_app.command("validate")
+def validate(
+    data: Annotated[Optional[Path], typer.Option(help="Instruction folder (default: data/instructions).")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+    record: Annotated[bool, typer.Option(help="Store the result in MLflow with the data version.")] = True,
+) -> None:
+    """Run the Great Expectations gate; exits 1 if any expectation fails."""
+    from .gate import run_gate
+    s = get_settings()
+    result, run_id = run_gate(data or s.instructions_dir, record=record)
+    if json_out:
+        print(json.dumps(result.to_dict(), indent=1, default=str))
+    else:
+        _say(result.render())
+        if run_id:
+            console.print(f"recorded in MLflow run {run_id}")
+    if not result.success:
+        raise typer.Exit(1)
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    app(prog_name="skyeye")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
