@@ -119,6 +119,9 @@ def configure_environment(settings: Settings | None = None) -> Settings:
         "PREFECT_HOME": str(s.state / "prefect"),
         "GIT_PYTHON_REFRESH": "quiet",
         "TOKENIZERS_PARALLELISM": "false",
+        "HF_HUB_DISABLE_PROGRESS_BARS": "1",  # our own progress bars say more
+        "TRANSFORMERS_VERBOSITY": "error",
+        "HF_HUB_OFFLINE": "1" if not os.environ.get("SKYEYE_HUB_ONLINE") else "0",
     }
     for key, value in defaults.items():
         os.environ.setdefault(key, value)

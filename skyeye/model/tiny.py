@@ -1,0 +1,70 @@
+"""Tiny backbones built from scratch (no download possible here): a Hugging Face ViT
+vision tower and a LLaMA-architecture causal LM, saved as ordinary HF checkpoints so
+the model builder loads them exactly as it would load a hub checkpoint."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict
+
+
+class TinyVisionSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    image_size: int = 128
+    patch_size: int = 16
+    hidden_size: int = 192
+    layers: int = 4
+    heads: int = 4
+
+
+class TinyLLMSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    hidden_size: int = 256
+    layers: int = 4
+    heads: int = 4
+    intermediate_size: int = 688
+    max_positions: int = 512
+    tie_embeddings: bool = False  # untied output embeddings learned faster in the trials (findings.md)
+
+
+class BackbonesConfig(BaseModel):
+    """What the backbones step pretrains, and for how long (wall-clock budgets)."""
+    model_config = ConfigDict(extra="forbid")
+    vision: TinyVisionSpec = TinyVisionSpec()
+    llm: TinyLLMSpec = TinyLLMSpec()
+    vocab_size: int = 2000
+    vision_seconds: float = 120
+    vision_batch: int = 64
+    vision_lr: float = 1e-3
+    llm_seconds: float = 90
+    llm_batch: int = 64
+    llm_lr: float = 2e-3
+    seed: int = 0
+
+
+def new_vision_tower(spec: TinyVisionSpec):
+    from transformers import ViTConfig, ViTModel
+    cfg = ViTConfig(image_size=spec.image_size, patch_size=spec.patch_size, hidden_size=spec.hidden_size,
+                    num_hidden_layers=spec.layers, num_attention_heads=spec.heads,
+                    intermediate_size=spec.hidden_size * 4)
+    return ViTModel(cfg, add_pooling_layer=False)
+
+
+def new_llm(spec: TinyLLMSpec, vocab_size: int, bos: int, eos: int, pad: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=spec.hidden_size, intermediate_size=spec.intermediate_size,
+                      num_hidden_layers=spec.layers, num_attention_heads=spec.heads, num_key_value_heads=spec.heads,
+                      max_position_embeddings=spec.max_positions, tie_word_embeddings=spec.tie_embeddings,
+                      bos_token_id=bos, eos_token_id=eos, pad_token_id=pad)
+    return LlamaForCausalLM(cfg)
+
+
+def save_random_backbones(out: Path, tokenizer, vision: TinyVisionSpec, llm: TinyLLMSpec) -> dict[str, str]:
+    """Untrained backbones of the given sizes (tests, and the starting point of pretraining)."""
+    out = Path(out)
+    tower = new_vision_tower(vision)
+    tower.save_pretrained(out / "vision")
+    lm = new_llm(llm, len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    lm.save_pretrained(out / "llm")
+    tokenizer.save_pretrained(out / "llm")
+    return {"vision": str(out / "vision"), "llm": str(out / "llm")}

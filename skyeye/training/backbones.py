@@ -1,0 +1,230 @@
+"""The `backbones` step: offline stand-ins for EVA-CLIP and LLaMA-2, pretrained from
+scratch on the SkyEye-Synth train split and saved as ordinary Hugging Face checkpoints.
+
+Objectives (and why):
+- Vision encoder (ViT): dense per-patch prediction on the grounding train images
+  (DIOR-RSVG / RSVG annotations): the category of the object covering the patch, its
+  colour when the expression names one, its box (normalised x1 y1 x2 y2), and the
+  patch's mean colour on every image. A CLIP-style contrastive objective would need far
+  more data and time than 2 cores give; dense targets teach, in a couple of minutes,
+  exactly what the LLM must read from a visual token: what is here, what colour, and
+  where the object lies (trials, findings.md, showed grounding stalls when the LLM has
+  to discover positions on its own).
+- LLM (LLaMA architecture): next-token prediction on the instruction text (questions
+  and answers, no image), so it knows the answer language and the box format before
+  stage 1; the coordinate tokens `<0>`..`<100>` start from ordered (sinusoidal)
+  embeddings so that neighbouring values are neighbours.
+Results are cached by the instruction data's content hash and the config, and logged
+to MLflow.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from ..data.readers import read_benchmark
+from ..model.template import encode_conversation
+from ..model.tiny import BackbonesConfig, new_llm, new_vision_tower
+from ..model.tokenizer import GRID_TOKENS, instruction_texts, train_tokenizer
+from .data import PixelCache, load_items, normalise
+
+COLOUR_WORDS = ("white", "red", "blue", "yellow", "grey", "green")
+MEAN, STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+
+
+def cache_key(instructions: Path, cfg: BackbonesConfig) -> str:
+    h = hashlib.sha256(cfg.model_dump_json().encode())
+    for name in ("stage1.json", "stage2.json"):
+        h.update((Path(instructions) / name).read_bytes())
+    return h.hexdigest()[:16]
+
+
+# ---------------------------------------------------------------- vision
+class DenseHeads(torch.nn.Module):
+    def __init__(self, width: int, n_classes: int):
+        super().__init__()
+        self.cls = torch.nn.Linear(width, n_classes + 1)  # 0 = background
+        self.colour = torch.nn.Linear(width, len(COLOUR_WORDS))
+        self.box = torch.nn.Linear(width, 4)
+        self.rgb = torch.nn.Linear(width, 3)
+
+
+def _dense_targets(samples, side: int, patch: int, classes: list[str]):
+    """Per image: class, colour (-100 unknown) and box per patch, from the covering object."""
+    grid = side // patch
+    by_image: dict[Path, list] = {}
+    for s in samples:
+        by_image.setdefault(s.image, []).append(s)
+    targets = {}
+    centres = (np.arange(grid) + 0.5) / grid
+    for image, objs in by_image.items():
+        cls = np.zeros((grid, grid), np.int64)
+        col = np.full((grid, grid), -100, np.int64)
+        box = np.zeros((grid, grid, 4), np.float32)
+        # larger first, so a small object drawn over a large one wins its patches
+        for s in sorted(objs, key=lambda o: -(o.box[2] - o.box[0]) * (o.box[3] - o.box[1])):
+            w, h = s.image_size
+            x1, y1, x2, y2 = s.box[0] / w, s.box[1] / h, s.box[2] / w, s.box[3] / h
+            inside = (centres[None, :] >= x1) & (centres[None, :] <= x2) & (centres[:, None] >= y1) & (centres[:, None] <= y2)
+            if not inside.any():  # small object: the patch holding its centre
+                inside = np.zeros_like(inside)
+                inside[min(int((y1 + y2) / 2 * grid), grid - 1), min(int((x1 + x2) / 2 * grid), grid - 1)] = True
+            cls[inside] = classes.index(s.category) + 1
+            words = s.expression.lower().split()
+            col[inside] = next((COLOUR_WORDS.index(c) for c in COLOUR_WORDS if c in words), -100)
+            box[inside] = (x1, y1, x2, y2)
+        targets[image] = (cls.reshape(-1), col.reshape(-1), box.reshape(-1, 4))
+    return targets
+
+
+def pretrain_vision(synth: Path, cfg: BackbonesConfig, out: Path, log) -> dict[str, float]:
+    torch.manual_seed(cfg.seed)
+    samples = []
+    for name in ("dior_rsvg", "rsvg"):
+        if (synth / name).exists():
+            samples += read_benchmark(name, synth / name, ["train"])[0]
+    if not samples:
+        raise ValueError(f"{synth}: no DIOR-RSVG/RSVG train split to pretrain the vision encoder on")
+    classes = sorted({s.category for s in samples})
+    spec = cfg.vision
+    targets = _dense_targets(samples, spec.image_size, spec.patch_size, classes)
+    images = sorted(targets)
+    pixels = PixelCache(Path("/"), spec.image_size)
+    u8 = torch.stack([pixels.get(str(p)) for p in images])
+    cls_t = torch.from_numpy(np.stack([targets[p][0] for p in images]))
+    col_t = torch.from_numpy(np.stack([targets[p][1] for p in images]))
+    box_t = torch.from_numpy(np.stack([targets[p][2] for p in images]))
+    tower = new_vision_tower(spec)
+    heads = DenseHeads(spec.hidden_size, len(classes))
+    params = list(tower.parameters()) + list(heads.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.vision_lr, weight_decay=0.05)
+    rng = np.random.default_rng(cfg.seed)
+    g = spec.image_size // spec.patch_size
+    start, step, metrics = time.perf_counter(), 0, {}
+    bar = tqdm(total=int(cfg.vision_seconds), desc="backbones: vision encoder", unit="s")
+    while time.perf_counter() - start < cfg.vision_seconds:
+        frac = (time.perf_counter() - start) / cfg.vision_seconds
+        for group in opt.param_groups:
+            group["lr"] = cfg.vision_lr * min(1.0, (step + 1) / 50) * 0.5 * (1 + math.cos(math.pi * frac))
+        idx = torch.from_numpy(rng.integers(0, len(images), cfg.vision_batch))
+        x = normalise(u8[idx], MEAN, STD)
+        tokens = tower(pixel_values=x).last_hidden_state[:, 1:]  # (B, N, D), CLS dropped
+        patch_rgb = F.avg_pool2d(x, spec.patch_size).flatten(2).transpose(1, 2)  # (B, N, 3)
+        fg = cls_t[idx] > 0
+        loss_cls = F.cross_entropy(heads.cls(tokens).flatten(0, 1), cls_t[idx].flatten())
+        loss_col = F.cross_entropy(heads.colour(tokens).flatten(0, 1), col_t[idx].flatten(), ignore_index=-100) \
+            if (col_t[idx] >= 0).any() else tokens.sum() * 0
+        loss_box = F.l1_loss(torch.sigmoid(heads.box(tokens))[fg], box_t[idx][fg]) if fg.any() else tokens.sum() * 0
+        loss_rgb = F.mse_loss(heads.rgb(tokens), patch_rgb)
+        loss = loss_cls + loss_col + 5 * loss_box + loss_rgb
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        step += 1
+        metrics = {"vision/loss": float(loss), "vision/loss_cls": float(loss_cls), "vision/loss_box": float(loss_box),
+                   "vision/loss_colour": float(loss_col), "vision/steps": step}
+        if step % 20 == 0:
+            log(metrics, step)
+        bar.n = min(int(time.perf_counter() - start), bar.total)
+        bar.set_postfix(loss=f"{float(loss):.3f}", refresh=False)
+        bar.refresh()
+    bar.close()
+    tower.save_pretrained(out)
+    (out / "skyeye_pretraining.json").write_text(json.dumps({"classes": classes, "grid": g, **metrics}, indent=1))
+    return metrics
+
+
+# ---------------------------------------------------------------- LLM
+def _ordered_grid_embeddings(llm, tok) -> None:
+    """Coordinate tokens start from sinusoidal embeddings of their value (plus noise)."""
+    ids = tok.convert_tokens_to_ids(GRID_TOKENS)
+    emb_in, emb_out = llm.get_input_embeddings().weight, llm.get_output_embeddings().weight
+    d = emb_in.shape[1]
+    k = torch.arange(len(ids), dtype=torch.float32)[:, None]
+    freq = torch.exp(torch.arange(0, d, 2, dtype=torch.float32) * (-math.log(200.0) / d))[None, :]
+    table = torch.zeros(len(ids), d)
+    table[:, 0::2], table[:, 1::2] = torch.sin(k * freq), torch.cos(k * freq)
+    with torch.no_grad():
+        scale = emb_in.std()
+        emb_in[ids] = table * scale + emb_in[ids] * 0.1
+        if emb_out is not emb_in:
+            emb_out[ids] = table * emb_out.std() + emb_out[ids] * 0.1
+
+
+def pretrain_llm(instructions: Path, tok, cfg: BackbonesConfig, out: Path, log) -> dict[str, float]:
+    torch.manual_seed(cfg.seed)
+    items = load_items(instructions / "stage1.json") + load_items(instructions / "stage2.json")
+    llm = new_llm(cfg.llm, len(tok), tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
+    _ordered_grid_embeddings(llm, tok)
+    # text only: the image placeholder is left out, every token is a target
+    seqs = [encode_conversation(tok, list(it.turns), 0, cfg.llm.max_positions).input_ids for it in items]
+    opt = torch.optim.AdamW(llm.parameters(), lr=cfg.llm_lr, weight_decay=0.05)
+    rng = np.random.default_rng(cfg.seed)
+    start, step, metrics = time.perf_counter(), 0, {}
+    bar = tqdm(total=int(cfg.llm_seconds), desc="backbones: LLM", unit="s")
+    while time.perf_counter() - start < cfg.llm_seconds:
+        frac = (time.perf_counter() - start) / cfg.llm_seconds
+        for group in opt.param_groups:
+            group["lr"] = cfg.llm_lr * min(1.0, (step + 1) / 50) * 0.5 * (1 + math.cos(math.pi * frac))
+        batch = [seqs[i] for i in rng.integers(0, len(seqs), cfg.llm_batch)]
+        width = max(len(s) for s in batch)
+        ids = torch.full((len(batch), width), tok.pad_token_id)
+        mask = torch.zeros_like(ids)
+        for r, s in enumerate(batch):
+            ids[r, :len(s)], mask[r, :len(s)] = torch.tensor(s), 1
+        labels = ids.masked_fill(mask == 0, -100)
+        loss = llm(input_ids=ids, attention_mask=mask, labels=labels).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(llm.parameters(), 1.0)
+        opt.step()
+        step += 1
+        metrics = {"llm/loss": float(loss), "llm/steps": step}
+        if step % 20 == 0:
+            log(metrics, step)
+        bar.n = min(int(time.perf_counter() - start), bar.total)
+        bar.set_postfix(loss=f"{float(loss):.3f}", refresh=False)
+        bar.refresh()
+    bar.close()
+    llm.save_pretrained(out)
+    tok.save_pretrained(out)
+    return metrics
+
+
+def build_backbones(instructions: Path, synth: Path, cache_root: Path, cfg: BackbonesConfig,
+                    log=lambda metrics, step: None) -> tuple[dict[str, str], bool]:
+    """Pretrained tiny backbones for this data and config: from the cache, or trained now.
+    Returns ({vision, llm, tokenizer} folders, whether they came from the cache)."""
+    instructions, synth = Path(instructions), Path(synth)
+    key = cache_key(instructions, cfg)
+    final = Path(cache_root) / key
+    paths = {"vision": str(final / "vision"), "llm": str(final / "llm"), "tokenizer": str(final / "llm"), "key": key}
+    if (final / "COMPLETE").exists():
+        return paths, True
+    tmp = final.with_name(f"{key}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        tok = train_tokenizer(instruction_texts([instructions / "stage1.json", instructions / "stage2.json"]),
+                              tmp / "tokenizer", cfg.vocab_size)
+        vm = pretrain_vision(synth, cfg, tmp / "vision", log)
+        lm = pretrain_llm(instructions, tok, cfg, tmp / "llm", log)
+        (tmp / "metrics.json").write_text(json.dumps({**vm, **lm}, indent=1))
+        (tmp / "COMPLETE").write_text(key)  # written last: a half-trained cache entry never looks complete
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    return paths, False

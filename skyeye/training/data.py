@@ -1,0 +1,99 @@
+"""Training data for the stages: instruction samples, their pixels, per-source sampling.
+
+Images are decoded and resized once and kept as uint8 (the demo corpus is ~3,300
+images of 128 px: ~160 MB); clips enter as a few evenly spaced frames. Batches are
+drawn by per-source sampling ratios (the stage config), then uniformly within a source.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..prompts import IMAGE_PLACEHOLDER
+from ..synth.video import read_frames
+
+
+@dataclass(frozen=True)
+class Item:
+    id: str
+    source: str
+    task: str
+    media: str  # path relative to the instruction file's folder
+    frames: int  # 1 for an image
+    turns: tuple[tuple[str, str], ...]  # (question, answer); placeholder stripped from the first question
+
+
+def load_items(path: Path) -> list[Item]:
+    path = Path(path)
+    try:
+        rows = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: cannot read instruction file: {err}") from None
+    items = []
+    for row in rows:
+        conv = row["conversations"]
+        turns = tuple((conv[i]["value"].replace(IMAGE_PLACEHOLDER, "").strip(), conv[i + 1]["value"])
+                      for i in range(0, len(conv) - 1, 2))
+        media = row.get("image") or row.get("video")
+        items.append(Item(row["id"], row["source"], row["task"], media, int(row.get("frames", 1)), turns))
+    return items
+
+
+class PixelCache:
+    """uint8 (3, S, S) per image (or (F, 3, S, S) per clip), decoded once."""
+
+    def __init__(self, root: Path, side: int):
+        self.root, self.side = Path(root), side
+        self._store: dict[tuple[str, int], torch.Tensor] = {}
+
+    def _resize(self, im: Image.Image) -> np.ndarray:
+        return np.asarray(im.convert("RGB").resize((self.side, self.side), Image.BICUBIC), dtype=np.uint8)
+
+    def get(self, media: str, frames: int = 1) -> torch.Tensor:
+        key = (media, frames)
+        if key not in self._store:
+            path = self.root / media
+            if frames > 1:
+                arr = np.stack([self._resize(f) for f in read_frames(path, frames)])
+                self._store[key] = torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
+            else:
+                with Image.open(path) as im:
+                    self._store[key] = torch.from_numpy(self._resize(im)).permute(2, 0, 1).contiguous()
+        return self._store[key]
+
+
+def normalise(pixels_u8: torch.Tensor, mean, std) -> torch.Tensor:
+    x = pixels_u8.float() / 255
+    m = torch.tensor(mean).view(1, 3, 1, 1)
+    s = torch.tensor(std).view(1, 3, 1, 1)
+    return (x - m) / s
+
+
+class SourceSampler:
+    """Draws item indices: a source by its ratio, then an item of that source uniformly.
+    Sources missing from `ratios` get weight 0 unless `ratios` is empty (then by size)."""
+
+    def __init__(self, items: list[Item], ratios: dict[str, float], seed: int, rank: int = 0):
+        self.by_source: dict[str, list[int]] = {}
+        for i, it in enumerate(items):
+            self.by_source.setdefault(it.source, []).append(i)
+        unknown = set(ratios) - set(self.by_source)
+        if unknown:
+            raise ValueError(f"sampling ratios name sources with no samples: {sorted(unknown)} "
+                             f"(have: {sorted(self.by_source)})")
+        self.sources = sorted(self.by_source)
+        w = np.array([ratios.get(s, 0.0) if ratios else len(self.by_source[s]) for s in self.sources], dtype=float)
+        if w.sum() <= 0:
+            raise ValueError("sampling ratios are all zero")
+        self.weights = w / w.sum()
+        self.rng = np.random.default_rng([seed, rank])  # each DDP rank draws its own stream
+
+    def draw(self, n: int) -> list[int]:
+        src = self.rng.choice(len(self.sources), size=n, p=self.weights)
+        return [self.by_source[self.sources[k]][int(self.rng.integers(len(self.by_source[self.sources[k]])))]
+                for k in src]

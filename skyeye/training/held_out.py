@@ -1,0 +1,100 @@
+"""Held-back test samples scored during training, next to trivial baselines, so the
+per-task learning curves (and whether the model beats answering blindly) show in MLflow."""
+from __future__ import annotations
+
+import json
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..boxes import box_text
+from ..metrics import acc_at_05, cider, vqa_accuracy
+from ..model.template import Encoded, collate, encode_prompt
+from .stage_config import HeldOutConfig
+
+
+def _spread(rows: list, n: int) -> list:
+    """`n` rows spread evenly over the file (deterministic, covers every image group)."""
+    if len(rows) <= n:
+        return rows
+    return [rows[int(i)] for i in np.linspace(0, len(rows) - 1, n).round()]
+
+
+class HeldOut:
+    def __init__(self, cfg: HeldOutConfig, root: Path, train_items, model, features):
+        self.cfg, self.root, self.model, self.features = cfg, Path(root), model, features
+        self.sets: dict[str, tuple[dict, list]] = {}
+        for task in ("grounding", "vqa", "caption"):
+            rel = getattr(cfg, task)
+            if rel and (self.root / rel).exists():
+                ev = json.loads((self.root / rel).read_text())
+                self.sets[task] = (ev, _spread(ev["samples"], cfg.samples))
+        self.baselines = self._baselines(train_items)
+
+    def _media(self, rel_file: str, row: dict) -> tuple[str, int]:
+        # eval paths are relative to the eval file's folder; make them relative to the instruction root
+        media = str(Path(rel_file).parent / (row.get("image") or row["video"]))
+        return media, int(row.get("frames", 1)) if "video" in row else 1
+
+    def _baselines(self, train_items) -> dict[str, float]:
+        out: dict[str, float] = {}
+        if "grounding" in self.sets:  # a centred box of the mean training-box size
+            _, rows = self.sets["grounding"]
+            preds = []
+            for r in rows:
+                w, h = r["image_size"]
+                preds.append(box_text((w * 0.35, h * 0.35, w * 0.65, h * 0.65), w, h))
+            out["baseline/grounding_acc05"] = acc_at_05(preds, [tuple(r["box"]) for r in rows],
+                                                        [tuple(r["image_size"]) for r in rows])
+        if "vqa" in self.sets:  # each type's most frequent answer (counted on the test file: a generous baseline)
+            _, rows = self.sets["vqa"]
+            all_rows = self.sets["vqa"][0]["samples"]
+            by_type: dict[str, Counter] = defaultdict(Counter)
+            for r in all_rows:
+                by_type[r["question_type"]][r["answer"]] += 1
+            preds = [by_type[r["question_type"]].most_common(1)[0][0] for r in rows]
+            out["baseline/vqa_aa"] = vqa_accuracy(preds, [r["answer"] for r in rows],
+                                                  [r["question_type"] for r in rows])["aa"]
+        if "caption" in self.sets:  # the most common training caption of that source
+            ev, rows = self.sets["caption"]
+            common = Counter(it.turns[0][1] for it in train_items
+                             if it.source == ev["benchmark"] and it.task == "caption").most_common(1)
+            text = common[0][0] if common else ""
+            out["baseline/caption_cider"] = cider([text] * len(rows), [r["references"] for r in rows])
+        return out
+
+    def answers(self, task: str, prompts: list[str] | None = None, batch: int = 32) -> list[str]:
+        ev, rows = self.sets[task]
+        rel = getattr(self.cfg, task)
+        tok, model = self.model.tokenizer, self.model
+        n_vis = model.visual_tokens_per_image()
+        out: list[str] = []
+        for i in range(0, len(rows), batch):
+            chunk = rows[i:i + batch]
+            keys = [self._media(rel, r) for r in chunk]
+            qs = prompts[i:i + batch] if prompts else [r["prompt"] for r in chunk]
+            encs = [Encoded(encode_prompt(tok, [], q, n_vis * k[1]), []) for q, k in zip(qs, keys)]
+            b = collate(encs, tok.pad_token_id, left_pad=True)
+            vis, frames = self.features.batch(keys)
+            with torch.no_grad():
+                out += model.generate(b["input_ids"], b["attention_mask"], frames=frames, vision_tokens=vis,
+                                      max_new_tokens=24)
+        return out
+
+    def score(self) -> dict[str, float]:
+        m: dict[str, float] = dict(self.baselines)
+        if "grounding" in self.sets:
+            _, rows = self.sets["grounding"]
+            m["heldout/grounding_acc05"] = acc_at_05(self.answers("grounding"), [tuple(r["box"]) for r in rows],
+                                                     [tuple(r["image_size"]) for r in rows])
+        if "vqa" in self.sets:
+            _, rows = self.sets["vqa"]
+            acc = vqa_accuracy(self.answers("vqa"), [r["answer"] for r in rows], [r["question_type"] for r in rows])
+            m |= {f"heldout/vqa_{k}": v for k, v in acc.items()}
+        if "caption" in self.sets:
+            _, rows = self.sets["caption"]
+            m["heldout/caption_cider"] = cider(self.answers("caption"), [r["references"] for r in rows])
+        return m
+

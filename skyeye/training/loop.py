@@ -1,0 +1,167 @@
+"""One tuning stage as a loop over a `TrainContext` (Ray Train worker or a plain process).
+
+Frozen vision encoder (its tokens computed once per image when `cache_features`),
+trained alignment layer + LoRA; AdamW, linear warm-up then cosine decay, gradient
+clipping; loss on answers only, logged per task; held-back test samples scored every
+`held_out.every_steps` so per-task learning curves show in MLflow. Checkpoints hold
+the trained parts (a loadable SkyEyeGPT folder) plus optimizer, scheduler and step.
+"""
+from __future__ import annotations
+
+import math
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..model.config import ModelConfig
+from ..model.skyeyegpt import SkyEyeGPT, build_model
+from ..model.template import IGNORE, Encoded, collate, encode_conversation
+from .data import Item, PixelCache, SourceSampler, load_items, normalise
+from .held_out import HeldOut
+from .stage_config import StageConfig
+
+TRAINER_STATE = "trainer_state.pt"
+
+
+def lr_at(step: int, cfg: StageConfig) -> float:
+    """Linear warm-up to `lr`, then cosine decay to `min_lr` at `max_steps`."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+class VisualFeatures:
+    """Frozen-encoder tokens per media item, computed once (the encoder never changes)."""
+
+    def __init__(self, model: SkyEyeGPT, pixels: PixelCache, enabled: bool):
+        self.model, self.pixels, self.enabled = model, pixels, enabled
+        self._store: dict[tuple[str, int], torch.Tensor] = {}
+
+    def _encode(self, u8: torch.Tensor) -> torch.Tensor:
+        v = self.model.cfg.vision
+        with torch.no_grad():
+            return self.model.vision(normalise(u8, v.mean, v.std).to(self.model.device))
+
+    def warm(self, keys: list[tuple[str, int]], batch: int = 64) -> None:
+        todo = [k for k in dict.fromkeys(keys) if k not in self._store]
+        images = [k for k in todo if k[1] == 1]
+        for i in range(0, len(images), batch):
+            chunk = images[i:i + batch]
+            out = self._encode(torch.stack([self.pixels.get(*k) for k in chunk]))
+            for k, t in zip(chunk, out):
+                self._store[k] = t.to(torch.bfloat16) if self.enabled else t
+        for k in (k for k in todo if k[1] > 1):
+            self._store[k] = self._encode(self.pixels.get(*k)).to(torch.bfloat16)
+
+    def batch(self, keys: list[tuple[str, int]]) -> tuple[torch.Tensor, list[int]]:
+        """(total images, N, D) encoder tokens and frames per sample."""
+        if not self.enabled:
+            self._store.clear()
+        self.warm(keys)
+        parts = [self._store[k] if k[1] > 1 else self._store[k].unsqueeze(0) for k in keys]
+        return torch.cat(parts).float(), [k[1] for k in keys]
+
+
+def per_sample_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean answer-token cross-entropy of each sample (B,)."""
+    shift_logits, shift_labels = logits[:, :-1].float(), labels[:, 1:]
+    tok = F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
+                          ignore_index=IGNORE, reduction="none").view(shift_labels.shape)
+    mask = (shift_labels != IGNORE).float()
+    return (tok * mask).sum(1) / mask.sum(1).clamp(min=1)
+
+
+def run_stage(ctx, config: dict) -> dict:
+    """`config`: model (ModelConfig dict), stage (StageConfig dict), instructions (folder),
+    backbones {vision, llm, tokenizer}, init (folder of a saved SkyEyeGPT to start from, or None)."""
+    cfg = StageConfig.model_validate(config["stage"])
+    mcfg = ModelConfig.model_validate(config["model"])
+    root = Path(config["instructions"])
+    torch.manual_seed(cfg.seed)
+    dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
+    bb = config["backbones"]
+    resume = ctx.latest_checkpoint()
+    start_from = resume or config.get("init")
+    model = build_model(mcfg, bb["vision"], bb["llm"], bb["tokenizer"], dtype=torch.float32, device=ctx.device,
+                        adapter=start_from)
+    tok = model.tokenizer
+    n_vis = model.visual_tokens_per_image()
+    items = load_items(root / cfg.data)
+    sampler = SourceSampler(items, cfg.sampling, cfg.seed, ctx.rank)
+    pixels = PixelCache(root, mcfg.vision.image_size)
+    features = VisualFeatures(model, pixels, cfg.cache_features)
+    held_out = HeldOut(cfg.held_out, root, items, model, features) if ctx.is_main else None
+
+    params = [{"params": [p for p in model.alignment_layer.parameters() if p.requires_grad],
+               "lr_scale": cfg.alignment_lr_scale},
+              {"params": [p for n, p in model.named_parameters() if p.requires_grad and
+                          not n.startswith("alignment_layer.")], "lr_scale": 1.0}]
+    optim = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    step = 0
+    if resume:
+        state = torch.load(Path(resume) / TRAINER_STATE, map_location="cpu", weights_only=False)
+        optim.load_state_dict(state["optimizer"])
+        step = state["step"]
+        sampler.rng.bit_generator.state = state["sampler_rng"][min(ctx.rank, len(state["sampler_rng"]) - 1)]
+    ddp = ctx.prepare_model(model)
+    per_worker = max(1, cfg.batch_size // ctx.world_size)
+
+    def write_checkpoint(folder: Path) -> None:
+        model.save(folder)
+        torch.save({"optimizer": optim.state_dict(), "step": step, "stage": cfg.stage,
+                    "sampler_rng": [sampler.rng.bit_generator.state]}, Path(folder) / TRAINER_STATE)
+
+    started, tokens_seen, last_metrics, last_ckpt = time.perf_counter(), 0, {}, -1
+    window: dict[str, list[float]] = defaultdict(list)
+    model.train()
+    while step < cfg.max_steps:
+        if cfg.time_budget_s and time.perf_counter() - started > cfg.time_budget_s:
+            break
+        for group in optim.param_groups:
+            group["lr"] = lr_at(step, cfg) * group["lr_scale"]
+        optim.zero_grad(set_to_none=True)
+        t0 = time.perf_counter()
+        for _ in range(cfg.grad_accum):
+            batch_items = [items[i] for i in sampler.draw(per_worker)]
+            encs = [encode_conversation(tok, list(it.turns), n_vis * it.frames, cfg.max_length) for it in batch_items]
+            batch = collate(encs, tok.pad_token_id)
+            vis, frames = features.batch([(it.media, it.frames) for it in batch_items])
+            with torch.autocast(ctx.device.type, dtype=dtype, enabled=dtype != torch.float32):
+                out = ddp(batch["input_ids"], batch["attention_mask"], labels=None, frames=frames, vision_tokens=vis)
+            losses = per_sample_loss(out.logits, batch["labels"].to(ctx.device))
+            (losses.mean() / cfg.grad_accum).backward()
+            tokens_seen += int(batch["attention_mask"].sum())
+            for it, loss in zip(batch_items, losses.detach().tolist()):
+                window[f"loss/{it.task}"].append(loss)
+            window["loss"].append(float(losses.mean()))
+        torch.nn.utils.clip_grad_norm_([p for g in params for p in g["params"]], cfg.grad_clip)
+        optim.step()
+        step += 1
+        window["step_time_s"].append(time.perf_counter() - t0)
+        last = step >= cfg.max_steps
+        if step % cfg.log_every == 0 or last:
+            elapsed = time.perf_counter() - started
+            metrics = {k: sum(v) / len(v) for k, v in window.items()}
+            metrics |= {"lr": lr_at(step - 1, cfg), "tokens_per_s": tokens_seen * ctx.world_size / max(elapsed, 1e-9),
+                        "elapsed_s": elapsed}
+            window.clear()
+            if held_out and (step % cfg.held_out.every_steps == 0 or last):
+                model.eval()
+                metrics |= held_out.score()
+                model.train()
+            want_ckpt = step % cfg.checkpoint_every == 0 or last
+            ctx.report(metrics, step, write_checkpoint if want_ckpt else None)
+            last_ckpt = step if want_ckpt else last_ckpt
+            last_metrics = metrics
+    if last_ckpt != step:  # a time-budget stop still ends on a complete checkpoint and a scored model
+        metrics = {"elapsed_s": time.perf_counter() - started}
+        if held_out:
+            model.eval()
+            metrics |= held_out.score()
+        ctx.report(metrics, step, write_checkpoint)
+        last_metrics |= metrics
+    return {**last_metrics, "step": step}

@@ -1,0 +1,57 @@
+"""A tuning stage as a config file (configs/train/stage1.yaml, stage2.yaml): schedule,
+batch, accumulation, per-source sampling ratios, max length, precision, evaluation."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from ..config import load_yaml_config
+
+
+class HeldOutConfig(BaseModel):
+    """Held-back test samples scored during training (per-task learning curves)."""
+    model_config = ConfigDict(extra="forbid")
+    grounding: str | None = "eval/dior_rsvg_test.json"
+    vqa: str | None = "eval/rsvqa_lr_test.json"
+    caption: str | None = "eval/ucm_captions_test.json"
+    conversation: str | None = None  # grounding eval file whose images become 3-turn conversations
+    samples: int = Field(64, description="Per task, per evaluation.")
+    every_steps: int = 200
+
+
+class StageConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    stage: Literal[1, 2]
+    data: str = Field(description="Instruction file, relative to the instruction folder (stage1.json / stage2.json).")
+    max_steps: int = 1000
+    time_budget_s: float | None = Field(None, description="Stop early (and cleanly) after this much training time.")
+    batch_size: int = Field(32, description="Global batch (split over workers), before accumulation.")
+    grad_accum: int = 1
+    lr: float = 1e-3
+    min_lr: float = 1e-5
+    warmup_steps: int = 100
+    weight_decay: float = 0.05
+    alignment_lr_scale: float = Field(1.0, description="lr multiplier for the alignment layer.")
+    grad_clip: float = 1.0
+    max_length: int = 192
+    precision: Literal["fp32", "bf16"] = "fp32"
+    sampling: dict[str, float] = Field(default_factory=dict, description="source -> ratio; empty: by size.")
+    cache_features: bool = Field(True, description="Encode each image once with the frozen encoder.")
+    log_every: int = 10
+    checkpoint_every: int = 200
+    seed: int = 0
+    held_out: HeldOutConfig = HeldOutConfig()
+
+    @model_validator(mode="after")
+    def _check(self) -> "StageConfig":
+        if self.warmup_steps >= self.max_steps:
+            raise ValueError(f"warmup_steps ({self.warmup_steps}) must be below max_steps ({self.max_steps})")
+        if self.batch_size < 1 or self.grad_accum < 1:
+            raise ValueError("batch_size and grad_accum must be >= 1")
+        return self
+
+
+def load_stage_config(path: str | Path) -> StageConfig:
+    return load_yaml_config(Path(path), StageConfig)  # type: ignore[return-value]
