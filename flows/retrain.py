@@ -1,5 +1,5 @@
-"""The `retrain` flow: DVC-versioned data -> Great Expectations gate -> (next issues:
-two-stage tuning on Ray -> evaluation -> registry promotion -> serving).
+"""The `retrain` flow: DVC-versioned data -> Great Expectations gate -> backbones ->
+two-stage tuning on Ray (stage 1, stage 2) -> (next: evaluation, registry promotion, serving).
 
 Thin: each task calls one `skyeye` function and passes paths and hashes, never live
 objects. Run it with `python -m flows.retrain` (or `make demo`); with no
@@ -56,9 +56,48 @@ def validate_task(instructions: str, md5: str) -> str:
     return run_id
 
 
+@task(name="backbones")
+def backbones_task(model_config: str, parent_run: str) -> dict:
+    from skyeye.training.tune import prepare_backbones
+    return prepare_backbones(get_settings().project_root / model_config, parent_id=parent_run)
+
+
+@task(name="tuning-job")
+def tuning_job_task(md5: str) -> str:
+    """The MLflow parent run that holds this job's backbones, stage 1 and stage 2 runs."""
+    from skyeye.training.tune import parent_run
+    return parent_run("retrain", get_settings(), {"skyeye.data.dvc_md5": md5})
+
+
+@task(name="stage1")
+def stage1_task(model_config: str, stage_config: str, backbones: dict, parent_run: str, num_workers: int) -> str:
+    from skyeye.training.tune import train_stage
+    root = get_settings().project_root
+    result = train_stage(1, root / model_config, root / stage_config, backbones, parent_id=parent_run,
+                         num_workers=num_workers)
+    get_run_logger().info("stage 1: run %s, held-out %s", result.run_id,
+                          {k: round(v, 3) for k, v in result.metrics.items() if k.startswith("heldout/")})
+    return result.model_dir
+
+
+@task(name="stage2")
+def stage2_task(model_config: str, stage_config: str, backbones: dict, stage1_dir: str, parent_run: str,
+                num_workers: int) -> str:
+    from skyeye.training.tune import train_stage
+    root = get_settings().project_root
+    result = train_stage(2, root / model_config, root / stage_config, backbones, init=stage1_dir,
+                         parent_id=parent_run, num_workers=num_workers)
+    get_run_logger().info("stage 2: run %s, held-out %s", result.run_id,
+                          {k: round(v, 3) for k, v in result.metrics.items() if k.startswith("heldout/")})
+    return result.model_dir
+
+
 @flow(name="retrain", log_prints=True)
-def retrain(data_config: str = "configs/data.yaml", scale: str | None = None) -> dict:
-    """Synthesize (stand-in for new data arriving) -> build -> version -> validate."""
+def retrain(data_config: str = "configs/data.yaml", scale: str | None = None, train: bool = True,
+            model_file: str = "configs/model/tiny.yaml", stage1_file: str = "configs/train/stage1.yaml",
+            stage2_file: str = "configs/train/stage2.yaml", num_workers: int = 2) -> dict:
+    """Synthesize (stand-in for new data arriving) -> build -> version -> validate ->
+    backbones -> stage 1 -> stage 2."""
     cfg = load_yaml_config(get_settings().project_root / data_config, DataConfig)
     if scale:
         cfg = cfg.model_copy(update={"scale": DataConfig(scale=scale).scale})
@@ -66,12 +105,26 @@ def retrain(data_config: str = "configs/data.yaml", scale: str | None = None) ->
     instructions = build_task(synth_root, {k: str(v) for k, v in cfg.sources.items()})
     md5 = version_task(instructions, cfg.commit_data)
     validation_run = validate_task(instructions, md5)
-    return {"data_md5": md5, "validation_run": validation_run}
+    out = {"data_md5": md5, "validation_run": validation_run}
+    if train:
+        parent = tuning_job_task(md5)
+        backbones = backbones_task(model_file, parent)
+        stage1 = stage1_task(model_file, stage1_file, backbones, parent, num_workers)
+        stage2 = stage2_task(model_file, stage2_file, backbones, stage1, parent, num_workers)
+        out |= {"tuning_run": parent, "stage1_model": stage1, "stage2_model": stage2}
+    return out
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="Run the retrain flow on the embedded defaults.")
     parser.add_argument("--data-config", default="configs/data.yaml", help="data steps config (relative to the project)")
     parser.add_argument("--scale", choices=["tiny", "demo", "full"], help="override the config's scale")
+    parser.add_argument("--data-only", action="store_true", help="stop after the data gate")
+    parser.add_argument("--model-config", default="configs/model/tiny.yaml")
+    parser.add_argument("--stage1-config", default="configs/train/stage1.yaml")
+    parser.add_argument("--stage2-config", default="configs/train/stage2.yaml")
+    parser.add_argument("--num-workers", type=int, default=2)
     args = parser.parse_args()
-    print(retrain(data_config=args.data_config, scale=args.scale))
+    print(retrain(data_config=args.data_config, scale=args.scale, train=not args.data_only,
+                  model_file=args.model_config, stage1_file=args.stage1_config,
+                  stage2_file=args.stage2_config, num_workers=args.num_workers))

@@ -167,6 +167,74 @@ def validate(
         raise typer.Exit(1)
 
 
+MODEL_OPT = Annotated[Path, typer.Option("--model", help="Model config (configs/model/*.yaml).")]
+
+
+@app.command("backbones")
+def backbones(model: MODEL_OPT = Path("configs/model/tiny.yaml")) -> None:
+    """Pretrain (or reuse from the cache) the tiny offline backbones the model config asks for."""
+    from .training.tune import prepare_backbones
+    try:
+        paths = prepare_backbones(model)
+    except ValueError as err:
+        _fail(str(err))
+    _say(json.dumps(paths, indent=1))
+
+
+@app.command("train")
+def train(
+    stage: Annotated[int, typer.Option(help="1: single-task instructions; 2: multi-task conversations (needs --init).")],
+    model: MODEL_OPT = Path("configs/model/tiny.yaml"),
+    config: Annotated[Optional[Path], typer.Option(help="Stage config (default configs/train/stage<N>.yaml).")] = None,
+    init: Annotated[Optional[str], typer.Option(help="Stage-1 result: model folder or MLflow run id (stage 2).")] = None,
+    num_workers: Annotated[int, typer.Option(help="Ray Train workers (DDP: gloo on CPU, NCCL on GPU).")] = 2,
+    gpu: Annotated[bool, typer.Option("--gpu", help="One GPU per worker, NCCL.")] = False,
+    local: Annotated[bool, typer.Option("--local", help="Plain single process, no Ray.")] = False,
+) -> None:
+    """Run one tuning stage on Ray Train (local Ray, or RAY_ADDRESS), tracked in MLflow."""
+    from .training.tune import prepare_backbones, train_stage
+    if stage not in (1, 2):
+        _fail(f"--stage {stage}: must be 1 or 2")
+    config = config or Path(f"configs/train/stage{stage}.yaml")
+    try:
+        paths = prepare_backbones(model)
+        result = train_stage(stage, model, config, paths, init=init, num_workers=num_workers, use_gpu=gpu,
+                             local=local)
+    except ValueError as err:
+        _fail(str(err))
+    _say(f"stage {stage} done: MLflow run {result.run_id}\nmodel: {result.model_dir}")
+    _say(json.dumps({k: round(v, 4) for k, v in result.metrics.items()
+                     if k.startswith(("heldout/", "baseline/")) or k == "loss"}, indent=1))
+
+
+@app.command("chat")
+def chat(
+    question: Annotated[str, typer.Argument(help='e.g. "[refer] the white airplane at the top left"')],
+    model: Annotated[str, typer.Option("--model", help="Model folder or MLflow run id of a tuning stage.")],
+    image: Annotated[Path, typer.Option(help="Image file (or an MP4 clip).")],
+) -> None:
+    """Ask SkyEyeGPT one question about one image and print the answer."""
+    from .model.skyeyegpt import load_model
+    from .model.template import Encoded, collate, encode_prompt
+    from .training.tune import resolve_init
+    if not image.exists():
+        _fail(f"--image {image}: no such file")
+    try:
+        m = load_model(resolve_init(model)).eval()
+    except (ValueError, FileNotFoundError) as err:
+        _fail(str(err))
+    from PIL import Image
+    if image.suffix.lower() == ".mp4":
+        from .synth.video import read_frames
+        frames = read_frames(image, m.cfg.vision.video_frames)
+    else:
+        frames = [Image.open(image)]
+    n = m.visual_tokens_per_image() * len(frames)
+    batch = collate([Encoded(encode_prompt(m.tokenizer, [], question, n), [])], m.tokenizer.pad_token_id, left_pad=True)
+    answer = m.generate(batch["input_ids"], batch["attention_mask"], m.preprocess(frames), frames=[len(frames)])[0]
+    _say(answer)
+
+
 def main() -> None:  # pragma: no cover - console entry point
     app(prog_name="skyeye")
 

@@ -40,7 +40,7 @@ def test_retrain_flow_versions_and_validates_the_data(project):
     from skyeye.versioning import history
 
     with prefect_test_harness():
-        first = retrain()
+        first = retrain(train=False)
         # Stored under the project: data in DVC (pushed to the local remote), result in MLflow.
         md5 = first["data_md5"]
         assert md5 in (project / "data.dvc").read_text()
@@ -52,9 +52,35 @@ def test_retrain_flow_versions_and_validates_the_data(project):
         subprocess.run(["git", "add", "-A"], cwd=project, check=True)
         subprocess.run(["git", "commit", "-qm", "demo data"], cwd=project, check=True)
         # Deterministic data: a second run reproduces the same version, and git stays clean.
-        second = retrain()
+        second = retrain(train=False)
     assert second["data_md5"] == md5
     status = subprocess.run(["git", "status", "--porcelain"], cwd=project, capture_output=True, text=True).stdout
     assert status == ""
     entries = history(project, validation_lookup=tracking.validation_outcome)
     assert len(entries) == 1 and entries[0].md5 == md5 and entries[0].validation == "passed"
+
+
+def test_retrain_flow_trains_both_stages_after_the_gate(project):
+    """The whole chain with a dim-64 model and a few steps per stage, each step its own task."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    from flows.retrain import retrain
+    tiny = {"vision": {"image_size": 64}, "lora": {"r": 8, "alpha": 16},
+            "backbones": {"vision": {"image_size": 64, "patch_size": 16, "hidden_size": 64, "layers": 1, "heads": 2},
+                          "llm": {"hidden_size": 64, "layers": 2, "heads": 2, "intermediate_size": 128},
+                          "vocab_size": 400, "vision_seconds": 2, "llm_seconds": 2, "vision_batch": 8, "llm_batch": 8}}
+    (project / "configs/model").mkdir()
+    (project / "configs/model/test.yaml").write_text(yaml.safe_dump(tiny))
+    for n, data in ((1, "stage1.json"), (2, "stage2.json")):
+        (project / f"configs/stage{n}.yaml").write_text(yaml.safe_dump(
+            {"stage": n, "data": data, "max_steps": 4, "warmup_steps": 1, "batch_size": 4, "log_every": 2,
+             "checkpoint_every": 4, "held_out": {"samples": 4, "every_steps": 4}}))
+    with prefect_test_harness():
+        out = retrain(model_file="configs/model/test.yaml", stage1_file="configs/stage1.yaml",
+                      stage2_file="configs/stage2.yaml", num_workers=1)
+    client = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlruns/mlflow.db'}")
+    children = client.search_runs([client.get_run(out["tuning_run"]).info.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{out['tuning_run']}'")
+    assert sorted(r.info.run_name for r in children) == ["backbones", "stage1", "stage2"]
+    assert all(r.data.tags["skyeye.data.dvc_md5"] == out["data_md5"] for r in children)
+    assert Path(out["stage2_model"], "skyeyegpt.json").exists()

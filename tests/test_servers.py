@@ -74,7 +74,7 @@ def test_retrain_flow_against_prefect_and_mlflow_servers(project, tmp_path):
                          f"http://127.0.0.1:{prefect_port}/api/health", env)
         run_env = env | {"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{mlflow_port}",
                          "PREFECT_API_URL": f"http://127.0.0.1:{prefect_port}/api"}
-        out = subprocess.run([sys.executable, "-m", "flows.retrain"], cwd=project, env=run_env | {
+        out = subprocess.run([sys.executable, "-m", "flows.retrain", "--data-only"], cwd=project, env=run_env | {
             "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=600)
         assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
         # The flow run is recorded by the Prefect server ...

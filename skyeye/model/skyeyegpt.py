@@ -85,6 +85,7 @@ class SkyEyeGPT(nn.Module):
         out = self.llm.generate(inputs_embeds=embeds, attention_mask=attention_mask.to(self.device),
                                 max_new_tokens=max_new_tokens or self.cfg.max_new_tokens, do_sample=False,
                                 use_cache=True, pad_token_id=self.tokenizer.pad_token_id,
+                                suppress_tokens=[self.image_token_id],  # an answer never holds an image slot
                                 eos_token_id=self.tokenizer.eos_token_id)
         return [self.tokenizer.decode(row, skip_special_tokens=True).strip() for row in out]
 

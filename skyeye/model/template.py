@@ -48,7 +48,8 @@ def encode_conversation(tok, turns: list[tuple[str, str]], n_visual: int, max_le
         if i == 0 and IMAGE_PLACEHOLDER not in question:
             question = f"{IMAGE_PLACEHOLDER} {question}"
         q = _expand_image(tok, _ids(tok, prompt_text(question)), n_visual)
-        a = _ids(tok, answer) + [tok.eos_token_id]
+        # answers (model-written ones in a history, too) never open an image slot
+        a = _ids(tok, answer.replace(IMAGE_TOKEN, "")) + [tok.eos_token_id]
         ids += q + a
         labels += [IGNORE] * len(q) + a
     if max_length and len(ids) > max_length:

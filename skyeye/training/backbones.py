@@ -56,6 +56,9 @@ class DenseHeads(torch.nn.Module):
         self.cls = torch.nn.Linear(width, n_classes + 1)  # 0 = background
         self.colour = torch.nn.Linear(width, len(COLOUR_WORDS))
         self.box = torch.nn.Linear(width, 4)
+        # each box side also as a 0-100 grid bin: the LLM answers in grid tokens, so a
+        # feature that names the bin is one linear read-out away from the right token
+        self.box_bins = torch.nn.Linear(width, 4 * 101)
         self.rgb = torch.nn.Linear(width, 3)
 
 
@@ -124,16 +127,21 @@ def pretrain_vision(synth: Path, cfg: BackbonesConfig, out: Path, log) -> dict[s
         loss_cls = F.cross_entropy(heads.cls(tokens).flatten(0, 1), cls_t[idx].flatten())
         loss_col = F.cross_entropy(heads.colour(tokens).flatten(0, 1), col_t[idx].flatten(), ignore_index=-100) \
             if (col_t[idx] >= 0).any() else tokens.sum() * 0
-        loss_box = F.l1_loss(torch.sigmoid(heads.box(tokens))[fg], box_t[idx][fg]) if fg.any() else tokens.sum() * 0
+        if fg.any():
+            loss_box = F.l1_loss(torch.sigmoid(heads.box(tokens))[fg], box_t[idx][fg])
+            bins = (box_t[idx][fg] * 100).long().clamp(0, 100)  # (F, 4)
+            loss_bins = F.cross_entropy(heads.box_bins(tokens)[fg].view(-1, 101), bins.view(-1))
+        else:
+            loss_box = loss_bins = tokens.sum() * 0
         loss_rgb = F.mse_loss(heads.rgb(tokens), patch_rgb)
-        loss = loss_cls + loss_col + 5 * loss_box + loss_rgb
+        loss = loss_cls + loss_col + 5 * loss_box + 0.5 * loss_bins + loss_rgb
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         step += 1
-        metrics = {"vision/loss": float(loss), "vision/loss_cls": float(loss_cls), "vision/loss_box": float(loss_box),
-                   "vision/loss_colour": float(loss_col), "vision/steps": step}
+        metrics = {"vision/loss": loss.item(), "vision/loss_cls": loss_cls.item(), "vision/loss_box": loss_box.item(),
+                   "vision/loss_box_bins": loss_bins.item(), "vision/loss_colour": loss_col.item(), "vision/steps": step}
         if step % 20 == 0:
             log(metrics, step)
         bar.n = min(int(time.perf_counter() - start), bar.total)
@@ -190,7 +198,7 @@ def pretrain_llm(instructions: Path, tok, cfg: BackbonesConfig, out: Path, log) 
         torch.nn.utils.clip_grad_norm_(llm.parameters(), 1.0)
         opt.step()
         step += 1
-        metrics = {"llm/loss": float(loss), "llm/steps": step}
+        metrics = {"llm/loss": loss.item(), "llm/steps": step}
         if step % 20 == 0:
             log(metrics, step)
         bar.n = min(int(time.perf_counter() - start), bar.total)

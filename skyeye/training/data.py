@@ -52,7 +52,7 @@ class PixelCache:
         self._store: dict[tuple[str, int], torch.Tensor] = {}
 
     def _resize(self, im: Image.Image) -> np.ndarray:
-        return np.asarray(im.convert("RGB").resize((self.side, self.side), Image.BICUBIC), dtype=np.uint8)
+        return np.array(im.convert("RGB").resize((self.side, self.side), Image.BICUBIC), dtype=np.uint8)
 
     def get(self, media: str, frames: int = 1) -> torch.Tensor:
         key = (media, frames)

@@ -9,8 +9,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .. import prompts
 from ..boxes import box_text
-from ..metrics import acc_at_05, cider, vqa_accuracy
+from ..metrics import acc_at_05, cider, normalise_answer, vqa_accuracy
+from ..synth.scene import PLURAL
 from ..model.template import Encoded, collate, encode_prompt
 from .stage_config import HeldOutConfig
 
@@ -83,6 +85,65 @@ class HeldOut:
                                       max_new_tokens=24)
         return out
 
+    # ------------------------------------------------------------ stage 2: three-turn conversations
+    def _conversations(self) -> list[dict]:
+        """Per test image: [caption] (derived from its annotations), [vqa] count, [refer]."""
+        rel = self.cfg.conversation
+        ev = json.loads((self.root / rel).read_text())
+        by_image: dict[str, list[dict]] = defaultdict(list)
+        for r in ev["samples"]:
+            by_image[r["image"]].append(r)
+        convs = []
+        for image, rows in sorted(by_image.items()):
+            words = Counter(_class_of(r["expression"]) for r in rows)
+            if None in words:
+                continue
+            scene = " and ".join(_phrase(c, n) for c, n in sorted(words.items()))
+            cls = sorted(words)[0]
+            target = rows[len(convs) % len(rows)]
+            convs.append({"image": image, "row": target, "turns": [
+                (f"[caption] {prompts.first('caption')}", f"there are {scene} in the image."),
+                (f"[vqa] how many {PLURAL[cls]} are there?", str(words[cls])),
+                (f"[refer] {target['expression']}", None)]})
+        return _spread(convs, self.cfg.samples)
+
+    def conversation_scores(self) -> dict[str, float]:
+        convs = self._convs if hasattr(self, "_convs") else self._conversations()
+        self._convs = convs
+        rel = self.cfg.conversation
+        tok, model = self.model.tokenizer, self.model
+        n_vis = model.visual_tokens_per_image()
+        history: list[list[tuple[str, str]]] = [[] for _ in convs]
+        answers: list[list[str]] = [[] for _ in convs]
+        for turn in range(3):
+            for i in range(0, len(convs), 32):
+                chunk = list(range(i, min(i + 32, len(convs))))
+                keys = [self._media(rel, convs[j]["row"]) for j in chunk]
+                encs = [Encoded(encode_prompt(tok, history[j], convs[j]["turns"][turn][0], n_vis), []) for j in chunk]
+                b = collate(encs, tok.pad_token_id, left_pad=True)
+                vis, frames = self.features.batch(keys)
+                with torch.no_grad():
+                    out = model.generate(b["input_ids"], b["attention_mask"], frames=frames, vision_tokens=vis,
+                                         max_new_tokens=24)
+                for j, a in zip(chunk, out):  # the model's own answers become the history
+                    history[j].append((convs[j]["turns"][turn][0], a))
+                    answers[j].append(a)
+        caps = [a[0] for a in answers]
+        refs = [[c["turns"][0][1]] for c in convs]
+        counts = [c["turns"][1][1] for c in convs]
+        majority = Counter(counts).most_common(1)[0][0]
+        common_caption = Counter(r[0] for r in refs).most_common(1)[0][0]
+        rows = [c["row"] for c in convs]
+        gt = [tuple(r["box"]) for r in rows]
+        sizes = [tuple(r["image_size"]) for r in rows]
+        centred = [box_text((w * 0.35, h * 0.35, w * 0.65, h * 0.65), w, h) for w, h in sizes]
+        return {"heldout/conv_turn1_caption_cider": cider(caps, refs),
+                "baseline/conv_turn1_caption_cider": cider([common_caption] * len(refs), refs),
+                "heldout/conv_turn2_count_acc": sum(normalise_answer(a[1]) == c for a, c in zip(answers, counts)) / len(convs),
+                "baseline/conv_turn2_count_acc": sum(majority == c for c in counts) / len(convs),
+                "heldout/conv_turn3_refer_acc05": acc_at_05([a[2] for a in answers], gt, sizes),
+                "baseline/conv_turn3_refer_acc05": acc_at_05(centred, gt, sizes)}
+
     def score(self) -> dict[str, float]:
         m: dict[str, float] = dict(self.baselines)
         if "grounding" in self.sets:
@@ -96,5 +157,18 @@ class HeldOut:
         if "caption" in self.sets:
             _, rows = self.sets["caption"]
             m["heldout/caption_cider"] = cider(self.answers("caption"), [r["references"] for r in rows])
+        if self.cfg.conversation and (self.root / self.cfg.conversation).exists():
+            m |= self.conversation_scores()
         return m
+
+
+def _class_of(expression: str) -> str | None:
+    """The category named in a referring expression (the synth's and DIOR's vocabulary)."""
+    text = expression.lower()
+    return next((c for c in sorted(PLURAL, key=len, reverse=True) if c in text), None)
+
+
+def _phrase(cls: str, n: int) -> str:
+    words = ["no", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+    return f"{words[n] if n < len(words) else n} {cls if n == 1 else PLURAL[cls]}"
 

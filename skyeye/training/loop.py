@@ -26,12 +26,15 @@ from .stage_config import StageConfig
 TRAINER_STATE = "trainer_state.pt"
 
 
-def lr_at(step: int, cfg: StageConfig) -> float:
-    """Linear warm-up to `lr`, then cosine decay to `min_lr` at `max_steps`."""
+def lr_at(step: int, cfg: StageConfig, elapsed_s: float = 0.0) -> float:
+    """Linear warm-up to `lr`, then cosine decay to `min_lr` at `max_steps`, or at the end
+    of `time_budget_s` when that comes first (a fixed wall-clock budget still anneals)."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
-    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
+    progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+    if cfg.time_budget_s:
+        progress = max(progress, elapsed_s / cfg.time_budget_s)
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
 class VisualFeatures:
@@ -121,8 +124,9 @@ def run_stage(ctx, config: dict) -> dict:
     while step < cfg.max_steps:
         if cfg.time_budget_s and time.perf_counter() - started > cfg.time_budget_s:
             break
+        lr = lr_at(step, cfg, time.perf_counter() - started)
         for group in optim.param_groups:
-            group["lr"] = lr_at(step, cfg) * group["lr_scale"]
+            group["lr"] = lr * group["lr_scale"]
         optim.zero_grad(set_to_none=True)
         t0 = time.perf_counter()
         for _ in range(cfg.grad_accum):
@@ -146,7 +150,7 @@ def run_stage(ctx, config: dict) -> dict:
         if step % cfg.log_every == 0 or last:
             elapsed = time.perf_counter() - started
             metrics = {k: sum(v) / len(v) for k, v in window.items()}
-            metrics |= {"lr": lr_at(step - 1, cfg), "tokens_per_s": tokens_seen * ctx.world_size / max(elapsed, 1e-9),
+            metrics |= {"lr": lr, "tokens_per_s": tokens_seen * ctx.world_size / max(elapsed, 1e-9),
                         "elapsed_s": elapsed}
             window.clear()
             if held_out and (step % cfg.held_out.every_steps == 0 or last):

@@ -1,0 +1,93 @@
+"""Both tuning stages end to end with a dim-64 model: 2 Ray workers (DDP over gloo),
+MLflow parent/child runs checked through the MLflow client, refusals before compute."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from skyeye.config import Settings
+from skyeye.model.config import LoRAConfig, ModelConfig, VisionConfig
+from skyeye.model.skyeyegpt import load_model
+from skyeye.model.tiny import BackbonesConfig, TinyLLMSpec, TinyVisionSpec
+from skyeye.training.stage_config import StageConfig
+
+TINY = ModelConfig(vision=VisionConfig(image_size=64), lora=LoRAConfig(r=8, alpha=16),
+                   backbones=BackbonesConfig(vision=TinyVisionSpec(image_size=64, patch_size=16, hidden_size=64,
+                                                                   layers=1, heads=2),
+                                             llm=TinyLLMSpec(hidden_size=64, layers=2, heads=2, intermediate_size=128),
+                                             vocab_size=400, vision_seconds=3, llm_seconds=3, vision_batch=8,
+                                             llm_batch=8))
+
+
+def _stage(n: int, data: str) -> StageConfig:
+    return StageConfig(stage=n, data=data, max_steps=6, warmup_steps=2, batch_size=4, log_every=2,
+                       checkpoint_every=4, held_out={"samples": 4, "every_steps": 6,
+                                                     "conversation": "eval/dior_rsvg_test.json" if n == 2 else None})
+
+
+@pytest.fixture(scope="module")
+def settings(tmp_path_factory, tiny_synth, tiny_instructions):
+    root = tmp_path_factory.mktemp("project")
+    s = Settings(project_root=root, mlflow_tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+    return s
+
+
+@pytest.fixture(scope="module")
+def backbones(settings, tiny_synth, tiny_instructions):
+    from skyeye.training.tune import prepare_backbones
+    paths = prepare_backbones(TINY, instructions=tiny_instructions, synth=tiny_synth, settings=settings)
+    again = prepare_backbones(TINY, instructions=tiny_instructions, synth=tiny_synth, settings=settings)
+    assert again == paths  # cached by data and config
+    return paths
+
+
+def test_two_stages_on_two_ray_workers_tracked_in_mlflow(settings, backbones, tiny_instructions):
+    from skyeye.training.tune import TAG_MODEL_DIR, parent_run, train_stage
+    parent = parent_run("test-job", settings)
+    s1 = train_stage(1, TINY, _stage(1, "stage1.json"), backbones, instructions=tiny_instructions, num_workers=2,
+                     parent_id=parent, settings=settings)
+    s2 = train_stage(2, TINY, _stage(2, "stage2.json"), backbones, instructions=tiny_instructions, init=s1.model_dir,
+                     num_workers=2, parent_id=parent, settings=settings)
+    client = MlflowClient(settings.tracking_uri)
+    runs = client.search_runs([client.get_run(parent).info.experiment_id],
+                              filter_string=f"tags.mlflow.parentRunId = '{parent}'")
+    assert sorted(r.info.run_name for r in runs) == ["stage1", "stage2"]  # one child per stage, no duplicates
+    for run, result in ((client.get_run(s1.run_id), s1), (client.get_run(s2.run_id), s2)):
+        assert run.info.status == "FINISHED"
+        assert run.data.tags[TAG_MODEL_DIR] == result.model_dir
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss")]
+        assert steps == sorted(set(steps)) and steps[-1] == 6  # only rank 0 logged, once per step
+        assert "heldout/grounding_acc05" in run.data.metrics and "heldout/vqa_aa" in run.data.metrics
+        assert any(k.startswith("loss/") for k in run.data.metrics)  # per-task loss
+        assert run.data.params["stage.batch_size"] == "4" and run.data.params["model.lora.r"] == "8"
+        assert run.inputs.dataset_inputs[0].dataset.name == "skyeye-instructions"
+        artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert {"model", "loss_curve.png", "resolved_config.json"} <= artifacts
+    assert "heldout/conv_turn3_refer_acc05" in client.get_run(s2.run_id).data.metrics
+    model = load_model(s2.model_dir)  # the final checkpoint is a loadable SkyEyeGPT
+    assert model.trainable_parameters()["lora"] > 0
+
+
+def test_refusals_before_any_compute(settings, backbones, tiny_instructions, tmp_path):
+    from skyeye.training.tune import train_stage
+    with pytest.raises(ValueError, match="stage 2 needs a stage-1 result"):
+        train_stage(2, TINY, _stage(2, "stage2.json"), backbones, instructions=tiny_instructions, local=True,
+                    settings=settings)
+    with pytest.raises(ValueError, match="stage config says stage 1"):
+        train_stage(2, TINY, _stage(1, "stage1.json"), backbones, instructions=tiny_instructions, local=True,
+                    settings=settings)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    rows = json.loads((tiny_instructions / "stage1.json").read_text())
+    rows[0]["conversations"][0]["value"] = "<Img><ImageHere></Img> [segment] the ship"  # unknown identifier
+    (bad / "stage1.json").write_text(json.dumps(rows))
+    (bad / "stage2.json").write_text((tiny_instructions / "stage2.json").read_text())
+    with pytest.raises(ValueError, match="fails the data gate"):
+        train_stage(1, TINY, _stage(1, "stage1.json"), backbones, instructions=bad, local=True, settings=settings)
+    runs = MlflowClient(settings.tracking_uri).search_runs(
+        [e.experiment_id for e in MlflowClient(settings.tracking_uri).search_experiments()],
+        filter_string="tags.`skyeye.kind` = 'tuning-stage'")
+    assert all(r.info.status == "FINISHED" for r in runs)  # refused jobs created no stage run
