@@ -91,3 +91,52 @@ def test_refusals_before_any_compute(settings, backbones, tiny_instructions, tmp
         [e.experiment_id for e in MlflowClient(settings.tracking_uri).search_experiments()],
         filter_string="tags.`skyeye.kind` = 'tuning-stage'")
     assert all(r.info.status == "FINISHED" for r in runs)  # refused jobs created no stage run
+
+
+def test_chat_answers_from_a_saved_stage(settings, backbones, tiny_instructions, tiny_synth):
+    from typer.testing import CliRunner
+
+    from skyeye.cli import app
+    from skyeye.training.tune import train_stage
+    result = train_stage(1, TINY, _stage(1, "stage1.json"), backbones, instructions=tiny_instructions, local=True,
+                         settings=settings)
+    image = next((tiny_synth / "dior_rsvg/JPEGImages").glob("*.jpg"))
+    out = CliRunner().invoke(app, ["chat", "--model", result.model_dir, "--image", str(image),
+                                   "[refer] the white airplane at the top left"])
+    assert out.exit_code == 0, out.output
+    assert out.output.strip()  # an answer (a dim-64 model trained 6 steps says little, but says it)
+    missing = CliRunner().invoke(app, ["chat", "--model", result.model_dir, "--image", "nope.jpg", "[vqa] hi"])
+    assert missing.exit_code == 2 and "nope.jpg" in missing.output
+
+
+def test_stage_resumes_from_its_last_checkpoint(settings, backbones, tiny_instructions, tmp_path):
+    """The real stage loop picks up optimizer state and step from a checkpoint (what Ray
+    hands a restarted worker group), so a stopped stage continues instead of restarting."""
+    import torch
+
+    from skyeye.training.loop import TRAINER_STATE, run_stage
+    from skyeye.training.ray_train import FitConfig, fit_local
+    config = {"model": TINY.model_dump(mode="json"), "instructions": str(tiny_instructions),
+              "backbones": backbones, "init": None}
+    fit_cfg = FitConfig(num_workers=1, storage_path=str(tmp_path), run_name="resume", mlflow_tracking_uri=None)
+    first = fit_local(run_stage, config | {"stage": _stage(1, "stage1.json").model_dump(mode="json")}, fit_cfg)
+    assert torch.load(first.checkpoint_dir / TRAINER_STATE, weights_only=False)["step"] == 6
+    longer = _stage(1, "stage1.json").model_copy(update={"max_steps": 10})
+    second = fit_local(run_stage, config | {"stage": longer.model_dump(mode="json")}, fit_cfg)
+    state = torch.load(second.checkpoint_dir / TRAINER_STATE, weights_only=False)
+    assert state["step"] == 10 and second.output["step"] == 10
+    assert second.output.get("resumed_from") == 6
+
+
+def test_data_input_is_logged_without_ending_the_run(settings):
+    from skyeye import tracking
+    from skyeye.training.tune import TUNING_EXPERIMENT, log_data_input
+    tracking.setup(settings)
+    client = MlflowClient(settings.tracking_uri)
+    run = client.create_run(tracking.experiment_id(TUNING_EXPERIMENT, settings))
+    log_data_input(run.info.run_id, Path("."), "abc123.dir", "deadbeef")
+    after = client.get_run(run.info.run_id)
+    assert after.info.status == "RUNNING"  # workers are still logging into it
+    dataset = after.inputs.dataset_inputs[0]
+    assert dataset.dataset.digest == "abc123.dir"
+    assert {t.key: t.value for t in dataset.tags}["git_rev"] == "deadbeef"

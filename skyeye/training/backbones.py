@@ -42,11 +42,39 @@ COLOUR_WORDS = ("white", "red", "blue", "yellow", "grey", "green")
 MEAN, STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 
 
+RECIPE_VERSION = 2  # bump when the pretraining code changes what it produces: old cache entries no longer fit
+
+
 def cache_key(instructions: Path, cfg: BackbonesConfig) -> str:
-    h = hashlib.sha256(cfg.model_dump_json().encode())
+    h = hashlib.sha256(f"{RECIPE_VERSION}:{cfg.model_dump_json()}".encode())
     for name in ("stage1.json", "stage2.json"):
         h.update((Path(instructions) / name).read_bytes())
     return h.hexdigest()[:16]
+
+
+def _train_for(seconds: float, lr: float, params: list, desc: str, step_fn, log) -> dict[str, float]:
+    """AdamW with warm-up and cosine decay over a wall-clock budget; `step_fn()` returns
+    (loss, metrics) for one batch. A progress bar shows the budget being spent."""
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.05)
+    start, step, metrics = time.perf_counter(), 0, {}
+    bar = tqdm(total=int(seconds), desc=desc, unit="s")
+    while (elapsed := time.perf_counter() - start) < seconds:
+        for group in opt.param_groups:
+            group["lr"] = lr * min(1.0, (step + 1) / 50) * 0.5 * (1 + math.cos(math.pi * elapsed / seconds))
+        loss, metrics = step_fn()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        step += 1
+        metrics["steps"] = step
+        if step % 20 == 0:
+            log(metrics, step)
+        bar.n = min(int(time.perf_counter() - start), bar.total)
+        bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+        bar.refresh()
+    bar.close()
+    return metrics
 
 
 # ---------------------------------------------------------------- vision
@@ -109,16 +137,10 @@ def pretrain_vision(synth: Path, cfg: BackbonesConfig, out: Path, log) -> dict[s
     box_t = torch.from_numpy(np.stack([targets[p][2] for p in images]))
     tower = new_vision_tower(spec)
     heads = DenseHeads(spec.hidden_size, len(classes))
-    params = list(tower.parameters()) + list(heads.parameters())
-    opt = torch.optim.AdamW(params, lr=cfg.vision_lr, weight_decay=0.05)
     rng = np.random.default_rng(cfg.seed)
     g = spec.image_size // spec.patch_size
-    start, step, metrics = time.perf_counter(), 0, {}
-    bar = tqdm(total=int(cfg.vision_seconds), desc="backbones: vision encoder", unit="s")
-    while time.perf_counter() - start < cfg.vision_seconds:
-        frac = (time.perf_counter() - start) / cfg.vision_seconds
-        for group in opt.param_groups:
-            group["lr"] = cfg.vision_lr * min(1.0, (step + 1) / 50) * 0.5 * (1 + math.cos(math.pi * frac))
+
+    def step():
         idx = torch.from_numpy(rng.integers(0, len(images), cfg.vision_batch))
         x = normalise(u8[idx], MEAN, STD)
         tokens = tower(pixel_values=x).last_hidden_state[:, 1:]  # (B, N, D), CLS dropped
@@ -135,19 +157,11 @@ def pretrain_vision(synth: Path, cfg: BackbonesConfig, out: Path, log) -> dict[s
             loss_box = loss_bins = tokens.sum() * 0
         loss_rgb = F.mse_loss(heads.rgb(tokens), patch_rgb)
         loss = loss_cls + loss_col + 5 * loss_box + 0.5 * loss_bins + loss_rgb
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        step += 1
-        metrics = {"vision/loss": loss.item(), "vision/loss_cls": loss_cls.item(), "vision/loss_box": loss_box.item(),
-                   "vision/loss_box_bins": loss_bins.item(), "vision/loss_colour": loss_col.item(), "vision/steps": step}
-        if step % 20 == 0:
-            log(metrics, step)
-        bar.n = min(int(time.perf_counter() - start), bar.total)
-        bar.set_postfix(loss=f"{float(loss):.3f}", refresh=False)
-        bar.refresh()
-    bar.close()
+        return loss, {"vision/loss": loss.item(), "vision/loss_cls": loss_cls.item(), "vision/loss_box": loss_box.item(),
+                      "vision/loss_box_bins": loss_bins.item(), "vision/loss_colour": loss_col.item()}
+
+    params = list(tower.parameters()) + list(heads.parameters())
+    metrics = _train_for(cfg.vision_seconds, cfg.vision_lr, params, "backbones: vision encoder", step, log)
     tower.save_pretrained(out)
     (out / "skyeye_pretraining.json").write_text(json.dumps({"classes": classes, "grid": g, **metrics}, indent=1))
     return metrics
@@ -177,34 +191,19 @@ def pretrain_llm(instructions: Path, tok, cfg: BackbonesConfig, out: Path, log) 
     _ordered_grid_embeddings(llm, tok)
     # text only: the image placeholder is left out, every token is a target
     seqs = [encode_conversation(tok, list(it.turns), 0, cfg.llm.max_positions).input_ids for it in items]
-    opt = torch.optim.AdamW(llm.parameters(), lr=cfg.llm_lr, weight_decay=0.05)
     rng = np.random.default_rng(cfg.seed)
-    start, step, metrics = time.perf_counter(), 0, {}
-    bar = tqdm(total=int(cfg.llm_seconds), desc="backbones: LLM", unit="s")
-    while time.perf_counter() - start < cfg.llm_seconds:
-        frac = (time.perf_counter() - start) / cfg.llm_seconds
-        for group in opt.param_groups:
-            group["lr"] = cfg.llm_lr * min(1.0, (step + 1) / 50) * 0.5 * (1 + math.cos(math.pi * frac))
+
+    def step():
         batch = [seqs[i] for i in rng.integers(0, len(seqs), cfg.llm_batch)]
         width = max(len(s) for s in batch)
         ids = torch.full((len(batch), width), tok.pad_token_id)
         mask = torch.zeros_like(ids)
         for r, s in enumerate(batch):
             ids[r, :len(s)], mask[r, :len(s)] = torch.tensor(s), 1
-        labels = ids.masked_fill(mask == 0, -100)
-        loss = llm(input_ids=ids, attention_mask=mask, labels=labels).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(llm.parameters(), 1.0)
-        opt.step()
-        step += 1
-        metrics = {"llm/loss": loss.item(), "llm/steps": step}
-        if step % 20 == 0:
-            log(metrics, step)
-        bar.n = min(int(time.perf_counter() - start), bar.total)
-        bar.set_postfix(loss=f"{float(loss):.3f}", refresh=False)
-        bar.refresh()
-    bar.close()
+        loss = llm(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss
+        return loss, {"llm/loss": loss.item()}
+
+    metrics = _train_for(cfg.llm_seconds, cfg.llm_lr, list(llm.parameters()), "backbones: LLM", step, log)
     llm.save_pretrained(out)
     tok.save_pretrained(out)
     return metrics

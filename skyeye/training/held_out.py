@@ -61,8 +61,8 @@ class HeldOut:
                                                   [r["question_type"] for r in rows])["aa"]
         if "caption" in self.sets:  # the most common training caption of that source
             ev, rows = self.sets["caption"]
-            common = Counter(it.turns[0][1] for it in train_items
-                             if it.source == ev["benchmark"] and it.task == "caption").most_common(1)
+            common = Counter(a for it in train_items if it.source == ev["benchmark"]  # stage-2 turns count too
+                             for q, a in it.turns if q.startswith("[caption]")).most_common(1)
             text = common[0][0] if common else ""
             out["baseline/caption_cider"] = cider([text] * len(rows), [r["references"] for r in rows])
         return out

@@ -104,11 +104,11 @@ def run_stage(ctx, config: dict) -> dict:
               {"params": [p for n, p in model.named_parameters() if p.requires_grad and
                           not n.startswith("alignment_layer.")], "lr_scale": 1.0}]
     optim = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    step = 0
+    step = resumed_from = 0
     if resume:
         state = torch.load(Path(resume) / TRAINER_STATE, map_location="cpu", weights_only=False)
         optim.load_state_dict(state["optimizer"])
-        step = state["step"]
+        step = resumed_from = state["step"]
         sampler.rng.bit_generator.state = state["sampler_rng"][min(ctx.rank, len(state["sampler_rng"]) - 1)]
     ddp = ctx.prepare_model(model)
     per_worker = max(1, cfg.batch_size // ctx.world_size)
@@ -168,4 +168,4 @@ def run_stage(ctx, config: dict) -> dict:
             metrics |= held_out.score()
         ctx.report(metrics, step, write_checkpoint)
         last_metrics |= metrics
-    return {**last_metrics, "step": step}
+    return {**last_metrics, "step": step, "resumed_from": resumed_from}

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import json
 import tempfile
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
-from mlflow.tracking import MlflowClient
+from mlflow.tracking import MlflowClient  # noqa: I001
 
 from .. import tracking
 from ..config import Settings, get_settings, git_revision
@@ -98,12 +100,16 @@ def child_run(parent_id: str, name: str, settings: Settings, tags: dict) -> str:
 
 
 def log_data_input(run_id: str, instructions: Path, md5: str | None, rev: str | None) -> None:
+    """The data version as the run's dataset input, the DVC hash as its digest. Through the
+    client: `mlflow.start_run(run_id=...)` would end the run when its block closes."""
     from mlflow.data.meta_dataset import MetaDataset
     from mlflow.data.sources import LocalArtifactDatasetSource
+    from mlflow.entities import DatasetInput, InputTag
     dataset = MetaDataset(source=LocalArtifactDatasetSource(str(Path(instructions).resolve())),
                           name="skyeye-instructions", digest=md5 or "unversioned")
-    with mlflow.start_run(run_id=run_id):
-        mlflow.log_input(dataset, context="training", tags={"dvc_md5": md5 or "unversioned", "git_rev": rev or ""})
+    tags = [InputTag("mlflow.data.context", "training"), InputTag("dvc_md5", md5 or "unversioned"),
+            InputTag("git_rev", rev or "")]
+    MlflowClient().log_inputs(run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(), tags=tags)])
 
 
 def loss_curve_png(run_id: str, out: Path) -> Path:
@@ -132,6 +138,39 @@ def loss_curve_png(run_id: str, out: Path) -> Path:
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
+
+
+@contextmanager
+def progress_bar(run_id: str, cfg: StageConfig, desc: str):
+    """A driver-side progress bar fed by what rank 0 logs to MLflow (workers stay quiet)."""
+    from tqdm import tqdm
+    done = threading.Event()
+    total = int(cfg.time_budget_s) if cfg.time_budget_s else cfg.max_steps
+    bar = tqdm(total=total, desc=desc, unit="s" if cfg.time_budget_s else "step")
+
+    def poll() -> None:
+        client = MlflowClient()
+        while not done.wait(5):
+            try:
+                metrics = client.get_run(run_id).data.metrics
+            except Exception:  # a busy store must not stop training
+                continue
+            if not metrics:
+                continue
+            bar.n = min(int(metrics.get("elapsed_s", 0)) if cfg.time_budget_s else
+                        len(client.get_metric_history(run_id, "loss")) * cfg.log_every, total)
+            shown = {k.split("/")[-1]: round(v, 3) for k, v in metrics.items()
+                     if k in ("loss", "heldout/grounding_acc05", "heldout/vqa_aa", "heldout/caption_cider")}
+            bar.set_postfix(shown, refresh=False)
+            bar.refresh()
+    thread = threading.Thread(target=poll, daemon=True)
+    thread.start()
+    try:
+        yield bar
+    finally:
+        done.set()
+        thread.join(timeout=10)
+        bar.close()
 
 
 def train_stage(stage: int, model_cfg: ModelConfig | str | Path, stage_cfg: StageConfig | str | Path,
@@ -164,7 +203,8 @@ def train_stage(stage: int, model_cfg: ModelConfig | str | Path, stage_cfg: Stag
     log_data_input(run_id, instructions, md5, rev)
     started = time.perf_counter()
     try:
-        result = (fit_local if local else fit)(run_stage, loop_config, fit_cfg)
+        with progress_bar(run_id, scfg, f"stage {stage}"):
+            result = (fit_local if local else fit)(run_stage, loop_config, fit_cfg)
     except BaseException:
         client.set_terminated(run_id, "FAILED")
         raise
