@@ -105,10 +105,12 @@ def run_stage(ctx, config: dict) -> dict:
                           not n.startswith("alignment_layer.")], "lr_scale": 1.0}]
     optim = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     step = resumed_from = 0
+    elapsed_before = 0.0  # training time spent before a restart: the time budget and schedule go on from it
     if resume:
         state = torch.load(Path(resume) / TRAINER_STATE, map_location="cpu", weights_only=False)
         optim.load_state_dict(state["optimizer"])
         step = resumed_from = state["step"]
+        elapsed_before = state.get("elapsed_s", 0.0)
         sampler.rng.bit_generator.state = state["sampler_rng"][min(ctx.rank, len(state["sampler_rng"]) - 1)]
     ddp = ctx.prepare_model(model)
     per_worker = max(1, cfg.batch_size // ctx.world_size)
@@ -116,9 +118,11 @@ def run_stage(ctx, config: dict) -> dict:
     def write_checkpoint(folder: Path) -> None:
         model.save(folder)
         torch.save({"optimizer": optim.state_dict(), "step": step, "stage": cfg.stage,
+                    "elapsed_s": time.perf_counter() - started, "schedule": {"lr": cfg.lr, "min_lr": cfg.min_lr,
+                                                                           "warmup_steps": cfg.warmup_steps},
                     "sampler_rng": [sampler.rng.bit_generator.state]}, Path(folder) / TRAINER_STATE)
 
-    started, tokens_seen, last_metrics, last_ckpt = time.perf_counter(), 0, {}, -1
+    started, tokens_seen, last_metrics, last_ckpt = time.perf_counter() - elapsed_before, 0, {}, -1
     window: dict[str, list[float]] = defaultdict(list)
     model.train()
     while step < cfg.max_steps:
