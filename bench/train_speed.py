@@ -62,7 +62,7 @@ def main() -> None:
     parser.add_argument("--stage", default="configs/train/stage1.yaml")
     args = parser.parse_args()
 
-    from skyeye.config import Settings, get_settings
+    from skyeye.config import get_settings
     from skyeye.training.loop import run_stage
     from skyeye.training.ray_train import FitConfig, fit, fit_local
     from skyeye.training.stage_config import load_stage_config

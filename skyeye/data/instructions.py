@@ -223,8 +223,8 @@ def build(root: Path, out: Path, extra: dict[str, Path] | None = None) -> dict:
     tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "eval").mkdir(parents=True)
-    b = Builder(out)  # paths relative to the final location
-    b.out = tmp  # same depth as `out`, so relative paths are identical once renamed
+    # tmp sits beside `out` (same depth), so paths relative to it stay right after the rename
+    b = Builder(tmp)
     reports: list[ReadReport] = []
     eval_counts: dict[str, int] = {}
     try:
@@ -286,14 +286,11 @@ def render_card(card: dict) -> str:
              "Built by `skyeye data build` from the benchmark folders (SkyEye-Synth unless real data was given).", ""]
     for stage, title in (("stage1", "Stage 1: single-task instructions"), ("stage2", "Stage 2: multi-task conversations")):
         c = card[stage]
-        by_pair: dict[tuple[str, str], int] = Counter()
         lines += [f"## {title} ({c['total']} samples)", "", "| task | samples | sources |", "|---|---|---|"]
-        for task, n in c["by_task"].items():
-            lines.append(f"| {task} | {n} | |")
+        lines += [f"| {task} | {n} | |" for task, n in c["by_task"].items()]
         lines += ["", "| source | samples |", "|---|---|"]
         lines += [f"| {src} | {n} |" for src, n in c["by_source"].items()]
         lines.append("")
-        del by_pair
     lines += ["## Evaluation files", "", "| benchmark split | samples |", "|---|---|"]
     lines += [f"| {k} | {n} |" for k, n in card["eval"].items()]
     if card["skipped"]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections import Counter, defaultdict
+from collections import defaultdict
 from pathlib import Path
 
 import torch
@@ -18,8 +18,8 @@ import torch.nn.functional as F
 
 from ..model.config import ModelConfig
 from ..model.skyeyegpt import SkyEyeGPT, build_model
-from ..model.template import IGNORE, Encoded, collate, encode_conversation
-from .data import Item, PixelCache, SourceSampler, load_items, normalise
+from ..model.template import IGNORE, collate, encode_conversation
+from .data import PixelCache, SourceSampler, load_items, normalise
 from .held_out import HeldOut
 from .stage_config import StageConfig
 
