@@ -23,7 +23,8 @@ TINY = ModelConfig(vision=VisionConfig(image_size=64), lora=LoRAConfig(r=8, alph
 
 
 def _stage(n: int, data: str) -> StageConfig:
-    return StageConfig(stage=n, data=data, max_steps=6, warmup_steps=2, batch_size=4, log_every=2,
+    replay = {"replay": "stage1.json", "replay_share": 0.5} if n == 2 else {}
+    return StageConfig(stage=n, data=data, max_steps=6, warmup_steps=2, batch_size=4, log_every=2, **replay,
                        checkpoint_every=4, held_out={"samples": 4, "every_steps": 6,
                                                      "conversation": "eval/dior_rsvg_test.json" if n == 2 else None})
 
@@ -66,13 +67,19 @@ def test_two_stages_on_two_ray_workers_tracked_in_mlflow(settings, backbones, ti
         assert run.inputs.dataset_inputs[0].dataset.name == "skyeye-instructions"
         artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
         assert {"model", "loss_curve.png", "resolved_config.json"} <= artifacts
-    assert "heldout/conv_turn3_refer_acc05" in client.get_run(s2.run_id).data.metrics
+    stage2_metrics = client.get_run(s2.run_id).data.metrics
+    assert "heldout/conv_turn3_refer_acc05" in stage2_metrics
+    # stage 2 replays stage-1 samples (half of each batch) next to its conversations
+    assert "loss/conversation" in stage2_metrics
+    assert any(k.startswith("loss/") and k != "loss/conversation" for k in stage2_metrics)
     model = load_model(s2.model_dir)  # the final checkpoint is a loadable SkyEyeGPT
     assert model.trainable_parameters()["lora"] > 0
 
 
 def test_refusals_before_any_compute(settings, backbones, tiny_instructions, tmp_path):
     from skyeye.training.tune import train_stage
+    with pytest.raises(ValueError, match="replay_share > 0 needs `replay`"):
+        StageConfig(stage=2, data="stage2.json", replay_share=0.3)
     with pytest.raises(ValueError, match="stage 2 needs a stage-1 result"):
         train_stage(2, TINY, _stage(2, "stage2.json"), backbones, instructions=tiny_instructions, local=True,
                     settings=settings)

@@ -95,9 +95,11 @@ def run_stage(ctx, config: dict) -> dict:
     n_vis = model.visual_tokens_per_image()
     items = load_items(root / cfg.data)
     sampler = SourceSampler(items, cfg.sampling, cfg.seed, ctx.rank)
+    replay = load_items(root / cfg.replay) if cfg.replay and cfg.replay_share > 0 else []
+    replay_sampler = SourceSampler(replay, cfg.replay_sampling, cfg.seed + 1, ctx.rank) if replay else None
     pixels = PixelCache(root, mcfg.vision.image_size)
     features = VisualFeatures(model, pixels, cfg.cache_features)
-    held_out = HeldOut(cfg.held_out, root, items, model, features) if ctx.is_main else None
+    held_out = HeldOut(cfg.held_out, root, items + replay, model, features) if ctx.is_main else None
 
     params = [{"params": [p for p in model.alignment_layer.parameters() if p.requires_grad],
                "lr_scale": cfg.alignment_lr_scale},
@@ -112,15 +114,20 @@ def run_stage(ctx, config: dict) -> dict:
         step = resumed_from = state["step"]
         elapsed_before = state.get("elapsed_s", 0.0)
         sampler.rng.bit_generator.state = state["sampler_rng"][min(ctx.rank, len(state["sampler_rng"]) - 1)]
+        if replay_sampler is not None and state.get("replay_rng"):
+            replay_sampler.rng.bit_generator.state = state["replay_rng"][0]
     ddp = ctx.prepare_model(model)
     per_worker = max(1, cfg.batch_size // ctx.world_size)
+    n_replay = round(per_worker * cfg.replay_share) if replay_sampler else 0
 
     def write_checkpoint(folder: Path) -> None:
         model.save(folder)
         torch.save({"optimizer": optim.state_dict(), "step": step, "stage": cfg.stage,
                     "elapsed_s": time.perf_counter() - started, "schedule": {"lr": cfg.lr, "min_lr": cfg.min_lr,
                                                                            "warmup_steps": cfg.warmup_steps},
-                    "sampler_rng": [sampler.rng.bit_generator.state]}, Path(folder) / TRAINER_STATE)
+                    "sampler_rng": [sampler.rng.bit_generator.state],
+                    "replay_rng": [replay_sampler.rng.bit_generator.state] if replay_sampler else []},
+                   Path(folder) / TRAINER_STATE)
 
     started, tokens_seen, last_metrics, last_ckpt = time.perf_counter() - elapsed_before, 0, {}, -1
     window: dict[str, list[float]] = defaultdict(list)
@@ -134,7 +141,9 @@ def run_stage(ctx, config: dict) -> dict:
         optim.zero_grad(set_to_none=True)
         t0 = time.perf_counter()
         for _ in range(cfg.grad_accum):
-            batch_items = [items[i] for i in sampler.draw(per_worker)]
+            batch_items = [items[i] for i in sampler.draw(per_worker - n_replay)]
+            if n_replay:
+                batch_items += [replay[i] for i in replay_sampler.draw(n_replay)]
             encs = [encode_conversation(tok, list(it.turns), n_vis * it.frames, cfg.max_length) for it in batch_items]
             batch = collate(encs, tok.pad_token_id)
             vis, frames = features.batch([(it.media, it.frames) for it in batch_items])

@@ -38,6 +38,10 @@ class StageConfig(BaseModel):
     max_length: int = 192
     precision: Literal["fp32", "bf16"] = "fp32"
     sampling: dict[str, float] = Field(default_factory=dict, description="source -> ratio; empty: by size.")
+    replay: str | None = Field(None, description="A second instruction file mixed into every batch (stage 2: "
+                                                 "stage1.json), so stage-1 skills are not forgotten.")
+    replay_share: float = Field(0.0, ge=0.0, lt=1.0, description="Share of each batch drawn from `replay`.")
+    replay_sampling: dict[str, float] = Field(default_factory=dict, description="source -> ratio within `replay`.")
     cache_features: bool = Field(True, description="Encode each image once with the frozen encoder.")
     log_every: int = 10
     checkpoint_every: int = 200
@@ -50,6 +54,8 @@ class StageConfig(BaseModel):
             raise ValueError(f"warmup_steps ({self.warmup_steps}) must be below max_steps ({self.max_steps})")
         if self.batch_size < 1 or self.grad_accum < 1:
             raise ValueError("batch_size and grad_accum must be >= 1")
+        if self.replay_share > 0 and not self.replay:
+            raise ValueError("replay_share > 0 needs `replay` (an instruction file, e.g. stage1.json)")
         return self
 
 

@@ -52,9 +52,10 @@ def preflight(stage: int, stage_cfg: StageConfig, instructions: Path, init: str 
     instruction file exists and passed the data gate. Returns (data md5, git rev)."""
     if stage_cfg.stage != stage:
         raise ValueError(f"stage config says stage {stage_cfg.stage}, but stage {stage} was asked for")
-    data_file = Path(instructions) / stage_cfg.data
-    if not data_file.exists():
-        raise ValueError(f"{data_file}: instruction file not found (run `skyeye data build`)")
+    for name in filter(None, (stage_cfg.data, stage_cfg.replay)):
+        data_file = Path(instructions) / name
+        if not data_file.exists():
+            raise ValueError(f"{data_file}: instruction file not found (run `skyeye data build`)")
     if stage == 2:
         if not init:
             raise ValueError("stage 2 needs a stage-1 result: pass --init <stage-1 model folder or MLflow run id>")
