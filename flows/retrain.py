@@ -1,5 +1,6 @@
 """The `retrain` flow: DVC-versioned data -> Great Expectations gate -> backbones ->
-two-stage tuning on Ray (stage 1, stage 2) -> (next: evaluation, registry promotion, serving).
+two-stage tuning on Ray (stage 1, stage 2) -> evaluation on the 8 benchmarks -> registry
+-> promotion (staging, then production when the policy allows).
 
 Thin: each task calls one `skyeye` function and passes paths and hashes, never live
 objects. Run it with `python -m flows.retrain` (or `make demo`); with no
@@ -92,12 +93,48 @@ def stage2_task(model_config: str, stage_config: str, backbones: dict, stage1_di
     return result.model_dir
 
 
+@task(name="evaluate")
+def evaluate_task(model_dir: str, limit: int | None) -> str:
+    from skyeye.evaluation.runner import run_evaluation
+    result = run_evaluation(model_dir, "all", limit=limit, progress=False)
+    get_run_logger().info("evaluation run %s\n%s", result.run_id, result.render())
+    return result.run_id
+
+
+@task(name="register")
+def register_task(model_dir: str, eval_run: str) -> int:
+    from mlflow.tracking import MlflowClient
+
+    from skyeye.registry import register
+    tags = MlflowClient().get_run(eval_run).data.tags
+    version = register(model_dir, eval_run, tags.get("skyeye.eval.training_run") or None,
+                       tags.get("skyeye.tuning_job") or None)
+    get_run_logger().info("registered %s version %d", "skyeyegpt", version)
+    return version
+
+
+@task(name="promote")
+def promote_task(version: int) -> str:
+    """Staging, then production; a refusal is an outcome (the model stays where it got to), not a failure."""
+    from skyeye.promotion import PromotionRefused, promote
+    logger, reached = get_run_logger(), "none"
+    for alias in ("staging", "production"):
+        try:
+            logger.info(promote(version, alias).render())
+            reached = alias
+        except PromotionRefused as refused:
+            logger.warning("version %d not promoted to %s:\n%s", version, alias, refused)
+            break
+    return reached
+
+
 @flow(name="retrain", log_prints=True)
 def retrain(data_config: str = "configs/data.yaml", scale: str | None = None, train: bool = True,
             model_file: str = "configs/model/tiny.yaml", stage1_file: str = "configs/train/stage1.yaml",
-            stage2_file: str = "configs/train/stage2.yaml", num_workers: int = 2) -> dict:
+            stage2_file: str = "configs/train/stage2.yaml", num_workers: int = 2, eval_limit: int | None = None,
+            promote: bool = True) -> dict:
     """Synthesize (stand-in for new data arriving) -> build -> version -> validate ->
-    backbones -> stage 1 -> stage 2."""
+    backbones -> stage 1 -> stage 2 -> evaluate -> register -> promote."""
     cfg = load_yaml_config(get_settings().project_root / data_config, DataConfig)
     if scale:
         cfg = cfg.model_copy(update={"scale": DataConfig(scale=scale).scale})
@@ -112,6 +149,10 @@ def retrain(data_config: str = "configs/data.yaml", scale: str | None = None, tr
         stage1 = stage1_task(model_file, stage1_file, backbones, parent, num_workers)
         stage2 = stage2_task(model_file, stage2_file, backbones, stage1, parent, num_workers)
         out |= {"tuning_run": parent, "stage1_model": stage1, "stage2_model": stage2}
+        eval_run = evaluate_task(stage2, eval_limit)
+        version = register_task(stage2, eval_run)  # only reached when the evaluation finished
+        out |= {"eval_run": eval_run, "model_version": version,
+                "alias": promote_task(version) if promote else "none"}
     return out
 
 
@@ -124,7 +165,10 @@ if __name__ == "__main__":
     parser.add_argument("--stage1-config", default="configs/train/stage1.yaml")
     parser.add_argument("--stage2-config", default="configs/train/stage2.yaml")
     parser.add_argument("--num-workers", type=int, default=2)
+    parser.add_argument("--eval-limit", type=int, default=None, help="samples per bench split (default: all)")
+    parser.add_argument("--no-promote", action="store_true", help="register, but move no alias")
     args = parser.parse_args()
     print(retrain(data_config=args.data_config, scale=args.scale, train=not args.data_only,
                   model_file=args.model_config, stage1_file=args.stage1_config,
-                  stage2_file=args.stage2_config, num_workers=args.num_workers))
+                  stage2_file=args.stage2_config, num_workers=args.num_workers, eval_limit=args.eval_limit,
+                  promote=not args.no_promote))

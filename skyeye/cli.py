@@ -207,6 +207,92 @@ def train(
                      if k.startswith(("heldout/", "baseline/")) or k == "loss"}, indent=1))
 
 
+@app.command("evaluate")
+def evaluate(
+    model: Annotated[str, typer.Option("--model", help="Model folder, tuning-stage run id, or models:/skyeyegpt@alias.")],
+    benchmarks: Annotated[str, typer.Option(help="all, or a comma list of benchmarks / bench splits (e.g. rsvg_val).")] = "all",
+    limit: Annotated[Optional[int], typer.Option(help="At most N samples per bench split (spread over the file).")] = None,
+    baselines: Annotated[bool, typer.Option(help="Also score the untuned model and the trivial answers.")] = True,
+    data: Annotated[Optional[Path], typer.Option(help="Instruction folder (default: data/instructions).")] = None,
+) -> None:
+    """Score a model on the 8 benchmarks (paper prompts and metrics), with baselines, in one MLflow run."""
+    from .data.records import DataFormatError
+    from .evaluation.runner import run_evaluation
+    try:
+        result = run_evaluation(model, benchmarks, limit=limit, baselines=baselines, instructions=data)
+    except (ValueError, FileNotFoundError, DataFormatError) as err:
+        _fail(str(err))
+    _say(result.render())
+
+
+@app.command("register")
+def register(
+    eval_run: Annotated[str, typer.Option("--eval-run", help="The FINISHED evaluation run of the model.")],
+    model_dir: Annotated[Optional[Path], typer.Option(help="Model folder (default: the one the evaluation run scored).")] = None,
+) -> None:
+    """Log the evaluated SkyEyeGPT as one pyfunc model and register it (`skyeyegpt`)."""
+    from .registry import model_name, register as register_model
+    try:
+        version = register_model(model_dir, eval_run)
+    except ValueError as err:
+        _fail(str(err))
+    _say(f"registered {model_name()} version {version}")
+
+
+@app.command("promote")
+def promote(
+    version: Annotated[str, typer.Option(help="Version number (or v3, or an alias).")],
+    to: Annotated[str, typer.Option(help="staging | production")],
+    force: Annotated[bool, typer.Option("--force", help="Override a refusal (needs --reason; recorded).")] = False,
+    reason: Annotated[Optional[str], typer.Option(help="Why (recorded on the version).")] = None,
+) -> None:
+    """Move an alias to a version if configs/promotion.yaml allows; a refusal names each benchmark that failed."""
+    from .promotion import promote as promote_version
+    try:
+        _say(promote_version(version, to, force=force, reason=reason).render())
+    except ValueError as err:
+        _fail(str(err))
+
+
+@app.command("rollback")
+def rollback(
+    alias: Annotated[str, typer.Option(help="The alias to put back on its previous version.")] = "production",
+    reason: Annotated[Optional[str], typer.Option(help="Why (recorded on the version).")] = None,
+) -> None:
+    """Put the previous production (or other alias) version back, in one command."""
+    from .promotion import rollback as rollback_alias
+    from .registry import model_name
+    try:
+        before, after = rollback_alias(alias, reason)
+    except ValueError as err:
+        _fail(str(err))
+    _say(f"{model_name()}@{alias}: version {before} -> version {after}")
+
+
+@app.command("models")
+def models() -> None:
+    """Registered versions with their aliases, key scores and data version."""
+    from .registry import list_versions, render_versions
+    _say(render_versions(list_versions()))
+
+
+@app.command("audit")
+def audit(
+    model: Annotated[Optional[str], typer.Option(help="Model version, alias or models:/ URI (default: production).")] = None,
+    data: Annotated[Optional[str], typer.Option(help="Data version: a git revision of data.dvc or a DVC md5.")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the audit as JSON.")] = False,
+) -> None:
+    """What a model saw and who shipped it (or: every model trained on a data version), from MLflow, git and DVC."""
+    from .audit import audit_data, audit_model
+    if model and data:
+        _fail("give --model or --data, not both")
+    try:
+        result = audit_data(data) if data else audit_model(model or "production")
+    except ValueError as err:
+        _fail(str(err))
+    _say(json.dumps(result.to_dict(), indent=1, default=str) if json_out else result.render())
+
+
 @app.command("chat")
 def chat(
     question: Annotated[str, typer.Argument(help='e.g. "[refer] the white airplane at the top left"')],

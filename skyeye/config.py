@@ -40,6 +40,9 @@ class Settings(BaseSettings):
         None, description="Any DVC remote URL (s3://..., /mnt/share/...). Unset: the committed local remote.")
     mlflow_tracking_uri: str | None = Field(
         None, description="Unset: MLFLOW_TRACKING_URI, else SQLite under <root>/mlruns/.")
+    registered_model: str = Field("skyeyegpt", description="Name of SkyEyeGPT in the MLflow model registry.")
+    promotion_policy: Path = Field(Path("configs/promotion.yaml"),
+                                   description="Promotion policy file (relative to the project root).")
 
     @property
     def data(self) -> Path:
@@ -117,6 +120,8 @@ def configure_environment(settings: Settings | None = None) -> Settings:
         "DVC_NO_ANALYTICS": "1",
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_HOME": str(s.state / "prefect"),
+        # a first start on a fresh, busy 2-core machine (database migrations) can pass Prefect's 20 s
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
         "GIT_PYTHON_REFRESH": "quiet",
         "TOKENIZERS_PARALLELISM": "false",
         "HF_HUB_DISABLE_PROGRESS_BARS": "1",  # our own progress bars say more

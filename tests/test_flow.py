@@ -77,10 +77,25 @@ def test_retrain_flow_trains_both_stages_after_the_gate(project):
              "checkpoint_every": 4, "held_out": {"samples": 4, "every_steps": 4}}))
     with prefect_test_harness():
         out = retrain(model_file="configs/model/test.yaml", stage1_file="configs/stage1.yaml",
-                      stage2_file="configs/stage2.yaml", num_workers=1)
+                      stage2_file="configs/stage2.yaml", num_workers=1, eval_limit=3)
     client = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlruns/mlflow.db'}")
     children = client.search_runs([client.get_run(out["tuning_run"]).info.experiment_id],
                                   filter_string=f"tags.mlflow.parentRunId = '{out['tuning_run']}'")
     assert sorted(r.info.run_name for r in children) == ["backbones", "stage1", "stage2"]
     assert all(r.data.tags["skyeye.data.dvc_md5"] == out["data_md5"] for r in children)
     assert Path(out["stage2_model"], "skyeyegpt.json").exists()
+    # evaluate -> register -> promote, each its own task, linked through MLflow
+    from skyeye.evaluation.benchmarks import EVAL_KEYS, primary_of
+    evaluation = client.get_run(out["eval_run"])
+    assert evaluation.info.status == "FINISHED"
+    assert sorted(primary_of(evaluation.data.metrics)) == sorted(EVAL_KEYS)
+    assert evaluation.data.tags["skyeye.eval.training_run"] == next(r.info.run_id for r in children
+                                                                     if r.info.run_name == "stage2")
+    version = client.get_model_version("skyeyegpt", str(out["model_version"]))
+    assert version.tags["skyeye.eval_run"] == out["eval_run"]
+    assert version.tags["skyeye.data.dvc_md5"] == out["data_md5"]
+    holders = {a: client.get_model_version_by_alias("skyeyegpt", a).version
+               for a in ("staging", "production") if a in client.get_registered_model("skyeyegpt").aliases}
+    expected = {"none": {}, "staging": {"staging": version.version},
+                "production": {"staging": version.version, "production": version.version}}[out["alias"]]
+    assert holders == expected

@@ -1,0 +1,230 @@
+"""What an audit reports: the records skyeye.audit fills in while it follows the links
+(runs, data.dvc revisions, validations, model versions), the two results `ModelAudit`
+and `DataAudit` with their text (`.render()`) and JSON-ready (`.to_dict()`) forms, and
+the "missing: <why>" convention for a link that cannot be followed.
+
+Apart from skyeye.audit so that how a result reads stays separate from how it is
+gathered; it reads nothing itself (no MLflow, git or DVC calls) and imports neither
+skyeye.audit nor skyeye.audit_reader.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .versioning import DVC_FILE
+
+_MD5 = re.compile(r"^[0-9a-f]{32}(\.dir)?$")
+
+
+def missing(why: str) -> str:
+    return f"missing: {why}"
+
+
+def is_missing(value: Any) -> bool:
+    return isinstance(value, str) and value.startswith("missing: ")
+
+
+def _key(md5: str) -> str:
+    """data.dvc writes directory hashes as '<md5>.dir'; people often drop the suffix."""
+    return md5.removesuffix(".dir")
+
+
+def _usable(md5: str | None) -> bool:
+    return bool(md5) and _MD5.match(md5) is not None
+
+
+# ---------------------------------------------------------------- pieces of the chain
+
+@dataclass
+class RunSummary:
+    run_id: str
+    name: str | None = None
+    experiment: str | None = None
+    kind: str | None = None
+    stage: str | None = None
+    status: str | None = None
+    started: str | None = None
+    deleted: bool = False
+    metrics: dict[str, float] = field(default_factory=dict)
+    data_md5: str | None = None  # its skyeye.data.dvc_md5 tag
+    data_git_rev: str | None = None
+    dataset_digests: list[str] = field(default_factory=list)  # digest = DVC md5 of each logged dataset input
+    git_commit: str | None = None
+    model_dir: str | None = None
+
+    @property
+    def label(self) -> str:
+        if self.kind == "tuning-stage" and self.stage:
+            return f"stage{self.stage}"
+        return self.kind or self.name or "run"
+
+    def line(self, label: str | None = None, note: str = "") -> str:
+        bits = [f"{label or self.label:<11} {self.run_id}", self.status or "?", (self.started or "")[:19]]
+        if self.name and self.name != self.label:
+            bits.append(f'"{self.name}"')
+        if self.deleted:
+            bits.append("DELETED")
+        bits.append(note)
+        if self.metrics:
+            bits.append(", ".join(f"{k} {v:.4g}" for k, v in self.metrics.items()))
+        return "  ".join(b for b in bits if b)
+
+
+@dataclass
+class GitRevision:
+    rev: str
+    date: str
+    message: str
+
+
+@dataclass
+class Validation:
+    run_id: str
+    outcome: str
+    at: str | None
+    git_rev: str | None
+
+
+def _tree(lines: list[str], items: list[str], indent: str) -> None:
+    lines += [indent + item for item in items]
+
+
+# ---------------------------------------------------------------- model version -> data
+
+@dataclass
+class ModelAudit:
+    model: str
+    version: str
+    aliases: list[str]
+    created: str | None
+    source: str | None
+    source_run: str | None
+    training_run: str  # the stage-2 run id, or "missing: ..."
+    tuning_job: RunSummary | str
+    training_runs: list[RunSummary]
+    data_md5: str
+    data_sources: dict[str, str]  # where each recorded md5 came from -> the md5 it records
+    data_git_rev_tag: str | None
+    data_revisions: list[GitRevision] | str
+    validation: Validation | str
+    validations: int
+    evaluation: RunSummary | str
+    promotions: list[dict[str, Any]]
+    rollbacks: list[dict[str, Any]]
+    missing: list[str] = field(default_factory=list)
+    disagreements: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def render(self) -> str:
+        aliases = f"  [{', '.join(self.aliases)}]" if self.aliases else "  (no alias)"
+        lines = [f"model {self.model} version {self.version}{aliases}",
+                 f"  created {self.created or '?'} from {self.source or '?'} (run {self.source_run or '-'})"]
+        lines.append("  promotions")
+        if not self.promotions and not self.rollbacks:
+            lines.append("    none recorded")
+        for p in self.promotions:
+            if "missing" in p:
+                lines.append(f"    {p['to']}: {p['missing']}")
+                continue
+            forced = "  FORCED" if str(p.get("forced")).lower() in ("true", "1", "yes") else ""
+            lines.append(f"    -> {p['to']}  at {p.get('at')}  by {p.get('by')}  from {p.get('from')}  "
+                         f"(previous: {p.get('previous') or 'none'}){forced}")
+            if p.get("reason"):
+                lines.append(f"       reason: {p['reason']}")
+            if p.get("deltas"):
+                deltas = p["deltas"]
+                text = (", ".join(f"{k} {v:+.4g}" if isinstance(v, (int, float)) else f"{k} {v}"
+                                  for k, v in deltas.items()) if isinstance(deltas, dict) else str(deltas))
+                lines.append(f"       deltas: {text}")
+        for r in self.rollbacks:
+            lines.append(f"    rollback of {r['alias']} to this version  at {r.get('at')}  by {r.get('by')}  "
+                         f"(from {r.get('from')})")
+        lines.append("  evaluation")
+        lines.append("    " + (self.evaluation if isinstance(self.evaluation, str) else self.evaluation.line()))
+        lines.append("  training")
+        lines.append(f"    training run (stage 2): {self.training_run}")
+        job = self.tuning_job
+        lines.append("    " + (f"tuning job: {job}" if isinstance(job, str) else job.line("tuning job")))
+        _tree(lines, [r.line(note="<- registered" if r.run_id == self.training_run else "")
+                      for r in self.training_runs], "      ")
+        lines.append("  data")
+        lines.append(f"    DVC md5 {self.data_md5}")
+        agree = sorted({s for s, m in self.data_sources.items() if _usable(self.data_md5) and m == self.data_md5})
+        if agree:
+            lines.append(f"      recorded by {len(agree)} source(s): {', '.join(agree)}")
+        if isinstance(self.data_revisions, str):
+            lines.append(f"    {DVC_FILE} revision: {self.data_revisions}")
+        for rev in self.data_revisions if isinstance(self.data_revisions, list) else []:
+            lines.append(f"    {DVC_FILE} at git {rev.rev}  {rev.date[:19]}  \"{rev.message}\"")
+        v = self.validation
+        lines.append("    validation " + (v if isinstance(v, str) else
+                                           f"{v.outcome.upper()}  run {v.run_id}  at {v.at}"
+                                           + (f"  ({self.validations} validations, newest shown)"
+                                              if self.validations > 1 else "")))
+        lines += _footer(self.missing, self.disagreements)
+        return "\n".join(lines)
+
+
+def _footer(missing_links: list[str], disagreements: list[str]) -> list[str]:
+    lines = [f"missing links: {len(missing_links) or 'none'}"]
+    _tree(lines, missing_links, "  - ")
+    if disagreements:
+        lines.append(f"DISAGREEMENTS: {len(disagreements)}")
+        _tree(lines, disagreements, "  - ")
+    return lines
+
+
+# ---------------------------------------------------------------- data version -> models
+
+@dataclass
+class ModelVersionRef:
+    version: str
+    aliases: list[str]
+    training_run: str | None
+    eval_run: str | None
+    matched_by: str  # the version's md5 tag, or its training run being one trained on this data
+
+
+@dataclass
+class DataAudit:
+    md5: str
+    asked: str
+    revisions: list[GitRevision] | str
+    validations: list[Validation] | str
+    tuning_runs: list[RunSummary]
+    evaluation_runs: list[RunSummary]
+    model: str
+    versions: list[ModelVersionRef]
+    missing: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def render(self) -> str:
+        lines = [f"data {self.md5}" + (f"  (asked for {self.asked})" if self.asked != self.md5 else "")]
+        if isinstance(self.revisions, str):
+            lines.append(f"  {DVC_FILE} revision: {self.revisions}")
+        for rev in self.revisions if isinstance(self.revisions, list) else []:
+            lines.append(f"  {DVC_FILE} at git {rev.rev}  {rev.date[:19]}  \"{rev.message}\"")
+        lines.append("  validations")
+        if isinstance(self.validations, str):
+            lines.append(f"    {self.validations}")
+        for v in self.validations if isinstance(self.validations, list) else []:
+            lines.append(f"    {v.outcome.upper():<7} run {v.run_id}  at {v.at}")
+        lines.append(f"  tuning runs trained on it: {len(self.tuning_runs) or 'none'}")
+        _tree(lines, [r.line() for r in self.tuning_runs], "    ")
+        lines.append(f"  evaluation runs on it: {len(self.evaluation_runs) or 'none'}")
+        _tree(lines, [r.line() for r in self.evaluation_runs], "    ")
+        lines.append(f"  registered versions of {self.model}")
+        if not self.versions:
+            lines.append("    none")
+        for v in self.versions:
+            aliases = f" [{', '.join(v.aliases)}]" if v.aliases else ""
+            lines.append(f"    version {v.version}{aliases}  training run {v.training_run or '-'}  "
+                         f"evaluation run {v.eval_run or '-'}  ({v.matched_by})")
+        lines += _footer(self.missing, [])
+        return "\n".join(lines)

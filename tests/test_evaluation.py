@@ -1,0 +1,141 @@
+"""The 8-benchmark evaluation with a dim-64 model on the tiny corpus: one MLflow run
+holding every bench split's metrics, the baselines, predictions tables and the report;
+the baselines themselves; refusals of bad input before any compute."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+from typer.testing import CliRunner
+
+from skyeye.boxes import first_box_pixels
+from skyeye.config import Settings
+from skyeye.data.records import DataFormatError
+from skyeye.evaluation.benchmarks import EVAL_KEYS, TASK_OF, primary_of, select
+from skyeye.evaluation.predictors import centred_boxes, majority_answers, nearest_captions
+from skyeye.evaluation.runner import EvalConfig, evaluate, load_eval_file, score, untuned_like
+from skyeye.model.config import LoRAConfig, ModelConfig, VisionConfig
+from skyeye.model.skyeyegpt import build_model
+from skyeye.model.tiny import TinyLLMSpec, TinyVisionSpec, save_random_backbones
+from skyeye.model.tokenizer import instruction_texts, train_tokenizer
+from skyeye.training.data import load_items
+
+CFG = ModelConfig(vision=VisionConfig(image_size=64), lora=LoRAConfig(r=8, alpha=16))
+
+
+@pytest.fixture(scope="module")
+def settings(tmp_path_factory):
+    root = tmp_path_factory.mktemp("project")
+    return Settings(project_root=root, mlflow_tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+
+
+@pytest.fixture(scope="module")
+def model(tiny_instructions, tmp_path_factory):
+    out = tmp_path_factory.mktemp("backbones")
+    tok = train_tokenizer(instruction_texts([tiny_instructions / "stage1.json"]), out / "tok", 400)
+    paths = save_random_backbones(out, tok, TinyVisionSpec(image_size=64, patch_size=16, hidden_size=64, layers=1,
+                                                           heads=2),
+                                  TinyLLMSpec(hidden_size=64, layers=2, heads=2, intermediate_size=128))
+    torch.manual_seed(1)
+    return build_model(CFG, paths["vision"], paths["llm"], paths["llm"]).eval()
+
+
+def test_one_run_holds_every_benchmark_baselines_tables_and_report(model, settings, tiny_instructions):
+    result = evaluate(model, "all", cfg=EvalConfig(limit=3, batch_size=2), untuned=untuned_like(model),
+                      instructions=tiny_instructions, model_ref="tiny-test-model", settings=settings, progress=False)
+    client = MlflowClient(settings.tracking_uri)
+    run = client.get_run(result.run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["skyeye.kind"] == "evaluation"
+    metrics = run.data.metrics
+    assert sorted(primary_of(metrics)) == sorted(EVAL_KEYS)
+    for key in EVAL_KEYS:  # the untuned model and the task's trivial answer, scored the same way
+        assert sorted(primary_of(metrics, "baseline.untuned/")) == sorted(EVAL_KEYS)
+        trivial = {"vqa": "majority_answer", "grounding": "centred_box", "caption": "nearest_caption"}[TASK_OF[key]]
+        assert key in primary_of(metrics, f"baseline.{trivial}/")
+    assert {f"rsvqa_lr_test/{m}" for m in ("aa", "oa")} <= set(metrics)
+    assert {f"ucm_captions_test/{m}" for m in ("bleu_1", "bleu_4", "meteor", "rouge_l", "cider")} <= set(metrics)
+    assert metrics["primary_score"] == pytest.approx(sum(primary_of(metrics).values()) / len(EVAL_KEYS))
+
+    artifacts = {f.path for f in client.list_artifacts(result.run_id, "predictions")}
+    assert artifacts == {f"predictions/{k}.json" for k in EVAL_KEYS}
+    report = {f.path for f in client.list_artifacts(result.run_id, "report")}
+    assert {"report/report.html", "report/benchmarks.png", "report/grounding_dior_rsvg_test.png",
+            "report/vqa_confusion_rsvqa_lr_test.png"} <= report
+    # the logged table is what was scored: rescoring it gives the logged metric
+    table = json.loads(Path(client.download_artifacts(result.run_id, "predictions/dior_rsvg_test.json")).read_text())
+    rows = [dict(zip(table["columns"], r)) for r in table["data"]]
+    assert len(rows) == 3
+    assert score("dior_rsvg_test", rows, [r["prediction"] for r in rows])["acc_at_0.5"] == \
+        metrics["dior_rsvg_test/acc_at_0.5"]
+
+
+def test_trivial_baselines(tiny_instructions):
+    rows = [{"question_type": "count", "answer": "2"}, {"question_type": "count", "answer": "2"},
+            {"question_type": "count", "answer": "3"}, {"question_type": "presence", "answer": "no"}]
+    assert majority_answers(rows) == ["2", "2", "2", "no"]
+
+    train = load_items(tiny_instructions / "stage1.json")
+    centred = centred_boxes([{"image_size": [200, 100]}], train, "dior_rsvg")
+    x1, y1, x2, y2 = first_box_pixels(centred[0], 200, 100)
+    assert abs((x1 + x2) / 2 - 100) <= 2 and abs((y1 + y2) / 2 - 50) <= 1  # centred in the image
+
+    # an evaluation row showing a training image gets that image's training caption
+    item = next(it for it in train if it.source == "ucm_captions" and it.task == "caption")
+    row = {"image": item.media}
+    assert nearest_captions([row], tiny_instructions, train, tiny_instructions, "ucm_captions") == [item.turns[0][1]]
+
+
+def test_bad_input_is_refused_with_its_name(model, settings, tiny_instructions, tmp_path):
+    with pytest.raises(ValueError, match="nope"):
+        select("ucm_captions,nope")
+    assert select("rsvg") == ["rsvg_val", "rsvg_test"]
+    # an evaluation file that holds another benchmark
+    bad = tmp_path / "instructions"
+    shutil.copytree(tiny_instructions, bad)
+    shutil.copy(bad / "eval/rsvg_val.json", bad / "eval/dior_rsvg_test.json")
+    with pytest.raises(DataFormatError, match="dior_rsvg_test.json.*expected 'dior_rsvg' 'test'"):
+        load_eval_file(bad, "dior_rsvg_test")
+    rows = json.loads((bad / "eval/rsvqa_lr_test.json").read_text())
+    del rows["samples"][1]["question_type"]
+    (bad / "eval/rsvqa_lr_test.json").write_text(json.dumps(rows))
+    with pytest.raises(DataFormatError, match=r"rsvqa_lr_test.json.*samples\[1\].*question_type"):
+        evaluate(model, "rsvqa_lr", instructions=bad, settings=settings, progress=False)
+
+
+def test_a_failed_evaluation_is_marked_failed(model, settings, tiny_instructions):
+    class Broken:  # the model, dying half way through
+        def __getattr__(self, name):
+            return getattr(model, name)
+
+        def eval(self):
+            return self
+
+        def generate(self, *args, **kwargs):
+            raise RuntimeError("out of memory")
+    client = MlflowClient(settings.tracking_uri)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        evaluate(Broken(), "ucm_captions", cfg=EvalConfig(limit=2), instructions=tiny_instructions,
+                 settings=settings, progress=False)
+    exp = client.get_experiment_by_name("skyeye-evaluation")
+    newest = client.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"], max_results=1)[0]
+    assert newest.info.status == "FAILED"
+
+
+def test_cli_names_an_unknown_benchmark_and_a_model_that_does_not_load(tmp_path, tiny_instructions, settings,
+                                                                         monkeypatch):
+    from skyeye.cli import app
+    from skyeye.config import get_settings
+    monkeypatch.setenv("SKYEYE_MLFLOW_TRACKING_URI", settings.tracking_uri)
+    get_settings.cache_clear()
+    try:
+        unknown = CliRunner().invoke(app, ["evaluate", "--model", str(tmp_path), "--benchmarks", "ucm_captions,dota"])
+        missing = CliRunner().invoke(app, ["evaluate", "--model", str(tmp_path / "missing"), "--benchmarks", "rsvg",
+                                           "--data", str(tiny_instructions)])
+    finally:
+        get_settings.cache_clear()
+    assert unknown.exit_code == 2 and "dota" in unknown.output
+    assert missing.exit_code == 2 and "does not load" in missing.output and "missing" in missing.output

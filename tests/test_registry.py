@@ -1,0 +1,406 @@
+"""The registry with a real SQLite MLflow store and a real dim-64 SkyEyeGPT: register from
+hand-made evaluation runs, load and serve `models:/skyeyegpt@production`, the promotion
+policy (validation, floors, no regression), forced overrides, rollback, racing promotions,
+and errors that name the version, alias or run at fault."""
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import pytest
+from mlflow.entities import Metric
+from mlflow.tracking import MlflowClient
+from PIL import Image
+
+from skyeye import packaging, promotion, registry, tracking
+from skyeye.evaluation.benchmarks import EVAL_KEYS, PRIMARY, TASK_OF
+from skyeye.model.config import LoRAConfig, ModelConfig, VisionConfig
+from skyeye.model.skyeyegpt import build_model
+from skyeye.model.tiny import TinyLLMSpec, TinyVisionSpec, save_random_backbones
+from skyeye.model.tokenizer import instruction_texts, train_tokenizer
+from skyeye.promotion import PromotionPolicy, PromotionRefused
+from skyeye.registry import RegistryError, promotion_tag
+
+REPO = Path(__file__).resolve().parents[1]
+CFG = ModelConfig(vision=VisionConfig(image_size=64), lora=LoRAConfig(r=8, alpha=16), max_new_tokens=4)
+NAME = "skyeyegpt"
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    """An isolated project root and SQLite store; the environment is restored afterwards."""
+    from skyeye.config import get_settings
+    root = tmp_path_factory.mktemp("registry_project")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SKYEYE_PROJECT_ROOT", str(root))
+        mp.setenv("SKYEYE_MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+        for var in ("MLFLOW_TRACKING_URI", "SKYEYE_STATE_DIR", "SKYEYE_REGISTERED_MODEL"):
+            mp.delenv(var, raising=False)
+        get_settings.cache_clear()
+        tracking.setup()
+        yield root
+        mlflow.set_tracking_uri(None)  # it also exported MLFLOW_TRACKING_URI; later modules must not see our store
+        get_settings.cache_clear()
+
+
+@pytest.fixture(scope="module")
+def model_dir(project, tiny_instructions) -> Path:
+    out = project / "backbones"
+    tok = train_tokenizer(instruction_texts([tiny_instructions / "stage1.json"]), out / "tok", 400)
+    paths = save_random_backbones(out, tok, TinyVisionSpec(image_size=64, patch_size=16, hidden_size=64, layers=1,
+                                                           heads=2),
+                                  TinyLLMSpec(hidden_size=64, layers=2, heads=2, intermediate_size=128))
+    return build_model(CFG, paths["vision"], paths["llm"], paths["llm"]).save(project / "model")
+
+
+def scores(caption: float, vqa: float, grounding: float, **override: float) -> dict[str, float]:
+    by_task = {"caption": caption, "vqa": vqa, "grounding": grounding}
+    return {key: override.get(key, by_task[TASK_OF[key]]) for key in EVAL_KEYS}
+
+
+def eval_run(model_dir: Path, primaries: dict[str, float], md5: str = "md5-good", status: str = "FINISHED",
+             kind: str = "evaluation", training_run: str = "") -> str:
+    """An evaluation run as skyeye/evaluation/runner.py writes it (the contract's tags and metric names)."""
+    client = MlflowClient()
+    tags = {"skyeye.kind": kind, "skyeye.model_dir": str(model_dir), "skyeye.eval.training_run": training_run,
+            "skyeye.data.dvc_md5": md5, "skyeye.data.git_rev": "rev-" + md5, "skyeye.eval.benchmarks":
+            ",".join(primaries)}
+    run = client.create_run(tracking.experiment_id("skyeye-evaluation"), tags=tags)
+    metrics = {f"{k}/{PRIMARY[TASK_OF[k]]}": v for k, v in primaries.items()}
+    if primaries:
+        metrics["primary_score"] = sum(primaries.values()) / len(primaries)
+    now = int(time.time() * 1000)
+    client.log_batch(run.info.run_id, metrics=[Metric(k, v, now, 0) for k, v in metrics.items()])
+    client.set_terminated(run.info.run_id, status)
+    return run.info.run_id
+
+
+@dataclass
+class GateResult:  # the fields tracking.log_validation reads from the data gate's result
+    success: bool
+    n_records: int = 10
+    failures: list = field(default_factory=list)
+    seconds: float = 0.1
+
+    def to_dict(self) -> dict:
+        return {"success": self.success}
+
+
+def validate(md5: str, passed: bool) -> None:
+    tracking.log_validation(GateResult(passed, failures=[] if passed else ["x"]), md5, "rev-" + md5)
+    time.sleep(0.01)  # the newest validation wins: keep start times apart
+
+
+@pytest.fixture(scope="module")
+def versions(project, model_dir):
+    """Four versions of one model: good, better, worse (grounding regressed) and one whose data
+    was never validated. good and worse come from a stage-2 run of a tuning job."""
+    from skyeye.config import get_settings
+    from skyeye.training.tune import child_run, parent_run
+    s = get_settings()
+    job = parent_run("tune-test", s)
+    stage2 = child_run(job, "stage2", s, {"skyeye.kind": "tuning-stage", "skyeye.model_dir": str(model_dir)})
+    MlflowClient().set_terminated(stage2, "FINISHED")
+    validate("md5-good", True)
+    image = project / "example.png"
+    Image.new("RGB", (96, 96), (30, 120, 60)).save(image)
+    runs = {"good": eval_run(model_dir, scores(150, 75, 30), training_run=stage2),
+            "better": eval_run(model_dir, scores(160, 78, 33)),
+            "worse": eval_run(model_dir, scores(148, 74, 30, rsvg_test=12.0, dior_rsvg_test=10.0),
+                              training_run=stage2),
+            "unvalidated": eval_run(model_dir, scores(170, 80, 35), md5="md5-unvalidated")}
+    out = {k: registry.register(model_dir, r, example_image=image if k == "good" else None) for k, r in runs.items()}
+    return {"v": out, "runs": runs, "stage2": stage2, "job": job}
+
+
+@pytest.fixture
+def client(versions) -> MlflowClient:
+    """No alias set: each promotion test starts from an empty registry state."""
+    c = MlflowClient()
+    for alias in c.get_registered_model(NAME).aliases:
+        c.delete_registered_model_alias(NAME, alias)
+    return c
+
+
+def _png_b64(color=(200, 200, 200)) -> str:
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64), color).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def _request(tmp_path: Path) -> pd.DataFrame:
+    jpeg = tmp_path / "scene.jpg"
+    Image.new("RGB", (80, 80), (40, 90, 160)).save(jpeg)
+    return pd.DataFrame({"image": [_png_b64(), str(jpeg)],
+                         "prompt": ["[refer] the white airplane at the top left", "[vqa] is there a harbour?"]})
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ------------------------------------------------------------------ registration
+def test_register_records_lineage_and_is_idempotent(versions, model_dir):
+    c, v, runs = MlflowClient(), versions["v"], versions["runs"]
+    assert sorted(v.values()) == [1, 2, 3, 4]
+    good = c.get_model_version(NAME, str(v["good"]))
+    assert good.run_id == versions["stage2"]  # the source run is the run that produced the weights
+    assert good.tags[registry.TAG_EVAL_RUN] == runs["good"]
+    assert good.tags[registry.TAG_TRAINING_RUN] == versions["stage2"]
+    assert good.tags[registry.TAG_TUNING_JOB] == versions["job"]
+    assert good.tags["skyeye.data.dvc_md5"] == "md5-good" and good.tags["skyeye.data.git_rev"] == "rev-md5-good"
+    assert json.loads(good.tags[registry.TAG_BACKBONES])["vision"].startswith("artifact:")
+    assert c.get_run(runs["good"]).data.tags[registry.TAG_MODEL_VERSION] == str(v["good"])
+    assert c.get_run(versions["stage2"]).info.status == "FINISHED"  # reopened to log into, closed again
+    better = c.get_model_version(NAME, str(v["better"]))
+    assert better.run_id == runs["better"] and better.tags[registry.TAG_TRAINING_RUN] == ""
+    assert registry.register(model_dir, runs["good"]) == v["good"]  # a retried flow task registers nothing new
+    assert len(c.search_model_versions(f"name = '{NAME}'")) == 4
+
+
+def test_register_refuses_what_was_not_a_complete_evaluation(versions, model_dir, tmp_path):
+    before = len(MlflowClient().search_model_versions(f"name = '{NAME}'"))
+    good = scores(150, 75, 30)
+    cases = [("no-such-run", "evaluation run 'no-such-run' not found"),
+             (eval_run(model_dir, good, status="FAILED"), "is FAILED, not FINISHED"),
+             (eval_run(model_dir, good, status="RUNNING"), "is RUNNING, not FINISHED"),
+             (eval_run(model_dir, good, kind="tuning-stage"), "not an evaluation run"),
+             (eval_run(model_dir, {}), "no primary metric")]
+    for run_id, message in cases:
+        with pytest.raises(RegistryError, match=message):
+            registry.register(model_dir, run_id)
+    with pytest.raises(RegistryError, match="is not the model evaluation run .* scored"):
+        registry.register(tmp_path, eval_run(model_dir, good))
+    assert len(MlflowClient().search_model_versions(f"name = '{NAME}'")) == before
+
+
+# ------------------------------------------------------------------ loading and serving
+def test_production_alias_loads_and_answers(client, versions, tmp_path):
+    promotion.promote(versions["v"]["good"], "production")
+    model = mlflow.pyfunc.load_model("models:/skyeyegpt@production")
+    answers = model.predict(_request(tmp_path))
+    assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
+    sig = model.metadata.signature
+    assert sig.inputs.input_names() == ["image", "prompt"] and sig.outputs.input_names() == ["answer"]
+    bad = _request(tmp_path)
+    bad.loc[1, "image"] = "not-an-image"
+    with pytest.raises(ValueError, match=r"row 1, column 'image'"):
+        model.predict(bad)
+    with pytest.raises(Exception, match="prompt"):
+        model.predict(_request(tmp_path).drop(columns=["prompt"]))
+    direct = model.unwrap_python_model()
+    with pytest.raises(ValueError, match="missing column.*prompt"):
+        direct.predict(None, _request(tmp_path).drop(columns=["prompt"]))
+
+
+def test_mlflow_models_serve_answers(client, versions, tmp_path):
+    promotion.promote(versions["v"]["good"], "production")
+    port = _free_port()
+    # the server execs `uvicorn` by name: the venv's bin must be on PATH, as in an activated venv
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow.get_tracking_uri(),
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    log = (tmp_path / "serve.log").open("w")  # a file, not a pipe: an unread pipe would block the server
+    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", "models:/skyeyegpt@production",
+                             "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)], env=env,
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.time() + 90
+        while True:
+            try:
+                if urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2).status == 200:
+                    break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.time() > deadline:
+                lines = [x for x in (tmp_path / "serve.log").read_text().splitlines() if "Downloading" not in x]
+                pytest.fail("server did not come up:\n" + "\n".join(lines[-40:]))
+            time.sleep(1)
+        body = json.dumps({"dataframe_split": _request(tmp_path).to_dict(orient="split")}).encode()
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", body,
+                                     {"Content-Type": "application/json"})
+        answer = json.loads(urllib.request.urlopen(req, timeout=60).read())
+        assert len(answer["predictions"]) == 2 and all(isinstance(a, str) for a in answer["predictions"])
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, 15)  # the server and its workers
+            proc.wait(timeout=30)
+        log.close()
+
+
+# ------------------------------------------------------------------ promotion policy
+def test_worse_version_refused_forced_with_reason_then_rolled_back(client, versions):
+    v = versions["v"]
+    first = promotion.promote(v["good"], "production")
+    assert first.previous is None and not first.forced
+    with pytest.raises(PromotionRefused) as refused:
+        promotion.promote(v["worse"], "production")
+    msg = str(refused.value)
+    assert "rsvg_test/acc_at_0.5 12.0 < production 30.0 - 3.0 tolerance (-18.0)" in msg
+    assert "dior_rsvg_test/acc_at_0.5 10.0 < production 30.0 - 3.0 tolerance (-20.0)" in msg
+    assert "primary_score" in msg and "ucm_captions" not in msg  # within its tolerance
+    assert int(client.get_model_version_by_alias(NAME, "production").version) == v["good"]
+    with pytest.raises(ValueError, match="--force needs --reason"):
+        promotion.promote(v["worse"], "production", force=True)
+    with pytest.raises(ValueError, match="--force needs --reason"):
+        promotion.promote(v["worse"], "production", force=True, reason="  ")
+    result = promotion.promote(v["worse"], "production", force=True, reason="hotfix for a caption bug")
+    assert result.forced and result.previous == v["good"] and "FORCED" in result.render()
+    tags = client.get_model_version(NAME, str(v["worse"])).tags
+    assert {promotion_tag("production", k) for k in registry.PROMOTION_FIELDS} <= set(tags)
+    assert tags[promotion_tag("production", "forced")] == "true"
+    assert tags[promotion_tag("production", "reason")] == "hotfix for a caption bug"
+    assert tags[promotion_tag("production", "from")] == tags[promotion_tag("production", "previous")] == str(v["good"])
+    assert json.loads(tags[promotion_tag("production", "deltas")])["rsvg_test/acc_at_0.5"] == -18.0
+    assert any("rsvg_test" in f for f in json.loads(tags[promotion_tag("production", "overridden")]))
+    assert int(client.get_model_version_by_alias(NAME, "production").version) == v["worse"]
+
+    assert promotion.rollback() == (v["worse"], v["good"])
+    assert int(client.get_model_version_by_alias(NAME, "production").version) == v["good"]
+    restored = client.get_model_version(NAME, str(v["good"])).tags
+    assert restored[registry.rollback_tag("production", "from")] == str(v["worse"])
+    assert restored[registry.rollback_tag("production", "at")].endswith("+00:00")
+    with pytest.raises(RegistryError, match="no previous production version"):
+        promotion.rollback()
+
+
+def test_better_version_promoted_with_deltas(client, versions):
+    v = versions["v"]
+    promotion.promote(v["good"], "production")
+    result = promotion.promote(v["better"], "production")
+    assert not result.forced and result.previous == v["good"]
+    assert result.deltas["ucm_captions_test/cider"] == 10.0 and result.deltas["rsvg_test/acc_at_0.5"] == 3.0
+    tags = client.get_model_version(NAME, str(v["better"])).tags
+    assert tags[promotion_tag("production", "forced")] == "false"
+    assert promotion.promote(v["better"], "production").unchanged  # already there: nothing rewritten
+
+
+def test_primary_score_must_be_strictly_better():
+    policy = PromotionPolicy()
+    same = {f"{k}/{PRIMARY[TASK_OF[k]]}": 60.0 for k in EVAL_KEYS} | {"primary_score": 60.0}
+    fails = promotion.policy_failures("production", same, policy, "passed", "md5", 1, dict(same))
+    assert fails == [("primary_score 60.00 <= production 60.00 (+0.00): production needs a strictly better "
+                      "primary score")]
+    assert promotion.policy_failures("staging", same, policy, "passed", "md5", 1, dict(same)) == []
+
+
+def test_staging_needs_a_passed_validation_and_the_floors(client, versions):
+    v = versions["v"]["unvalidated"]
+    with pytest.raises(PromotionRefused, match="data md5-unvalida: never validated"):
+        promotion.promote(v, "staging")
+    validate("md5-unvalidated", passed=False)
+    with pytest.raises(PromotionRefused, match="data md5-unvalida: validation failed"):
+        promotion.promote(v, "staging")
+    validate("md5-unvalidated", passed=True)
+    strict = PromotionPolicy.model_validate({"staging": {"task_floors": {"grounding": 50.0}}})
+    with pytest.raises(PromotionRefused) as refused:
+        promotion.promote(v, "staging", policy=strict)
+    assert "rsvg_val/acc_at_0.5 35.0 < floor 50.0 (-15.0)" in str(refused.value)
+    assert "dior_rsvg_test/acc_at_0.5 35.0 < floor 50.0" in str(refused.value)
+    assert promotion.promote(v, "staging").alias == "staging"
+    assert int(client.get_model_version_by_alias(NAME, "staging").version) == v
+
+
+def test_racing_promotions_leave_one_complete_holder(client, versions):
+    a, b = versions["v"]["good"], versions["v"]["better"]
+    start, errors = threading.Barrier(2), []
+
+    def go(version: int) -> None:
+        start.wait()
+        try:
+            promotion.promote(version, "staging")
+        except Exception as err:  # noqa: BLE001 - any failure in a thread is reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=go, args=(x,)) for x in (a, b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors
+    holder = int(client.get_model_version_by_alias(NAME, "staging").version)
+    other = b if holder == a else a
+    tags = client.get_model_version(NAME, str(holder)).tags
+    assert {promotion_tag("staging", k) for k in registry.PROMOTION_FIELDS} <= set(tags)
+    # serialized: the winner saw the other's promotion, not the empty alias both started from
+    assert tags[promotion_tag("staging", "from")] == str(other)
+    assert client.get_model_version(NAME, str(other)).tags[promotion_tag("staging", "from")] == "none"
+
+
+# ------------------------------------------------------------------ references, listing, errors
+def test_resolve_and_unknown_references(client, versions):
+    good = versions["v"]["good"]
+    promotion.promote(good, "production")
+    for ref in (good, str(good), f"v{good}", "production", "models:/skyeyegpt@production", f"models:/skyeyegpt/{good}"):
+        assert registry.resolve(ref) == good
+    for ref, message in (("v99", "version 99 of skyeyegpt not found"), ("canary", "unknown model reference 'canary'"),
+                         ("staging", "alias 'staging' of skyeyegpt is not set"),
+                         ("models:/other@production", "names 'other'"), ("models:/skyeyegpt", "expected models:/")):
+        with pytest.raises(RegistryError, match=message):
+            registry.resolve(ref)
+    with pytest.raises(RegistryError, match="version 99 of skyeyegpt not found"):
+        promotion.promote(99, "staging")
+    with pytest.raises(RegistryError, match="unknown alias 'canary'"):
+        promotion.promote(good, "canary")
+    with pytest.raises(RegistryError, match="unknown alias 'canary'"):
+        promotion.rollback("canary")
+    with pytest.raises(RegistryError, match="alias 'staging' of skyeyegpt is not set: nothing to roll back"):
+        promotion.rollback("staging")
+    with pytest.MonkeyPatch.context() as mp:  # the registered name is read at call time
+        mp.setenv("SKYEYE_REGISTERED_MODEL", "skyeyegpt-other")
+        with pytest.raises(RegistryError, match="no model registered as 'skyeyegpt-other'"):
+            registry.resolve("production")
+
+
+def test_list_versions_shows_aliases_scores_and_data(client, versions):
+    v = versions["v"]
+    promotion.promote(v["good"], "production")
+    rows = registry.list_versions()
+    assert [r.version for r in rows] == sorted(v.values(), reverse=True)
+    good = next(r for r in rows if r.version == v["good"])
+    assert good.aliases == ["production"] and good.data_md5 == "md5-good"
+    assert good.scores == {"dior_rsvg_test/acc_at_0.5": 30.0, "rsvqa_lr_test/aa": 75.0,
+                           "ucm_captions_test/cider": 150.0}
+    table = registry.render_versions(rows)
+    assert "production" in table and "md5-unva" in table and len(table.splitlines()) == 5
+
+
+def test_policy_file_and_bad_policies(tmp_path):
+    policy = promotion.load_policy(REPO / "configs" / "promotion.yaml")
+    assert policy.staging.floor_of("rsvqa_hr_test_phili") == 30.0 and policy.staging.floor_of("rsvqa_lr_test") == 40.0
+    assert policy.staging.floor_of("rsvg_test") == 0.0 and policy.staging.floor_of("capera_test") == 20.0
+    assert policy.production.tolerance_of("dior_rsvg_test") == 3.0
+    bad = tmp_path / "promotion.yaml"
+    bad.write_text("staging:\n  floors:\n    rsvg_tset: 3\n")
+    with pytest.raises(ValueError, match=r"(?s)promotion.yaml.*rsvg_tset"):
+        promotion.load_policy(bad)
+
+
+def test_backbones_travel_as_artifacts_or_hub_references(model_dir, tmp_path):
+    import shutil
+    copy = tmp_path / "model"
+    shutil.copytree(model_dir, copy)
+    meta = json.loads((copy / "skyeyegpt.json").read_text())
+    meta["paths"]["llm"] = "meta-llama/Llama-2-7b-chat-hf"  # a hub id: referenced, never copied
+    (copy / "skyeyegpt.json").write_text(json.dumps(meta))
+    artifacts, origin, _ = packaging._stage_artifacts(copy, tmp_path / "staged", copy_backbones=True)
+    assert set(artifacts) == {"model", "vision"} and origin["llm"] == "hub:meta-llama/Llama-2-7b-chat-hf"
+    assert sorted(p.name for p in Path(artifacts["model"]).iterdir()) == ["adapter", "alignment_layer.pt",
+                                                                         "skyeyegpt.json", "tokenizer"]
+    meta["paths"]["vision"] = str(tmp_path / "gone")
+    (copy / "skyeyegpt.json").write_text(json.dumps(meta))
+    with pytest.raises(packaging.PackagingError, match="vision backbone folder .*gone not found"):
+        packaging._stage_artifacts(copy, tmp_path / "staged2", copy_backbones=True)
