@@ -144,10 +144,16 @@ def retrain(data_config: str = "configs/data.yaml", scale: str | None = None, tr
     validation_run = validate_task(instructions, md5)
     out = {"data_md5": md5, "validation_run": validation_run}
     if train:
+        from skyeye.training.tune import end_job
         parent = tuning_job_task(md5)
-        backbones = backbones_task(model_file, parent)
-        stage1 = stage1_task(model_file, stage1_file, backbones, parent, num_workers)
-        stage2 = stage2_task(model_file, stage2_file, backbones, stage1, parent, num_workers)
+        try:
+            backbones = backbones_task(model_file, parent)
+            stage1 = stage1_task(model_file, stage1_file, backbones, parent, num_workers)
+            stage2 = stage2_task(model_file, stage2_file, backbones, stage1, parent, num_workers)
+        except BaseException:
+            end_job(parent, "FAILED")
+            raise
+        end_job(parent)
         out |= {"tuning_run": parent, "stage1_model": stage1, "stage2_model": stage2}
         eval_run = evaluate_task(stage2, eval_limit)
         version = register_task(stage2, eval_run)  # only reached when the evaluation finished

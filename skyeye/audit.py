@@ -33,6 +33,7 @@ TUNING_EXPERIMENT = "skyeye-tuning"
 EVALUATION_EXPERIMENT = "skyeye-evaluation"
 TAG_EVAL_RUN, TAG_TRAINING_RUN, TAG_TUNING_JOB = "skyeye.eval_run", "skyeye.training_run", "skyeye.tuning_job"
 TAG_EVAL_TRAINING_RUN = "skyeye.eval.training_run"
+TAG_INIT_RUN = "skyeye.init_run"  # on a stage-2 run: the stage-1 run whose result it started from
 PROMOTION_FIELDS = ("at", "from", "by", "reason", "forced", "deltas", "previous")
 ROLLBACK_FIELDS = ("at", "from", "by")
 
@@ -133,6 +134,14 @@ def audit_model(ref: str | int, settings: Settings | None = None) -> ModelAudit:
             if r.deleted and r.run_id != stage2_id:
                 gap("training", missing(f"{r.label} run {r.run_id} of the tuning job was deleted"))
         stages = {r.stage for r in training_runs if r.kind == "tuning-stage"}
+        init_id = stage2.data.tags.get(TAG_INIT_RUN) if stage2 else None
+        if "1" not in stages and init_id:  # stage 1 ran as its own job: follow the stage-2 run's start point
+            init_run, why = reader.run(init_id, f"stage-1 run (tag {TAG_INIT_RUN} of the stage-2 run)")
+            if init_run:
+                training_runs.append(reader.summary(init_run))
+                stages.add("1")
+            else:
+                gap("training", why)
         for n in ("1", "2"):
             if n not in stages:
                 gap("training", missing(f"no stage-{n} run under tuning job {job.info.run_id}"))

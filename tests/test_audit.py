@@ -216,3 +216,30 @@ def test_unknown_references_raise_naming_them(world):
         audit_model("models:/other@production")
     with pytest.raises(ValueError, match="'no-such-rev' is neither a DVC md5 nor a git revision"):
         audit_data("no-such-rev")
+
+
+def test_stage_one_run_as_its_own_job_is_followed_from_stage_two(world):
+    """`skyeye train --stage 1` then `--stage 2 --init ...`: two jobs, linked by the stage-2 run's init tag."""
+    from skyeye.training.tune import child_run, parent_run
+    s, client = world["settings"], MlflowClient(world["settings"].tracking_uri)
+    md5 = "1" * 32 + ".dir"
+    runs = {}
+    for n in ("1", "2"):
+        job = parent_run(f"tune-stage{n}", s)
+        tags = {"skyeye.kind": "tuning-stage", "skyeye.stage": n, "skyeye.data.dvc_md5": md5}
+        if n == "2":
+            tags["skyeye.init_run"] = runs["1"]
+        runs[n] = child_run(job, f"stage{n}", s, tags)
+        runs[f"job{n}"] = job
+        for run_id in (runs[n], job):
+            client.set_terminated(run_id, "FINISHED")
+    with mlflow.start_run(experiment_id=client.get_run(runs["1"]).info.experiment_id, run_name="register"):
+        info = mlflow.pyfunc.log_model(name="model", python_model=Trivial(), registered_model_name=MODEL,
+                                       pip_requirements=["mlflow"])
+    version = str(info.registered_model_version)
+    for k, v in {"skyeye.training_run": runs["2"], "skyeye.tuning_job": runs["job2"],
+                 "skyeye.data.dvc_md5": md5}.items():
+        client.set_model_version_tag(MODEL, version, k, v)
+    audit = audit_model(version)
+    assert {r.label: r.run_id for r in audit.training_runs} == {"stage1": runs["1"], "stage2": runs["2"]}
+    assert not [g for g in audit.missing if g.startswith("training")]

@@ -82,6 +82,7 @@ def test_retrain_flow_trains_both_stages_after_the_gate(project):
     children = client.search_runs([client.get_run(out["tuning_run"]).info.experiment_id],
                                   filter_string=f"tags.mlflow.parentRunId = '{out['tuning_run']}'")
     assert sorted(r.info.run_name for r in children) == ["backbones", "stage1", "stage2"]
+    assert client.get_run(out["tuning_run"]).info.status == "FINISHED"  # the job is closed once its stages are
     assert all(r.data.tags["skyeye.data.dvc_md5"] == out["data_md5"] for r in children)
     assert Path(out["stage2_model"], "skyeyegpt.json").exists()
     # evaluate -> register -> promote, each its own task, linked through MLflow

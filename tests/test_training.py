@@ -67,6 +67,7 @@ def test_two_stages_on_two_ray_workers_tracked_in_mlflow(settings, backbones, ti
         assert run.inputs.dataset_inputs[0].dataset.name == "skyeye-instructions"
         artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
         assert {"model", "loss_curve.png", "resolved_config.json"} <= artifacts
+    assert client.get_run(s2.run_id).data.tags["skyeye.init_run"] == s1.run_id  # where stage 2 started from
     stage2_metrics = client.get_run(s2.run_id).data.metrics
     assert "heldout/conv_turn3_refer_acc05" in stage2_metrics
     # stage 2 replays stage-1 samples (half of each batch) next to its conversations

@@ -242,6 +242,7 @@ def load_for_eval(ref: str):
     the training run id or ""). Any failure becomes one error naming the reference."""
     from ..model.skyeyegpt import load_model
     from ..training.tune import TAG_MODEL_DIR, resolve_init
+    tracking.setup()  # the configured store, never MLflow's own default in the working directory
     try:
         if ref.startswith("models:/"):  # the registered pyfunc, unwrapped to the SkyEyeGPT inside
             from ..registry import model_name, resolve

@@ -154,7 +154,7 @@ def run_stage(ctx, config: dict) -> dict:
             tokens_seen += int(batch["attention_mask"].sum())
             for it, loss in zip(batch_items, losses.detach().tolist()):
                 window[f"loss/{it.task}"].append(loss)
-            window["loss"].append(float(losses.mean()))
+            window["loss"].append(float(losses.detach().mean()))
         torch.nn.utils.clip_grad_norm_([p for g in params for p in g["params"]], cfg.grad_clip)
         optim.step()
         step += 1

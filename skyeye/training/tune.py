@@ -94,6 +94,11 @@ def parent_run(name: str, settings: Settings, tags: dict | None = None) -> str:
     return run.info.run_id
 
 
+def end_job(parent_id: str, status: str = "FINISHED") -> None:
+    """Close a tuning job's parent run once its stages are done (or one failed)."""
+    MlflowClient().set_terminated(parent_id, status)
+
+
 def child_run(parent_id: str, name: str, settings: Settings, tags: dict) -> str:
     exp = tracking.experiment_id(TUNING_EXPERIMENT, settings)
     run = MlflowClient().create_run(exp, run_name=name, tags={"mlflow.parentRunId": parent_id, **tags})
@@ -187,9 +192,14 @@ def train_stage(stage: int, model_cfg: ModelConfig | str | Path, stage_cfg: Stag
     instructions = Path(instructions or s.instructions_dir)
     init = resolve_init(init)
     md5, rev = preflight(stage, scfg, instructions, init, s)
+    own_parent = parent_id is None  # a job of its own: this call also ends the parent run
     parent_id = parent_id or parent_run(f"tune-stage{stage}", s, {"skyeye.data.dvc_md5": md5 or "unversioned"})
     tags = {TAG_STAGE: str(stage), TAG_KIND: "tuning-stage", "skyeye.data.dvc_md5": md5 or "unversioned",
             "skyeye.data.git_rev": rev or "uncommitted", "skyeye.git_commit": git_revision(s.project_root) or "none"}
+    if init:  # the stage-1 run that wrote the starting folder, so the audit can follow it
+        found = MlflowClient().search_runs([tracking.experiment_id(TUNING_EXPERIMENT, s)],
+                                           filter_string=f"tags.`{TAG_MODEL_DIR}` = '{init}'", max_results=1)
+        tags["skyeye.init_run"] = found[0].info.run_id if found else "unknown"
     run_id = child_run(parent_id, f"stage{stage}", s, tags)
     fit_cfg = FitConfig(num_workers=num_workers, use_gpu=use_gpu, run_name=f"stage{stage}-{run_id[:8]}",
                         mlflow_tracking_uri=s.tracking_uri, mlflow_run_id=run_id,
@@ -206,12 +216,13 @@ def train_stage(stage: int, model_cfg: ModelConfig | str | Path, stage_cfg: Stag
     try:
         with progress_bar(run_id, scfg, f"stage {stage}"):
             result = (fit_local if local else fit)(run_stage, loop_config, fit_cfg)
+        if result.checkpoint_dir is None:
+            raise RuntimeError(f"stage {stage}: training ended without a checkpoint")
     except BaseException:
         client.set_terminated(run_id, "FAILED")
+        if own_parent:
+            client.set_terminated(parent_id, "FAILED")
         raise
-    if result.checkpoint_dir is None:
-        client.set_terminated(run_id, "FAILED")
-        raise RuntimeError(f"stage {stage}: training ended without a checkpoint")
     model_dir = str(result.checkpoint_dir)
     client.set_tag(run_id, TAG_MODEL_DIR, model_dir)
     client.log_metric(run_id, "wall_s", time.perf_counter() - started)
@@ -227,6 +238,8 @@ def train_stage(stage: int, model_cfg: ModelConfig | str | Path, stage_cfg: Stag
         client.log_artifact(run_id, str(cfg_file))
         client.log_artifact(run_id, str(loss_curve_png(run_id, Path(tmp) / "loss_curve.png")))
     client.set_terminated(run_id, "FINISHED")
+    if own_parent:
+        client.set_terminated(parent_id, "FINISHED")
     return StageResult(run_id, model_dir, result.metrics)
 
 
