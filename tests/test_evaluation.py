@@ -20,8 +20,6 @@ from skyeye.evaluation.predictors import centred_boxes, majority_answers, neares
 from skyeye.evaluation.runner import EvalConfig, evaluate, load_eval_file, score, untuned_like
 from skyeye.model.config import LoRAConfig, ModelConfig, VisionConfig
 from skyeye.model.skyeyegpt import build_model
-from skyeye.model.tiny import TinyLLMSpec, TinyVisionSpec, save_random_backbones
-from skyeye.model.tokenizer import instruction_texts, train_tokenizer
 from skyeye.training.data import load_items
 
 CFG = ModelConfig(vision=VisionConfig(image_size=64), lora=LoRAConfig(r=8, alpha=16))
@@ -34,14 +32,9 @@ def settings(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def model(tiny_instructions, tmp_path_factory):
-    out = tmp_path_factory.mktemp("backbones")
-    tok = train_tokenizer(instruction_texts([tiny_instructions / "stage1.json"]), out / "tok", 400)
-    paths = save_random_backbones(out, tok, TinyVisionSpec(image_size=64, patch_size=16, hidden_size=64, layers=1,
-                                                           heads=2),
-                                  TinyLLMSpec(hidden_size=64, layers=2, heads=2, intermediate_size=128))
+def model(tiny_backbones):
     torch.manual_seed(1)
-    return build_model(CFG, paths["vision"], paths["llm"], paths["llm"]).eval()
+    return build_model(CFG, tiny_backbones["vision"], tiny_backbones["llm"], tiny_backbones["tokenizer"]).eval()
 
 
 def test_one_run_holds_every_benchmark_baselines_tables_and_report(model, settings, tiny_instructions):

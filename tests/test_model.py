@@ -11,21 +11,16 @@ from PIL import Image
 from skyeye.model.config import LoRAConfig, ModelConfig, VisionConfig, load_model_config
 from skyeye.model.skyeyegpt import build_model, load_model
 from skyeye.model.template import IGNORE, Encoded, collate, encode_conversation, encode_prompt
-from skyeye.model.tiny import TinyLLMSpec, TinyVisionSpec, new_llm, new_vision_tower, save_random_backbones
-from skyeye.model.tokenizer import IMAGE_TOKEN, instruction_texts, train_tokenizer
+from skyeye.model.tiny import TinyLLMSpec, TinyVisionSpec, new_llm, new_vision_tower
+from skyeye.model.tokenizer import IMAGE_TOKEN
 
 REPO = Path(__file__).resolve().parents[1]
 CFG = ModelConfig(vision=VisionConfig(image_size=64), lora=LoRAConfig(r=8, alpha=16))
 
 
 @pytest.fixture(scope="module")
-def backbones(tiny_instructions, tmp_path_factory):
-    out = tmp_path_factory.mktemp("backbones")
-    tok = train_tokenizer(instruction_texts([tiny_instructions / "stage1.json"]), out / "tok", 400)
-    paths = save_random_backbones(out, tok, TinyVisionSpec(image_size=64, patch_size=16, hidden_size=64, layers=2,
-                                                           heads=2),
-                                  TinyLLMSpec(hidden_size=64, layers=2, heads=2, intermediate_size=128))
-    return paths | {"tokenizer": paths["llm"]}
+def backbones(tiny_backbones):
+    return tiny_backbones
 
 
 def _model(backbones, cfg=CFG, **kw):

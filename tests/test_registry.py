@@ -28,8 +28,6 @@ from skyeye import packaging, promotion, registry, tracking
 from skyeye.evaluation.benchmarks import EVAL_KEYS, PRIMARY, TASK_OF
 from skyeye.model.config import LoRAConfig, ModelConfig, VisionConfig
 from skyeye.model.skyeyegpt import build_model
-from skyeye.model.tiny import TinyLLMSpec, TinyVisionSpec, save_random_backbones
-from skyeye.model.tokenizer import instruction_texts, train_tokenizer
 from skyeye.promotion import PromotionPolicy, PromotionRefused
 from skyeye.registry import RegistryError, promotion_tag
 
@@ -56,13 +54,9 @@ def project(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def model_dir(project, tiny_instructions) -> Path:
-    out = project / "backbones"
-    tok = train_tokenizer(instruction_texts([tiny_instructions / "stage1.json"]), out / "tok", 400)
-    paths = save_random_backbones(out, tok, TinyVisionSpec(image_size=64, patch_size=16, hidden_size=64, layers=1,
-                                                           heads=2),
-                                  TinyLLMSpec(hidden_size=64, layers=2, heads=2, intermediate_size=128))
-    return build_model(CFG, paths["vision"], paths["llm"], paths["llm"]).save(project / "model")
+def model_dir(project, tiny_backbones) -> Path:
+    b = tiny_backbones
+    return build_model(CFG, b["vision"], b["llm"], b["tokenizer"]).save(project / "model")
 
 
 def scores(caption: float, vqa: float, grounding: float, **override: float) -> dict[str, float]:
