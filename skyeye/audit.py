@@ -15,32 +15,41 @@ skyeye.audit_records.
 from __future__ import annotations
 
 import json
-import os
 import re
 from typing import Any
 
 from mlflow.exceptions import MlflowException
 
 from .audit_reader import TAG_PARENT, _Reader, _variants, _when
-from .audit_records import (_MD5, DataAudit, GitRevision, ModelAudit, ModelVersionRef, RunSummary, Validation, _key,
-                            _usable, missing)
-from .config import Settings, get_settings
+from .audit_records import (
+    _MD5,
+    DataAudit,
+    GitRevision,
+    ModelAudit,
+    ModelVersionRef,
+    RunSummary,
+    Validation,
+    _key,
+    _usable,
+    missing,
+)
+from .config import Settings
+from .registry import (
+    PROMOTION_FIELDS,
+    TAG_EVAL_RUN,
+    TAG_EVAL_TRAINING_RUN,
+    TAG_TRAINING_RUN,
+    TAG_TUNING_JOB,
+    model_name,
+)
 from .tracking import TAG_DVC_MD5, TAG_GIT_REV, VALIDATION_EXPERIMENT
 from .versioning import DVC_FILE, VersioningError, _dvc_file_at, _git, _parse_dvc_file
 
-# Names the other components write (not imported: skyeye.training.tune pulls in torch).
+# Names the training and evaluation write (not imported from them: they pull in torch).
 TUNING_EXPERIMENT = "skyeye-tuning"
 EVALUATION_EXPERIMENT = "skyeye-evaluation"
-TAG_EVAL_RUN, TAG_TRAINING_RUN, TAG_TUNING_JOB = "skyeye.eval_run", "skyeye.training_run", "skyeye.tuning_job"
-TAG_EVAL_TRAINING_RUN = "skyeye.eval.training_run"
 TAG_INIT_RUN = "skyeye.init_run"  # on a stage-2 run: the stage-1 run whose result it started from
-PROMOTION_FIELDS = ("at", "from", "by", "reason", "forced", "deltas", "previous")
 ROLLBACK_FIELDS = ("at", "from", "by")
-
-
-def model_name(settings: Settings | None = None) -> str:
-    s = settings or get_settings()
-    return getattr(s, "registered_model", None) or os.environ.get("SKYEYE_REGISTERED_MODEL", "skyeyegpt")
 
 
 # ---------------------------------------------------------------- model version -> data
@@ -66,7 +75,7 @@ def _parse_ref(ref: str | int, default_name: str) -> tuple[str, str | None, str 
 
 
 def _version(reader: _Reader, ref: str | int) -> Any:
-    name, version, alias = _parse_ref(ref, model_name(reader.settings))
+    name, version, alias = _parse_ref(ref, model_name())
     try:
         return reader.client.get_model_version(name, version) if version else \
             reader.client.get_model_version_by_alias(name, alias)
@@ -265,7 +274,7 @@ def audit_data(rev: str, settings: Settings | None = None) -> DataAudit:
                     key=lambda r: (r.kind != "tuning-job", r.started or "", r.label))  # jobs first
     evaluations = [reader.summary(r, ("primary_score",)) for r in reader.search(EVALUATION_EXPERIMENT, by_tag)]
 
-    name = model_name(reader.settings)
+    name = model_name()
     trained_here = {r.run_id for r in tuning}
     refs: list[ModelVersionRef] = []
     for mv in reader.versions(name):

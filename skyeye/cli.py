@@ -301,7 +301,6 @@ def chat(
 ) -> None:
     """Ask SkyEyeGPT one question about one image and print the answer."""
     from .model.skyeyegpt import load_model
-    from .model.template import Encoded, collate, encode_prompt
     from .training.tune import resolve_init
     if not image.exists():
         _fail(f"--image {image}: no such file")
@@ -315,9 +314,7 @@ def chat(
         frames = read_frames(image, m.cfg.vision.video_frames)
     else:
         frames = [Image.open(image)]
-    n = m.visual_tokens_per_image() * len(frames)
-    batch = collate([Encoded(encode_prompt(m.tokenizer, [], question, n), [])], m.tokenizer.pad_token_id, left_pad=True)
-    answer = m.generate(batch["input_ids"], batch["attention_mask"], m.preprocess(frames), frames=[len(frames)])[0]
+    answer = m.ask([question], [len(frames)], m.preprocess(frames))[0]
     _say(answer)
 
 

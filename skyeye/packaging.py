@@ -76,7 +76,6 @@ class SkyEyeGPTModel(mlflow.pyfunc.PythonModel):
                                  context.artifacts.get("vision", refs["vision"]),
                                  context.artifacts.get("llm", refs["llm"]), str(folder / "tokenizer"),
                                  device=device, adapter=folder).eval()
-        self.n_visual = self.model.visual_tokens_per_image()
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> list[str]:
         df = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
@@ -95,18 +94,10 @@ class SkyEyeGPTModel(mlflow.pyfunc.PythonModel):
             prompts.append(prompt.strip())
         answers: list[str] = []
         for start in range(0, len(prompts), batch_size):
-            answers += self._generate(images[start:start + batch_size], prompts[start:start + batch_size], max_new)
+            chunk = slice(start, start + batch_size)
+            answers += self.model.ask(prompts[chunk], pixel_values=self.model.preprocess(images[chunk]),
+                                      max_new_tokens=max_new)
         return answers
-
-    def _generate(self, images, prompts, max_new: int) -> list[str]:
-        """Batched greedy generation with a KV cache, prompts left-padded (as `skyeye chat`)."""
-        from .model.template import Encoded, collate, encode_prompt
-        tok = self.model.tokenizer
-        batch = collate([Encoded(encode_prompt(tok, [], p, self.n_visual), []) for p in prompts], tok.pad_token_id,
-                        left_pad=True)
-        return self.model.generate(batch["input_ids"], batch["attention_mask"], self.model.preprocess(images),
-                                   max_new_tokens=max_new)
-
 
 def model_signature(max_new_tokens: int = 48):
     from mlflow.models import ModelSignature

@@ -32,7 +32,6 @@ from .config import get_settings
 from .evaluation.benchmarks import primary_of
 from .packaging import PackagingError, SkyEyeGPTModel, _requirements, _stage_artifacts, input_example, model_signature
 
-MODEL_NAME = "skyeyegpt"  # SKYEYE_REGISTERED_MODEL overrides it, read at call time
 ALIASES = ("staging", "production")
 ARTIFACT_NAME = "skyeyegpt"
 KEY_SCORES = ("dior_rsvg_test/acc_at_0.5", "rsvqa_lr_test/aa", "ucm_captions_test/cider")
@@ -64,7 +63,7 @@ class RegistryError(ValueError):
 
 def model_name() -> str:
     """The registered model's name: SKYEYE_REGISTERED_MODEL read now (settings are cached)."""
-    return os.environ.get("SKYEYE_REGISTERED_MODEL") or getattr(get_settings(), "registered_model", MODEL_NAME)
+    return os.environ.get("SKYEYE_REGISTERED_MODEL") or get_settings().registered_model
 
 
 def _client() -> MlflowClient:

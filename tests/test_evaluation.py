@@ -107,7 +107,7 @@ def test_a_failed_evaluation_is_marked_failed(model, settings, tiny_instructions
         def eval(self):
             return self
 
-        def generate(self, *args, **kwargs):
+        def ask(self, *args, **kwargs):
             raise RuntimeError("out of memory")
     client = MlflowClient(settings.tracking_uri)
     with pytest.raises(RuntimeError, match="out of memory"):

@@ -15,7 +15,6 @@ import torch
 from PIL import Image
 
 from ..boxes import box_text, parse_boxes
-from ..model.template import Encoded, collate, encode_prompt
 from ..synth.video import read_frames
 from ..training.data import Item
 
@@ -41,7 +40,6 @@ class ModelPredictor:
     def __init__(self, model, name: str = "skyeyegpt", batch_size: int = 32, encoder_cache: dict | None = None):
         self.model, self.name, self.batch_size = model.eval(), name, batch_size
         self.cache = {} if encoder_cache is None else encoder_cache
-        self.n_visual = model.visual_tokens_per_image()
 
     def _vision_tokens(self, root: Path, keys: list[tuple[str, int]]) -> tuple[torch.Tensor, list[int]]:
         missing = [k for k in dict.fromkeys(keys) if (str(root / k[0]), k[1]) not in self.cache]
@@ -56,15 +54,12 @@ class ModelPredictor:
 
     def answer(self, root: Path, rows: list[dict], prompts: list[str], max_new_tokens: int,
                progress=None) -> list[str]:
-        tok, out = self.model.tokenizer, []
+        out: list[str] = []
         for i in range(0, len(rows), self.batch_size):
-            chunk, qs = rows[i:i + self.batch_size], prompts[i:i + self.batch_size]
-            keys = [media_of(r) for r in chunk]
-            encs = [Encoded(encode_prompt(tok, [], q, self.n_visual * k[1]), []) for q, k in zip(qs, keys)]
-            batch = collate(encs, tok.pad_token_id, left_pad=True)
-            vis, frames = self._vision_tokens(root, keys)
-            out += self.model.generate(batch["input_ids"], batch["attention_mask"], frames=frames,
-                                       vision_tokens=vis, max_new_tokens=max_new_tokens)
+            chunk = rows[i:i + self.batch_size]
+            vis, frames = self._vision_tokens(root, [media_of(r) for r in chunk])
+            out += self.model.ask(prompts[i:i + self.batch_size], frames, vision_tokens=vis,
+                                  max_new_tokens=max_new_tokens)
             if progress is not None:
                 progress.update(len(chunk))
         return out

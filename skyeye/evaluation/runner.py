@@ -241,7 +241,7 @@ def load_for_eval(ref: str):
     """A model folder, a tuning-stage run id or a `models:/` URI -> (SkyEyeGPT, its folder,
     the training run id or ""). Any failure becomes one error naming the reference."""
     from ..model.skyeyegpt import load_model
-    from ..training.tune import TAG_MODEL_DIR, resolve_init
+    from ..training.tune import resolve_init, run_of_model_dir
     tracking.setup()  # the configured store, never MLflow's own default in the working directory
     try:
         if ref.startswith("models:/"):  # the registered pyfunc, unwrapped to the SkyEyeGPT inside
@@ -250,12 +250,7 @@ def load_for_eval(ref: str):
             model = mlflow.pyfunc.load_model(ref).unwrap_python_model().model
             return model.eval(), ref, version.tags.get("skyeye.training_run", "")
         folder = resolve_init(ref)
-        run = "" if Path(ref).exists() else ref
-        if not run:  # a folder: find the stage run that wrote it, when MLflow knows it
-            found = MlflowClient().search_runs(
-                [e.experiment_id for e in MlflowClient().search_experiments()],
-                filter_string=f"tags.`{TAG_MODEL_DIR}` = '{folder}'", max_results=1)
-            run = found[0].info.run_id if found else ""
+        run = ref if folder != ref else (run_of_model_dir(folder) or "")  # a folder: the stage run that wrote it
         return load_model(folder).eval(), str(folder), run
     except Exception as err:  # noqa: BLE001 - any loader failure is reported the same way
         raise ValueError(f"--model {ref}: does not load: {err}") from None

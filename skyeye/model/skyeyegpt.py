@@ -39,10 +39,12 @@ class SkyEyeGPT(nn.Module):
         return self.alignment_layer.proj.weight.device
 
     def visual_tokens_per_image(self) -> int:
-        with torch.no_grad():
-            dummy = torch.zeros(1, 3, self.cfg.vision.image_size, self.cfg.vision.image_size, device=self.device,
-                                dtype=self.alignment_layer.proj.weight.dtype)
-            return self.encode_images(dummy).shape[1]
+        if getattr(self, "_n_visual", None) is None:  # fixed by the config: measured once
+            with torch.no_grad():
+                dummy = torch.zeros(1, 3, self.cfg.vision.image_size, self.cfg.vision.image_size, device=self.device,
+                                    dtype=self.alignment_layer.proj.weight.dtype)
+                self._n_visual = self.encode_images(dummy).shape[1]
+        return self._n_visual
 
     # ------------------------------------------------------------ pixels
     def preprocess(self, images: list[Image.Image]) -> torch.Tensor:
@@ -88,6 +90,20 @@ class SkyEyeGPT(nn.Module):
                                 suppress_tokens=[self.image_token_id],  # an answer never holds an image slot
                                 eos_token_id=self.tokenizer.eos_token_id)
         return [self.tokenizer.decode(row, skip_special_tokens=True).strip() for row in out]
+
+    def ask(self, questions: list[str], frames: list[int] | None = None, pixel_values=None, vision_tokens=None,
+            histories: list[list[tuple[str, str]]] | None = None, max_new_tokens: int | None = None) -> list[str]:
+        """One question per image (or clip of `frames` frames), after its conversation so far:
+        the chat template, left-padded prompts, batched generation. Every caller asks this way."""
+        from .template import Encoded, collate, encode_prompt
+        frames = frames or [1] * len(questions)
+        histories = histories or [[] for _ in questions]
+        n = self.visual_tokens_per_image()
+        batch = collate([Encoded(encode_prompt(self.tokenizer, h, q, n * f), [])
+                         for q, f, h in zip(questions, frames, histories, strict=True)],
+                        self.tokenizer.pad_token_id, left_pad=True)
+        return self.generate(batch["input_ids"], batch["attention_mask"], pixel_values, frames=frames,
+                             max_new_tokens=max_new_tokens, vision_tokens=vision_tokens)
 
     # ------------------------------------------------------------ trainable parts
     def trainable_parameters(self) -> dict[str, int]:

@@ -13,7 +13,6 @@ from .. import prompts
 from ..boxes import box_text
 from ..metrics import acc_at_05, cider, normalise_answer, vqa_accuracy
 from ..synth.scene import PLURAL
-from ..model.template import Encoded, collate, encode_prompt
 from .stage_config import HeldOutConfig
 
 
@@ -70,19 +69,13 @@ class HeldOut:
     def answers(self, task: str, prompts: list[str] | None = None, batch: int = 32) -> list[str]:
         ev, rows = self.sets[task]
         rel = getattr(self.cfg, task)
-        tok, model = self.model.tokenizer, self.model
-        n_vis = model.visual_tokens_per_image()
         out: list[str] = []
         for i in range(0, len(rows), batch):
-            chunk = rows[i:i + batch]
-            keys = [self._media(rel, r) for r in chunk]
-            qs = prompts[i:i + batch] if prompts else [r["prompt"] for r in chunk]
-            encs = [Encoded(encode_prompt(tok, [], q, n_vis * k[1]), []) for q, k in zip(qs, keys)]
-            b = collate(encs, tok.pad_token_id, left_pad=True)
+            keys = [self._media(rel, r) for r in rows[i:i + batch]]
+            qs = prompts[i:i + batch] if prompts else [r["prompt"] for r in rows[i:i + batch]]
             vis, frames = self.features.batch(keys)
             with torch.no_grad():
-                out += model.generate(b["input_ids"], b["attention_mask"], frames=frames, vision_tokens=vis,
-                                      max_new_tokens=24)
+                out += self.model.ask(qs, frames, vision_tokens=vis, max_new_tokens=24)
         return out
 
     # ------------------------------------------------------------ stage 2: three-turn conversations
@@ -111,20 +104,15 @@ class HeldOut:
         convs = self._convs if hasattr(self, "_convs") else self._conversations()
         self._convs = convs
         rel = self.cfg.conversation
-        tok, model = self.model.tokenizer, self.model
-        n_vis = model.visual_tokens_per_image()
         history: list[list[tuple[str, str]]] = [[] for _ in convs]
         answers: list[list[str]] = [[] for _ in convs]
         for turn in range(3):
             for i in range(0, len(convs), 32):
                 chunk = list(range(i, min(i + 32, len(convs))))
-                keys = [self._media(rel, convs[j]["row"]) for j in chunk]
-                encs = [Encoded(encode_prompt(tok, history[j], convs[j]["turns"][turn][0], n_vis), []) for j in chunk]
-                b = collate(encs, tok.pad_token_id, left_pad=True)
-                vis, frames = self.features.batch(keys)
+                vis, frames = self.features.batch([self._media(rel, convs[j]["row"]) for j in chunk])
                 with torch.no_grad():
-                    out = model.generate(b["input_ids"], b["attention_mask"], frames=frames, vision_tokens=vis,
-                                         max_new_tokens=24)
+                    out = self.model.ask([convs[j]["turns"][turn][0] for j in chunk], frames, vision_tokens=vis,
+                                         histories=[history[j] for j in chunk], max_new_tokens=24)
                 for j, a in zip(chunk, out):  # the model's own answers become the history
                     history[j].append((convs[j]["turns"][turn][0], a))
                     answers[j].append(a)

@@ -87,6 +87,14 @@ def resolve_init(init: str | None) -> str | None:
     return folder
 
 
+def run_of_model_dir(folder: str | Path) -> str | None:
+    """The tuning-stage run that wrote a model folder (the inverse of `resolve_init`)."""
+    exp = MlflowClient().get_experiment_by_name(TUNING_EXPERIMENT)
+    found = MlflowClient().search_runs([exp.experiment_id], filter_string=f"tags.`{TAG_MODEL_DIR}` = '{folder}'",
+                                       max_results=1) if exp else []
+    return found[0].info.run_id if found else None
+
+
 def parent_run(name: str, settings: Settings, tags: dict | None = None) -> str:
     tracking.setup(settings)
     exp = tracking.experiment_id(TUNING_EXPERIMENT, settings)
@@ -197,9 +205,7 @@ def train_stage(stage: int, model_cfg: ModelConfig | str | Path, stage_cfg: Stag
     tags = {TAG_STAGE: str(stage), TAG_KIND: "tuning-stage", "skyeye.data.dvc_md5": md5 or "unversioned",
             "skyeye.data.git_rev": rev or "uncommitted", "skyeye.git_commit": git_revision(s.project_root) or "none"}
     if init:  # the stage-1 run that wrote the starting folder, so the audit can follow it
-        found = MlflowClient().search_runs([tracking.experiment_id(TUNING_EXPERIMENT, s)],
-                                           filter_string=f"tags.`{TAG_MODEL_DIR}` = '{init}'", max_results=1)
-        tags["skyeye.init_run"] = found[0].info.run_id if found else "unknown"
+        tags["skyeye.init_run"] = run_of_model_dir(init) or "unknown"
     run_id = child_run(parent_id, f"stage{stage}", s, tags)
     fit_cfg = FitConfig(num_workers=num_workers, use_gpu=use_gpu, run_name=f"stage{stage}-{run_id[:8]}",
                         mlflow_tracking_uri=s.tracking_uri, mlflow_run_id=run_id,
