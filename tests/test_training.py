@@ -24,7 +24,10 @@ TINY = ModelConfig(vision=VisionConfig(image_size=64), lora=LoRAConfig(r=8, alph
 
 def _stage(n: int, data: str) -> StageConfig:
     replay = {"replay": "stage1.json", "replay_share": 0.5} if n == 2 else {}
-    return StageConfig(stage=n, data=data, max_steps=6, warmup_steps=2, batch_size=4, log_every=2, **replay,
+    # stage 1 with the tiny-model training aids, so their path through DDP (no_sync, eager attention) runs
+    aids = {"pointing_weight": 1.0, "coordinate_sigma": 1.5, "length_groups": 2,
+            "sampling": {"dior_rsvg": 0.6, "rsvqa_lr": 0.2, "ucm_captions": 0.2}} if n == 1 else {}
+    return StageConfig(stage=n, data=data, max_steps=6, warmup_steps=2, batch_size=4, log_every=2, **replay, **aids,
                        checkpoint_every=4, held_out={"samples": 4, "every_steps": 6,
                                                      "conversation": "eval/dior_rsvg_test.json" if n == 2 else None})
 
@@ -67,6 +70,7 @@ def test_two_stages_on_two_ray_workers_tracked_in_mlflow(settings, backbones, ti
         assert run.inputs.dataset_inputs[0].dataset.name == "skyeye-instructions"
         artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
         assert {"model", "loss_curve.png", "resolved_config.json"} <= artifacts
+    assert "loss/pointing" in client.get_run(s1.run_id).data.metrics  # the grounding attention loss ran
     assert client.get_run(s2.run_id).data.tags["skyeye.init_run"] == s1.run_id  # where stage 2 started from
     stage2_metrics = client.get_run(s2.run_id).data.metrics
     assert "heldout/conv_turn3_refer_acc05" in stage2_metrics

@@ -5,22 +5,29 @@ trained alignment layer + LoRA; AdamW, linear warm-up then cosine decay, gradien
 clipping; loss on answers only, logged per task; held-back test samples scored every
 `held_out.every_steps` so per-task learning curves show in MLflow. Checkpoints hold
 the trained parts (a loadable SkyEyeGPT folder) plus optimizer, scheduler and step.
+Each batch may run as length-sorted groups (less padding, same gradient); the tiny
+model's training aids, soft coordinate targets and the pointing loss (pointing.py),
+are stage-config choices that are off in the paper's recipe.
 """
 from __future__ import annotations
 
 import math
 import time
 from collections import defaultdict
+from contextlib import nullcontext
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ..model.config import ModelConfig
 from ..model.skyeyegpt import SkyEyeGPT, build_model
 from ..model.template import IGNORE, collate, encode_conversation
+from ..model.tokenizer import GRID_TOKENS
 from .data import PixelCache, SourceSampler, load_items, normalise
 from .held_out import HeldOut
+from .pointing import PointingTargets, pointing_loss
 from .stage_config import StageConfig
 
 TRAINER_STATE = "trainer_state.pt"
@@ -69,11 +76,37 @@ class VisualFeatures:
         return torch.cat(parts).float(), [k[1] for k in keys]
 
 
-def per_sample_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+class CoordinateTargets:
+    """Soft targets for coordinate tokens: a Gaussian of width `sigma` grid units around the
+    true value instead of one exact token out of 101, so an answer one unit off earns most of
+    the credit and the tiny model learns the order of the grid quickly (as distribution-style
+    box regression does). sigma = 0 keeps plain cross-entropy (the paper)."""
+
+    def __init__(self, tokenizer, sigma: float, vocab_size: int):
+        self.grid_ids = torch.tensor(tokenizer.convert_tokens_to_ids(GRID_TOKENS))
+        self.value_of = torch.full((vocab_size,), -1, dtype=torch.long)
+        self.value_of[self.grid_ids] = torch.arange(len(self.grid_ids))
+        k = torch.arange(len(self.grid_ids), dtype=torch.float32)
+        self.table = torch.softmax(-(k[None, :] - k[:, None]) ** 2 / (2 * sigma ** 2), -1)  # (101, 101) rows: truth
+
+    def loss(self, logp: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mask of coordinate positions, their soft cross-entropy) for (N, V) log-probs and (N,) labels."""
+        values = self.value_of.to(labels.device)[labels.clamp(min=0)].masked_fill(labels < 0, -1)
+        mask = values >= 0
+        q = self.table.to(logp.device)[values[mask]]
+        return mask, -(q * logp[mask][:, self.grid_ids.to(logp.device)]).sum(-1)
+
+
+def per_sample_loss(logits: torch.Tensor, labels: torch.Tensor, coords: CoordinateTargets | None = None) -> torch.Tensor:
     """Mean answer-token cross-entropy of each sample (B,)."""
     shift_logits, shift_labels = logits[:, :-1].float(), labels[:, 1:]
-    tok = F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
-                          ignore_index=IGNORE, reduction="none").view(shift_labels.shape)
+    flat_labels = shift_labels.reshape(-1)
+    logp = F.log_softmax(shift_logits.reshape(-1, shift_logits.shape[-1]), -1)
+    tok = F.nll_loss(logp, flat_labels, ignore_index=IGNORE, reduction="none")
+    if coords is not None:
+        mask, soft = coords.loss(logp, flat_labels)
+        tok = tok.masked_scatter(mask, soft)
+    tok = tok.view(shift_labels.shape)
     mask = (shift_labels != IGNORE).float()
     return (tok * mask).sum(1) / mask.sum(1).clamp(min=1)
 
@@ -99,6 +132,15 @@ def run_stage(ctx, config: dict) -> dict:
     replay_sampler = SourceSampler(replay, cfg.replay_sampling, cfg.seed + 1, ctx.rank) if replay else None
     pixels = PixelCache(root, mcfg.vision.image_size)
     features = VisualFeatures(model, pixels, cfg.cache_features)
+    pointing = None
+    if cfg.pointing_weight > 0:
+        n_layers = model.llm.config.num_hidden_layers
+        bad = [i for i in cfg.pointing_layers if not -n_layers <= i < n_layers]
+        if bad:
+            raise ValueError(f"pointing_layers: {bad} out of range for an LLM of {n_layers} layers")
+        model.llm.config._attn_implementation = "eager"  # SDPA returns no attention weights
+        pointing = PointingTargets(tok, model.image_token_id, n_vis, mcfg.alignment.group)
+    coords = CoordinateTargets(tok, cfg.coordinate_sigma, len(tok)) if cfg.coordinate_sigma > 0 else None
     held_out = HeldOut(cfg.held_out, root, items + replay, model, features) if ctx.is_main else None
 
     params = [{"params": [p for p in model.alignment_layer.parameters() if p.requires_grad],
@@ -129,6 +171,26 @@ def run_stage(ctx, config: dict) -> dict:
                     "replay_rng": [replay_sampler.rng.bit_generator.state] if replay_sampler else []},
                    Path(folder) / TRAINER_STATE)
 
+    def _group_step(group_items, group_encs, share: float) -> int:
+        """Forward and backward of part of a batch; `share` of the step's gradient. Returns its tokens."""
+        batch = collate(group_encs, tok.pad_token_id)
+        vis, frames = features.batch([(it.media, it.frames) for it in group_items])
+        with torch.autocast(ctx.device.type, dtype=dtype, enabled=dtype != torch.float32):
+            out = ddp(batch["input_ids"], batch["attention_mask"], labels=None, frames=frames, vision_tokens=vis,
+                      output_attentions=pointing is not None)
+        losses = per_sample_loss(out.logits, batch["labels"].to(ctx.device), coords)
+        loss = losses.mean()
+        if pointing is not None:
+            aux = pointing_loss(out.attentions, cfg.pointing_layers, pointing(batch["input_ids"], batch["labels"], frames))
+            if aux is not None:
+                loss = loss + cfg.pointing_weight * aux
+                window["loss/pointing"].append(float(aux.detach()))
+        (loss * share).backward()
+        for it, value in zip(group_items, losses.detach().tolist()):
+            window[f"loss/{it.task}"].append(value)
+            window["loss"].append(value)
+        return int(batch["attention_mask"].sum())
+
     started, tokens_seen, last_metrics, last_ckpt = time.perf_counter() - elapsed_before, 0, {}, -1
     window: dict[str, list[float]] = defaultdict(list)
     model.train()
@@ -140,21 +202,20 @@ def run_stage(ctx, config: dict) -> dict:
             group["lr"] = lr * group["lr_scale"]
         optim.zero_grad(set_to_none=True)
         t0 = time.perf_counter()
-        for _ in range(cfg.grad_accum):
+        for accum in range(cfg.grad_accum):
             batch_items = [items[i] for i in sampler.draw(per_worker - n_replay)]
             if n_replay:
                 batch_items += [replay[i] for i in replay_sampler.draw(n_replay)]
             encs = [encode_conversation(tok, list(it.turns), n_vis * it.frames, cfg.max_length) for it in batch_items]
-            batch = collate(encs, tok.pad_token_id)
-            vis, frames = features.batch([(it.media, it.frames) for it in batch_items])
-            with torch.autocast(ctx.device.type, dtype=dtype, enabled=dtype != torch.float32):
-                out = ddp(batch["input_ids"], batch["attention_mask"], labels=None, frames=frames, vision_tokens=vis)
-            losses = per_sample_loss(out.logits, batch["labels"].to(ctx.device))
-            (losses.mean() / cfg.grad_accum).backward()
-            tokens_seen += int(batch["attention_mask"].sum())
-            for it, loss in zip(batch_items, losses.detach().tolist()):
-                window[f"loss/{it.task}"].append(loss)
-            window["loss"].append(float(losses.detach().mean()))
+            # length groups: sorted by length, each group padded only to its own longest sample
+            order = sorted(range(len(encs)), key=lambda i: len(encs[i].input_ids))
+            groups = [g for g in np.array_split(order, cfg.length_groups) if len(g)]
+            for gi, group in enumerate(groups):
+                last_backward = accum == cfg.grad_accum - 1 and gi == len(groups) - 1
+                # DDP averages gradients once per step, at its last backward
+                with nullcontext() if last_backward or not hasattr(ddp, "no_sync") else ddp.no_sync():
+                    share = len(group) / (len(encs) * cfg.grad_accum)
+                    tokens_seen += _group_step([batch_items[i] for i in group], [encs[i] for i in group], share)
         torch.nn.utils.clip_grad_norm_([p for g in params for p in g["params"]], cfg.grad_clip)
         optim.step()
         step += 1

@@ -35,6 +35,9 @@ class StageConfig(BaseModel):
     weight_decay: float = 0.05
     alignment_lr_scale: float = Field(1.0, description="lr multiplier for the alignment layer.")
     grad_clip: float = 1.0
+    length_groups: int = Field(1, ge=1, description="Run each batch as this many forward/backward passes over "
+                               "length-sorted groups: the same gradient, less padding (a 4-frame clip "
+                               "otherwise pads a whole batch to its length).")
     max_length: int = 192
     precision: Literal["fp32", "bf16"] = "fp32"
     sampling: dict[str, float] = Field(default_factory=dict, description="source -> ratio; empty: by size.")
@@ -42,6 +45,12 @@ class StageConfig(BaseModel):
                                                  "stage1.json), so stage-1 skills are not forgotten.")
     replay_share: float = Field(0.0, ge=0.0, lt=1.0, description="Share of each batch drawn from `replay`.")
     replay_sampling: dict[str, float] = Field(default_factory=dict, description="source -> ratio within `replay`.")
+    coordinate_sigma: float = Field(0.0, ge=0.0, description="Soft targets for coordinate tokens, a Gaussian "
+                                    "this many grid units wide (training/loop.py; 0 = the paper's cross-entropy).")
+    pointing_weight: float = Field(0.0, ge=0.0, description="Weight of the grounding attention loss "
+                                   "(training/pointing.py; a tiny-model aid, 0 = the paper's recipe).")
+    pointing_layers: list[int] = Field(default_factory=lambda: [1], description="Decoder layers (0-based) whose "
+                                       "attention the pointing loss guides.")
     cache_features: bool = Field(True, description="Encode each image once with the frozen encoder.")
     log_every: int = 10
     checkpoint_every: int = 200

@@ -1,0 +1,108 @@
+"""The tiny model's training aids: the grounding attention (pointing) loss, soft coordinate
+targets, and length-grouped batches (which must not change the loss)."""
+from __future__ import annotations
+
+import torch
+
+from skyeye.model.config import ModelConfig, VisionConfig
+from skyeye.model.skyeyegpt import build_model
+from skyeye.model.template import IGNORE, collate, encode_conversation
+from skyeye.model.tokenizer import GRID_TOKENS
+from skyeye.training.loop import CoordinateTargets, per_sample_loss
+from skyeye.training.pointing import (
+    PointingTargets,
+    overlapping,
+    pointing_loss,
+    token_regions,
+)
+
+REFER = ("<Img><ImageHere></Img> [refer] the red car", "{<10><20><30><40>}")
+CAPTION = ("<Img><ImageHere></Img> [caption] describe the image", "a plane")
+
+
+def _model(backbones):
+    return build_model(ModelConfig(vision=VisionConfig(image_size=64)), backbones["vision"], backbones["llm"],
+                       backbones["tokenizer"])
+
+
+def test_visual_token_regions_follow_the_alignment_layer_grouping():
+    regions = token_regions(16, 4)  # 8 x 8 patches, 4 consecutive ones per token: half-row strips
+    assert regions[0].tolist() == [0, 0, 50, 12.5]
+    assert regions[1].tolist() == [50, 0, 100, 12.5]
+    assert regions[15].tolist() == [50, 87.5, 100, 100]
+    hit = overlapping(regions, (10, 20, 30, 40))  # rows 1-3, left half
+    assert hit.nonzero().flatten().tolist() == [2, 4, 6]
+    assert overlapping(regions, (60, 95, 60, 95)).nonzero().flatten().tolist() == [15]  # degenerate: its centre
+
+
+def test_pointing_targets_find_each_answer_box_and_its_visual_tokens(tiny_backbones):
+    model = _model(tiny_backbones)
+    tok, n = model.tokenizer, model.visual_tokens_per_image()
+    detection = ("<Img><ImageHere></Img> [detection] car", "{<0><0><10><10>}<delim>{<60><60><90><90>}")
+    batch = collate([encode_conversation(tok, [t], n) for t in (REFER, CAPTION, detection)], tok.pad_token_id)
+    targets = PointingTargets(tok, model.image_token_id, n, 4)(batch["input_ids"], batch["labels"], [1, 1, 1])
+    assert [t[0] for t in targets] == [0, 2, 2]  # no box in the caption; two in the detection answer
+    grid = {tok.convert_tokens_to_ids(g): v for v, g in enumerate(GRID_TOKENS)}
+    row, queries, visual, mask = targets[0]
+    # the logits at each query position predict the next token: the four coordinates, in order
+    assert [grid[batch["labels"][row, q + 1].item()] for q in queries] == [10, 20, 30, 40]
+    assert (batch["input_ids"][row, visual] == model.image_token_id).all() and len(visual) == n
+    assert mask.tolist() == overlapping(token_regions(n, 4), (10, 20, 30, 40)).tolist()
+    assert targets[2][3].tolist() != targets[1][3].tolist()  # each detection box points at its own tokens
+    # clips (several frames) are left out
+    assert PointingTargets(tok, model.image_token_id, n, 4)(batch["input_ids"], batch["labels"], [4, 4, 4]) == []
+
+
+def test_pointing_loss_is_low_when_attention_sits_on_the_object():
+    n_vis, t = 4, 10
+    visual = torch.arange(1, 1 + n_vis)
+    target = (0, torch.tensor([6, 7, 8, 9]), visual, torch.tensor([False, True, False, False]))
+    on = torch.full((1, 2, t, t), 1e-3)
+    on[0, :, 6:10, 2] = 1.0  # every head looks at visual token 1
+    off = torch.full((1, 2, t, t), 1e-3)
+    off[0, :, 6:10, 3] = 1.0
+    logits = torch.zeros(1, 2, t, t, requires_grad=True)
+    assert pointing_loss((on,), [0], [target]) < 0.01
+    assert pointing_loss((off,), [0], [target]) > 3
+    loss = pointing_loss((torch.softmax(logits, -1),), [0], [target])
+    loss.backward()
+    assert logits.grad[0, 0, 6, 2] < 0 < logits.grad[0, 0, 6, 3]  # gradient raises the object's token
+    assert pointing_loss((on,), [0], []) is None
+
+
+class _Tok:
+    def convert_tokens_to_ids(self, tokens):
+        return [10 + i for i in range(len(tokens))]
+
+
+def test_soft_coordinate_targets_give_credit_for_near_misses():
+    coords = CoordinateTargets(_Tok(), sigma=1.5, vocab_size=200)
+    labels = torch.tensor([[IGNORE, 60, 5]])  # grid value 50, then an ordinary token
+    near, far = torch.full((1, 3, 200), -5.0), torch.full((1, 3, 200), -5.0)
+    near[0, 0, 61], far[0, 0, 70] = 10.0, 10.0  # one unit off / ten units off
+    near[0, 1, 5] = far[0, 1, 5] = 10.0
+    assert torch.allclose(per_sample_loss(near, labels), per_sample_loss(far, labels))  # plain CE: both wrong
+    assert per_sample_loss(near, labels, coords) < per_sample_loss(far, labels, coords)
+    exact = torch.full((1, 3, 200), -5.0)
+    exact[0, 0, 60], exact[0, 1, 5] = 10.0, 10.0
+    sharp = CoordinateTargets(_Tok(), sigma=0.05, vocab_size=200)  # a narrow Gaussian is plain CE
+    assert torch.allclose(per_sample_loss(exact, labels, sharp), per_sample_loss(exact, labels), atol=1e-4)
+
+
+def test_per_sample_loss_does_not_depend_on_padding(tiny_backbones):
+    """What makes length groups exact: a sample's loss is the same alone or padded in a batch."""
+    model = _model(tiny_backbones).eval()
+    tok, n = model.tokenizer, model.visual_tokens_per_image()
+    long = ("<Img><ImageHere></Img> [caption] describe the image in many words please",
+            "a plane and a car and a tank next to a long road")
+    encs = [encode_conversation(tok, [t], n) for t in (REFER, long)]
+    vis = torch.randn(2, 16, 64)
+    together = collate(encs, tok.pad_token_id)
+    alone = collate(encs[:1], tok.pad_token_id)
+    assert together["input_ids"].shape[1] > alone["input_ids"].shape[1]
+    with torch.no_grad():
+        both = per_sample_loss(model(together["input_ids"], together["attention_mask"], vision_tokens=vis).logits,
+                               together["labels"])
+        one = per_sample_loss(model(alone["input_ids"], alone["attention_mask"], vision_tokens=vis[:1]).logits,
+                              alone["labels"])
+    assert torch.allclose(both[0], one[0], atol=1e-5)
