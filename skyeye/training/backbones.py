@@ -53,9 +53,10 @@ def cache_key(instructions: Path, cfg: BackbonesConfig) -> str:
     return h.hexdigest()[:16]
 
 
-def _train_for(seconds: float, lr: float, params: list, desc: str, step_fn, log) -> dict[str, float]:
+def _train_for(seconds: float, lr: float, params: list, desc: str, step_fn, log, part: str) -> dict[str, float]:
     """AdamW with warm-up and cosine decay over a wall-clock budget; `step_fn()` returns
-    (loss, metrics) for one batch. A progress bar shows the budget being spent."""
+    (loss, metrics) for one batch. A progress bar shows the budget being spent. The step
+    count is reported as `<part>/steps`."""
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.05)
     start, step, metrics = time.perf_counter(), 0, {}
     bar = tqdm(total=int(seconds), desc=desc, unit="s")
@@ -68,7 +69,7 @@ def _train_for(seconds: float, lr: float, params: list, desc: str, step_fn, log)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         step += 1
-        metrics["steps"] = step
+        metrics[f"{part}/steps"] = step
         if step % 20 == 0:
             log(metrics, step)
         bar.n = min(int(time.perf_counter() - start), bar.total)
@@ -168,7 +169,7 @@ def pretrain_vision(synth: Path, cfg: BackbonesConfig, out: Path, log) -> dict[s
                       "vision/loss_position": loss_pos.item()}
 
     params = list(tower.parameters()) + list(heads.parameters())
-    metrics = _train_for(cfg.vision_seconds, cfg.vision_lr, params, "backbones: vision encoder", step, log)
+    metrics = _train_for(cfg.vision_seconds, cfg.vision_lr, params, "backbones: vision encoder", step, log, "vision")
     tower.save_pretrained(out)
     (out / "skyeye_pretraining.json").write_text(json.dumps({"classes": classes, "grid": g, **metrics}, indent=1))
     return metrics
@@ -210,7 +211,7 @@ def pretrain_llm(instructions: Path, tok, cfg: BackbonesConfig, out: Path, log) 
         loss = llm(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss
         return loss, {"llm/loss": loss.item()}
 
-    metrics = _train_for(cfg.llm_seconds, cfg.llm_lr, list(llm.parameters()), "backbones: LLM", step, log)
+    metrics = _train_for(cfg.llm_seconds, cfg.llm_lr, list(llm.parameters()), "backbones: LLM", step, log, "llm")
     llm.save_pretrained(out)
     tok.save_pretrained(out)
     return metrics
