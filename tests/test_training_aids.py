@@ -74,9 +74,12 @@ class _Tok:
     def convert_tokens_to_ids(self, tokens):
         return [10 + i for i in range(len(tokens))]
 
+    def __len__(self):
+        return 200
+
 
 def test_soft_coordinate_targets_give_credit_for_near_misses():
-    coords = CoordinateTargets(_Tok(), sigma=1.5, vocab_size=200)
+    coords = CoordinateTargets(_Tok(), sigma=1.5)
     labels = torch.tensor([[IGNORE, 60, 5]])  # grid value 50, then an ordinary token
     near, far = torch.full((1, 3, 200), -5.0), torch.full((1, 3, 200), -5.0)
     near[0, 0, 61], far[0, 0, 70] = 10.0, 10.0  # one unit off / ten units off
@@ -85,7 +88,7 @@ def test_soft_coordinate_targets_give_credit_for_near_misses():
     assert per_sample_loss(near, labels, coords) < per_sample_loss(far, labels, coords)
     exact = torch.full((1, 3, 200), -5.0)
     exact[0, 0, 60], exact[0, 1, 5] = 10.0, 10.0
-    sharp = CoordinateTargets(_Tok(), sigma=0.05, vocab_size=200)  # a narrow Gaussian is plain CE
+    sharp = CoordinateTargets(_Tok(), sigma=0.05)  # a narrow Gaussian is plain CE
     assert torch.allclose(per_sample_loss(exact, labels, sharp), per_sample_loss(exact, labels), atol=1e-4)
 
 

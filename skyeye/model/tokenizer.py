@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 from typing import Iterable
 
+import torch
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
@@ -22,6 +23,15 @@ IMAGE_TOKEN = "<ImageHere>"
 # Markers that must stay whole; not "special" so that decoding keeps them in the text.
 MARKERS = ["<Img>", "</Img>", IMAGE_TOKEN, "[INST]", "[/INST]", *TASK_IDENTIFIERS, "<delim>", "<p>", "</p>"]
 GRID_TOKENS = [f"<{i}>" for i in range(GRID + 1)]
+
+
+def grid_lookup(tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
+    """The coordinate tokens' ids in value order (GRID+1,), and per token id its 0-GRID value
+    or -1 (a (vocab,) table): training reads boxes straight off label ids with these."""
+    ids = torch.tensor(tokenizer.convert_tokens_to_ids(GRID_TOKENS))
+    value_of = torch.full((max(len(tokenizer), int(ids.max()) + 1),), -1, dtype=torch.long)
+    value_of[ids] = torch.arange(len(ids))
+    return ids, value_of
 
 
 def instruction_texts(files: Iterable[Path]) -> Iterable[str]:

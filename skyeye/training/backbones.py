@@ -6,9 +6,10 @@ Objectives (and why):
   (DIOR-RSVG / RSVG annotations): the category of the object covering the patch, its
   colour when the expression names one, its box (normalised x1 y1 x2 y2), and the
   patch's mean colour and its own row and column on every image (position also made the
-  box regression converge faster: L1 0.025 -> 0.018 in the same 180 s). A CLIP-style contrastive objective would need far
-  more data and time than 2 cores give; dense targets teach, in a couple of minutes,
-  exactly what the LLM must read from a visual token: what is here, what colour, and
+  box regression converge faster: L1 0.025 -> 0.018 in the same 180 s). A CLIP-style
+  contrastive objective would need far more data and time than 2 cores give; dense
+  targets teach, in a couple of minutes, exactly what the LLM must read from a visual
+  token: what is here, what colour, and
   where the object lies (trials, findings.md, showed grounding stalls when the LLM has
   to discover positions on its own).
 - LLM (LLaMA architecture): next-token prediction on the instruction text (questions

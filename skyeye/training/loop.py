@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from ..model.config import ModelConfig
 from ..model.skyeyegpt import SkyEyeGPT, build_model
 from ..model.template import IGNORE, collate, encode_conversation
-from ..model.tokenizer import GRID_TOKENS
+from ..model.tokenizer import grid_lookup
 from .data import PixelCache, SourceSampler, load_items, normalise
 from .held_out import HeldOut
 from .pointing import PointingTargets, pointing_loss
@@ -82,10 +82,8 @@ class CoordinateTargets:
     the credit and the tiny model learns the order of the grid quickly (as distribution-style
     box regression does). sigma = 0 keeps plain cross-entropy (the paper)."""
 
-    def __init__(self, tokenizer, sigma: float, vocab_size: int):
-        self.grid_ids = torch.tensor(tokenizer.convert_tokens_to_ids(GRID_TOKENS))
-        self.value_of = torch.full((vocab_size,), -1, dtype=torch.long)
-        self.value_of[self.grid_ids] = torch.arange(len(self.grid_ids))
+    def __init__(self, tokenizer, sigma: float):
+        self.grid_ids, self.value_of = grid_lookup(tokenizer)
         k = torch.arange(len(self.grid_ids), dtype=torch.float32)
         self.table = torch.softmax(-(k[None, :] - k[:, None]) ** 2 / (2 * sigma ** 2), -1)  # (101, 101) rows: truth
 
@@ -138,9 +136,9 @@ def run_stage(ctx, config: dict) -> dict:
         bad = [i for i in cfg.pointing_layers if not -n_layers <= i < n_layers]
         if bad:
             raise ValueError(f"pointing_layers: {bad} out of range for an LLM of {n_layers} layers")
-        model.llm.config._attn_implementation = "eager"  # SDPA returns no attention weights
+        model.llm.set_attn_implementation("eager")  # SDPA returns no attention weights
         pointing = PointingTargets(tok, model.image_token_id, n_vis, mcfg.alignment.group)
-    coords = CoordinateTargets(tok, cfg.coordinate_sigma, len(tok)) if cfg.coordinate_sigma > 0 else None
+    coords = CoordinateTargets(tok, cfg.coordinate_sigma) if cfg.coordinate_sigma > 0 else None
     held_out = HeldOut(cfg.held_out, root, items + replay, model, features) if ctx.is_main else None
 
     params = [{"params": [p for p in model.alignment_layer.parameters() if p.requires_grad],

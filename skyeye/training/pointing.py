@@ -20,7 +20,7 @@ import torch
 
 from ..boxes import GRID
 from ..model.template import IGNORE
-from ..model.tokenizer import GRID_TOKENS
+from ..model.tokenizer import grid_lookup
 
 
 def token_regions(n_visual: int, group: int) -> torch.Tensor:
@@ -51,26 +51,24 @@ class PointingTargets:
     """Finds, in a training batch, each answer box and the visual tokens it covers."""
 
     def __init__(self, tokenizer, image_token_id: int, n_visual: int, group: int):
-        self.grid_value = {tokenizer.convert_tokens_to_ids(t): v for v, t in enumerate(GRID_TOKENS)}
+        self.value_of = grid_lookup(tokenizer)[1]
         self.image_token_id, self.n_visual = image_token_id, n_visual
         self.regions = token_regions(n_visual, group)
 
     def __call__(self, input_ids: torch.Tensor, labels: torch.Tensor, frames: list[int]) -> list[tuple]:
         """[(row, query positions (4,), visual positions (n_visual,), target mask (n_visual,))]."""
+        values = self.value_of[labels.clamp(min=0)].masked_fill(labels == IGNORE, -1)  # (B, T) grid value or -1
         out = []
         for b in range(input_ids.shape[0]):
             if frames[b] != 1:  # clips hold no boxes; their tokens span several frames
                 continue
             visual = (input_ids[b] == self.image_token_id).nonzero().flatten()[: self.n_visual]
             run: list[int] = []
-            for p, label in enumerate(labels[b].tolist()):
-                if label != IGNORE and label in self.grid_value:
-                    run.append(p)
-                    if len(run) == 4:  # the logits at p-1 predict the token at p
-                        box = tuple(self.grid_value[labels[b, q].item()] for q in run)
-                        out.append((b, torch.tensor(run) - 1, visual, overlapping(self.regions, box)))
-                        run = []
-                else:
+            for p in (values[b] >= 0).nonzero().flatten().tolist():
+                run = run + [p] if run and run[-1] == p - 1 else [p]  # a box: four coordinate tokens in a row
+                if len(run) == 4:  # the logits at p-1 predict the token at p
+                    box = tuple(values[b, run].tolist())
+                    out.append((b, torch.tensor(run) - 1, visual, overlapping(self.regions, box)))
                     run = []
         return out
 
