@@ -18,6 +18,10 @@ STAGE2_TASKS = ("conversation",)
 PHRASINGS = {
     "caption": ["Briefly describe this image.", "Describe the image in one sentence.",
                 "What does this remote sensing image show?", "Give a short caption for this aerial image."],
+    # The object list of a grounding scene ("there are two ships ... in the image"): its own
+    # questions, so that stage 2 does not teach the captioning prompts a second answer style.
+    "inventory": ["Which objects can you see in this image?", "List the objects in this image.",
+                  "What objects does this scene contain?"],
     "video_caption": ["describe the video frame image", "Describe what happens in this UAV video.",
                       "Give a short caption for this drone clip."],
     "scene_vqa": ["Which scene category does this image belong to?", "What type of scene is shown in this image?",

@@ -70,6 +70,24 @@ def test_stage2_conversations_mix_tasks(tiny_instructions):
     assert {"dior_rsvg", "ucm_captions", "rsvqa_lr"} <= sources
 
 
+def test_captioning_prompts_get_captions_not_object_lists(tiny_instructions):
+    """The grounding scenes' object list ("there are ... in the image") has its own questions:
+    when it shared the captioning prompts, stage 2 taught the model to answer the benchmarks'
+    caption prompt with an object list (UCM CIDEr 285 after stage 1, 202 after stage 2)."""
+    from skyeye.prompts import PHRASINGS
+
+    asked = Counter()
+    for s in _load(tiny_instructions, "stage2.json") + _load(tiny_instructions, "stage1.json"):
+        turns = s["conversations"]
+        for q, a in zip(turns[::2], turns[1::2]):
+            question = q["value"].replace(IMAGE_PLACEHOLDER, "").strip()
+            if a["value"].endswith("in the image."):
+                asked["inventory" if question.removeprefix("[caption] ") in PHRASINGS["inventory"] else "other"] += 1
+            if question.removeprefix("[caption] ") in PHRASINGS["caption"]:
+                assert not a["value"].endswith("in the image."), (s["id"], question, a["value"])
+    assert asked["inventory"] > 0 and asked["other"] == 0
+
+
 def test_one_evaluation_file_per_scored_split(tiny_synth, tiny_instructions):
     files = {p.stem for p in (tiny_instructions / "eval").glob("*.json")}
     expected = {f"{b}_{s}" for b, splits in SCORED_SPLITS.items() for s in splits}

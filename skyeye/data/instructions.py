@@ -119,7 +119,7 @@ class Builder:
             counts = Counter(s.category for s in group)
             w, h = group[0].image_size
             scene = " and ".join(_phrase(c, n) for c, n in sorted(counts.items()))
-            cands = [(f"[caption] {prompts.pick('caption', group[0].id)}", f"there are {scene} in the image.")]
+            cands = [(f"[caption] {prompts.pick('inventory', group[0].id)}", f"there are {scene} in the image.")]
             cls = sorted(counts)[int(rng.integers(len(counts)))]
             cands.append((f"[vqa] how many {CLASS_WORDS.get(cls, (cls, cls))[1]} are there?", str(counts[cls])))
             for s in group:

@@ -95,7 +95,7 @@ class HeldOut:
             cls = sorted(words)[0]
             target = rows[len(convs) % len(rows)]
             convs.append({"image": image, "row": target, "turns": [
-                (f"[caption] {prompts.first('caption')}", f"there are {scene} in the image."),
+                (f"[caption] {prompts.first('inventory')}", f"there are {scene} in the image."),
                 (f"[vqa] how many {PLURAL[cls]} are there?", str(words[cls])),
                 (f"[refer] {target['expression']}", None)]})
         return _spread(convs, self.cfg.samples)
