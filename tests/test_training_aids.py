@@ -109,3 +109,24 @@ def test_per_sample_loss_does_not_depend_on_padding(tiny_backbones):
         one = per_sample_loss(model(alone["input_ids"], alone["attention_mask"], vision_tokens=vis[:1]).logits,
                               alone["labels"])
     assert torch.allclose(both[0], one[0], atol=1e-5)
+
+
+def test_grounding_probe_reports_each_layer_and_the_attention_on_the_object(tiny_backbones, tiny_instructions,
+                                                                          tmp_path):
+    """bench/grounding_probe.py on a dim-64 model: one attention mass and one hidden-state probe
+    per layer, masses that are fractions, and a uniform reference that follows the grouping."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("grounding_probe",
+                                                  Path(__file__).parents[1] / "bench" / "grounding_probe.py")
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    model = _model(tiny_backbones)
+    model.save(tmp_path / "m")
+    res = probe.probe(str(tmp_path / "m"), tiny_instructions, n_train=12, n_test=4)
+    layers = model.llm.config.num_hidden_layers
+    assert res["visual_tokens"] == 4 and res["n_test"] > 0
+    assert len(res["attention_on_object"]) == layers and all(0 <= a <= 1 for a in res["attention_on_object"])
+    assert {k for k in res if k.startswith("probe_hidden_L")} == {f"probe_hidden_L{k}" for k in range(layers + 1)}
+    assert 0 < res["attention_uniform"] <= 1 and len(res["mae_teacher_forced"]) == 4

@@ -75,10 +75,11 @@ class SkyEyeGPT(nn.Module):
 
     # ------------------------------------------------------------ train / generate
     def forward(self, input_ids, attention_mask, pixel_values=None, labels=None, frames=None, vision_tokens=None,
-                output_attentions: bool = False):
+                output_attentions: bool = False, output_hidden_states: bool = False):
         embeds = self._embeds(input_ids.to(self.device), pixel_values, frames, vision_tokens)
         return self.llm(inputs_embeds=embeds, attention_mask=attention_mask.to(self.device),
-                        labels=None if labels is None else labels.to(self.device), output_attentions=output_attentions)
+                        labels=None if labels is None else labels.to(self.device), output_attentions=output_attentions,
+                        output_hidden_states=output_hidden_states)
 
     @torch.no_grad()
     def generate(self, input_ids, attention_mask, pixel_values=None, frames=None, max_new_tokens: int | None = None,

@@ -1,0 +1,110 @@
+"""Where does grounding fail? Probes a saved SkyEyeGPT on `[refer]` samples with the
+answer given (teacher forcing), and prints JSON:
+
+- `mae_teacher_forced`: the model's own coordinate error (grid units, x1 y1 x2 y2) when
+  the earlier coordinates are the true ones; `mae_mean_box` is the error of always
+  answering the mean training box.
+- `attention_on_object`: per decoder layer, the attention mass (mean over heads) that the
+  positions writing a coordinate put on the visual tokens overlapping the box;
+  `attention_uniform` is what spreading it evenly would give.
+- `probe_visual_tokens`: error of a ridge regression from the mean embedding of those
+  visual tokens to the box, i.e. what perfect attention could read linearly.
+- `probe_hidden_L<k>`: error of a ridge regression from layer k's hidden state at each
+  coordinate-writing position to that coordinate.
+Probes are fit on DIOR-RSVG train samples and scored on test samples.
+
+    python bench/grounding_probe.py --model <saved model folder> [--data data/instructions]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from skyeye.boxes import box_text
+from skyeye.model.skyeyegpt import load_model
+from skyeye.model.template import IGNORE, collate, encode_conversation
+from skyeye.model.tokenizer import grid_lookup
+from skyeye.training.data import load_items
+from skyeye.training.pointing import overlapping, token_regions
+
+
+def rows_of(root: Path, n_train: int, n_test: int) -> list[tuple[str, str, str, Path]]:
+    """(split, question, answer box, image path) for DIOR-RSVG refer samples."""
+    train = [it for it in load_items(root / "stage1.json") if it.task == "refer" and it.source == "dior_rsvg"]
+    rows = [("train", it.turns[0][0], it.turns[0][1], root / it.media) for it in train[:n_train]]
+    test = json.loads((root / "eval" / "dior_rsvg_test.json").read_text())["samples"]
+    for r in test[:: max(1, len(test) // n_test)][:n_test]:
+        rows.append(("test", r["prompt"], box_text(r["box"], *r["image_size"]), root / "eval" / r["image"]))
+    return rows
+
+
+def ridge_mae(x: np.ndarray, y: np.ndarray, train: np.ndarray, lam: float) -> np.ndarray:
+    xa = np.c_[x, np.ones(len(x))]
+    w = np.linalg.solve(xa[train].T @ xa[train] + lam * np.eye(xa.shape[1]), xa[train].T @ y[train])
+    return np.abs(xa[~train] @ w - y[~train]).mean(0)
+
+
+@torch.no_grad()
+def probe(model_dir: str, root: Path, n_train: int, n_test: int) -> dict:
+    m = load_model(model_dir).eval()
+    m.llm.set_attn_implementation("eager")  # attention weights are needed
+    tok, n_vis = m.tokenizer, m.visual_tokens_per_image()
+    grid_ids, value_of = grid_lookup(tok)
+    regions = token_regions(n_vis, m.cfg.alignment.group)
+    split, boxes, own, visual, mass, hidden = [], [], [], [], [], {}
+    rows = rows_of(root, n_train, n_test)
+    for i in range(0, len(rows), 32):
+        chunk = rows[i:i + 32]
+        batch = collate([encode_conversation(tok, [(q, a)], n_vis) for _, q, a, _ in chunk], tok.pad_token_id)
+        px = m.preprocess([Image.open(p) for *_, p in chunk])
+        tokens = m.encode_images(px)  # (B, n_vis, H): what the LLM receives
+        out = m(batch["input_ids"], batch["attention_mask"], pixel_values=px, output_attentions=True,
+                output_hidden_states=True)
+        values = value_of[batch["labels"].clamp(min=0)].masked_fill(batch["labels"] == IGNORE, -1)
+        for r, (s, *_rest) in enumerate(chunk):
+            pos = (values[r] >= 0).nonzero().flatten()[:4]
+            if len(pos) < 4:
+                continue
+            box = values[r, pos]
+            on = overlapping(regions, tuple(box.tolist()))
+            vis = (batch["input_ids"][r] == m.image_token_id).nonzero().flatten()
+            split.append(s)
+            boxes.append(box.numpy())
+            own.append(out.logits[r, pos - 1][:, grid_ids].argmax(-1).numpy())  # logits at p-1 predict p
+            visual.append(tokens[r][on].mean(0).numpy())
+            mass.append([a[r][:, pos - 1][:, :, vis].mean(0)[:, on].sum(-1).mean().item() for a in out.attentions])
+            for k, h in enumerate(out.hidden_states):
+                hidden.setdefault(k, []).append(h[r, pos - 1].numpy())
+    y, train = np.array(boxes, float), np.array(split) == "train"
+    uniform = np.mean([overlapping(regions, tuple(b)).float().mean().item() for b in y[~train].astype(int)])
+    res = {"model": model_dir, "n_train": int(train.sum()), "n_test": int((~train).sum()),
+           "visual_tokens": n_vis, "alignment_group": m.cfg.alignment.group,
+           "mae_mean_box": np.abs(y[~train] - y[train].mean(0)).mean(0).round(1).tolist(),
+           "mae_teacher_forced": np.abs(np.array(own)[~train] - y[~train]).mean(0).round(1).tolist(),
+           "attention_on_object": np.array(mass)[~train].mean(0).round(3).tolist(),
+           "attention_uniform": round(float(uniform), 3),
+           "probe_visual_tokens": ridge_mae(np.array(visual), y, train, 1.0).round(1).tolist()}
+    for k, hs in hidden.items():
+        h = np.stack(hs)  # (N, 4, H)
+        res[f"probe_hidden_L{k}"] = [round(float(ridge_mae(h[:, c], y[:, c:c + 1], train, 10.0)[0]), 1)
+                                     for c in range(4)]
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", required=True, help="saved SkyEyeGPT folder (a stage checkpoint)")
+    ap.add_argument("--data", default="data/instructions", help="instruction folder")
+    ap.add_argument("--train", type=int, default=600, help="DIOR-RSVG train samples to fit the probes on")
+    ap.add_argument("--test", type=int, default=200, help="DIOR-RSVG test samples to score them on")
+    args = ap.parse_args()
+    print(json.dumps(probe(args.model, Path(args.data), args.train, args.test), indent=1))
+
+
+if __name__ == "__main__":
+    main()
