@@ -130,3 +130,30 @@ def test_grounding_probe_reports_each_layer_and_the_attention_on_the_object(tiny
     assert len(res["attention_on_object"]) == layers and all(0 <= a <= 1 for a in res["attention_on_object"])
     assert {k for k in res if k.startswith("probe_hidden_L")} == {f"probe_hidden_L{k}" for k in range(layers + 1)}
     assert 0 < res["attention_uniform"] <= 1 and len(res["mae_teacher_forced"]) == 4
+
+
+def _elapsed_on_rank(rank: int, init_file: str, out_file: str) -> None:
+    import torch.distributed as dist
+
+    from skyeye.training.loop import agreed_elapsed
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        # rank 0 is past a 600 s budget, rank 1 not yet: both must see the same time
+        seen = agreed_elapsed(600.5 if rank == 0 else 599.9)
+        with open(f"{out_file}.{rank}", "w") as f:
+            f.write(repr(seen))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_agree_on_the_elapsed_time_that_stops_a_stage(tmp_path):
+    """Each DDP rank's clock differs a little; a rank that stopped at the time budget alone
+    hung the other in its next all-reduce (seen in a demo run). The budget check uses the
+    largest elapsed time over the ranks."""
+    import torch.multiprocessing as mp
+
+    from skyeye.training.loop import agreed_elapsed
+    out = tmp_path / "seen"
+    mp.spawn(_elapsed_on_rank, args=(str(tmp_path / "init"), str(out)), nprocs=2, join=True)
+    assert [float((tmp_path / f"seen.{r}").read_text()) for r in (0, 1)] == [600.5, 600.5]
+    assert agreed_elapsed(12.0) == 12.0  # no process group: the local time

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from ..model.config import ModelConfig
@@ -31,6 +32,17 @@ from .pointing import PointingTargets, pointing_loss
 from .stage_config import StageConfig
 
 TRAINER_STATE = "trainer_state.pt"
+
+
+def agreed_elapsed(seconds: float, device: torch.device | str = "cpu") -> float:
+    """The longest elapsed time over the DDP ranks. Every rank must take the same time-budget
+    stop and the same learning rate: a rank that stops alone leaves the others waiting in the
+    next gradient all-reduce forever, and ranks on their own clocks would drift apart."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return seconds
+    t = torch.tensor([seconds], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
 
 
 def lr_at(step: int, cfg: StageConfig, elapsed_s: float = 0.0) -> float:
@@ -193,9 +205,10 @@ def run_stage(ctx, config: dict) -> dict:
     window: dict[str, list[float]] = defaultdict(list)
     model.train()
     while step < cfg.max_steps:
-        if cfg.time_budget_s and time.perf_counter() - started > cfg.time_budget_s:
+        elapsed = agreed_elapsed(time.perf_counter() - started, ctx.device)
+        if cfg.time_budget_s and elapsed > cfg.time_budget_s:
             break
-        lr = lr_at(step, cfg, time.perf_counter() - started)
+        lr = lr_at(step, cfg, elapsed)
         for group in optim.param_groups:
             group["lr"] = lr * group["lr_scale"]
         optim.zero_grad(set_to_none=True)
