@@ -27,10 +27,10 @@ from PIL import Image
 
 from skyeye.boxes import box_text
 from skyeye.model.skyeyegpt import load_model
-from skyeye.model.template import IGNORE, collate, encode_conversation
+from skyeye.model.template import collate, encode_conversation
 from skyeye.model.tokenizer import grid_lookup
 from skyeye.training.data import load_items
-from skyeye.training.pointing import overlapping, token_regions
+from skyeye.training.pointing import PointingTargets, overlapping, token_regions
 
 
 def rows_of(root: Path, n_train: int, n_test: int) -> list[tuple[str, str, str, Path]]:
@@ -56,30 +56,25 @@ def probe(model_dir: str, root: Path, n_train: int, n_test: int) -> dict:
     tok, n_vis = m.tokenizer, m.visual_tokens_per_image()
     grid_ids, value_of = grid_lookup(tok)
     regions = token_regions(n_vis, m.cfg.alignment.group)
+    # the same box finder as the pointing loss: answer boxes, the positions that write them, their tokens
+    targets_of = PointingTargets(tok, m.image_token_id, n_vis, m.cfg.alignment.group)
     split, boxes, own, visual, mass, hidden = [], [], [], [], [], {}
     rows = rows_of(root, n_train, n_test)
     for i in range(0, len(rows), 32):
         chunk = rows[i:i + 32]
         batch = collate([encode_conversation(tok, [(q, a)], n_vis) for _, q, a, _ in chunk], tok.pad_token_id)
-        px = m.preprocess([Image.open(p) for *_, p in chunk])
-        tokens = m.encode_images(px)  # (B, n_vis, H): what the LLM receives
-        out = m(batch["input_ids"], batch["attention_mask"], pixel_values=px, output_attentions=True,
+        encoded = m.vision(m.preprocess([Image.open(p) for *_, p in chunk]))  # the frozen encoder, once
+        tokens = m.alignment_layer(encoded)  # (B, n_vis, H): what the LLM receives
+        out = m(batch["input_ids"], batch["attention_mask"], vision_tokens=encoded, output_attentions=True,
                 output_hidden_states=True)
-        values = value_of[batch["labels"].clamp(min=0)].masked_fill(batch["labels"] == IGNORE, -1)
-        for r, (s, *_rest) in enumerate(chunk):
-            pos = (values[r] >= 0).nonzero().flatten()[:4]
-            if len(pos) < 4:
-                continue
-            box = values[r, pos]
-            on = overlapping(regions, tuple(box.tolist()))
-            vis = (batch["input_ids"][r] == m.image_token_id).nonzero().flatten()
-            split.append(s)
-            boxes.append(box.numpy())
-            own.append(out.logits[r, pos - 1][:, grid_ids].argmax(-1).numpy())  # logits at p-1 predict p
+        for r, queries, vis, on in targets_of(batch["input_ids"], batch["labels"], [1] * len(chunk)):
+            split.append(chunk[r][0])
+            boxes.append(value_of[batch["labels"][r, queries + 1]].numpy())  # logits at q predict q+1
+            own.append(out.logits[r, queries][:, grid_ids].argmax(-1).numpy())
             visual.append(tokens[r][on].mean(0).numpy())
-            mass.append([a[r][:, pos - 1][:, :, vis].mean(0)[:, on].sum(-1).mean().item() for a in out.attentions])
+            mass.append([a[r][:, queries][:, :, vis].mean(0)[:, on].sum(-1).mean().item() for a in out.attentions])
             for k, h in enumerate(out.hidden_states):
-                hidden.setdefault(k, []).append(h[r, pos - 1].numpy())
+                hidden.setdefault(k, []).append(h[r, queries].numpy())
     y, train = np.array(boxes, float), np.array(split) == "train"
     uniform = np.mean([overlapping(regions, tuple(b)).float().mean().item() for b in y[~train].astype(int)])
     res = {"model": model_dir, "n_train": int(train.sum()), "n_test": int((~train).sum()),
