@@ -14,7 +14,7 @@ from skyeye.synth.corpus import synthesize
 from skyeye.synth.language import captions, questions, referring_expression, region
 from skyeye.synth.render import render
 from skyeye.synth.scene import Scene, SceneObject, outline, sample_scene
-from skyeye.synth.video import EVENTS, event_scene, read_frames, write_clip
+from skyeye.synth.video import EVENTS, FRAMES, event_scene, read_frames, write_clip
 
 
 def _digest(root: Path) -> dict[str, str]:
@@ -140,6 +140,19 @@ def test_clips_move_unless_nothing_happens(event, tmp_path):
     assert len(frames) == 10
     moved = (np.abs(frames[-1] - frames[0]).max(-1) > 40).mean()  # share of pixels that changed (not codec noise)
     assert (moved < 0.0005) if event == "non-event" else (moved > 0.001), moved
+
+
+@pytest.mark.parametrize("event", EVENTS)
+def test_every_vehicle_a_clip_counts_stays_in_view(event):
+    """The captions count every mover ("5 vehicles ..."), so all of them must be inside the
+    frame in every frame, whichever way they go (a queue once trailed off the far edge)."""
+    for seed in range(40):
+        scene, vel, _ = event_scene(event, np.random.default_rng(seed))
+        for obj, (vx, vy) in zip(scene.objects, vel, strict=True):
+            for t in (0, FRAMES - 1):
+                x1, y1, x2, y2 = obj.box
+                assert -0.01 <= x1 + vx * t and x2 + vx * t <= 1.01, (event, seed, t, obj.box)
+                assert -0.01 <= y1 + vy * t and y2 + vy * t <= 1.01, (event, seed, t, obj.box)
 
 
 def test_region_words():

@@ -33,9 +33,11 @@ def event_scene(event: str, rng: np.random.Generator) -> tuple[Scene, list[tuple
         speed = 0.012 if event == "traffic_congestion" else 0.06
         angle = (0.0 if forward else 180.0) if horizontal else (90.0 if forward else 270.0)
         objs, vel = [], []
-        start = 0.12 if forward else 0.88 - (0.4 if event == "car_racing" else 0.0)
+        # the queue (or the racers) start near the edge they come from and trail behind the
+        # leader, so every vehicle stays inside the frame for the whole clip
+        start, behind = (0.12, 1.0) if forward else (0.88, -1.0)
         for i in range(n):
-            along = start + i * (0.13 if event == "traffic_congestion" else 0.0) + (0 if forward else 0)
+            along = start + behind * i * (0.13 if event == "traffic_congestion" else 0.0)
             lane = pos + (rng.uniform(-0.012, 0.012) if event == "traffic_congestion" else (i - (n - 1) / 2) * 0.035)
             cx, cy = (along, lane) if horizontal else (lane, along)
             objs.append(_mover("vehicle", str(rng.choice(colours)), cx, cy, angle, 0.09, 0.045))
