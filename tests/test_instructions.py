@@ -156,3 +156,36 @@ def test_grid_boxes_round_trip():
     assert px == (20.0, 20.0, 60.0, 40.0)
     assert first_box_pixels("no box here", 10, 10) is None
     assert iou((0, 0, 10, 10), (5, 0, 15, 10)) == pytest.approx(1 / 3)
+
+
+def test_captioning_prompts_are_answered_with_the_most_consensual_reference(tiny_synth, tiny_instructions):
+    """Each image's captioning prompt has one answer, the reference that shares the most
+    with the image's other references (what CIDEr rewards); the others stay in stage 2's
+    "in other words" turns."""
+    from skyeye.data.instructions import consensus_order
+    from skyeye.data.records import CaptionSample
+
+    def sample(i, caps):
+        return CaptionSample(benchmark="ucm_captions", split="train", id=str(i), image=Path(f"{i}.png"), captions=caps)
+    odd = ("a red car parks near two white buildings.", "two white buildings and a red car.",
+           "a red car near two white buildings.", "sunset over a quiet town.", "a red car beside white buildings.")
+    other = ("a ship on blue water.", "blue water with a ship.", "a ship sails on blue water.", "a harbour.",
+             "a white ship on the blue water.")
+    orders = consensus_order([sample(0, odd), sample(1, other)])
+    assert sorted(orders[0]) == list(range(5)) and orders[0][-1] == 3 and orders[1][-1] == 3  # the outliers last
+    assert orders[0][0] in (0, 2, 4)
+
+    train, _ = read_benchmark("ucm_captions", tiny_synth / "ucm_captions", ["train"])
+    best = {s.image.name: s.captions[o[0]] for s, o in zip(train, consensus_order(train), strict=True)}
+    answers = {}
+    for s in _load(tiny_instructions, "stage1.json"):
+        if s["source"] == "ucm_captions" and s["task"] == "caption":
+            answers.setdefault(Path(s["image"]).name, []).append(s["conversations"][1]["value"])
+    assert answers and all(v == [best[k]] for k, v in answers.items())
+    stage2 = [s for s in _load(tiny_instructions, "stage2.json") if s["source"] == "ucm_captions"]
+    assert stage2
+    for s in stage2:
+        turns = s["conversations"]
+        assert turns[1]["value"] == best[Path(s["image"]).name]
+        again = [a["value"] for q, a in zip(turns[::2], turns[1::2]) if "other words" in q["value"]]
+        assert again and again[0] != turns[1]["value"]

@@ -97,7 +97,9 @@ def _thumb(path: Path, frames: int) -> np.ndarray:
 def nearest_captions(rows: list[dict], eval_root: Path, train: list[Item], train_root: Path,
                      source: str) -> list[str]:
     """The caption of the nearest training image (8x8 thumbnails, L2): the classic
-    nearest-neighbour captioning baseline, here with no learned features at all."""
+    nearest-neighbour captioning baseline, here with no learned features at all. It
+    returns the caption the model is trained to give for that image (stage 1's answer to
+    the captioning prompt: the image's most consensual reference), so both answer alike."""
     caps: dict[tuple[str, int], str] = {}
     for it in train:
         if it.source == source and it.task in ("caption", "video_caption") and (it.media, it.frames) not in caps:
