@@ -14,6 +14,7 @@ import os
 import shutil
 import zlib
 from collections import Counter, defaultdict
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -71,13 +72,12 @@ class Builder:
 
     # ------------------------------------------------------------ stage 1
     def captions(self, samples: list[CaptionSample]) -> None:
-        """The captioning prompts get each image's most consensual reference only (see
-        `consensus_order`); the other references answer "in other words" turns in stage 2."""
-        ranked = consensus_order(samples)
-        for s, order in zip(samples, ranked, strict=True):
+        """The captioning prompts get each image's first reference only: `build` puts the most
+        consensual first (`consensus_first`); the others answer "in other words" turns in stage 2."""
+        for s in samples:
             task = "video_caption" if s.is_video else "caption"
             ask = prompts.pick(task, s.id)
-            self.add1(task, s, [_human(f"[caption] {ask}", True), _gpt(s.captions[order[0]])], 0)
+            self.add1(task, s, [_human(f"[caption] {ask}", True), _gpt(s.captions[0])], 0)
             if s.scene_class and not s.is_video:
                 ask = prompts.pick("scene_vqa", s.id)
                 self.add1("scene_vqa", s, [_human(f"[vqa] {ask}", True), _gpt(s.scene_class)], 0)
@@ -135,16 +135,15 @@ class Builder:
 
     def caption_conversations(self, samples: list[CaptionSample]) -> None:
         """UCM/Sydney-Conversa style: a caption, the scene class when known, a second wording."""
-        for s, order in zip(samples, consensus_order(samples), strict=True):
+        for s in samples:
             if s.is_video:
                 continue
-            caps = [s.captions[k] for k in order]
-            turns = [(f"[caption] {prompts.pick('caption', s.id)}", caps[0])]
+            turns = [(f"[caption] {prompts.pick('caption', s.id)}", s.captions[0])]
             if s.scene_class:
                 turns.append((f"[vqa] {prompts.pick('scene_vqa', s.id)}", s.scene_class))
-            turns.append(("[caption] Describe it once more in other words.", caps[1 % len(caps)]))
+            turns.append(("[caption] Describe it once more in other words.", s.captions[1 % len(s.captions)]))
             if len(turns) < 3:
-                turns.append(("[caption] And one more description, please.", caps[2 % len(caps)]))
+                turns.append(("[caption] And one more description, please.", s.captions[2 % len(s.captions)]))
             self.conversation(s, turns)
 
     def vqa_conversations(self, samples: list[VQASample]) -> None:
@@ -183,6 +182,12 @@ def consensus_order(samples: list[CaptionSample]) -> list[list[int]]:
     for i in multi:  # stable: ties keep the published order
         orders[i] = sorted(range(len(samples[i].captions)), key=lambda k, i=i: -scores[i, k])
     return orders
+
+
+def consensus_first(samples: list[CaptionSample]) -> list[CaptionSample]:
+    """The samples with their references reordered, most consensual first."""
+    return [replace(s, captions=tuple(s.captions[k] for k in order))
+            for s, order in zip(samples, consensus_order(samples), strict=True)]
 
 
 def _by_image(samples: list[Sample]) -> dict[Path, list]:
@@ -265,6 +270,7 @@ def build(root: Path, out: Path, extra: dict[str, Path] | None = None) -> dict:
             train, report = read_benchmark(name, folder.resolve(), ["train"])
             reports.append(report)
             if EVAL_TASK[name] == "caption":
+                train = consensus_first(train)
                 b.captions(train)
                 b.caption_conversations(train)
             elif EVAL_TASK[name] == "vqa":
