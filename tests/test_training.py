@@ -19,7 +19,7 @@ TINY = ModelConfig(vision=VisionConfig(image_size=64), lora=LoRAConfig(r=8, alph
                                                                    layers=1, heads=2),
                                              llm=TinyLLMSpec(hidden_size=64, layers=2, heads=2, intermediate_size=128),
                                              vocab_size=400, vision_seconds=3, llm_seconds=3, vision_batch=8,
-                                             llm_batch=8))
+                                             llm_batch=8, scene_batch=4))
 
 
 def _stage(n: int, data: str) -> StageConfig:
@@ -46,6 +46,22 @@ def backbones(settings, tiny_synth, tiny_instructions):
     again = prepare_backbones(TINY, instructions=tiny_instructions, synth=tiny_synth, settings=settings)
     assert again == paths  # cached by data and config
     return paths
+
+
+def test_encoder_pretraining_learns_each_clip_frames_event(backbones, tiny_synth):
+    """Every sampled frame of a CapERA train clip carries that clip's ERA event, RSICD
+    images their scene class; the vision encoder was pretrained on them (one class set)."""
+    from skyeye.data.readers import read_benchmark
+    from skyeye.training.backbones import CLIP_FRAMES, _scene_frames
+    frames, labels, classes = _scene_frames(tiny_synth, 32, CLIP_FRAMES)
+    clips = [s for s in read_benchmark("capera", tiny_synth / "capera", ["train"])[0] if s.scene_class]
+    rsicd = [s for s in read_benchmark("rsicd", tiny_synth / "rsicd", ["train"])[0] if s.scene_class]
+    assert clips and rsicd and frames.shape == (CLIP_FRAMES * len(clips) + len(rsicd), 3, 32, 32)
+    first = [classes[int(i)] for i in labels[:CLIP_FRAMES]]
+    assert first == [f"capera:{clips[0].scene_class}"] * CLIP_FRAMES
+    assert {c for c in classes if c.startswith("rsicd:")} == {f"rsicd:{s.scene_class}" for s in rsicd}
+    done = json.loads((Path(backbones["vision"]) / "skyeye_pretraining.json").read_text())
+    assert done["scene_classes"] == classes and done["vision/loss_scene"] > 0
 
 
 def test_two_stages_on_two_ray_workers_tracked_in_mlflow(settings, backbones, tiny_instructions):

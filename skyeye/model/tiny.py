@@ -36,6 +36,9 @@ class BackbonesConfig(BaseModel):
     vision_seconds: float = 120
     vision_batch: int = 64
     vision_lr: float = 1e-3
+    # frames per step whose scene / event class the encoder also learns (CapERA's ERA event
+    # per clip frame, RSICD's scene class in the file name); 0 turns it off
+    scene_batch: int = 0
     llm_seconds: float = 90
     llm_batch: int = 64
     llm_lr: float = 2e-3

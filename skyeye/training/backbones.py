@@ -6,7 +6,12 @@ Objectives (and why):
   (DIOR-RSVG / RSVG annotations): the category of the object covering the patch, its
   colour when the expression names one, its box (normalised x1 y1 x2 y2), and the
   patch's mean colour and its own row and column on every image (position also made the
-  box regression converge faster: L1 0.025 -> 0.018 in the same 180 s). A CLIP-style
+  box regression converge faster: L1 0.025 -> 0.018 in the same 180 s). With
+  `scene_batch`, frames of the captioning sets whose layout names a class (CapERA's ERA
+  event per clip, RSICD's scene class in the file name) also teach every patch that
+  class: a clip's event is what its caption must name, and the LLM did not learn it from
+  160 clips (after stage 1 it named no traffic congestion, not even on training clips).
+  A CLIP-style
   contrastive objective would need far more data and time than 2 cores give; dense
   targets teach, in a couple of minutes, exactly what the LLM must read from a visual
   token: what is here, what colour, and
@@ -44,7 +49,8 @@ COLOUR_WORDS = ("white", "red", "blue", "yellow", "grey", "green")
 MEAN, STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 
 
-RECIPE_VERSION = 3  # bump when the pretraining code changes what it produces: old cache entries no longer fit
+CLIP_FRAMES = 4  # frames per clip to learn events from: as many as the model samples (vision.video_frames)
+RECIPE_VERSION = 4  # bump when the pretraining code changes what it produces: old cache entries no longer fit
 
 
 def cache_key(instructions: Path, cfg: BackbonesConfig) -> str:
@@ -82,7 +88,7 @@ def _train_for(seconds: float, lr: float, params: list, desc: str, step_fn, log,
 
 # ---------------------------------------------------------------- vision
 class DenseHeads(torch.nn.Module):
-    def __init__(self, width: int, n_classes: int, grid: int):
+    def __init__(self, width: int, n_classes: int, grid: int, n_scenes: int = 0):
         super().__init__()
         self.cls = torch.nn.Linear(width, n_classes + 1)  # 0 = background
         self.colour = torch.nn.Linear(width, len(COLOUR_WORDS))
@@ -93,6 +99,25 @@ class DenseHeads(torch.nn.Module):
         self.rgb = torch.nn.Linear(width, 3)
         self.row = torch.nn.Linear(width, grid)  # where the patch itself lies: every visual token
         self.col = torch.nn.Linear(width, grid)  # then says where it is, object or background
+        self.scene = torch.nn.Linear(width, max(n_scenes, 1))
+
+
+def _scene_frames(synth: Path, side: int, frames: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """uint8 frames and class ids of the train images / clips whose layout names a scene
+    class or an event; classes are namespaced by benchmark (`capera:boating`)."""
+    pixels, chunks, labels = PixelCache(Path("/"), side), [], []
+    for name in ("capera", "rsicd"):
+        if not (synth / name).exists():
+            continue
+        for s in read_benchmark(name, synth / name, ["train"])[0]:
+            if s.scene_class:
+                x = pixels.get(str(s.image), frames if s.is_video else 1)
+                chunks.append(x if x.dim() == 4 else x[None])
+                labels += [f"{name}:{s.scene_class}"] * len(chunks[-1])
+    classes = sorted(set(labels))
+    if not chunks:
+        return torch.zeros(0, 3, side, side, dtype=torch.uint8), torch.zeros(0, dtype=torch.long), classes
+    return torch.cat(chunks), torch.tensor([classes.index(c) for c in labels]), classes
 
 
 def _dense_targets(samples, side: int, patch: int, classes: list[str]):
@@ -142,14 +167,19 @@ def pretrain_vision(synth: Path, cfg: BackbonesConfig, out: Path, log) -> dict[s
     box_t = torch.from_numpy(np.stack([targets[p][2] for p in images]))
     tower = new_vision_tower(spec)
     g = spec.image_size // spec.patch_size
-    heads = DenseHeads(spec.hidden_size, len(classes), g)
+    scene_u8, scene_t, scenes = _scene_frames(synth, spec.image_size, CLIP_FRAMES) if cfg.scene_batch else \
+        (None, torch.zeros(0, dtype=torch.long), [])
+    heads = DenseHeads(spec.hidden_size, len(classes), g, len(scenes))
     rng = np.random.default_rng(cfg.seed)
     rows, cols = torch.arange(g * g) // g, torch.arange(g * g) % g
 
     def step():
         idx = torch.from_numpy(rng.integers(0, len(images), cfg.vision_batch))
         x = normalise(u8[idx], MEAN, STD)
-        tokens = tower(pixel_values=x).last_hidden_state[:, 1:]  # (B, N, D), CLS dropped
+        j = torch.from_numpy(rng.integers(0, len(scene_t), cfg.scene_batch)) if len(scene_t) else None
+        both = x if j is None else torch.cat([x, normalise(scene_u8[j], MEAN, STD)])
+        tokens = tower(pixel_values=both).last_hidden_state[:, 1:]  # (B, N, D), CLS dropped
+        tokens, scene_tokens = tokens[:len(idx)], tokens[len(idx):]
         patch_rgb = F.avg_pool2d(x, spec.patch_size).flatten(2).transpose(1, 2)  # (B, N, 3)
         fg = cls_t[idx] > 0
         loss_cls = F.cross_entropy(heads.cls(tokens).flatten(0, 1), cls_t[idx].flatten())
@@ -165,14 +195,20 @@ def pretrain_vision(synth: Path, cfg: BackbonesConfig, out: Path, log) -> dict[s
         loss_pos = F.cross_entropy(heads.row(tokens).flatten(0, 1), rows.repeat(len(idx))) + \
             F.cross_entropy(heads.col(tokens).flatten(0, 1), cols.repeat(len(idx)))
         loss = loss_cls + loss_col + 5 * loss_box + 0.5 * loss_bins + loss_rgb + loss_pos
-        return loss, {"vision/loss": loss.item(), "vision/loss_cls": loss_cls.item(), "vision/loss_box": loss_box.item(),
+        extra = {}
+        if j is not None:  # every patch names the class, so every visual token the LLM reads carries it
+            loss_scene = F.cross_entropy(heads.scene(scene_tokens).flatten(0, 1),
+                                         scene_t[j].repeat_interleave(scene_tokens.shape[1]))
+            loss = loss + loss_scene
+            extra["vision/loss_scene"] = loss_scene.item()
+        return loss, {**extra, "vision/loss": loss.item(), "vision/loss_cls": loss_cls.item(), "vision/loss_box": loss_box.item(),
                       "vision/loss_box_bins": loss_bins.item(), "vision/loss_colour": loss_col.item(),
                       "vision/loss_position": loss_pos.item()}
 
     params = list(tower.parameters()) + list(heads.parameters())
     metrics = _train_for(cfg.vision_seconds, cfg.vision_lr, params, "backbones: vision encoder", step, log, "vision")
     tower.save_pretrained(out)
-    (out / "skyeye_pretraining.json").write_text(json.dumps({"classes": classes, "grid": g, **metrics}, indent=1))
+    (out / "skyeye_pretraining.json").write_text(json.dumps({"classes": classes, "scene_classes": scenes, "grid": g, **metrics}, indent=1))
     return metrics
 
 
