@@ -39,6 +39,7 @@ class BackbonesConfig(BaseModel):
     # frames per step whose scene / event class the encoder also learns (CapERA's ERA event
     # per clip frame, RSICD's scene class in the file name); 0 turns it off
     scene_batch: int = 0
+    scene_weight: float = 0.3  # of the scene loss, against the dense losses' weight of 1
     llm_seconds: float = 90
     llm_batch: int = 64
     llm_lr: float = 2e-3

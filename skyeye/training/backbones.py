@@ -199,7 +199,7 @@ def pretrain_vision(synth: Path, cfg: BackbonesConfig, out: Path, log) -> dict[s
         if j is not None:  # every patch names the class, so every visual token the LLM reads carries it
             loss_scene = F.cross_entropy(heads.scene(scene_tokens).flatten(0, 1),
                                          scene_t[j].repeat_interleave(scene_tokens.shape[1]))
-            loss = loss + loss_scene
+            loss = loss + cfg.scene_weight * loss_scene
             extra["vision/loss_scene"] = loss_scene.item()
         return loss, {**extra, "vision/loss": loss.item(), "vision/loss_cls": loss_cls.item(), "vision/loss_box": loss_box.item(),
                       "vision/loss_box_bins": loss_bins.item(), "vision/loss_colour": loss_col.item(),
