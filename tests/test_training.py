@@ -51,14 +51,15 @@ def backbones(settings, tiny_synth, tiny_instructions):
 def test_encoder_pretraining_learns_each_clip_frames_event(backbones, tiny_synth):
     """Every sampled frame of a CapERA train clip carries that clip's ERA event, RSICD
     images their scene class; the vision encoder was pretrained on them (one class set)."""
+    from skyeye.data.instructions import VIDEO_FRAMES
     from skyeye.data.readers import read_benchmark
-    from skyeye.training.backbones import CLIP_FRAMES, _scene_frames
-    frames, labels, classes = _scene_frames(tiny_synth, 32, CLIP_FRAMES)
+    from skyeye.training.backbones import _scene_frames
+    frames, labels, classes = _scene_frames(tiny_synth, 32, VIDEO_FRAMES)
     clips = [s for s in read_benchmark("capera", tiny_synth / "capera", ["train"])[0] if s.scene_class]
     rsicd = [s for s in read_benchmark("rsicd", tiny_synth / "rsicd", ["train"])[0] if s.scene_class]
-    assert clips and rsicd and frames.shape == (CLIP_FRAMES * len(clips) + len(rsicd), 3, 32, 32)
-    first = [classes[int(i)] for i in labels[:CLIP_FRAMES]]
-    assert first == [f"capera:{clips[0].scene_class}"] * CLIP_FRAMES
+    assert clips and rsicd and frames.shape == (VIDEO_FRAMES * len(clips) + len(rsicd), 3, 32, 32)
+    first = [classes[int(i)] for i in labels[:VIDEO_FRAMES]]
+    assert first == [f"capera:{clips[0].scene_class}"] * VIDEO_FRAMES
     assert {c for c in classes if c.startswith("rsicd:")} == {f"rsicd:{s.scene_class}" for s in rsicd}
     done = json.loads((Path(backbones["vision"]) / "skyeye_pretraining.json").read_text())
     assert done["scene_classes"] == classes and done["vision/loss_scene"] > 0

@@ -7,16 +7,15 @@ Objectives (and why):
   colour when the expression names one, its box (normalised x1 y1 x2 y2), and the
   patch's mean colour and its own row and column on every image (position also made the
   box regression converge faster: L1 0.025 -> 0.018 in the same 180 s). With
-  `scene_batch`, frames of the captioning sets whose layout names a class (CapERA's ERA
-  event per clip, RSICD's scene class in the file name) also teach every patch that
-  class: a clip's event is what its caption must name, and the LLM did not learn it from
-  160 clips (after stage 1 it named no traffic congestion, not even on training clips).
-  A CLIP-style
-  contrastive objective would need far more data and time than 2 cores give; dense
-  targets teach, in a couple of minutes, exactly what the LLM must read from a visual
-  token: what is here, what colour, and
-  where the object lies (trials, findings.md, showed grounding stalls when the LLM has
-  to discover positions on its own).
+  `scene_batch`, the frames a clip is trained with (and RSICD images) also teach every
+  patch the class their layout names (CapERA's ERA event, RSICD's scene class in the
+  file name): a clip's event is what its caption must name, and the LLM did not learn it
+  from 160 clips (after stage 1 it named no traffic congestion, not even on training
+  clips). A CLIP-style contrastive objective would need far more data and time than 2
+  cores give; dense targets teach, in a couple of minutes, exactly what the LLM must
+  read from a visual token: what is here, what colour, and where the object lies
+  (trials, findings.md, showed grounding stalls when the LLM has to discover positions
+  on its own).
 - LLM (LLaMA architecture): next-token prediction on the instruction text (questions
   and answers, no image), so it knows the answer language and the box format before
   stage 1; the coordinate tokens `<0>`..`<100>` start from ordered (sinusoidal)
@@ -39,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from ..data.instructions import VIDEO_FRAMES
 from ..data.readers import read_benchmark
 from ..model.template import encode_conversation
 from ..model.tiny import BackbonesConfig, new_llm, new_vision_tower
@@ -49,7 +49,6 @@ COLOUR_WORDS = ("white", "red", "blue", "yellow", "grey", "green")
 MEAN, STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 
 
-CLIP_FRAMES = 4  # frames per clip to learn events from: as many as the model samples (vision.video_frames)
 RECIPE_VERSION = 4  # bump when the pretraining code changes what it produces: old cache entries no longer fit
 
 
@@ -167,7 +166,7 @@ def pretrain_vision(synth: Path, cfg: BackbonesConfig, out: Path, log) -> dict[s
     box_t = torch.from_numpy(np.stack([targets[p][2] for p in images]))
     tower = new_vision_tower(spec)
     g = spec.image_size // spec.patch_size
-    scene_u8, scene_t, scenes = _scene_frames(synth, spec.image_size, CLIP_FRAMES) if cfg.scene_batch else \
+    scene_u8, scene_t, scenes = _scene_frames(synth, spec.image_size, VIDEO_FRAMES) if cfg.scene_batch else \
         (None, torch.zeros(0, dtype=torch.long), [])
     heads = DenseHeads(spec.hidden_size, len(classes), g, len(scenes))
     rng = np.random.default_rng(cfg.seed)
