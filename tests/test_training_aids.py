@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from skyeye.model.config import ModelConfig, VisionConfig
-from skyeye.model.skyeyegpt import build_model
+from skyeye.model.skyeyegpt import build_model, load_model
 from skyeye.model.template import IGNORE, collate, encode_conversation
 from skyeye.model.tokenizer import GRID_TOKENS
 from skyeye.training.loop import CoordinateTargets, per_sample_loss
@@ -157,3 +157,33 @@ def test_ranks_agree_on_the_elapsed_time_that_stops_a_stage(tmp_path):
     mp.spawn(_elapsed_on_rank, args=(str(tmp_path / "init"), str(out)), nprocs=2, join=True)
     assert [float((tmp_path / f"seen.{r}").read_text()) for r in (0, 1)] == [600.5, 600.5]
     assert agreed_elapsed(12.0) == 12.0  # no process group: the local time
+
+
+def test_capera_probe_reads_events_and_directions_off_the_generators_wording(tiny_backbones, tiny_synth, tmp_path):
+    """bench/capera_probe.py: the clips' own captions name every event and direction; the same
+    captions with each direction reversed keep every orientation and no direction; teacher
+    forcing gives a probability and one attention mass per decoder layer."""
+    import importlib.util
+    from pathlib import Path
+
+    from skyeye.data.readers import read_benchmark
+    spec = importlib.util.spec_from_file_location("capera_probe", Path(__file__).parents[1] / "bench" / "capera_probe.py")
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    clips = read_benchmark("capera", tiny_synth / "capera", ["train"])[0]
+    own = [next((c for c in s.captions if probe.direction_of(c)), s.captions[0]) for s in clips]
+    right = probe.score(clips, own)
+    assert right["event_right"] == len(clips) and right["moving_clips"] > 0
+    assert right["direction_right"] == right["orientation_right"] == right["moving_clips"]
+    flip = {"left to right": "right to left", "right to left": "left to right", "top to bottom": "bottom to top",
+            "bottom to top": "top to bottom"}
+    reversed_ = [next((c.replace(a, b) for a, b in flip.items() if a in c), c) for c in own]
+    wrong = probe.score(clips, reversed_)
+    assert wrong["direction_right"] == 0 and wrong["orientation_right"] == wrong["moving_clips"]
+    model = _model(tiny_backbones)
+    model.save(tmp_path / "m")
+    forced = probe.teacher_forced(load_model(tmp_path / "m").eval(), clips, 2)
+    assert forced["clips"] == right["moving_clips"] and 0 < forced["p_direction_word"] < 1
+    layers = model.llm.config.num_hidden_layers
+    assert len(forced["attention_on_visual_tokens_by_layer"]) == layers
+    assert all(0 < a <= 1 for a in forced["attention_on_visual_tokens_by_layer"])

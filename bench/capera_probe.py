@@ -1,0 +1,124 @@
+"""What does a SkyEyeGPT get right about SkyEye-Synth's CapERA clips? A diagnostic for the
+synthetic corpus only: it reads events and directions of motion off the wording that
+`skyeye/synth/video.py` writes, so it means nothing on the real CapERA. Prints JSON:
+
+- per split (`train`, `test`): greedy captions to the benchmark's prompt; `event_right`
+  (the caption's event words name the clip's ERA event), and for clips that move,
+  `direction_right` and `orientation_right` (horizontal against vertical), per event;
+- `teacher_forced` (train clips whose training caption says where they move): the
+  probability the model gives the right direction word after "from", and per decoder
+  layer the attention mass (mean over heads) that position puts on the clip's visual tokens.
+
+    python bench/capera_probe.py --model <saved model folder> [--synth data/synth]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from skyeye.data.readers import read_benchmark
+from skyeye.evaluation.predictors import load_frames
+from skyeye.model.skyeyegpt import load_model
+from skyeye.model.template import encode_conversation
+from skyeye.prompts import PHRASINGS, TASK_TO_IDENTIFIER
+
+PROMPT = f"{TASK_TO_IDENTIFIER['video_caption']} {PHRASINGS['video_caption'][0]}"  # the benchmark's prompt
+DIRECTIONS = ("from left to right", "from right to left", "from top to bottom", "from bottom to top")
+# the generator's wording per event (first match wins)
+EVENT_WORDS = (("jam", "traffic_congestion"), ("slowly", "traffic_congestion"), ("traffic", "traffic_congestion"),
+               ("queue", "traffic_congestion"), ("stuck", "traffic_congestion"), ("rac", "car_racing"),
+               ("speed", "car_racing"), ("fast", "car_racing"), ("rush", "car_racing"), ("boat", "boating"),
+               ("harvest", "harvesting"), ("machine", "harvesting"), ("farm", "harvesting"), ("still", "non-event"),
+               ("nothing", "non-event"), ("quiet", "non-event"), ("static", "non-event"), ("no movement", "non-event"))
+
+
+def event_of(caption: str) -> str:
+    return next((event for word, event in EVENT_WORDS if word in caption), "?")
+
+
+def direction_of(caption: str) -> str | None:
+    return next((d for d in DIRECTIONS if d in caption), None)
+
+
+def horizontal(direction: str | None) -> bool | None:
+    return None if direction is None else ("left" in direction)
+
+
+def captions(model, clips, frames: int, batch: int) -> list[str]:
+    out = []
+    for i in range(0, len(clips), batch):
+        chunk = clips[i:i + batch]
+        px = torch.cat([model.preprocess(load_frames(s.image, frames)) for s in chunk])
+        out += model.ask([PROMPT] * len(chunk), frames=[frames] * len(chunk), pixel_values=px, max_new_tokens=30)
+    return out
+
+
+def score(clips, answers) -> dict:
+    events, moving = Counter(), Counter()
+    for s, a in zip(clips, answers, strict=True):
+        events[(s.scene_class, event_of(a) == s.scene_class)] += 1
+        truth = next((d for c in s.captions if (d := direction_of(c))), None)
+        if truth:
+            said = direction_of(a)
+            moving[(s.scene_class, "clips")] += 1
+            moving[(s.scene_class, "direction_right")] += said == truth
+            moving[(s.scene_class, "orientation_right")] += horizontal(said) == horizontal(truth)
+    kinds = sorted({e for e, _ in events})
+    return {"clips": len(clips), "event_right": sum(n for (_, ok), n in events.items() if ok),
+            "event_right_by_event": {e: [events[(e, True)], events[(e, True)] + events[(e, False)]] for e in kinds},
+            "moving_clips": sum(n for (e, k), n in moving.items() if k == "clips"),
+            "direction_right": sum(n for (e, k), n in moving.items() if k == "direction_right"),
+            "orientation_right": sum(n for (e, k), n in moving.items() if k == "orientation_right"),
+            "direction_right_by_event": {e: [moving[(e, "direction_right")], moving[(e, "clips")]]
+                                         for e in kinds if moving[(e, "clips")]}}
+
+
+def teacher_forced(model, clips, frames: int) -> dict:
+    """At the position after "from" in a caption that says where the clip moves."""
+    model.llm.set_attn_implementation("eager")  # SDPA returns no attention weights
+    tok, n = model.tokenizer, model.visual_tokens_per_image()
+    probs, attention = [], []
+    for s in clips:
+        caption = next((c for c in s.captions if direction_of(c)), None)
+        if caption is None:
+            continue
+        ids = torch.tensor([encode_conversation(tok, [(PROMPT, caption)], frames * n).input_ids])
+        # the direction word's (first) token follows the caption up to "from" (whose end token is dropped)
+        upto = caption[:caption.index(direction_of(caption)) + len("from")]
+        k = len(encode_conversation(tok, [(PROMPT, upto)], frames * n).input_ids) - 1
+        with torch.no_grad():
+            out = model(ids, torch.ones_like(ids), model.preprocess(load_frames(s.image, frames)), frames=[frames],
+                        output_attentions=True)
+        visual = ids[0] == model.image_token_id
+        probs.append(torch.softmax(out.logits[0, k - 1].float(), -1)[ids[0, k]].item())
+        attention.append([a[0, :, k - 1, visual].sum(-1).mean().item() for a in out.attentions])
+    return {"clips": len(probs), "p_direction_word": round(float(np.mean(probs)), 3) if probs else None,
+            "attention_on_visual_tokens_by_layer": np.round(np.mean(attention, 0), 3).tolist() if attention else None}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", required=True, help="a saved SkyEyeGPT folder (stage output or checkpoint)")
+    ap.add_argument("--synth", default="data/synth", help="the SkyEye-Synth root holding capera/")
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    model = load_model(args.model).eval()
+    frames = model.cfg.vision.video_frames
+    result = {"model": args.model}
+    for split in ("test", "train"):
+        clips = read_benchmark("capera", Path(args.synth) / "capera", [split])[0]
+        result[split] = score(clips, captions(model, clips, frames, args.batch))
+        if split == "train":
+            result["teacher_forced"] = teacher_forced(model, clips, frames)
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
