@@ -26,9 +26,9 @@ from skyeye.evaluation.predictors import load_frames
 from skyeye.model.skyeyegpt import load_model
 from skyeye.model.template import encode_conversation
 from skyeye.prompts import PHRASINGS, TASK_TO_IDENTIFIER
+from skyeye.synth.video import DIRECTIONS
 
 PROMPT = f"{TASK_TO_IDENTIFIER['video_caption']} {PHRASINGS['video_caption'][0]}"  # the benchmark's prompt
-DIRECTIONS = ("from left to right", "from right to left", "from top to bottom", "from bottom to top")
 # the generator's wording per event (first match wins)
 EVENT_WORDS = (("jam", "traffic_congestion"), ("slowly", "traffic_congestion"), ("traffic", "traffic_congestion"),
                ("queue", "traffic_congestion"), ("stuck", "traffic_congestion"), ("rac", "car_racing"),
@@ -41,12 +41,9 @@ def event_of(caption: str) -> str:
     return next((event for word, event in EVENT_WORDS if word in caption), "?")
 
 
-def direction_of(caption: str) -> str | None:
-    return next((d for d in DIRECTIONS if d in caption), None)
-
-
-def horizontal(direction: str | None) -> bool | None:
-    return None if direction is None else ("left" in direction)
+def direction_of(caption: str) -> tuple[bool, bool] | None:
+    """(horizontal, forward) of the first direction the caption names."""
+    return next((key for key, words in DIRECTIONS.items() if words in caption), None)
 
 
 def captions(model, clips, frames: int, batch: int) -> list[str]:
@@ -59,23 +56,24 @@ def captions(model, clips, frames: int, batch: int) -> list[str]:
 
 
 def score(clips, answers) -> dict:
-    events, moving = Counter(), Counter()
+    per_event: dict[str, Counter] = {}
     for s, a in zip(clips, answers, strict=True):
-        events[(s.scene_class, event_of(a) == s.scene_class)] += 1
+        n = per_event.setdefault(s.scene_class, Counter())
+        n["clips"] += 1
+        n["event_right"] += event_of(a) == s.scene_class
         truth = next((d for c in s.captions if (d := direction_of(c))), None)
         if truth:
             said = direction_of(a)
-            moving[(s.scene_class, "clips")] += 1
-            moving[(s.scene_class, "direction_right")] += said == truth
-            moving[(s.scene_class, "orientation_right")] += horizontal(said) == horizontal(truth)
-    kinds = sorted({e for e, _ in events})
-    return {"clips": len(clips), "event_right": sum(n for (_, ok), n in events.items() if ok),
-            "event_right_by_event": {e: [events[(e, True)], events[(e, True)] + events[(e, False)]] for e in kinds},
-            "moving_clips": sum(n for (e, k), n in moving.items() if k == "clips"),
-            "direction_right": sum(n for (e, k), n in moving.items() if k == "direction_right"),
-            "orientation_right": sum(n for (e, k), n in moving.items() if k == "orientation_right"),
-            "direction_right_by_event": {e: [moving[(e, "direction_right")], moving[(e, "clips")]]
-                                         for e in kinds if moving[(e, "clips")]}}
+            n["moving_clips"] += 1
+            n["direction_right"] += said == truth
+            n["orientation_right"] += said is not None and said[0] == truth[0]
+    total = sum(per_event.values(), Counter())
+    return {"clips": len(clips), "event_right": total["event_right"],
+            "event_right_by_event": {e: [n["event_right"], n["clips"]] for e, n in sorted(per_event.items())},
+            "moving_clips": total["moving_clips"], "direction_right": total["direction_right"],
+            "orientation_right": total["orientation_right"],
+            "direction_right_by_event": {e: [n["direction_right"], n["moving_clips"]]
+                                         for e, n in sorted(per_event.items()) if n["moving_clips"]}}
 
 
 def teacher_forced(model, clips, frames: int) -> dict:
@@ -84,12 +82,13 @@ def teacher_forced(model, clips, frames: int) -> dict:
     tok, n = model.tokenizer, model.visual_tokens_per_image()
     probs, attention = [], []
     for s in clips:
-        caption = next((c for c in s.captions if direction_of(c)), None)
-        if caption is None:
+        said = next(((c, d) for c in s.captions if (d := direction_of(c))), None)
+        if said is None:
             continue
+        caption, direction = said
         ids = torch.tensor([encode_conversation(tok, [(PROMPT, caption)], frames * n).input_ids])
         # the direction word's (first) token follows the caption up to "from" (whose end token is dropped)
-        upto = caption[:caption.index(direction_of(caption)) + len("from")]
+        upto = caption[:caption.index(DIRECTIONS[direction]) + len("from")]
         k = len(encode_conversation(tok, [(PROMPT, upto)], frames * n).input_ids) - 1
         with torch.no_grad():
             out = model(ids, torch.ones_like(ids), model.preprocess(load_frames(s.image, frames)), frames=[frames],

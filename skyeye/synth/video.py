@@ -13,6 +13,9 @@ from .scene import Scene, SceneObject, outline
 
 EVENTS = ("traffic_congestion", "car_racing", "boating", "harvesting", "non-event")
 FRAMES, FPS = 10, 2  # 5 s, like CapERA's clips
+# how captions say where things move: (horizontal, forward) -> words
+DIRECTIONS = {(True, True): "from left to right", (True, False): "from right to left",
+              (False, True): "from top to bottom", (False, False): "from bottom to top"}
 
 
 def _mover(category: str, colour: str, cx: float, cy: float, angle: float, length: float, width: float) -> SceneObject:
@@ -43,8 +46,7 @@ def event_scene(event: str, rng: np.random.Generator) -> tuple[Scene, list[tuple
             objs.append(_mover("vehicle", str(rng.choice(colours)), cx, cy, angle, 0.09, 0.045))
             d = speed if forward else -speed
             vel.append((d, 0.0) if horizontal else (0.0, d))
-        direction = ("from left to right" if forward else "from right to left") if horizontal else \
-            ("from top to bottom" if forward else "from bottom to top")
+        direction = DIRECTIONS[(horizontal, forward)]
         scene = Scene(str(rng.choice(["residential", "industrial", "meadow"])), "default", objs,
                       roads=[("h" if horizontal else "v", pos)], texture_seed=int(rng.integers(0, 2**31 - 1)))
         return scene, vel, direction
@@ -57,13 +59,13 @@ def event_scene(event: str, rng: np.random.Generator) -> tuple[Scene, list[tuple
                        c + (i - (n - 1) / 2) * 0.12, 0.0 if forward else 180.0, 0.2, 0.06) for i in range(n)]
         scene = Scene("river", "default", objs, water=water, texture_seed=int(rng.integers(0, 2**31 - 1)))
         d = 0.025 if forward else -0.025
-        return scene, [(d, 0.0)] * n, "from left to right" if forward else "from right to left"
+        return scene, [(d, 0.0)] * n, DIRECTIONS[(True, forward)]
     if event == "harvesting":
         forward = rng.random() < 0.5
         y = float(rng.uniform(0.3, 0.7))
         objs = [_mover("vehicle", "yellow", 0.15 if forward else 0.85, y, 0.0 if forward else 180.0, 0.12, 0.07)]
         scene = Scene("farmland", "default", objs, texture_seed=int(rng.integers(0, 2**31 - 1)))
-        return scene, [(0.02 if forward else -0.02, 0.0)], "from left to right" if forward else "from right to left"
+        return scene, [(0.02 if forward else -0.02, 0.0)], DIRECTIONS[(True, forward)]
     if event == "non-event":
         from .scene import sample_scene
         scene = sample_scene(rng, land_use=str(rng.choice(["residential", "forest", "meadow", "parking lot"])))
