@@ -130,6 +130,33 @@ def test_grounding_probe_reports_each_layer_and_the_attention_on_the_object(tiny
     assert len(res["attention_on_object"]) == layers and all(0 <= a <= 1 for a in res["attention_on_object"])
     assert {k for k in res if k.startswith("probe_hidden_L")} == {f"probe_hidden_L{k}" for k in range(layers + 1)}
     assert 0 < res["attention_uniform"] <= 1 and len(res["mae_teacher_forced"]) == 4
+    assert res["ceiling_group1"]["visual_tokens"] == 16 and res["ceiling_group4"]["visual_tokens"] == 4
+    assert all(0 <= res[f"ceiling_group{g}"]["acc_at_0.5"] <= 1 for g in (1, 4))
+
+
+def test_grounding_ceiling_reads_boxes_that_the_patches_hold_and_not_from_noise():
+    """The linear ceiling: patches that carry their object's box give every box back one patch
+    per token; grouping 4 patches (object and background mixed) loses precision; noise
+    features give about what guessing gives."""
+    import importlib.util
+    from pathlib import Path
+
+    import numpy as np
+    spec = importlib.util.spec_from_file_location("grounding_probe",
+                                                  Path(__file__).parents[1] / "bench" / "grounding_probe.py")
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    rng = np.random.default_rng(0)
+    corner, size = rng.uniform(0, 60, (300, 2)), rng.uniform(20, 40, (300, 2))
+    boxes = np.c_[corner, corner + size].round()
+    patches = rng.normal(0, 0.01, (300, 64, 5))
+    for i, b in enumerate(boxes):
+        patches[i, probe.object_tokens(64, 1, b)] = np.r_[b / 100, 1]
+    train = np.arange(300) < 200
+    one, four = probe.ceiling(patches, boxes, train, 1), probe.ceiling(patches, boxes, train, 4)
+    assert one == {"visual_tokens": 64, "acc_at_0.5": 1.0, "mae": one["mae"]} and one["mae"] < 2
+    assert four["visual_tokens"] == 16 and four["mae"] > one["mae"] + 1
+    assert probe.ceiling(rng.normal(size=(300, 64, 5)), boxes, train, 1)["acc_at_0.5"] < 0.3
 
 
 def _elapsed_on_rank(rank: int, init_file: str, out_file: str) -> None:
