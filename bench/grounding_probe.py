@@ -13,7 +13,7 @@ answer given (teacher forcing), and prints JSON:
   coordinate-writing position to that coordinate.
 - `ceiling_group<g>`: the grounding a perfect, linear reader could reach from the frozen
   encoder's patches grouped `g` at a time, as the alignment layer groups them: a ridge
-  regression from each visual token that overlaps the box to the box; a test box is the
+  regression to the box from each visual token holding a patch whose centre lies in the box; a test box is the
   mean of its tokens' predictions, scored as the benchmark scores (Acc@0.5, and the mean
   error in grid units). Below a target, stage 1 cannot reach it by attending and reading
   linearly, however long it trains; `acc_at_0.5_mean_box` is always answering the mean box.
@@ -50,10 +50,19 @@ def rows_of(root: Path, n_train: int, n_test: int) -> list[tuple[str, str, str, 
     return rows
 
 
+def ridge_fit(x: np.ndarray, y: np.ndarray, lam: float) -> np.ndarray:
+    """Weights (D + 1, K) of a ridge regression with a bias column; apply with `with_bias(x) @ w`."""
+    xa = with_bias(x)
+    return np.linalg.solve(xa.T @ xa + lam * np.eye(xa.shape[1]), xa.T @ y)
+
+
+def with_bias(x: np.ndarray) -> np.ndarray:
+    return np.c_[x, np.ones(len(x))]
+
+
 def ridge_mae(x: np.ndarray, y: np.ndarray, train: np.ndarray, lam: float) -> np.ndarray:
-    xa = np.c_[x, np.ones(len(x))]
-    w = np.linalg.solve(xa[train].T @ xa[train] + lam * np.eye(xa.shape[1]), xa[train].T @ y[train])
-    return np.abs(xa[~train] @ w - y[~train]).mean(0)
+    w = ridge_fit(x[train], y[train], lam)
+    return np.abs(with_bias(x[~train]) @ w - y[~train]).mean(0)
 
 
 def object_tokens(p: int, group: int, box) -> np.ndarray:
@@ -63,8 +72,9 @@ def object_tokens(p: int, group: int, box) -> np.ndarray:
     cell = GRID / side
     cx, cy = (np.arange(p) % side + 0.5) * cell, (np.arange(p) // side + 0.5) * cell
     inside = (cx >= box[0]) & (cx <= box[2]) & (cy >= box[1]) & (cy <= box[3])
-    if not inside.any():
-        inside[int(min((box[1] + box[3]) / 2 // cell, side - 1) * side + min((box[0] + box[2]) / 2 // cell, side - 1))] = True
+    if not inside.any():  # a small object: the patch holding its centre
+        row, col = (min(int((box[k] + box[k + 2]) / 2 // cell), side - 1) for k in (1, 0))
+        inside[row * side + col] = True
     return inside.reshape(p // group, group).any(1)
 
 
@@ -79,10 +89,9 @@ def ceiling(patches: np.ndarray, boxes: np.ndarray, train: np.ndarray, group: in
     fit = np.flatnonzero(train)
     x = np.concatenate([tokens[i][on[i]] for i in fit])
     y = np.concatenate([np.repeat(boxes[i][None], on[i].sum(), 0) for i in fit])
-    xa = np.c_[x, np.ones(len(x))]
-    w = np.linalg.solve(xa.T @ xa + lam * np.eye(xa.shape[1]), xa.T @ y)
+    w = ridge_fit(x, y, lam)
     test = np.flatnonzero(~train)
-    pred = np.array([(np.c_[tokens[i][on[i]], np.ones(on[i].sum())] @ w).mean(0) for i in test])
+    pred = np.array([(with_bias(tokens[i][on[i]]) @ w).mean(0) for i in test])
     return {"visual_tokens": p // group,
             "acc_at_0.5": round(float(np.mean([iou(a, b) >= 0.5 for a, b in zip(pred, boxes[test])])), 3),
             "mae": round(float(np.abs(pred - boxes[test]).mean()), 2)}
@@ -126,8 +135,9 @@ def probe(model_dir: str, root: Path, n_train: int, n_test: int, groups: tuple[i
            "probe_visual_tokens": ridge_mae(np.array(visual), y, train, 1.0).round(1).tolist()}
     mean_box = y[train].mean(0)
     res["acc_at_0.5_mean_box"] = round(float(np.mean([iou(mean_box, b) >= 0.5 for b in y[~train]])), 3)
+    patches = np.stack(patches)
     for g in groups:
-        res[f"ceiling_group{g}"] = ceiling(np.stack(patches), y, train, g)
+        res[f"ceiling_group{g}"] = ceiling(patches, y, train, g)
     for k, hs in hidden.items():
         h = np.stack(hs)  # (N, 4, H)
         res[f"probe_hidden_L{k}"] = [round(float(ridge_mae(h[:, c], y[:, c:c + 1], train, 10.0)[0]), 1)

@@ -25,6 +25,16 @@ def _model(backbones):
                        backbones["tokenizer"])
 
 
+def _bench(name: str):
+    """A script of bench/ as a module (bench/ is not a package)."""
+    import importlib.util
+    from pathlib import Path
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[1] / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_visual_token_regions_follow_the_alignment_layer_grouping():
     regions = token_regions(16, 4)  # 8 x 8 patches, 4 consecutive ones per token: half-row strips
     assert regions[0].tolist() == [0, 0, 50, 12.5]
@@ -115,13 +125,7 @@ def test_grounding_probe_reports_each_layer_and_the_attention_on_the_object(tiny
                                                                           tmp_path):
     """bench/grounding_probe.py on a dim-64 model: one attention mass and one hidden-state probe
     per layer, masses that are fractions, and a uniform reference that follows the grouping."""
-    import importlib.util
-    from pathlib import Path
-
-    spec = importlib.util.spec_from_file_location("grounding_probe",
-                                                  Path(__file__).parents[1] / "bench" / "grounding_probe.py")
-    probe = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(probe)
+    probe = _bench("grounding_probe")
     model = _model(tiny_backbones)
     model.save(tmp_path / "m")
     res = probe.probe(str(tmp_path / "m"), tiny_instructions, n_train=12, n_test=4)
@@ -138,14 +142,8 @@ def test_grounding_ceiling_reads_boxes_that_the_patches_hold_and_not_from_noise(
     """The linear ceiling: patches that carry their object's box give every box back one patch
     per token; grouping 4 patches (object and background mixed) loses precision; noise
     features give about what guessing gives."""
-    import importlib.util
-    from pathlib import Path
-
     import numpy as np
-    spec = importlib.util.spec_from_file_location("grounding_probe",
-                                                  Path(__file__).parents[1] / "bench" / "grounding_probe.py")
-    probe = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(probe)
+    probe = _bench("grounding_probe")
     rng = np.random.default_rng(0)
     corner, size = rng.uniform(0, 60, (300, 2)), rng.uniform(20, 40, (300, 2))
     boxes = np.c_[corner, corner + size].round()
@@ -190,13 +188,8 @@ def test_capera_probe_reads_events_and_directions_off_the_generators_wording(tin
     """bench/capera_probe.py: the clips' own captions name every event and direction; the same
     captions with each direction reversed keep every orientation and no direction; teacher
     forcing gives a probability and one attention mass per decoder layer."""
-    import importlib.util
-    from pathlib import Path
-
     from skyeye.data.readers import read_benchmark
-    spec = importlib.util.spec_from_file_location("capera_probe", Path(__file__).parents[1] / "bench" / "capera_probe.py")
-    probe = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(probe)
+    probe = _bench("capera_probe")
     clips = read_benchmark("capera", tiny_synth / "capera", ["train"])[0]
     own = [next((c for c in s.captions if probe.direction_of(c)), s.captions[0]) for s in clips]
     right = probe.score(clips, own)
