@@ -11,6 +11,7 @@ from skyeye.model.tokenizer import GRID_TOKENS
 from skyeye.training.loop import CoordinateTargets, per_sample_loss
 from skyeye.training.pointing import (
     PointingTargets,
+    movers,
     overlapping,
     pointing_loss,
     token_regions,
@@ -61,6 +62,36 @@ def test_pointing_targets_find_each_answer_box_and_its_visual_tokens(tiny_backbo
     assert targets[2][3].tolist() != targets[1][3].tolist()  # each detection box points at its own tokens
     # clips (several frames) are left out
     assert PointingTargets(tok, model.image_token_id, n, 4)(batch["input_ids"], batch["labels"], [4, 4, 4]) == []
+
+
+def test_clip_answers_point_at_the_visual_tokens_that_move(tiny_backbones):
+    model = _model(tiny_backbones)
+    tok, n = model.tokenizer, model.visual_tokens_per_image()  # 4 patches per visual token
+    frames, patches, width = 3, n * 4, 8
+    torch.manual_seed(0)
+    still = torch.randn(1, patches, width).repeat(frames, 1, 1)
+    moving = still.clone()
+    for f in range(frames):  # something covers patch 4f + 1, i.e. visual token f, in frame f
+        moving[f, 4 * f + 1] += 5.0
+    m = movers(moving, 4)
+    # token f of frame f (where it is) and the same token in the next or previous frame (where it left)
+    expected = {(0, 0), (1, 0), (1, 1), (0, 1), (2, 1), (1, 2), (2, 2)}
+    assert {divmod(int(i), n) for i in m.nonzero().flatten()} == expected
+    assert not movers(still, 4).any()  # a still clip has no movers
+    clip = ("<Img><ImageHere></Img> [caption] describe the video", "a boat sails from left to right.")
+    batch = collate([encode_conversation(tok, [t], frames * n) for t in (clip, clip)], tok.pad_token_id)
+    vision_tokens = torch.cat([moving, still])
+    targets = PointingTargets(tok, model.image_token_id, n, 4, motion=True)(
+        batch["input_ids"], batch["labels"], [frames, frames], vision_tokens)
+    assert len(targets) == 1  # the still clip has no target
+    row, queries, visual, mask = targets[0]
+    assert row == 0 and mask.tolist() == m.tolist() and len(visual) == frames * n
+    assert (batch["input_ids"][0, visual] == model.image_token_id).all()
+    answer = (batch["labels"][0] != IGNORE).nonzero().flatten()
+    assert queries.tolist() == (answer - 1).tolist()  # every answer token is predicted looking at the movers
+    # without `motion`, clips are left out as before
+    assert PointingTargets(tok, model.image_token_id, n, 4)(batch["input_ids"], batch["labels"], [frames, frames],
+                                                           vision_tokens) == []
 
 
 def test_pointing_loss_is_low_when_attention_sits_on_the_object():

@@ -149,7 +149,7 @@ def run_stage(ctx, config: dict) -> dict:
         if bad:
             raise ValueError(f"pointing_layers: {bad} out of range for an LLM of {n_layers} layers")
         model.llm.set_attn_implementation("eager")  # SDPA returns no attention weights
-        pointing = PointingTargets(tok, model.image_token_id, n_vis, mcfg.alignment.group)
+        pointing = PointingTargets(tok, model.image_token_id, n_vis, mcfg.alignment.group, cfg.pointing_motion)
     coords = CoordinateTargets(tok, cfg.coordinate_sigma) if cfg.coordinate_sigma > 0 else None
     held_out = HeldOut(cfg.held_out, root, items + replay, model, features) if ctx.is_main else None
 
@@ -191,7 +191,7 @@ def run_stage(ctx, config: dict) -> dict:
         losses = per_sample_loss(out.logits, batch["labels"].to(ctx.device), coords)
         loss = losses.mean()
         if pointing is not None:
-            aux = pointing_loss(out.attentions, cfg.pointing_layers, pointing(batch["input_ids"], batch["labels"], frames))
+            aux = pointing_loss(out.attentions, cfg.pointing_layers, pointing(batch["input_ids"], batch["labels"], frames, vis))
             if aux is not None:
                 loss = loss + cfg.pointing_weight * aux
                 window["loss/pointing"].append(float(aux.detach()))

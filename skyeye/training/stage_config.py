@@ -49,6 +49,8 @@ class StageConfig(BaseModel):
                                     "this many grid units wide (training/loop.py; 0 = the paper's cross-entropy).")
     pointing_weight: float = Field(0.0, ge=0.0, description="Weight of the grounding attention loss "
                                    "(training/pointing.py; a tiny-model aid, 0 = the paper's recipe).")
+    pointing_motion: bool = Field(False, description="Also point clips' answers at their moving visual tokens "
+                                  "(training/pointing.py; needs pointing_weight > 0).")
     pointing_layers: list[int] = Field(default_factory=lambda: [1], description="Decoder layers (0-based) whose "
                                        "attention the pointing loss guides.")
     cache_features: bool = Field(True, description="Encode each image once with the frozen encoder.")
