@@ -7,7 +7,9 @@ synthetic corpus only: it reads events and directions of motion off the wording 
   `direction_right` and `orientation_right` (horizontal against vertical), per event;
 - `teacher_forced` (train clips whose training caption says where they move): the
   probability the model gives the right direction word after "from", and per decoder
-  layer the attention mass (mean over heads) that position puts on the clip's visual tokens.
+  layer the attention mass (mean over heads) that position puts on the clip's visual tokens,
+  and the share of that mass on the tokens that move (`skyeye.training.pointing.movers`;
+  `mover_token_share` is what attention spread evenly would give).
 
     python bench/capera_probe.py --model <saved model folder> [--synth data/synth]
 """
@@ -27,6 +29,7 @@ from skyeye.model.skyeyegpt import load_model
 from skyeye.model.template import encode_conversation
 from skyeye.prompts import PHRASINGS, TASK_TO_IDENTIFIER
 from skyeye.synth.video import DIRECTIONS
+from skyeye.training.pointing import movers
 
 PROMPT = f"{TASK_TO_IDENTIFIER['video_caption']} {PHRASINGS['video_caption'][0]}"  # the benchmark's prompt
 # the generator's wording per event (first match wins)
@@ -80,7 +83,7 @@ def teacher_forced(model, clips, frames: int) -> dict:
     """At the position after "from" in a caption that says where the clip moves."""
     model.llm.set_attn_implementation("eager")  # SDPA returns no attention weights
     tok, n = model.tokenizer, model.visual_tokens_per_image()
-    probs, attention = [], []
+    probs, attention, on_movers, mover_share = [], [], [], []
     for s in clips:
         said = next(((c, d) for c in s.captions if (d := direction_of(c))), None)
         if said is None:
@@ -90,14 +93,21 @@ def teacher_forced(model, clips, frames: int) -> dict:
         # the direction word's (first) token follows the caption up to "from" (whose end token is dropped)
         upto = caption[:caption.index(DIRECTIONS[direction]) + len("from")]
         k = len(encode_conversation(tok, [(PROMPT, upto)], frames * n).input_ids) - 1
+        pixels = model.preprocess(load_frames(s.image, frames))
         with torch.no_grad():
-            out = model(ids, torch.ones_like(ids), model.preprocess(load_frames(s.image, frames)), frames=[frames],
-                        output_attentions=True)
+            out = model(ids, torch.ones_like(ids), pixels, frames=[frames], output_attentions=True)
+            moving = movers(model.vision(pixels), model.cfg.alignment.group)
         visual = ids[0] == model.image_token_id
         probs.append(torch.softmax(out.logits[0, k - 1].float(), -1)[ids[0, k]].item())
-        attention.append([a[0, :, k - 1, visual].sum(-1).mean().item() for a in out.attentions])
+        per_token = [a[0, :, k - 1, visual].mean(0) for a in out.attentions]  # (visual tokens,) per layer
+        attention.append([a.sum().item() for a in per_token])
+        if moving.any():
+            on_movers.append([(a[moving].sum() / a.sum()).item() for a in per_token])
+            mover_share.append(moving.float().mean().item())
+    mean = lambda rows: np.round(np.mean(rows, 0), 3).tolist() if rows else None  # noqa: E731
     return {"clips": len(probs), "p_direction_word": round(float(np.mean(probs)), 3) if probs else None,
-            "attention_on_visual_tokens_by_layer": np.round(np.mean(attention, 0), 3).tolist() if attention else None}
+            "attention_on_visual_tokens_by_layer": mean(attention),
+            "share_of_visual_attention_on_movers_by_layer": mean(on_movers), "mover_token_share": mean(mover_share)}
 
 
 def main() -> None:

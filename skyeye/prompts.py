@@ -24,6 +24,9 @@ PHRASINGS = {
                   "What objects does this scene contain?"],
     "video_caption": ["describe the video frame image", "Describe what happens in this UAV video.",
                       "Give a short caption for this drone clip."],
+    # a clip's event class (CapERA's ERA event), asked in stage-2 clip conversations, as ERA-VQA asks
+    "event_vqa": ["What event is happening in this video?", "Which event does this UAV clip show?",
+                  "What is going on in this drone video?"],
     "scene_vqa": ["Which scene category does this image belong to?", "What type of scene is shown in this image?",
                   "Classify the land use of this image."],
     "refer": ["{expression}", "where is {expression}?", "give me the location of {expression}"],

@@ -13,7 +13,8 @@ import pytest
 from skyeye.boxes import BOX_RE, first_box_pixels, iou, parse_boxes, to_grid
 from skyeye.data.instructions import build
 from skyeye.data.readers import SCORED_SPLITS, read_benchmark
-from skyeye.prompts import IMAGE_PLACEHOLDER, STAGE1_TASKS, TASK_IDENTIFIERS
+from skyeye.prompts import IMAGE_PLACEHOLDER, PHRASINGS, STAGE1_TASKS, TASK_IDENTIFIERS
+from skyeye.synth.video import EVENTS
 
 
 def _load(folder: Path, name: str):
@@ -67,14 +68,22 @@ def test_stage2_conversations_mix_tasks(tiny_instructions):
         mixed += len(idents) > 1
     assert mixed / len(stage2) > 0.4
     sources = {s["source"] for s in stage2}
-    assert {"dior_rsvg", "ucm_captions", "rsvqa_lr"} <= sources
+    assert {"dior_rsvg", "ucm_captions", "rsvqa_lr", "capera"} <= sources
+    # clips talk too: their frames; a caption to a video prompt, the ERA event as a question, another wording
+    clips = [s for s in stage2 if s["source"] == "capera"]
+    assert clips and all(s["frames"] == 4 and s["video"].endswith(".mp4") and "image" not in s for s in clips)
+    for s in clips:
+        turns = s["conversations"]
+        assert turns[0]["value"].split("[caption] ")[1] in PHRASINGS["video_caption"]
+        assert turns[2]["value"].split("[vqa] ")[1] in PHRASINGS["event_vqa"]
+        assert turns[3]["value"] in {e.replace("_", " ") for e in EVENTS}
+        assert turns[1]["value"] != turns[5]["value"]  # two wordings of the clip
 
 
 def test_captioning_prompts_get_captions_not_object_lists(tiny_instructions):
     """The grounding scenes' object list ("there are ... in the image") has its own questions:
     when it shared the captioning prompts, stage 2 taught the model to answer the benchmarks'
     caption prompt with an object list (UCM CIDEr 285 after stage 1, 202 after stage 2)."""
-    from skyeye.prompts import PHRASINGS
 
     asked = Counter()
     for s in _load(tiny_instructions, "stage2.json") + _load(tiny_instructions, "stage1.json"):

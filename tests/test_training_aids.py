@@ -218,7 +218,8 @@ def test_ranks_agree_on_the_elapsed_time_that_stops_a_stage(tmp_path):
 def test_capera_probe_reads_events_and_directions_off_the_generators_wording(tiny_backbones, tiny_synth, tmp_path):
     """bench/capera_probe.py: the clips' own captions name every event and direction; the same
     captions with each direction reversed keep every orientation and no direction; teacher
-    forcing gives a probability and one attention mass per decoder layer."""
+    forcing gives a probability, one attention mass per decoder layer and the share of it on the
+    tokens that move."""
     from skyeye.data.readers import read_benchmark
     probe = _bench("capera_probe")
     clips = read_benchmark("capera", tiny_synth / "capera", ["train"])[0]
@@ -238,3 +239,6 @@ def test_capera_probe_reads_events_and_directions_off_the_generators_wording(tin
     layers = model.llm.config.num_hidden_layers
     assert len(forced["attention_on_visual_tokens_by_layer"]) == layers
     assert all(0 < a <= 1 for a in forced["attention_on_visual_tokens_by_layer"])
+    assert len(forced["share_of_visual_attention_on_movers_by_layer"]) == layers
+    assert all(0 < a < 1 for a in forced["share_of_visual_attention_on_movers_by_layer"])
+    assert 0 < forced["mover_token_share"] < 1  # the moving clips move: some of their tokens, not all
