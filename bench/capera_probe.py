@@ -93,10 +93,10 @@ def teacher_forced(model, clips, frames: int) -> dict:
         # the direction word's (first) token follows the caption up to "from" (whose end token is dropped)
         upto = caption[:caption.index(DIRECTIONS[direction]) + len("from")]
         k = len(encode_conversation(tok, [(PROMPT, upto)], frames * n).input_ids) - 1
-        pixels = model.preprocess(load_frames(s.image, frames))
-        with torch.no_grad():
-            out = model(ids, torch.ones_like(ids), pixels, frames=[frames], output_attentions=True)
-            moving = movers(model.vision(pixels), model.cfg.alignment.group)
+        with torch.no_grad():  # the frozen encoder once: for the model and for finding the movers
+            encoded = model.vision(model.preprocess(load_frames(s.image, frames)))
+            out = model(ids, torch.ones_like(ids), frames=[frames], vision_tokens=encoded, output_attentions=True)
+        moving = movers(encoded, model.cfg.alignment.group)
         visual = ids[0] == model.image_token_id
         probs.append(torch.softmax(out.logits[0, k - 1].float(), -1)[ids[0, k]].item())
         per_token = [a[0, :, k - 1, visual].mean(0) for a in out.attentions]  # (visual tokens,) per layer

@@ -89,6 +89,13 @@ def test_clip_answers_point_at_the_visual_tokens_that_move(tiny_backbones):
     assert (batch["input_ids"][0, visual] == model.image_token_id).all()
     answer = (batch["labels"][0] != IGNORE).nonzero().flatten()
     assert queries.tolist() == (answer - 1).tolist()  # every answer token is predicted looking at the movers
+    # in a batch that mixes clips and an image, each sample finds its own encoder tokens
+    mixed = collate([encode_conversation(tok, [clip], frames * n), encode_conversation(tok, [REFER], n),
+                     encode_conversation(tok, [clip], frames * n)], tok.pad_token_id)
+    found = PointingTargets(tok, model.image_token_id, n, 4, motion=True)(
+        mixed["input_ids"], mixed["labels"], [frames, 1, frames],
+        torch.cat([still, torch.randn(1, patches, width), moving]))
+    assert [t[0] for t in found] == [1, 2] and found[1][3].tolist() == m.tolist()
     # without `motion`, clips are left out as before
     assert PointingTargets(tok, model.image_token_id, n, 4)(batch["input_ids"], batch["labels"], [frames, frames],
                                                            vision_tokens) == []

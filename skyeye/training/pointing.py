@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 
 from ..boxes import GRID
@@ -70,11 +69,12 @@ class PointingTargets:
         per moving clip when `motion` (its frozen-encoder `vision_tokens`, (images, N, D), needed)."""
         values = self.value_of[labels.clamp(min=0)].masked_fill(labels == IGNORE, -1)  # (B, T) grid value or -1
         out = []
-        first = np.cumsum([0] + list(frames))
+        # each sample's encoder tokens, one entry per frame (as the model's embedding step splits them)
+        per_sample = torch.split(vision_tokens, list(frames)) if self.motion and vision_tokens is not None else None
         for b in range(input_ids.shape[0]):
             if frames[b] != 1:  # a clip holds no boxes; its movers, if asked
-                if self.motion and vision_tokens is not None:
-                    mask = movers(vision_tokens[first[b]:first[b + 1]], self.group)
+                if per_sample is not None:
+                    mask = movers(per_sample[b], self.group)
                     answer = (labels[b] != IGNORE).nonzero().flatten()
                     if mask.any() and len(answer):
                         visual = (input_ids[b] == self.image_token_id).nonzero().flatten()[: len(mask)]
