@@ -27,7 +27,7 @@ from skyeye.data.readers import read_benchmark
 from skyeye.evaluation.predictors import load_frames
 from skyeye.model.skyeyegpt import load_model
 from skyeye.model.template import encode_conversation
-from skyeye.prompts import PHRASINGS, TASK_TO_IDENTIFIER
+from skyeye.formats.prompts import PHRASINGS, TASK_TO_IDENTIFIER
 from skyeye.synth.video import DIRECTIONS
 from skyeye.training.pointing import movers
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from skyeye.data.instructions import build
 from skyeye.synth.corpus import synthesize
-from skyeye.validation import validate
+from skyeye.datagate.expectations import validate
 
 
 def timed(fn, repeats: int) -> tuple[float, list[float], object]:

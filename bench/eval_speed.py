@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from skyeye.config import configure_environment, get_settings
-from skyeye.evaluation.benchmarks import TASK_OF
+from skyeye.formats.benchmarks import TASK_OF
 from skyeye.evaluation.predictors import ModelPredictor
 from skyeye.evaluation.runner import EvalConfig, load_eval_file, load_for_eval, run_evaluation
 

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from skyeye.boxes import GRID, box_text, iou
+from skyeye.formats.boxes import GRID, box_text, iou
 from skyeye.model.skyeyegpt import load_model
 from skyeye.model.template import collate, encode_conversation
 from skyeye.model.tokenizer import grid_lookup

@@ -66,7 +66,7 @@ def main() -> None:
     from skyeye.training.loop import run_stage
     from skyeye.training.ray_train import FitConfig, fit, fit_local
     from skyeye.training.stage_config import load_stage_config
-    from skyeye.training.tune import prepare_backbones
+    from skyeye.training.jobs import prepare_backbones
     from skyeye.model.config import load_model_config
 
     s = get_settings()

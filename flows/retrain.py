@@ -38,7 +38,7 @@ def build_task(root: str, sources: dict[str, str]) -> str:
 
 @task(name="version")
 def version_task(instructions: str, commit: bool) -> str:
-    from skyeye.versioning import ensure_dvc, version_data
+    from skyeye.datagate.versioning import ensure_dvc, version_data
     root = get_settings().project_root
     ensure_dvc(root)
     report = version_data(root, commit=commit, message="data: new version from the retrain flow")
@@ -48,7 +48,7 @@ def version_task(instructions: str, commit: bool) -> str:
 
 @task(name="validate")
 def validate_task(instructions: str, md5: str) -> str:
-    from skyeye.gate import run_gate
+    from skyeye.datagate.gate import run_gate
     result, run_id = run_gate(Path(instructions))
     logger = get_run_logger()
     logger.info("data gate %s for %s (MLflow run %s)", "passed" if result.success else "FAILED", md5, run_id)
@@ -59,20 +59,13 @@ def validate_task(instructions: str, md5: str) -> str:
 
 @task(name="backbones")
 def backbones_task(model_config: str, parent_run: str) -> dict:
-    from skyeye.training.tune import prepare_backbones
+    from skyeye.training.jobs import prepare_backbones
     return prepare_backbones(get_settings().project_root / model_config, parent_id=parent_run)
-
-
-@task(name="tuning-job")
-def tuning_job_task(md5: str) -> str:
-    """The MLflow parent run that holds this job's backbones, stage 1 and stage 2 runs."""
-    from skyeye.training.tune import parent_run
-    return parent_run("retrain", get_settings(), {"skyeye.data.dvc_md5": md5})
 
 
 @task(name="stage1")
 def stage1_task(model_config: str, stage_config: str, backbones: dict, parent_run: str, num_workers: int) -> str:
-    from skyeye.training.tune import train_stage
+    from skyeye.training.jobs import train_stage
     root = get_settings().project_root
     result = train_stage(1, root / model_config, root / stage_config, backbones, parent_id=parent_run,
                          num_workers=num_workers)
@@ -84,7 +77,7 @@ def stage1_task(model_config: str, stage_config: str, backbones: dict, parent_ru
 @task(name="stage2")
 def stage2_task(model_config: str, stage_config: str, backbones: dict, stage1_dir: str, parent_run: str,
                 num_workers: int) -> str:
-    from skyeye.training.tune import train_stage
+    from skyeye.training.jobs import train_stage
     root = get_settings().project_root
     result = train_stage(2, root / model_config, root / stage_config, backbones, init=stage1_dir,
                          parent_id=parent_run, num_workers=num_workers)
@@ -103,20 +96,20 @@ def evaluate_task(model_dir: str, limit: int | None) -> str:
 
 @task(name="register")
 def register_task(model_dir: str, eval_run: str) -> int:
-    from mlflow.tracking import MlflowClient
-
-    from skyeye.registry import register
-    tags = MlflowClient().get_run(eval_run).data.tags
-    version = register(model_dir, eval_run, tags.get("skyeye.eval.training_run") or None,
-                       tags.get("skyeye.tuning_job") or None)
-    get_run_logger().info("registered %s version %d", "skyeyegpt", version)
+    from skyeye.registry.references import model_name
+    from skyeye.registry.store import register
+    from skyeye.tracking import runs
+    from skyeye.tracking.names import TAG_EVAL_TRAINING_RUN, TAG_TUNING_JOB
+    tags = runs.client().get_run(eval_run).data.tags
+    version = register(model_dir, eval_run, tags.get(TAG_EVAL_TRAINING_RUN) or None, tags.get(TAG_TUNING_JOB) or None)
+    get_run_logger().info("registered %s version %d", model_name(), version)
     return version
 
 
 @task(name="promote")
 def promote_task(version: int) -> str:
     """Staging, then production; a refusal is an outcome (the model stays where it got to), not a failure."""
-    from skyeye.promotion import PromotionRefused, promote
+    from skyeye.registry.promotion import PromotionRefused, promote
     logger, reached = get_run_logger(), "none"
     for alias in ("staging", "production"):
         try:
@@ -144,16 +137,13 @@ def retrain(data_config: str = "configs/data.yaml", scale: str | None = None, tr
     validation_run = validate_task(instructions, md5)
     out = {"data_md5": md5, "validation_run": validation_run}
     if train:
-        from skyeye.training.tune import end_job
-        parent = tuning_job_task(md5)
-        try:
+        from skyeye.tracking.names import TAG_DVC_MD5
+        from skyeye.training.jobs import tuning_job
+        # one MLflow parent run holds this job's backbones, stage 1 and stage 2 runs
+        with tuning_job("retrain", tags={TAG_DVC_MD5: md5}) as parent:
             backbones = backbones_task(model_file, parent)
             stage1 = stage1_task(model_file, stage1_file, backbones, parent, num_workers)
             stage2 = stage2_task(model_file, stage2_file, backbones, stage1, parent, num_workers)
-        except BaseException:
-            end_job(parent, "FAILED")
-            raise
-        end_job(parent)
         out |= {"tuning_run": parent, "stage1_model": stage1, "stage2_model": stage2}
         eval_run = evaluate_task(stage2, eval_limit)
         version = register_task(stage2, eval_run)  # only reached when the evaluation finished

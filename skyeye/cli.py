@@ -17,10 +17,12 @@ from rich.console import Console
 
 from .config import configure_environment, get_settings
 
+# rich_markup_mode=None: help texts hold task identifiers such as [refer], which rich
+# markup would swallow as tags
 app = typer.Typer(help="SkyEye: train, evaluate, ship and retrain SkyEyeGPT, a remote-sensing multimodal LLM.",
-                  no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+                  no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False, rich_markup_mode=None)
 data_app = typer.Typer(help="The data layer: SkyEye-Synth, readers, instruction builder, DVC versions, the data gate.",
-                       no_args_is_help=True)
+                       no_args_is_help=True, rich_markup_mode=None)
 app.add_typer(data_app, name="data")
 console = Console(soft_wrap=True)  # never wrap paths and ids: people copy them
 
@@ -114,7 +116,7 @@ def version(
     message: Annotated[Optional[str], typer.Option("-m", "--message", help="Commit message with --commit.")] = None,
 ) -> None:
     """Record the current data/ as a DVC version (add + push) and say what changed."""
-    from .versioning import VersioningError, ensure_dvc, version_data
+    from .datagate.versioning import VersioningError, ensure_dvc, version_data
     root = get_settings().project_root
     try:
         ensure_dvc(root)
@@ -127,10 +129,11 @@ def version(
 @data_app.command("history")
 def history(limit: Annotated[int, typer.Option(help="Most recent versions to list.")] = 50) -> None:
     """List data versions: git revision, DVC hash, sample counts, validation outcome."""
-    from . import tracking
-    from .versioning import VersioningError, history as data_history, render_history
+    from .datagate.gate import validation_outcome
+    from .datagate.versioning import VersioningError, render_history
+    from .datagate.versioning import history as data_history
     try:
-        entries = data_history(get_settings().project_root, validation_lookup=tracking.validation_outcome, limit=limit)
+        entries = data_history(get_settings().project_root, validation_lookup=validation_outcome, limit=limit)
     except VersioningError as err:
         _fail(str(err))
     _say(render_history(entries))
@@ -139,7 +142,7 @@ def history(limit: Annotated[int, typer.Option(help="Most recent versions to lis
 @data_app.command("checkout")
 def checkout(rev: str, force: Annotated[bool, typer.Option(help="Overwrite local changes in data/.")] = False) -> None:
     """Restore data/ to the version recorded in data.dvc at git revision REV."""
-    from .versioning import VersioningError, checkout_data
+    from .datagate.versioning import VersioningError, checkout_data
     try:
         restored = checkout_data(get_settings().project_root, rev, force=force)
     except VersioningError as err:
@@ -154,7 +157,7 @@ def validate(
     record: Annotated[bool, typer.Option(help="Store the result in MLflow with the data version.")] = True,
 ) -> None:
     """Run the Great Expectations gate; exits 1 if any expectation fails."""
-    from .gate import run_gate
+    from .datagate.gate import run_gate
     s = get_settings()
     result, run_id = run_gate(data or s.instructions_dir, record=record)
     if json_out:
@@ -173,7 +176,7 @@ MODEL_OPT = Annotated[Path, typer.Option("--model", help="Model config (configs/
 @app.command("backbones")
 def backbones(model: MODEL_OPT = Path("configs/model/tiny.yaml")) -> None:
     """Pretrain (or reuse from the cache) the tiny offline backbones the model config asks for."""
-    from .training.tune import prepare_backbones
+    from .training.jobs import prepare_backbones
     try:
         paths = prepare_backbones(model)
     except ValueError as err:
@@ -186,13 +189,14 @@ def train(
     stage: Annotated[int, typer.Option(help="1: single-task instructions; 2: multi-task conversations (needs --init).")],
     model: MODEL_OPT = Path("configs/model/tiny.yaml"),
     config: Annotated[Optional[Path], typer.Option(help="Stage config (default configs/train/stage<N>.yaml).")] = None,
-    init: Annotated[Optional[str], typer.Option(help="Stage-1 result: model folder or MLflow run id (stage 2).")] = None,
+    init: Annotated[Optional[str], typer.Option(help="Stage-1 result (stage 2): model folder, tuning-stage run id or models:/ URI.")] = None,
     num_workers: Annotated[int, typer.Option(help="Ray Train workers (DDP: gloo on CPU, NCCL on GPU).")] = 2,
     gpu: Annotated[bool, typer.Option("--gpu", help="One GPU per worker, NCCL.")] = False,
     local: Annotated[bool, typer.Option("--local", help="Plain single process, no Ray.")] = False,
 ) -> None:
     """Run one tuning stage on Ray Train (local Ray, or RAY_ADDRESS), tracked in MLflow."""
-    from .training.tune import prepare_backbones, train_stage
+    from .formats.benchmarks import HELDOUT
+    from .training.jobs import prepare_backbones, train_stage
     if stage not in (1, 2):
         _fail(f"--stage {stage}: must be 1 or 2")
     config = config or Path(f"configs/train/stage{stage}.yaml")
@@ -204,23 +208,25 @@ def train(
         _fail(str(err))
     _say(f"stage {stage} done: MLflow run {result.run_id}\nmodel: {result.model_dir}")
     _say(json.dumps({k: round(v, 4) for k, v in result.metrics.items()
-                     if k.startswith(("heldout/", "baseline/")) or k == "loss"}, indent=1))
+                     if k.startswith(HELDOUT) or k == "loss"}, indent=1))
 
 
 @app.command("evaluate")
 def evaluate(
-    model: Annotated[str, typer.Option("--model", help="Model folder, tuning-stage run id, or models:/skyeyegpt@alias.")],
+    model: Annotated[str, typer.Option("--model", help="Model folder, tuning-stage run id, or models:/skyeyegpt@<alias> (or /<version>).")],
     benchmarks: Annotated[str, typer.Option(help="all, or a comma list of benchmarks / bench splits (e.g. rsvg_val).")] = "all",
     limit: Annotated[Optional[int], typer.Option(help="At most N samples per bench split (spread over the file).")] = None,
     baselines: Annotated[bool, typer.Option(help="Also score the untuned model and the trivial answers.")] = True,
     data: Annotated[Optional[Path], typer.Option(help="Instruction folder (default: data/instructions).")] = None,
 ) -> None:
     """Score a model on the 8 benchmarks (paper prompts and metrics), with baselines, in one MLflow run."""
-    from .data.records import DataFormatError
     from .evaluation.runner import run_evaluation
+    from .registry.references import RegistryError
     try:
         result = run_evaluation(model, benchmarks, limit=limit, baselines=baselines, instructions=data)
-    except (ValueError, FileNotFoundError, DataFormatError) as err:
+    except RegistryError as err:
+        _fail(f"--model {err}")
+    except (ValueError, FileNotFoundError) as err:  # DataFormatError is a ValueError
         _fail(str(err))
     _say(result.render())
 
@@ -231,7 +237,8 @@ def register(
     model_dir: Annotated[Optional[Path], typer.Option(help="Model folder (default: the one the evaluation run scored).")] = None,
 ) -> None:
     """Log the evaluated SkyEyeGPT as one pyfunc model and register it (`skyeyegpt`)."""
-    from .registry import model_name, register as register_model
+    from .registry.references import model_name
+    from .registry.store import register as register_model
     try:
         version = register_model(model_dir, eval_run)
     except ValueError as err:
@@ -247,7 +254,7 @@ def promote(
     reason: Annotated[Optional[str], typer.Option(help="Why (recorded on the version).")] = None,
 ) -> None:
     """Move an alias to a version if configs/promotion.yaml allows; a refusal names each benchmark that failed."""
-    from .promotion import promote as promote_version
+    from .registry.promotion import promote as promote_version
     try:
         _say(promote_version(version, to, force=force, reason=reason).render())
     except ValueError as err:
@@ -260,8 +267,8 @@ def rollback(
     reason: Annotated[Optional[str], typer.Option(help="Why (recorded on the version).")] = None,
 ) -> None:
     """Put the previous production (or other alias) version back, in one command."""
-    from .promotion import rollback as rollback_alias
-    from .registry import model_name
+    from .registry.promotion import rollback as rollback_alias
+    from .registry.references import model_name
     try:
         before, after = rollback_alias(alias, reason)
     except ValueError as err:
@@ -272,7 +279,7 @@ def rollback(
 @app.command("models")
 def models() -> None:
     """Registered versions with their aliases, key scores and data version."""
-    from .registry import list_versions, render_versions
+    from .registry.store import list_versions, render_versions
     _say(render_versions(list_versions()))
 
 
@@ -283,7 +290,7 @@ def audit(
     json_out: Annotated[bool, typer.Option("--json", help="Print the audit as JSON.")] = False,
 ) -> None:
     """What a model saw and who shipped it (or: every model trained on a data version), from MLflow, git and DVC."""
-    from .audit import audit_data, audit_model
+    from .audit.chain import audit_data, audit_model
     if model and data:
         _fail("give --model or --data, not both")
     try:
@@ -295,19 +302,18 @@ def audit(
 
 @app.command("chat")
 def chat(
-    question: Annotated[str, typer.Argument(help='e.g. "[refer] the white airplane at the top left"')],
-    model: Annotated[str, typer.Option("--model", help="Model folder or MLflow run id of a tuning stage.")],
+    question: Annotated[str, typer.Argument(help='A task identifier and an instruction, e.g. "[refer] the white airplane at the top left", "[vqa] how many ships are there?", "[caption] Briefly describe this image."')],
     image: Annotated[Path, typer.Option(help="Image file (or an MP4 clip).")],
+    model: Annotated[Optional[str], typer.Option("--model", help="Model folder, tuning-stage run id or models:/ URI (default: models:/skyeyegpt@production).")] = None,
 ) -> None:
     """Ask SkyEyeGPT one question about one image and print the answer."""
-    from .model.skyeyegpt import load_model
-    from .training.tune import resolve_init
+    from .registry.references import load, production_uri
     if not image.exists():
         _fail(f"--image {image}: no such file")
     try:
-        m = load_model(resolve_init(model)).eval()
-    except (ValueError, FileNotFoundError) as err:
-        _fail(str(err))
+        m = load(model or production_uri()).model
+    except ValueError as err:
+        _fail(f"--model {err}")
     from PIL import Image
     if image.suffix.lower() == ".mp4":
         from .synth.video import read_frames

@@ -11,10 +11,11 @@ import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 
-from skyeye import tracking
-from skyeye.audit import audit_data, audit_model
-from skyeye.audit_records import is_missing
-from skyeye.validation import ValidationResult
+from skyeye.datagate.gate import log_validation
+from skyeye.tracking import runs
+from skyeye.audit.chain import audit_data, audit_model
+from skyeye.audit.records import is_missing
+from skyeye.datagate.expectations import ValidationResult
 
 MODEL = "skyeyegpt"
 
@@ -34,8 +35,8 @@ def world(tmp_path_factory):
     evaluated, registered as version 1 and promoted to production; v2 never validated,
     its stage-2 run deleted, registered as version 2; version 3 has no records at all."""
     from skyeye.config import Settings, get_settings
-    from skyeye.training.tune import child_run, log_data_input, parent_run
-    from skyeye.versioning import ensure_dvc, version_data
+    from skyeye.training.jobs import child_run, log_data_input, parent_run
+    from skyeye.datagate.versioning import ensure_dvc, version_data
 
     tmp = tmp_path_factory.mktemp("audit")
     mp = pytest.MonkeyPatch()
@@ -59,9 +60,9 @@ def world(tmp_path_factory):
     assert v1.md5 != v2.md5 and v1.git_rev and v2.git_rev
 
     s = Settings(project_root=root, mlflow_tracking_uri=f"sqlite:///{tmp / 'mlflow.db'}")
-    tracking.setup(s)
+    runs.setup(s)
     client = MlflowClient(s.tracking_uri)
-    passed = tracking.log_validation(ValidationResult(success=True, n_records=2, seconds=0.1), v1.md5, v1.git_rev, s)
+    passed = log_validation(ValidationResult(success=True, n_records=2, seconds=0.1), v1.md5, v1.git_rev, s)
     instructions = root / "data/instructions"
 
     def job(md5: str, rev: str, input_md5: str | None = None) -> dict[str, str]:
@@ -74,7 +75,7 @@ def world(tmp_path_factory):
                                                  "skyeye.git_commit": rev, "skyeye.model_dir": f"/m/{name}"})
             log_data_input(run_id, instructions, input_md5 if name == "stage2" and input_md5 else md5, rev)
             client.log_metric(run_id, "loss", 0.5)
-            client.log_metric(run_id, "heldout/grounding_acc05", 0.25)
+            client.log_metric(run_id, "heldout/dior_rsvg_test/acc_at_0.5", 0.25)
             client.set_terminated(run_id, "FINISHED")
             ids[name] = run_id
         client.set_terminated(parent, "FINISHED")
@@ -84,7 +85,7 @@ def world(tmp_path_factory):
     # Job 2's stage-2 run logged the wrong dataset input: the audit must flag it.
     job2 = job(v2.md5, v2.git_rev, input_md5=v1.md5)
 
-    eval_exp = tracking.experiment_id("skyeye-evaluation", s)
+    eval_exp = runs.experiment_id("skyeye-evaluation", s)
     with mlflow.start_run(experiment_id=eval_exp, tags={
             "skyeye.kind": "evaluation", "skyeye.model_dir": "/m/stage2", "skyeye.eval.training_run": job1["stage2"],
             "skyeye.data.dvc_md5": v1.md5, "skyeye.data.git_rev": v1.git_rev,
@@ -133,7 +134,7 @@ def test_production_audit_follows_the_whole_chain(world):
     assert audit.tuning_job.run_id == job1["job"] and audit.tuning_job.kind == "tuning-job"
     assert {r.label: r.run_id for r in audit.training_runs} == {
         "backbones": job1["backbones"], "stage1": job1["stage1"], "stage2": job1["stage2"]}
-    assert all(r.status == "FINISHED" and r.metrics["heldout/grounding_acc05"] == 0.25 for r in audit.training_runs)
+    assert all(r.status == "FINISHED" and r.metrics["heldout/dior_rsvg_test/acc_at_0.5"] == 0.25 for r in audit.training_runs)
     assert all(r.dataset_digests == [v1.md5] for r in audit.training_runs)
     assert audit.data_md5 == v1.md5
     assert "stage2 run dataset input" in audit.data_sources and len(set(audit.data_sources.values())) == 1
@@ -220,7 +221,7 @@ def test_unknown_references_raise_naming_them(world):
 
 def test_stage_one_run_as_its_own_job_is_followed_from_stage_two(world):
     """`skyeye train --stage 1` then `--stage 2 --init ...`: two jobs, linked by the stage-2 run's init tag."""
-    from skyeye.training.tune import child_run, parent_run
+    from skyeye.training.jobs import child_run, parent_run
     s, client = world["settings"], MlflowClient(world["settings"].tracking_uri)
     md5 = "1" * 32 + ".dir"
     runs = {}

@@ -12,11 +12,11 @@ import torch
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
-from skyeye.boxes import first_box_pixels
+from skyeye.formats.boxes import first_box_pixels
 from skyeye.config import Settings
 from skyeye.data.records import DataFormatError
-from skyeye.evaluation.benchmarks import EVAL_KEYS, TASK_OF, primary_of, select
-from skyeye.evaluation.predictors import centred_boxes, majority_answers, nearest_captions
+from skyeye.formats.benchmarks import EVAL_KEYS, TASK_OF, primary_of, select
+from skyeye.evaluation.baselines import centred_boxes, majority_answers, nearest_captions
 from skyeye.evaluation.runner import EvalConfig, evaluate, load_eval_file, score, untuned_like
 from skyeye.model.config import LoRAConfig, ModelConfig, VisionConfig
 from skyeye.model.skyeyegpt import build_model

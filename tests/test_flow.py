@@ -36,8 +36,9 @@ def test_retrain_flow_versions_and_validates_the_data(project):
     from prefect.testing.utilities import prefect_test_harness
 
     from flows.retrain import retrain
-    from skyeye import tracking
-    from skyeye.versioning import history
+    from skyeye.datagate.gate import validation_outcome
+    from skyeye.datagate.versioning import history
+    from skyeye.tracking.names import TAG_DVC_MD5, TAG_OUTCOME
 
     with prefect_test_harness():
         first = retrain(train=False)
@@ -47,8 +48,8 @@ def test_retrain_flow_versions_and_validates_the_data(project):
         assert any((project / ".dvc-storage").rglob("*"))
         client = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlruns/mlflow.db'}")
         run = client.get_run(first["validation_run"])
-        assert run.data.tags[tracking.TAG_DVC_MD5] == md5
-        assert run.data.tags[tracking.TAG_OUTCOME] == "passed"
+        assert run.data.tags[TAG_DVC_MD5] == md5
+        assert run.data.tags[TAG_OUTCOME] == "passed"
         subprocess.run(["git", "add", "-A"], cwd=project, check=True)
         subprocess.run(["git", "commit", "-qm", "demo data"], cwd=project, check=True)
         # Deterministic data: a second run reproduces the same version, and git stays clean.
@@ -56,7 +57,7 @@ def test_retrain_flow_versions_and_validates_the_data(project):
     assert second["data_md5"] == md5
     status = subprocess.run(["git", "status", "--porcelain"], cwd=project, capture_output=True, text=True).stdout
     assert status == ""
-    entries = history(project, validation_lookup=tracking.validation_outcome)
+    entries = history(project, validation_lookup=validation_outcome)
     assert len(entries) == 1 and entries[0].md5 == md5 and entries[0].validation == "passed"
 
 
@@ -86,7 +87,7 @@ def test_retrain_flow_trains_both_stages_after_the_gate(project):
     assert all(r.data.tags["skyeye.data.dvc_md5"] == out["data_md5"] for r in children)
     assert Path(out["stage2_model"], "skyeyegpt.json").exists()
     # evaluate -> register -> promote, each its own task, linked through MLflow
-    from skyeye.evaluation.benchmarks import EVAL_KEYS, primary_of
+    from skyeye.formats.benchmarks import EVAL_KEYS, primary_of
     evaluation = client.get_run(out["eval_run"])
     assert evaluation.info.status == "FINISHED"
     assert sorted(primary_of(evaluation.data.metrics)) == sorted(EVAL_KEYS)

@@ -10,10 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from skyeye.boxes import BOX_RE, first_box_pixels, iou, parse_boxes, to_grid
+from skyeye.formats.boxes import BOX_RE, first_box_pixels, iou, parse_boxes, to_grid
 from skyeye.data.instructions import build
-from skyeye.data.readers import SCORED_SPLITS, read_benchmark
-from skyeye.prompts import IMAGE_PLACEHOLDER, PHRASINGS, STAGE1_TASKS, TASK_IDENTIFIERS
+from skyeye.data.readers import read_benchmark
+from skyeye.formats.benchmarks import SCORED_SPLITS
+from skyeye.formats.prompts import IMAGE_PLACEHOLDER, PHRASINGS, STAGE1_TASKS, TASK_IDENTIFIERS
 from skyeye.synth.video import EVENTS
 
 

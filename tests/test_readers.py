@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from skyeye.data.readers import BENCHMARKS, SCORED_SPLITS, SPLITS, detect_benchmark, read_benchmark
+from skyeye.data.readers import detect_benchmark, read_benchmark
+from skyeye.formats.benchmarks import BENCHMARKS, SCORED_SPLITS, SPLITS
 from skyeye.data.records import CaptionSample, DataFormatError, GroundingSample, VQASample
 from skyeye.data.voc import load_split_indices, parse_annotation
 

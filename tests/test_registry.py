@@ -24,12 +24,16 @@ from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from skyeye import packaging, promotion, registry, tracking
-from skyeye.evaluation.benchmarks import EVAL_KEYS, PRIMARY, TASK_OF
+from skyeye.datagate.gate import log_validation
+from skyeye.formats.benchmarks import EVAL_KEYS, PRIMARY, TASK_OF
 from skyeye.model.config import LoRAConfig, ModelConfig, VisionConfig
 from skyeye.model.skyeyegpt import build_model
-from skyeye.promotion import PromotionPolicy, PromotionRefused
-from skyeye.registry import RegistryError, promotion_tag
+from skyeye.registry import packaging, promotion, references
+from skyeye.registry import store as registry
+from skyeye.registry.promotion import PromotionPolicy, PromotionRefused
+from skyeye.registry.references import RegistryError
+from skyeye.tracking import names, runs
+from skyeye.tracking.names import promotion_tag, rollback_tag
 
 REPO = Path(__file__).resolve().parents[1]
 CFG = ModelConfig(vision=VisionConfig(image_size=64), lora=LoRAConfig(r=8, alpha=16), max_new_tokens=4)
@@ -47,7 +51,7 @@ def project(tmp_path_factory):
         for var in ("MLFLOW_TRACKING_URI", "SKYEYE_STATE_DIR", "SKYEYE_REGISTERED_MODEL"):
             mp.delenv(var, raising=False)
         get_settings.cache_clear()
-        tracking.setup()
+        runs.setup()
         yield root
         mlflow.set_tracking_uri(None)  # it also exported MLFLOW_TRACKING_URI; later modules must not see our store
         get_settings.cache_clear()
@@ -71,7 +75,7 @@ def eval_run(model_dir: Path, primaries: dict[str, float], md5: str = "md5-good"
     tags = {"skyeye.kind": kind, "skyeye.model_dir": str(model_dir), "skyeye.eval.training_run": training_run,
             "skyeye.data.dvc_md5": md5, "skyeye.data.git_rev": "rev-" + md5, "skyeye.eval.benchmarks":
             ",".join(primaries)}
-    run = client.create_run(tracking.experiment_id("skyeye-evaluation"), tags=tags)
+    run = client.create_run(runs.experiment_id("skyeye-evaluation"), tags=tags)
     metrics = {f"{k}/{PRIMARY[TASK_OF[k]]}": v for k, v in primaries.items()}
     if primaries:
         metrics["primary_score"] = sum(primaries.values()) / len(primaries)
@@ -82,7 +86,7 @@ def eval_run(model_dir: Path, primaries: dict[str, float], md5: str = "md5-good"
 
 
 @dataclass
-class GateResult:  # the fields tracking.log_validation reads from the data gate's result
+class GateResult:  # the fields log_validation reads from the data gate's result
     success: bool
     n_records: int = 10
     failures: list = field(default_factory=list)
@@ -93,7 +97,7 @@ class GateResult:  # the fields tracking.log_validation reads from the data gate
 
 
 def validate(md5: str, passed: bool) -> None:
-    tracking.log_validation(GateResult(passed, failures=[] if passed else ["x"]), md5, "rev-" + md5)
+    log_validation(GateResult(passed, failures=[] if passed else ["x"]), md5, "rev-" + md5)
     time.sleep(0.01)  # the newest validation wins: keep start times apart
 
 
@@ -102,7 +106,7 @@ def versions(project, model_dir):
     """Four versions of one model: good, better, worse (grounding regressed) and one whose data
     was never validated. good and worse come from a stage-2 run of a tuning job."""
     from skyeye.config import get_settings
-    from skyeye.training.tune import child_run, parent_run
+    from skyeye.training.jobs import child_run, parent_run
     s = get_settings()
     job = parent_run("tune-test", s)
     stage2 = child_run(job, "stage2", s, {"skyeye.kind": "tuning-stage", "skyeye.model_dir": str(model_dir)})
@@ -153,15 +157,15 @@ def test_register_records_lineage_and_is_idempotent(versions, model_dir):
     assert sorted(v.values()) == [1, 2, 3, 4]
     good = c.get_model_version(NAME, str(v["good"]))
     assert good.run_id == versions["stage2"]  # the source run is the run that produced the weights
-    assert good.tags[registry.TAG_EVAL_RUN] == runs["good"]
-    assert good.tags[registry.TAG_TRAINING_RUN] == versions["stage2"]
-    assert good.tags[registry.TAG_TUNING_JOB] == versions["job"]
+    assert good.tags[names.TAG_EVAL_RUN] == runs["good"]
+    assert good.tags[names.TAG_TRAINING_RUN] == versions["stage2"]
+    assert good.tags[names.TAG_TUNING_JOB] == versions["job"]
     assert good.tags["skyeye.data.dvc_md5"] == "md5-good" and good.tags["skyeye.data.git_rev"] == "rev-md5-good"
-    assert json.loads(good.tags[registry.TAG_BACKBONES])["vision"].startswith("artifact:")
-    assert c.get_run(runs["good"]).data.tags[registry.TAG_MODEL_VERSION] == str(v["good"])
+    assert json.loads(good.tags[names.TAG_BACKBONES])["vision"].startswith("artifact:")
+    assert c.get_run(runs["good"]).data.tags[names.TAG_MODEL_VERSION] == str(v["good"])
     assert c.get_run(versions["stage2"]).info.status == "FINISHED"  # reopened to log into, closed again
     better = c.get_model_version(NAME, str(v["better"]))
-    assert better.run_id == runs["better"] and better.tags[registry.TAG_TRAINING_RUN] == ""
+    assert better.run_id == runs["better"] and better.tags[names.TAG_TRAINING_RUN] == ""
     assert registry.register(model_dir, runs["good"]) == v["good"]  # a retried flow task registers nothing new
     assert len(c.search_model_versions(f"name = '{NAME}'")) == 4
 
@@ -254,7 +258,7 @@ def test_worse_version_refused_forced_with_reason_then_rolled_back(client, versi
     result = promotion.promote(v["worse"], "production", force=True, reason="hotfix for a caption bug")
     assert result.forced and result.previous == v["good"] and "FORCED" in result.render()
     tags = client.get_model_version(NAME, str(v["worse"])).tags
-    assert {promotion_tag("production", k) for k in registry.PROMOTION_FIELDS} <= set(tags)
+    assert {promotion_tag("production", k) for k in names.PROMOTION_FIELDS} <= set(tags)
     assert tags[promotion_tag("production", "forced")] == "true"
     assert tags[promotion_tag("production", "reason")] == "hotfix for a caption bug"
     assert tags[promotion_tag("production", "from")] == tags[promotion_tag("production", "previous")] == str(v["good"])
@@ -265,8 +269,8 @@ def test_worse_version_refused_forced_with_reason_then_rolled_back(client, versi
     assert promotion.rollback() == (v["worse"], v["good"])
     assert int(client.get_model_version_by_alias(NAME, "production").version) == v["good"]
     restored = client.get_model_version(NAME, str(v["good"])).tags
-    assert restored[registry.rollback_tag("production", "from")] == str(v["worse"])
-    assert restored[registry.rollback_tag("production", "at")].endswith("+00:00")
+    assert restored[rollback_tag("production", "from")] == str(v["worse"])
+    assert restored[rollback_tag("production", "at")].endswith("+00:00")
     with pytest.raises(RegistryError, match="no previous production version"):
         promotion.rollback()
 
@@ -328,7 +332,7 @@ def test_racing_promotions_leave_one_complete_holder(client, versions):
     holder = int(client.get_model_version_by_alias(NAME, "staging").version)
     other = b if holder == a else a
     tags = client.get_model_version(NAME, str(holder)).tags
-    assert {promotion_tag("staging", k) for k in registry.PROMOTION_FIELDS} <= set(tags)
+    assert {promotion_tag("staging", k) for k in names.PROMOTION_FIELDS} <= set(tags)
     # serialized: the winner saw the other's promotion, not the empty alias both started from
     assert tags[promotion_tag("staging", "from")] == str(other)
     assert client.get_model_version(NAME, str(other)).tags[promotion_tag("staging", "from")] == "none"
@@ -339,12 +343,12 @@ def test_resolve_and_unknown_references(client, versions):
     good = versions["v"]["good"]
     promotion.promote(good, "production")
     for ref in (good, str(good), f"v{good}", "production", "models:/skyeyegpt@production", f"models:/skyeyegpt/{good}"):
-        assert registry.resolve(ref) == good
+        assert references.resolve_version(ref) == good
     for ref, message in (("v99", "version 99 of skyeyegpt not found"), ("canary", "unknown model reference 'canary'"),
                          ("staging", "alias 'staging' of skyeyegpt is not set"),
                          ("models:/other@production", "names 'other'"), ("models:/skyeyegpt", "expected models:/")):
         with pytest.raises(RegistryError, match=message):
-            registry.resolve(ref)
+            references.resolve_version(ref)
     with pytest.raises(RegistryError, match="version 99 of skyeyegpt not found"):
         promotion.promote(99, "staging")
     with pytest.raises(RegistryError, match="unknown alias 'canary'"):
@@ -356,7 +360,7 @@ def test_resolve_and_unknown_references(client, versions):
     with pytest.MonkeyPatch.context() as mp:  # the registered name is read at call time
         mp.setenv("SKYEYE_REGISTERED_MODEL", "skyeyegpt-other")
         with pytest.raises(RegistryError, match="no model registered as 'skyeyegpt-other'"):
-            registry.resolve("production")
+            references.resolve_version("production")
 
 
 def test_list_versions_shows_aliases_scores_and_data(client, versions):
@@ -390,11 +394,11 @@ def test_backbones_travel_as_artifacts_or_hub_references(model_dir, tmp_path):
     meta = json.loads((copy / "skyeyegpt.json").read_text())
     meta["paths"]["llm"] = "meta-llama/Llama-2-7b-chat-hf"  # a hub id: referenced, never copied
     (copy / "skyeyegpt.json").write_text(json.dumps(meta))
-    artifacts, origin, _ = packaging._stage_artifacts(copy, tmp_path / "staged", copy_backbones=True)
+    artifacts, origin, _ = packaging.stage_artifacts(copy, tmp_path / "staged", copy_backbones=True)
     assert set(artifacts) == {"model", "vision"} and origin["llm"] == "hub:meta-llama/Llama-2-7b-chat-hf"
     assert sorted(p.name for p in Path(artifacts["model"]).iterdir()) == ["adapter", "alignment_layer.pt",
                                                                          "skyeyegpt.json", "tokenizer"]
     meta["paths"]["vision"] = str(tmp_path / "gone")
     (copy / "skyeyegpt.json").write_text(json.dumps(meta))
     with pytest.raises(packaging.PackagingError, match="vision backbone folder .*gone not found"):
-        packaging._stage_artifacts(copy, tmp_path / "staged2", copy_backbones=True)
+        packaging.stage_artifacts(copy, tmp_path / "staged2", copy_backbones=True)

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from skyeye.data.readers import BENCHMARKS, SPLITS, detect_benchmark, read_benchmark
+from skyeye.data.readers import detect_benchmark, read_benchmark
+from skyeye.formats.benchmarks import BENCHMARKS, SPLITS
 from skyeye.synth.corpus import synthesize
 from skyeye.synth.language import captions, questions, referring_expression, region
 from skyeye.synth.render import render

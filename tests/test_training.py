@@ -9,9 +9,11 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from skyeye.config import Settings
+from skyeye.formats.benchmarks import HELDOUT, primary_metric
 from skyeye.model.config import LoRAConfig, ModelConfig, VisionConfig
 from skyeye.model.skyeyegpt import load_model
 from skyeye.model.tiny import BackbonesConfig, TinyLLMSpec, TinyVisionSpec
+from skyeye.tracking.names import TAG_MODEL_DIR, TUNING_EXPERIMENT
 from skyeye.training.stage_config import StageConfig
 
 TINY = ModelConfig(vision=VisionConfig(image_size=64), lora=LoRAConfig(r=8, alpha=16),
@@ -41,7 +43,7 @@ def settings(tmp_path_factory, tiny_synth, tiny_instructions):
 
 @pytest.fixture(scope="module")
 def backbones(settings, tiny_synth, tiny_instructions):
-    from skyeye.training.tune import prepare_backbones
+    from skyeye.training.jobs import prepare_backbones
     paths = prepare_backbones(TINY, instructions=tiny_instructions, synth=tiny_synth, settings=settings)
     again = prepare_backbones(TINY, instructions=tiny_instructions, synth=tiny_synth, settings=settings)
     assert again == paths  # cached by data and config
@@ -53,8 +55,8 @@ def test_encoder_pretraining_learns_each_clip_frames_event(backbones, tiny_synth
     images their scene class; the vision encoder was pretrained on them (one class set)."""
     from skyeye.data.instructions import VIDEO_FRAMES
     from skyeye.data.readers import read_benchmark
-    from skyeye.training.backbones import _scene_frames
-    frames, labels, classes = _scene_frames(tiny_synth, 32, VIDEO_FRAMES)
+    from skyeye.training.backbones import scene_frames
+    frames, labels, classes = scene_frames(tiny_synth, 32, VIDEO_FRAMES)
     clips = [s for s in read_benchmark("capera", tiny_synth / "capera", ["train"])[0] if s.scene_class]
     rsicd = [s for s in read_benchmark("rsicd", tiny_synth / "rsicd", ["train"])[0] if s.scene_class]
     assert clips and rsicd and frames.shape == (VIDEO_FRAMES * len(clips) + len(rsicd), 3, 32, 32)
@@ -66,7 +68,7 @@ def test_encoder_pretraining_learns_each_clip_frames_event(backbones, tiny_synth
 
 
 def test_two_stages_on_two_ray_workers_tracked_in_mlflow(settings, backbones, tiny_instructions):
-    from skyeye.training.tune import TAG_MODEL_DIR, parent_run, train_stage
+    from skyeye.training.jobs import parent_run, train_stage
     parent = parent_run("test-job", settings)
     s1 = train_stage(1, TINY, _stage(1, "stage1.json"), backbones, instructions=tiny_instructions, num_workers=2,
                      parent_id=parent, settings=settings)
@@ -81,7 +83,8 @@ def test_two_stages_on_two_ray_workers_tracked_in_mlflow(settings, backbones, ti
         assert run.data.tags[TAG_MODEL_DIR] == result.model_dir
         steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss")]
         assert steps == sorted(set(steps)) and steps[-1] == 6  # only rank 0 logged, once per step
-        assert "heldout/grounding_acc05" in run.data.metrics and "heldout/vqa_aa" in run.data.metrics
+        assert HELDOUT + primary_metric("dior_rsvg_test") in run.data.metrics
+        assert HELDOUT + primary_metric("rsvqa_lr_test") in run.data.metrics
         assert any(k.startswith("loss/") for k in run.data.metrics)  # per-task loss
         assert run.data.params["stage.batch_size"] == "4" and run.data.params["model.lora.r"] == "8"
         assert run.inputs.dataset_inputs[0].dataset.name == "skyeye-instructions"
@@ -90,7 +93,7 @@ def test_two_stages_on_two_ray_workers_tracked_in_mlflow(settings, backbones, ti
     assert "loss/pointing" in client.get_run(s1.run_id).data.metrics  # the grounding attention loss ran
     assert client.get_run(s2.run_id).data.tags["skyeye.init_run"] == s1.run_id  # where stage 2 started from
     stage2_metrics = client.get_run(s2.run_id).data.metrics
-    assert "heldout/conv_turn3_refer_acc05" in stage2_metrics
+    assert "heldout/conversation/turn3_acc_at_0.5" in stage2_metrics
     # stage 2 replays stage-1 samples (half of each batch) next to its conversations
     assert "loss/conversation" in stage2_metrics
     assert any(k.startswith("loss/") and k != "loss/conversation" for k in stage2_metrics)
@@ -99,7 +102,7 @@ def test_two_stages_on_two_ray_workers_tracked_in_mlflow(settings, backbones, ti
 
 
 def test_refusals_before_any_compute(settings, backbones, tiny_instructions, tmp_path):
-    from skyeye.training.tune import train_stage
+    from skyeye.training.jobs import train_stage
     with pytest.raises(ValueError, match="replay_share > 0 needs `replay`"):
         StageConfig(stage=2, data="stage2.json", replay_share=0.3)
     with pytest.raises(ValueError, match="stage 2 needs a stage-1 result"):
@@ -126,7 +129,7 @@ def test_chat_answers_from_a_saved_stage(settings, backbones, tiny_instructions,
     from typer.testing import CliRunner
 
     from skyeye.cli import app
-    from skyeye.training.tune import train_stage
+    from skyeye.training.jobs import train_stage
     result = train_stage(1, TINY, _stage(1, "stage1.json"), backbones, instructions=tiny_instructions, local=True,
                          settings=settings)
     image = next((tiny_synth / "dior_rsvg/JPEGImages").glob("*.jpg"))
@@ -158,11 +161,11 @@ def test_stage_resumes_from_its_last_checkpoint(settings, backbones, tiny_instru
 
 
 def test_data_input_is_logged_without_ending_the_run(settings):
-    from skyeye import tracking
-    from skyeye.training.tune import TUNING_EXPERIMENT, log_data_input
-    tracking.setup(settings)
+    from skyeye.tracking import runs
+    from skyeye.training.jobs import log_data_input
+    runs.setup(settings)
     client = MlflowClient(settings.tracking_uri)
-    run = client.create_run(tracking.experiment_id(TUNING_EXPERIMENT, settings))
+    run = client.create_run(runs.experiment_id(TUNING_EXPERIMENT, settings))
     log_data_input(run.info.run_id, Path("."), "abc123.dir", "deadbeef")
     after = client.get_run(run.info.run_id)
     assert after.info.status == "RUNNING"  # workers are still logging into it

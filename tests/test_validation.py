@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from skyeye.validation import Failure, ValidationResult, validate
+from skyeye.datagate.expectations import Failure, ValidationResult, validate
 
 CAPTION = "[caption] Briefly describe this image."
 IMG = "<Img><ImageHere></Img>"

@@ -1,4 +1,4 @@
-"""skyeye.versioning against real git and real DVC, one throw-away repository per test."""
+"""skyeye.datagate.versioning against real git and real DVC, one throw-away repository per test."""
 from __future__ import annotations
 
 import json
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from skyeye.versioning import (
+from skyeye.datagate.versioning import (
     VersioningError,
     checkout_data,
     current_version,

@@ -13,10 +13,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from skyeye.data.records import CaptionSample, DataFormatError, ReadReport, read_json, require
+from ..formats.benchmarks import SPLITS
+from .records import CaptionSample, DataFormatError, ReadReport, read_json, require
 
 ANNOTATION_FILE = "captions.json"
-CAPERA_SPLITS = ("train", "val", "test")
 
 
 def read_capera(
@@ -25,7 +25,7 @@ def read_capera(
     """Read `captions.json`; samples ordered by split (as asked), then in file order."""
     path = root / ANNOTATION_FILE
     clips = require(read_json(path), "clips", path, kind=list)
-    wanted = tuple(splits) if splits is not None else CAPERA_SPLITS
+    wanted = tuple(splits) if splits is not None else SPLITS[benchmark]
     report = ReadReport(benchmark)
     by_split: dict[str, list[CaptionSample]] = {s: [] for s in wanted}
     seen: set[str] = set()
@@ -36,7 +36,7 @@ def read_capera(
         event = require(entry, "event", path, where, str)
         split = require(entry, "split", path, where, str)
         captions = require(entry, "captions", path, where, list)
-        if split not in CAPERA_SPLITS:
+        if split not in SPLITS[benchmark]:
             raise DataFormatError(path, f"{where}.split", f"unknown split {split!r}")
         if clip_id in seen:
             raise DataFormatError(path, f"{where}.id", f"duplicate clip id {clip_id!r}")

@@ -9,7 +9,8 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
-from skyeye.data.records import CaptionSample, DataFormatError, ReadReport, read_json, require
+from ..formats.benchmarks import SPLITS
+from .records import CaptionSample, DataFormatError, ReadReport, read_json, require
 
 # benchmark -> (annotation file, image folder)
 LAYOUTS: dict[str, tuple[str, str]] = {
@@ -17,7 +18,6 @@ LAYOUTS: dict[str, tuple[str, str]] = {
     "sydney_captions": ("dataset.json", "imgs"),
     "rsicd": ("dataset_rsicd.json", "RSICD_images"),
 }
-KARPATHY_SPLITS = ("train", "val", "test")
 
 _NUMBERED = re.compile(r"^(.+)_\d+$")
 
@@ -53,7 +53,7 @@ def read_karpathy(
     path = root / ann_name
     doc = read_json(path)
     images = require(doc, "images", path, kind=list)
-    wanted = tuple(splits) if splits is not None else KARPATHY_SPLITS
+    wanted = tuple(splits) if splits is not None else SPLITS[benchmark]
     report = ReadReport(benchmark)
     by_split: dict[str, list[tuple[int, CaptionSample]]] = {s: [] for s in wanted}
     seen: set[int] = set()
@@ -63,7 +63,7 @@ def read_karpathy(
         imgid = require(entry, "imgid", path, where, int)
         split = require(entry, "split", path, where, str)
         sentences = require(entry, "sentences", path, where, list)
-        if split not in KARPATHY_SPLITS:
+        if split not in SPLITS[benchmark]:
             raise DataFormatError(path, f"{where}.split", f"unknown split {split!r}")
         if imgid in seen:
             raise DataFormatError(path, f"{where}.imgid", f"duplicate imgid {imgid}")

@@ -5,13 +5,12 @@ VQA, scene classification as `[vqa]`, `[refer]`, `[identify]`, `[detection]`).
 Stage 2: multi-task conversations, several turns about one image that mix tasks and
 granularity (scene, region, object), as the paper's *-Conversa sets do.
 Evaluation: one normalised file per scored split, with all references, question
-types and pixel boxes. Formats: docs/formats.md. Output is deterministic.
+types and pixel boxes. Formats: docs/data.md. Output is deterministic.
 """
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import zlib
 from collections import Counter, defaultdict
 from dataclasses import replace
@@ -21,9 +20,11 @@ import numpy as np
 from PIL import Image
 from pycocoevalcap.cider.cider import Cider
 
-from .. import prompts
-from ..boxes import box_text, boxes_text
-from .readers import BENCHMARKS, SCORED_SPLITS, detect_benchmark, read_benchmark
+from ..formats import prompts
+from ..formats.benchmarks import BENCHMARKS, SCORED_SPLITS, TASK
+from ..formats.boxes import box_text, boxes_text
+from ..formats.files import folder_in_place
+from .readers import detect_benchmark, read_benchmark
 from .records import CaptionSample, GroundingSample, ReadReport, Sample, VQASample
 
 VIDEO_FRAMES = 4  # frames sampled per clip (the model sees a video as a few frames)
@@ -99,9 +100,9 @@ class Builder:
             for s in group:
                 by_class[s.category].append(s)
             for cls, objs in sorted(by_class.items()):
-                phrase = _phrase(cls, len(objs))
-                singular = CLASS_WORDS.get(cls, (cls, cls))[0]
-                ask = prompts.pick("detection", objs[0].id).format(phrase=CLASS_WORDS.get(cls, (cls, cls))[1],
+                phrase = count_phrase(cls, len(objs))
+                singular = class_words(cls)[0]
+                ask = prompts.pick("detection", objs[0].id).format(phrase=class_words(cls)[1],
                                                                  singular=singular)
                 w, h = objs[0].image_size
                 answer = boxes_text([o.box for o in objs], w, h, phrase=phrase)
@@ -121,16 +122,16 @@ class Builder:
             rng = np.random.default_rng(zlib.crc32(str(group[0].id).encode()))
             counts = Counter(s.category for s in group)
             w, h = group[0].image_size
-            scene = " and ".join(_phrase(c, n) for c, n in sorted(counts.items()))
+            scene = " and ".join(count_phrase(c, n) for c, n in sorted(counts.items()))
             cands = [(f"[caption] {prompts.pick('inventory', group[0].id)}", f"there are {scene} in the image.")]
             cls = sorted(counts)[int(rng.integers(len(counts)))]
-            cands.append((f"[vqa] how many {CLASS_WORDS.get(cls, (cls, cls))[1]} are there?", str(counts[cls])))
+            cands.append((f"[vqa] how many {class_words(cls)[1]} are there?", str(counts[cls])))
             for s in group:
                 cands.append((f"[refer] {s.expression}", box_text(s.box, w, h)))
                 cands.append((f"[identify] {box_text(s.box, w, h)}", s.expression))
             objs = [s for s in group if s.category == cls]
-            cands.append((f"[detection] {CLASS_WORDS.get(cls, (cls, cls))[1]}",
-                          boxes_text([o.box for o in objs], w, h, phrase=_phrase(cls, len(objs)))))
+            cands.append((f"[detection] {class_words(cls)[1]}",
+                          boxes_text([o.box for o in objs], w, h, phrase=count_phrase(cls, len(objs)))))
             self.conversation(group[0], _pick_turns(cands, rng))
 
     def caption_conversations(self, samples: list[CaptionSample]) -> None:
@@ -208,8 +209,14 @@ def _pick_turns(cands: list[tuple[str, str]], rng: np.random.Generator) -> list[
     return [cands[i] for i in sorted(idx)]
 
 
-def _phrase(cls: str, n: int) -> str:
-    singular, plural = CLASS_WORDS.get(cls, (cls, cls))
+def class_words(cls: str) -> tuple[str, str]:
+    """(singular, plural) of a class name for the instruction text; unknown names as they are."""
+    return CLASS_WORDS.get(cls, (cls, cls))
+
+
+def count_phrase(cls: str, n: int) -> str:
+    """`two ships`: how the builder counts objects of a class in its answers."""
+    singular, plural = class_words(cls)
     word = NUMBER_WORDS[n] if n < len(NUMBER_WORDS) else str(n)
     return f"{word} {singular if n == 1 else plural}"
 
@@ -234,10 +241,6 @@ def eval_samples(b: Builder, samples: list[Sample]) -> list[dict]:
     return out
 
 
-EVAL_TASK = {"ucm_captions": "caption", "sydney_captions": "caption", "rsicd": "caption", "capera": "caption",
-             "rsvqa_lr": "vqa", "rsvqa_hr": "vqa", "rsvg": "grounding", "dior_rsvg": "grounding"}
-
-
 # ---------------------------------------------------------------- driver
 def find_sources(root: Path, extra: dict[str, Path] | None = None) -> dict[str, Path]:
     """Benchmark folders found under `root` (by their layout), plus `extra` ones."""
@@ -260,24 +263,21 @@ def find_sources(root: Path, extra: dict[str, Path] | None = None) -> dict[str, 
 def build(root: Path, out: Path, extra: dict[str, Path] | None = None) -> dict:
     """Build stage-1/stage-2 instructions, evaluation files and the data card into `out`.
     Written to a temporary folder and renamed into place."""
-    out = Path(out).resolve()
     sources = find_sources(Path(root), extra)
-    tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "eval").mkdir(parents=True)
-    # tmp sits beside `out` (same depth), so paths relative to it stay right after the rename
-    b = Builder(tmp)
     reports: list[ReadReport] = []
     eval_counts: dict[str, int] = {}
-    try:
+    # the temporary folder sits beside `out` (same depth), so paths relative to it stay right
+    with folder_in_place(Path(out)) as tmp:
+        (tmp / "eval").mkdir()
+        b = Builder(tmp)
         for name, folder in sources.items():
             train, report = read_benchmark(name, folder.resolve(), ["train"])
             reports.append(report)
-            if EVAL_TASK[name] == "caption":
+            if TASK[name] == "caption":
                 train = consensus_first(train)
                 b.captions(train)
                 b.caption_conversations(train)
-            elif EVAL_TASK[name] == "vqa":
+            elif TASK[name] == "vqa":
                 b.vqa(train)
                 b.vqa_conversations(train)
             else:
@@ -289,21 +289,13 @@ def build(root: Path, out: Path, extra: dict[str, Path] | None = None) -> dict:
                 rows = eval_samples(b, test)
                 key = f"{name}_{split}"
                 _write_json(tmp / "eval" / f"{key}.json",
-                            {"benchmark": name, "split": split, "task": EVAL_TASK[name], "samples": rows})
+                            {"benchmark": name, "split": split, "task": TASK[name], "samples": rows})
                 eval_counts[key] = len(rows)
         _write_json(tmp / "stage1.json", b.stage1)
         _write_json(tmp / "stage2.json", b.stage2)
         card = data_card(b, eval_counts, reports)
         _write_json(tmp / "card.json", card)
         (tmp / "DATA_CARD.md").write_text(render_card(card), encoding="utf-8")
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = out.with_name(out.name + f".old-{os.getpid()}")
-    if out.exists():
-        out.rename(old)
-    tmp.rename(out)
-    shutil.rmtree(old, ignore_errors=True)
     card["reports"] = [r.summary() for r in reports]
     return card
 

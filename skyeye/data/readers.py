@@ -1,4 +1,5 @@
-"""Registry of the 8 benchmark readers: names, splits, layout detection, one entry point.
+"""The 8 benchmark readers behind one entry point, and layout detection (the benchmarks' names
+and splits live in `skyeye.formats.benchmarks`).
 
 `read_benchmark(name, root)` reads a benchmark folder in its native layout (a real
 download or SkyEye-Synth) into typed records plus a ReadReport of what was left out.
@@ -8,23 +9,13 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
-from skyeye.data.capera import ANNOTATION_FILE as CAPERA_FILE
-from skyeye.data.capera import read_capera
-from skyeye.data.captions import read_karpathy
-from skyeye.data.records import ReadReport, Sample, read_json
-from skyeye.data.rsvqa import read_rsvqa
-from skyeye.data.voc import VOC_SPLITS, read_voc
-
-BENCHMARKS: tuple[str, ...] = (
-    "ucm_captions", "sydney_captions", "rsicd", "capera", "rsvqa_lr", "rsvqa_hr", "rsvg", "dior_rsvg",
-)
-_TVT = ("train", "val", "test")
-SPLITS: dict[str, tuple[str, ...]] = {name: _TVT for name in BENCHMARKS} | {"rsvqa_hr": (*_TVT, "test_phili")}
-# the splits the paper reports numbers on
-SCORED_SPLITS: dict[str, tuple[str, ...]] = {name: ("test",) for name in BENCHMARKS} | {
-    "rsvqa_hr": ("test", "test_phili"),
-    "rsvg": ("val", "test"),
-}
+from ..formats.benchmarks import BENCHMARKS, SPLITS
+from .capera import ANNOTATION_FILE as CAPERA_FILE
+from .capera import read_capera
+from .captions import read_karpathy
+from .records import ReadReport, Sample, read_json
+from .rsvqa import read_rsvqa
+from .voc import VOC_SPLITS, read_voc
 
 Reader = Callable[[str, Path, Sequence[str] | None], tuple[list, ReadReport]]
 _READERS: dict[str, Reader] = {

@@ -14,14 +14,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from skyeye.data.records import DataFormatError, ReadReport, VQASample, read_json, require
+from ..formats.benchmarks import SPLITS
+from .records import DataFormatError, ReadReport, VQASample, read_json, require
 
 # benchmark -> (file prefix, image folder)
 LAYOUTS: dict[str, tuple[str, str]] = {"rsvqa_lr": ("LR", "Images_LR"), "rsvqa_hr": ("USGS", "Data")}
-RSVQA_SPLITS: dict[str, tuple[str, ...]] = {
-    "rsvqa_lr": ("train", "val", "test"),
-    "rsvqa_hr": ("train", "val", "test", "test_phili"),
-}
 KINDS = ("images", "questions", "answers")
 # fields a row must carry once completed from all_<kind>.json, with their types
 REQUIRED: dict[str, dict[str, type | tuple[type, ...]]] = {
@@ -39,7 +36,7 @@ def split_file(benchmark: str, root: Path, split: str, kind: str) -> Path:
 def available_splits(benchmark: str, root: Path) -> tuple[str, ...]:
     """Splits with files present; a split with only some of its three files is an error."""
     found = []
-    for split in RSVQA_SPLITS[benchmark]:
+    for split in SPLITS[benchmark]:
         present = [split_file(benchmark, root, split, k).is_file() for k in KINDS]
         if all(present):
             found.append(split)

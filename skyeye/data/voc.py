@@ -13,9 +13,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from skyeye.data.records import Box, DataFormatError, GroundingSample, ReadReport
+from ..formats.benchmarks import SPLITS
+from .records import Box, DataFormatError, GroundingSample, ReadReport
 
-VOC_SPLITS = ("train", "val", "test")
+VOC_SPLITS = SPLITS["dior_rsvg"]  # split files train.txt, val.txt, test.txt (RSVG alike)
 
 
 @dataclass(frozen=True)

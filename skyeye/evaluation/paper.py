@@ -1,6 +1,6 @@
-"""The paper's published scores (SkyEyeGPT, Zhan et al. 2024), with MiniGPT-v2 as a second
-reference, transcribed from `../shared/reference/benchmarks.md`, keyed like our evaluation
-metrics: `{bench_split: {metric: value}}` on the paper's x100 scale.
+"""The paper's published scores (SkyEyeGPT, Zhan et al. 2024, arXiv 2401.09712: its
+captioning, VQA and grounding tables), with MiniGPT-v2 as a second reference, keyed like
+our evaluation metrics: `{bench_split: {metric: value}}` on the paper's x100 scale.
 
 These are real-data numbers from 7B models trained on GPUs. Our scores come from a tiny model
 on the synthetic stand-in (SkyEye-Synth), so the two are not comparable: the report shows the
@@ -10,14 +10,13 @@ from __future__ import annotations
 
 from typing import Final
 
+from ..formats.benchmarks import CAPTION_METRICS
+
 Scores = dict[str, dict[str, float]]  # bench_split -> metric -> score (x100); treat as read-only
-
-_CAPTION = ("bleu_1", "bleu_2", "bleu_3", "bleu_4", "meteor", "rouge_l", "cider")
-
 
 def _captions(*values: float) -> dict[str, float]:
     """B1 / B2 / B3 / B4 / METEOR / ROUGE-L / CIDEr, in the paper's column order."""
-    return dict(zip(_CAPTION, values, strict=True))
+    return dict(zip(CAPTION_METRICS, values, strict=True))
 
 
 def _vqa(presence: float, comp: float, aa: float, rural_urban: float | None = None) -> dict[str, float]:

@@ -21,9 +21,9 @@ import numpy as np  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from ..boxes import first_box_pixels, iou  # noqa: E402
-from ..metrics import PAPER_VQA_TYPES, normalise_answer  # noqa: E402
-from .benchmarks import EVAL_KEYS, PRIMARY, TASK_OF  # noqa: E402
+from ..formats.benchmarks import EVAL_KEYS, PAPER_VQA_TYPES, PRIMARY, TASK_OF  # noqa: E402
+from ..formats.boxes import first_box_pixels, iou  # noqa: E402
+from ..formats.metrics import normalise_answer  # noqa: E402
 
 OURS_LABEL = "ours (SkyEye-Synth, synthetic)"
 PAPER_LABEL = "paper (real data, 7B)"

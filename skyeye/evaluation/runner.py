@@ -1,9 +1,10 @@
 """`skyeye evaluate`: the 8 benchmarks with the paper's prompts and metric conventions,
 SkyEyeGPT and its baselines scored the same way, everything in one MLflow run.
 
-Metric names are `<bench_split>/<metric>` on the paper's x100 scale; a baseline's are
-`baseline.<name>/<bench_split>/<metric>`. The run ends FINISHED only when every
-benchmark was scored, so the registry never sees a half evaluation.
+Metric names follow `skyeye.formats.benchmarks` (`<bench_split>/<metric>` on the paper's
+x100 scale; a baseline's `baseline.<name>/<bench_split>/<metric>`). The run ends
+FINISHED only when every benchmark was scored, so the registry never sees a half
+evaluation.
 """
 from __future__ import annotations
 
@@ -12,22 +13,23 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import mlflow
-from mlflow.tracking import MlflowClient
 from pydantic import BaseModel, ConfigDict
 
-from .. import tracking
 from ..config import Settings, get_settings, git_revision
 from ..data.records import DataFormatError, read_json
-from ..metrics import CaptionScorer, caption_scores, grounding_scores, vqa_scores
+from ..datagate.gate import data_version_of
+from ..formats.benchmarks import (BENCHMARK_OF, PRIMARY, PRIMARY_SCORE, SPLIT_OF, TASK_OF, metric, primary_metric,
+                                  select, spread)
+from ..formats.metrics import CaptionScorer, caption_scores, grounding_scores, vqa_scores
+from ..registry.references import load
+from ..tracking import runs
+from ..tracking.names import (EVALUATION_EXPERIMENT, KIND_EVALUATION, TAG_DVC_MD5, TAG_EVAL_BENCHMARKS,
+                              TAG_EVAL_TRAINING_RUN, TAG_GIT_COMMIT, TAG_GIT_REV, TAG_KIND, TAG_MODEL_DIR,
+                              TAG_PARENT, TAG_TUNING_JOB, UNCOMMITTED, UNVERSIONED)
 from ..training.data import load_items
-from .benchmarks import BENCHMARK_OF, PRIMARY, TASK_OF, select
-from .predictors import ModelPredictor, centred_boxes, majority_answers, nearest_captions
+from .baselines import BASELINES, TRIVIAL, trivial_answers
+from .predictors import ModelPredictor
 
-EVAL_EXPERIMENT = "skyeye-evaluation"
-BASELINES = ("untuned", "majority_answer", "centred_box", "nearest_caption")
-# which trivial baseline applies to which task (the untuned model answers everything)
-TRIVIAL = {"vqa": "majority_answer", "grounding": "centred_box", "caption": "nearest_caption"}
 REQUIRED = {"caption": ("references",), "vqa": ("question_type", "answer", "prompt"),
             "grounding": ("box", "image_size", "prompt")}
 
@@ -57,11 +59,11 @@ class EvalResult:
         lines = [f"evaluation run {self.run_id} ({self.seconds:.0f} s)", f"{'bench split':24s} {'metric':12s} "
                  f"{'ours':>8s}  baselines"]
         for key in self.predictions:
-            metric = PRIMARY[TASK_OF[key]]
-            base = {b: self.metrics.get(f"baseline.{b}/{key}/{metric}") for b in BASELINES}
+            name = PRIMARY[TASK_OF[key]]
+            base = {b: self.metrics.get(metric(key, name, b)) for b in BASELINES}
             shown = "  ".join(f"{b}={v:.1f}" for b, v in base.items() if v is not None)
-            lines.append(f"{key:24s} {metric:12s} {self.metrics[f'{key}/{metric}']:8.1f}  {shown}")
-        lines.append(f"primary_score {self.metrics['primary_score']:.2f}")
+            lines.append(f"{key:24s} {name:12s} {self.metrics[metric(key, name)]:8.1f}  {shown}")
+        lines.append(f"{PRIMARY_SCORE} {self.metrics[PRIMARY_SCORE]:.2f}")
         return "\n".join(lines)
 
 
@@ -71,7 +73,7 @@ def load_eval_file(instructions: Path, key: str) -> dict:
     if not path.exists():
         raise FileNotFoundError(f"{path}: evaluation file not found (run `skyeye data build`)")
     ev = read_json(path)
-    bench, split = BENCHMARK_OF[key], key[len(BENCHMARK_OF[key]) + 1:]
+    bench, split = BENCHMARK_OF[key], SPLIT_OF[key]
     if not isinstance(ev, dict) or ev.get("benchmark") != bench or ev.get("split") != split:
         got = (ev.get("benchmark"), ev.get("split")) if isinstance(ev, dict) else type(ev).__name__
         raise DataFormatError(path, "benchmark/split", f"holds {got}, expected {bench!r} {split!r}")
@@ -101,11 +103,54 @@ def score(key: str, rows: list[dict], answers: list[str], scorer: CaptionScorer 
     return grounding_scores(answers, [tuple(r["box"]) for r in rows], [tuple(r["image_size"]) for r in rows])
 
 
-def _spread(rows: list, n: int | None) -> list:
-    if not n or len(rows) <= n:
-        return rows
-    step = len(rows) / n
-    return [rows[int(i * step)] for i in range(n)]
+@dataclass
+class _Split:
+    """What one bench split's scoring produced."""
+    metrics: dict[str, float]
+    predictions: list[dict]
+
+
+def _score_split(key: str, rows: list[dict], root: Path, train: list, cfg: EvalConfig, ours: ModelPredictor,
+                 untuned: ModelPredictor | None, scorer: CaptionScorer | None, bar) -> _Split:
+    """The model, the untuned model (on a spread subset) and the task's trivial baseline on one split."""
+    task, eval_dir = TASK_OF[key], root / "eval"
+    answers = ours.answer(eval_dir, rows, [r["prompt"] for r in rows], cfg.max_new_tokens[task], bar)
+    now = {metric(key, m): v for m, v in score(key, rows, answers, scorer).items()}
+    base: dict[str, dict[str, str]] = {}  # baseline -> row id -> answer
+    if untuned is not None:
+        some = spread(rows, cfg.untuned_limit)
+        base["untuned"] = dict(zip((r["id"] for r in some), untuned.answer(
+            eval_dir, some, [r["prompt"] for r in some], cfg.max_new_tokens[task], bar)))
+    if TRIVIAL[task] in cfg.baselines:
+        name, trivial = trivial_answers(task, rows, eval_dir, train, root, BENCHMARK_OF[key])
+        base[name] = dict(zip((r["id"] for r in rows), trivial))
+    for name, by_id in base.items():
+        scored = [r for r in rows if r["id"] in by_id]
+        now |= {metric(key, m, name): v for m, v in score(key, scored, [by_id[r["id"]] for r in scored], scorer).items()}
+    predictions = [{**{k: r[k] for k in ("id", "image", "video", "prompt", "answer", "question_type", "box",
+                                         "expression", "image_size") if k in r},
+                    "references": " | ".join(r.get("references", [])), "prediction": a,
+                    **{f"baseline.{n}": by_id.get(r["id"]) for n, by_id in base.items()}}
+                   for r, a in zip(rows, answers)]
+    return _Split(now, predictions)
+
+
+def _run_tags(root: Path, keys: list[str], model_ref: str, tags: dict | None, s: Settings) -> dict[str, str]:
+    md5, rev = data_version_of(root, s)
+    return {TAG_KIND: KIND_EVALUATION, TAG_MODEL_DIR: model_ref, TAG_DVC_MD5: md5 or UNVERSIONED,
+            TAG_GIT_REV: rev or UNCOMMITTED, TAG_GIT_COMMIT: git_revision(s.project_root) or "none",
+            TAG_EVAL_BENCHMARKS: ",".join(keys), TAG_EVAL_TRAINING_RUN: "", **(tags or {})}
+
+
+def _finish(run_id: str, keys: list[str], metrics: dict[str, float], predictions: dict[str, list[dict]],
+            root: Path, cfg: EvalConfig, model_ref: str, seconds: float, s: Settings) -> None:
+    """The primary score, timings, the predictions tables and the report, into the run."""
+    runs.log_metrics(run_id, {PRIMARY_SCORE: metrics[PRIMARY_SCORE], "eval_seconds": seconds,
+                              "samples": sum(len(p) for p in predictions.values())}, settings=s)
+    _log_tables(run_id, predictions, s)
+    with tempfile.TemporaryDirectory() as tmp:
+        write_report(Path(tmp), metrics, predictions, root / "eval", cfg.examples, title=model_ref)
+        runs.client(s).log_artifacts(run_id, tmp, "report")
 
 
 def evaluate(model, keys: list[str] | str = "all", *, cfg: EvalConfig | None = None, untuned=None,
@@ -127,84 +172,40 @@ def evaluate(model, keys: list[str] | str = "all", *, cfg: EvalConfig | None = N
     root = Path(instructions or s.instructions_dir)
     files = {k: load_eval_file(root, k) for k in keys}  # every file checked before any compute
     train = load_items(root / "stage1.json") if (root / "stage1.json").exists() else []
-    tracking.setup(s)
-    from ..gate import data_version_of
-    md5, rev = data_version_of(root, s)
-    run_tags = {"skyeye.kind": "evaluation", "skyeye.model_dir": model_ref, "skyeye.data.dvc_md5": md5 or "unversioned",
-                "skyeye.data.git_rev": rev or "uncommitted", "skyeye.git_commit": git_revision(s.project_root) or "none",
-                "skyeye.eval.benchmarks": ",".join(keys), "skyeye.eval.training_run": "", **(tags or {})}
-    client = MlflowClient()
-    exp = tracking.experiment_id(EVAL_EXPERIMENT, s)
-    run_id = client.create_run(exp, run_name=f"evaluate-{Path(model_ref).name or 'model'}", tags=run_tags).info.run_id
-    client.log_param(run_id, "eval_config", cfg.model_dump_json())
-    started = time.perf_counter()
-    cache: dict = {}
+    cache: dict = {}  # the model and its untuned baseline share the frozen encoder: encode once
     ours = ModelPredictor(model, batch_size=cfg.batch_size, encoder_cache=cache)
-    before = ModelPredictor(untuned, "untuned", cfg.batch_size, cache) if untuned is not None and "untuned" in cfg.baselines else None
+    before = ModelPredictor(untuned, "untuned", cfg.batch_size, cache) \
+        if untuned is not None and "untuned" in cfg.baselines else None
     metrics: dict[str, float] = {}
     predictions: dict[str, list[dict]] = {}
-    scorer = CaptionScorer() if any(TASK_OF[k] == "caption" for k in keys) else None
-    try:
-        eval_dir = root / "eval"
-        n_rows = {k: len(_spread(f["samples"], cfg.limit)) for k, f in files.items()}
-        total = sum(n + (min(n, cfg.untuned_limit or n) if before else 0) for n in n_rows.values())
-        bar = tqdm(total=total, desc="evaluate", unit="sample", disable=not progress)
-        for key, ev in files.items():
-            task, rows = TASK_OF[key], _spread(ev["samples"], cfg.limit)
-            bar.set_postfix_str(key)
-            answers = ours.answer(eval_dir, rows, [r["prompt"] for r in rows], cfg.max_new_tokens[task], bar)
-            now = {f"{key}/{m}": v for m, v in score(key, rows, answers, scorer).items()}
-            base: dict[str, dict[str, str]] = {}  # baseline -> row id -> answer
-            if before is not None:
-                some = _spread(rows, cfg.untuned_limit)
-                base["untuned"] = dict(zip((r["id"] for r in some), before.answer(
-                    eval_dir, some, [r["prompt"] for r in some], cfg.max_new_tokens[task], bar)))
-            trivial = TRIVIAL[task]
-            if trivial in cfg.baselines:
-                if task == "vqa":
-                    trivial_answers = majority_answers(rows)
-                elif task == "grounding":
-                    trivial_answers = centred_boxes(rows, train, BENCHMARK_OF[key])
-                else:
-                    trivial_answers = nearest_captions(rows, eval_dir, train, root, BENCHMARK_OF[key])
-                base[trivial] = dict(zip((r["id"] for r in rows), trivial_answers))
-            for name, by_id in base.items():
-                scored = [r for r in rows if r["id"] in by_id]
-                now |= {f"baseline.{name}/{key}/{m}": v
-                        for m, v in score(key, scored, [by_id[r["id"]] for r in scored], scorer).items()}
-            metrics |= now
-            predictions[key] = [{**{k: r[k] for k in ("id", "image", "video", "prompt", "answer", "question_type",
-                                                        "box", "expression", "image_size") if k in r},
-                                 "references": " | ".join(r.get("references", [])), "prediction": a,
-                                 **{f"baseline.{n}": by_id.get(r["id"]) for n, by_id in base.items()}}
-                                for r, a in zip(rows, answers)]
-            stamp = int(time.time() * 1000)
-            client.log_batch(run_id, metrics=[mlflow.entities.Metric(k, float(v), stamp, 0) for k, v in now.items()])
-        bar.close()
-        primary = [metrics[f"{k}/{PRIMARY[TASK_OF[k]]}"] for k in keys]
-        metrics["primary_score"] = sum(primary) / len(primary)
+    name = f"evaluate-{Path(model_ref).name or 'model'}"
+    with runs.tracked_run(EVALUATION_EXPERIMENT, name, _run_tags(root, keys, model_ref, tags, s), settings=s) as run_id:
+        runs.client(s).log_param(run_id, "eval_config", cfg.model_dump_json())
+        started = time.perf_counter()
+        scorer = CaptionScorer() if any(TASK_OF[k] == "caption" for k in keys) else None
+        try:
+            rows_of = {k: spread(f["samples"], cfg.limit) for k, f in files.items()}
+            total = sum(len(r) + (min(len(r), cfg.untuned_limit or len(r)) if before else 0) for r in rows_of.values())
+            with tqdm(total=total, desc="evaluate", unit="sample", disable=not progress) as bar:
+                for key, rows in rows_of.items():
+                    bar.set_postfix_str(key)
+                    split = _score_split(key, rows, root, train, cfg, ours, before, scorer, bar)
+                    metrics |= split.metrics
+                    predictions[key] = split.predictions
+                    runs.log_metrics(run_id, split.metrics, settings=s)
+        finally:
+            if scorer is not None:
+                scorer.close()
+        metrics[PRIMARY_SCORE] = sum(metrics[primary_metric(k)] for k in keys) / len(keys)
         seconds = time.perf_counter() - started
-        client.log_metric(run_id, "primary_score", metrics["primary_score"])
-        client.log_metric(run_id, "eval_seconds", seconds)
-        client.log_metric(run_id, "samples", sum(len(p) for p in predictions.values()))
-        _log_tables(run_id, predictions)
-        with tempfile.TemporaryDirectory() as tmp:
-            write_report(Path(tmp), metrics, predictions, eval_dir, cfg.examples, title=model_ref)
-            client.log_artifacts(run_id, tmp, "report")
-    except BaseException:
-        client.set_terminated(run_id, "FAILED")
-        raise
-    finally:
-        if scorer is not None:
-            scorer.close()
-    client.set_terminated(run_id, "FINISHED")
+        _finish(run_id, keys, metrics, predictions, root, cfg, model_ref, seconds, s)
     return EvalResult(run_id, metrics, predictions, seconds)
 
 
-def _log_tables(run_id: str, predictions: dict[str, list[dict]]) -> None:
+def _log_tables(run_id: str, predictions: dict[str, list[dict]], s: Settings) -> None:
     """One predictions table per bench split (the MLflow UI's artifact view compares them)."""
     import pandas as pd
-    client = MlflowClient()
+    client = runs.client(s)
     for key, rows in predictions.items():
         client.log_table(run_id, pd.DataFrame(rows), artifact_file=f"predictions/{key}.json")
 
@@ -237,25 +238,6 @@ def write_report(out: Path, metrics: dict[str, float], predictions: dict[str, li
     return report.report_html(f"SkyEyeGPT evaluation: {title}", sections, out / "report.html")
 
 
-def load_for_eval(ref: str):
-    """A model folder, a tuning-stage run id or a `models:/` URI -> (SkyEyeGPT, its folder,
-    the training run id or ""). Any failure becomes one error naming the reference."""
-    from ..model.skyeyegpt import load_model
-    from ..training.tune import resolve_init, run_of_model_dir
-    tracking.setup()  # the configured store, never MLflow's own default in the working directory
-    try:
-        if ref.startswith("models:/"):  # the registered pyfunc, unwrapped to the SkyEyeGPT inside
-            from ..registry import model_name, resolve
-            version = MlflowClient().get_model_version(model_name(), str(resolve(ref)))
-            model = mlflow.pyfunc.load_model(ref).unwrap_python_model().model
-            return model.eval(), ref, version.tags.get("skyeye.training_run", "")
-        folder = resolve_init(ref)
-        run = ref if folder != ref else (run_of_model_dir(folder) or "")  # a folder: the stage run that wrote it
-        return load_model(folder).eval(), str(folder), run
-    except Exception as err:  # noqa: BLE001 - any loader failure is reported the same way
-        raise ValueError(f"--model {ref}: does not load: {err}") from None
-
-
 def untuned_like(model):
     """The same architecture before tuning: its backbones, a fresh alignment layer and adapter."""
     import torch
@@ -270,16 +252,14 @@ def run_evaluation(ref: str, benchmarks: str | list[str] = "all", *, limit: int 
                    progress: bool = True) -> EvalResult:
     """`skyeye evaluate`: resolve the model, check the benchmarks and files, then evaluate."""
     s = settings or get_settings()
-    tracking.setup(s)
     keys = select(benchmarks)  # a bad name fails before the model loads
     for key in keys:
         load_eval_file(Path(instructions or s.instructions_dir), key)
-    model, folder, training_run = load_for_eval(ref)
+    loaded = load(ref)
     cfg = EvalConfig(limit=limit, baselines=BASELINES if baselines else ())
-    untuned = untuned_like(model) if baselines else None
-    tags = {"skyeye.eval.training_run": training_run}
-    if training_run:  # the tuning job and data version of the training run, for the audit
-        run = MlflowClient().get_run(training_run)
-        tags["skyeye.tuning_job"] = run.data.tags.get("mlflow.parentRunId", "")
-    return evaluate(model, keys, cfg=cfg, untuned=untuned, instructions=instructions, model_ref=folder, tags=tags,
-                    settings=s, progress=progress)
+    untuned = untuned_like(loaded.model) if baselines else None
+    tags = {TAG_EVAL_TRAINING_RUN: loaded.training_run}
+    if loaded.training_run:  # the tuning job of the training run, for the audit
+        tags[TAG_TUNING_JOB] = runs.client(s).get_run(loaded.training_run).data.tags.get(TAG_PARENT, "")
+    return evaluate(loaded.model, keys, cfg=cfg, untuned=untuned, instructions=instructions, model_ref=loaded.source,
+                    tags=tags, settings=s, progress=progress)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..prompts import IMAGE_PLACEHOLDER
+from ..formats.prompts import IMAGE_PLACEHOLDER
 from .tokenizer import IMAGE_TOKEN
 
 IGNORE = -100

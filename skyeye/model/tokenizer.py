@@ -15,8 +15,8 @@ import torch
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from ..boxes import GRID
-from ..prompts import IMAGE_PLACEHOLDER, TASK_IDENTIFIERS
+from ..formats.boxes import GRID
+from ..formats.prompts import IMAGE_PLACEHOLDER, TASK_IDENTIFIERS
 
 BOS, EOS, PAD, UNK = "<s>", "</s>", "<pad>", "<unk>"
 IMAGE_TOKEN = "<ImageHere>"

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,13 +18,14 @@ from xml.sax.saxutils import escape
 import numpy as np
 from tqdm import tqdm
 
+from ..formats.benchmarks import BENCHMARKS
+from ..formats.files import folder_in_place
 from .language import captions, questions, referring_expression
 from .render import render
 from .scene import LAND_USES, sample_scene
 from .video import EVENTS, clip_captions, event_scene, write_clip
 
-BENCHMARKS = ("ucm_captions", "sydney_captions", "rsicd", "capera", "rsvqa_lr", "rsvqa_hr", "rsvg", "dior_rsvg")
-# Real sizes in pixels (benchmarks.md); `tiny` and `demo` render smaller to stay fast.
+# The real sets' image sides in pixels (docs/data.md); `tiny` and `demo` render smaller to stay fast.
 NATIVE_SIZE = {"ucm_captions": 256, "sydney_captions": 500, "rsicd": 224, "capera": 256, "rsvqa_lr": 256,
                "rsvqa_hr": 512, "rsvg": 1024, "dior_rsvg": 800}
 
@@ -230,16 +230,13 @@ def synthesize(out: Path, scale: str = "demo", seed: int = 0, workers: int | Non
     if unknown:
         raise ValueError(f"unknown benchmark(s) {sorted(unknown)}; known: {BENCHMARKS}")
     sc = SCALES[scale]
-    out = Path(out)
-    tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    jobs: list[tuple] = []
-    for bench in benchmarks:
-        for sub in FOLDERS[bench]:
-            (tmp / bench / sub).mkdir(parents=True, exist_ok=True)
-        jobs += _jobs(bench, sc, seed, tmp / bench)
-    workers = workers or min(os.cpu_count() or 1, 8)
-    try:
+    with folder_in_place(Path(out)) as tmp:
+        jobs: list[tuple] = []
+        for bench in benchmarks:
+            for sub in FOLDERS[bench]:
+                (tmp / bench / sub).mkdir(parents=True, exist_ok=True)
+            jobs += _jobs(bench, sc, seed, tmp / bench)
+        workers = workers or min(os.cpu_count() or 1, 8)
         if workers > 1:
             with ProcessPoolExecutor(workers) as pool:
                 results = list(tqdm(pool.map(_make_item, jobs, chunksize=16), total=len(jobs),
@@ -250,14 +247,6 @@ def synthesize(out: Path, scale: str = "demo", seed: int = 0, workers: int | Non
         (tmp / "SKYEYE_SYNTH.md").write_text(
             f"# SkyEye-Synth (synthetic)\n\nProcedural stand-in for the 8 benchmarks, scale `{scale}`, seed {seed}.\n"
             "Not real imagery: see the project README.\n", encoding="utf-8")
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = out.with_name(out.name + f".old-{os.getpid()}")
-    if out.exists():
-        out.rename(old)
-    tmp.rename(out)
-    shutil.rmtree(old, ignore_errors=True)
     return summary
 
 

@@ -101,7 +101,7 @@ class DenseHeads(torch.nn.Module):
         self.scene = torch.nn.Linear(width, max(n_scenes, 1))
 
 
-def _scene_frames(synth: Path, side: int, frames: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+def scene_frames(synth: Path, side: int, frames: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """uint8 frames and class ids of the train images / clips whose layout names a scene
     class or an event; classes are namespaced by benchmark (`capera:boating`)."""
     pixels, chunks, labels = PixelCache(Path("/"), side), [], []
@@ -166,7 +166,7 @@ def pretrain_vision(synth: Path, cfg: BackbonesConfig, out: Path, log) -> dict[s
     box_t = torch.from_numpy(np.stack([targets[p][2] for p in images]))
     tower = new_vision_tower(spec)
     g = spec.image_size // spec.patch_size
-    scene_u8, scene_t, scenes = _scene_frames(synth, spec.image_size, VIDEO_FRAMES) if cfg.scene_batch else \
+    scene_u8, scene_t, scenes = scene_frames(synth, spec.image_size, VIDEO_FRAMES) if cfg.scene_batch else \
         (None, torch.zeros(0, dtype=torch.long), [])
     heads = DenseHeads(spec.hidden_size, len(classes), g, len(scenes))
     rng = np.random.default_rng(cfg.seed)

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..prompts import IMAGE_PLACEHOLDER
+from ..formats.prompts import IMAGE_PLACEHOLDER
 from ..synth.video import read_frames
 
 

@@ -1,88 +1,83 @@
-"""Held-back test samples scored during training, next to trivial baselines, so the
-per-task learning curves (and whether the model beats answering blindly) show in MLflow."""
+"""Held-back test samples scored during training, next to the trivial baselines, so the
+per-task learning curves (and whether the model beats answering blindly) show in MLflow.
+
+Scored with the evaluation's metrics and baselines (`skyeye.formats.metrics`,
+`skyeye.evaluation.baselines`) and named like the evaluation's metrics behind the prefix
+`heldout/`: `heldout/dior_rsvg_test/acc_at_0.5`,
+`heldout/baseline.centred_box/dior_rsvg_test/acc_at_0.5`. Captions are scored by CIDEr
+without METEOR (its Java process takes ~15 s to start).
+"""
 from __future__ import annotations
 
 import json
 from collections import Counter, defaultdict
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from .. import prompts
-from ..boxes import box_text
-from ..metrics import acc_at_05, cider, normalise_answer, vqa_accuracy
-from ..synth.scene import PLURAL
+from ..data.instructions import class_words, count_phrase
+from ..evaluation.baselines import centred_boxes, majority_answers, trivial_answers
+from ..formats import prompts
+from ..formats.benchmarks import ACC_AT_05, CIDER, HELDOUT, metric, spread
+from ..formats.metrics import caption_scores, grounding_scores, normalise_answer, vqa_scores
+from ..synth.scene import CATEGORIES
+from .data import Item, load_items
 from .stage_config import HeldOutConfig
 
+CONVERSATION = "conversation"  # the key of the stage-2 three-turn conversations in metric names
 
-def _spread(rows: list, n: int) -> list:
-    """`n` rows spread evenly over the file (deterministic, covers every image group)."""
-    if len(rows) <= n:
-        return rows
-    return [rows[int(i)] for i in np.linspace(0, len(rows) - 1, n).round()]
+
+def _score(task: str, rows: list[dict], answers: list[str]) -> dict[str, float]:
+    if task == "grounding":
+        return grounding_scores(answers, [tuple(r["box"]) for r in rows], [tuple(r["image_size"]) for r in rows])
+    if task == "vqa":
+        return vqa_scores(answers, [r["answer"] for r in rows], [r["question_type"] for r in rows])
+    return caption_scores(answers, [r["references"] for r in rows], meteor=False)
 
 
 class HeldOut:
-    def __init__(self, cfg: HeldOutConfig, root: Path, train_items, model, features):
+    def __init__(self, cfg: HeldOutConfig, root: Path, model, features):
         self.cfg, self.root, self.model, self.features = cfg, Path(root), model, features
-        self.sets: dict[str, tuple[dict, list]] = {}
+        self.sets: dict[str, tuple[str, dict, list]] = {}  # task -> (bench split, eval file, rows)
         for task in ("grounding", "vqa", "caption"):
             rel = getattr(cfg, task)
             if rel and (self.root / rel).exists():
                 ev = json.loads((self.root / rel).read_text())
-                self.sets[task] = (ev, _spread(ev["samples"], cfg.samples))
-        self.baselines = self._baselines(train_items)
+                self.sets[task] = (f"{ev['benchmark']}_{ev['split']}", ev, spread(ev["samples"], cfg.samples))
+        # the baselines' training set is stage 1's, in both stages, as in the evaluation
+        stage1 = self.root / "stage1.json"
+        self.train: list[Item] = load_items(stage1) if stage1.exists() else []
+        self.baselines = self._baselines()
 
     def _media(self, rel_file: str, row: dict) -> tuple[str, int]:
         # eval paths are relative to the eval file's folder; make them relative to the instruction root
         media = str(Path(rel_file).parent / (row.get("image") or row["video"]))
         return media, int(row.get("frames", 1)) if "video" in row else 1
 
-    def _baselines(self, train_items) -> dict[str, float]:
+    def _baselines(self) -> dict[str, float]:
         out: dict[str, float] = {}
-        if "grounding" in self.sets:  # a centred box of the mean training-box size
-            _, rows = self.sets["grounding"]
-            preds = []
-            for r in rows:
-                w, h = r["image_size"]
-                preds.append(box_text((w * 0.35, h * 0.35, w * 0.65, h * 0.65), w, h))
-            out["baseline/grounding_acc05"] = acc_at_05(preds, [tuple(r["box"]) for r in rows],
-                                                        [tuple(r["image_size"]) for r in rows])
-        if "vqa" in self.sets:  # each type's most frequent answer (counted on the test file: a generous baseline)
-            _, rows = self.sets["vqa"]
-            all_rows = self.sets["vqa"][0]["samples"]
-            by_type: dict[str, Counter] = defaultdict(Counter)
-            for r in all_rows:
-                by_type[r["question_type"]][r["answer"]] += 1
-            preds = [by_type[r["question_type"]].most_common(1)[0][0] for r in rows]
-            out["baseline/vqa_aa"] = vqa_accuracy(preds, [r["answer"] for r in rows],
-                                                  [r["question_type"] for r in rows])["aa"]
-        if "caption" in self.sets:  # the most common training caption of that source
-            ev, rows = self.sets["caption"]
-            common = Counter(a for it in train_items if it.source == ev["benchmark"]  # stage-2 turns count too
-                             for q, a in it.turns if q.startswith("[caption]")).most_common(1)
-            text = common[0][0] if common else ""
-            out["baseline/caption_cider"] = cider([text] * len(rows), [r["references"] for r in rows])
+        for task, (key, ev, rows) in self.sets.items():
+            eval_root = self.root / Path(getattr(self.cfg, task)).parent
+            name, answers = trivial_answers(task, rows, eval_root, self.train, self.root, ev["benchmark"])
+            out |= {HELDOUT + metric(key, m, name): v for m, v in _score(task, rows, answers).items()}
         return out
 
-    def answers(self, task: str, prompts: list[str] | None = None, batch: int = 32) -> list[str]:
-        ev, rows = self.sets[task]
+    def answers(self, task: str, batch: int = 32) -> list[str]:
+        _, _, rows = self.sets[task]
         rel = getattr(self.cfg, task)
         out: list[str] = []
         for i in range(0, len(rows), batch):
             keys = [self._media(rel, r) for r in rows[i:i + batch]]
-            qs = prompts[i:i + batch] if prompts else [r["prompt"] for r in rows[i:i + batch]]
             vis, frames = self.features.batch(keys)
             with torch.no_grad():
-                out += self.model.ask(qs, frames, vision_tokens=vis, max_new_tokens=24)
+                out += self.model.ask([r["prompt"] for r in rows[i:i + batch]], frames, vision_tokens=vis,
+                                      max_new_tokens=24)
         return out
 
     # ------------------------------------------------------------ stage 2: three-turn conversations
     def _conversations(self) -> list[dict]:
-        """Per test image: [caption] (derived from its annotations), [vqa] count, [refer]."""
-        rel = self.cfg.conversation
-        ev = json.loads((self.root / rel).read_text())
+        """Per test image: the object list (derived from its annotations), a [vqa] count, a [refer]."""
+        ev = json.loads((self.root / self.cfg.conversation).read_text())
         by_image: dict[str, list[dict]] = defaultdict(list)
         for r in ev["samples"]:
             by_image[r["image"]].append(r)
@@ -91,19 +86,19 @@ class HeldOut:
             words = Counter(_class_of(r["expression"]) for r in rows)
             if None in words:
                 continue
-            scene = " and ".join(_phrase(c, n) for c, n in sorted(words.items()))
+            scene = " and ".join(count_phrase(c, n) for c, n in sorted(words.items()))
             cls = sorted(words)[0]
             target = rows[len(convs) % len(rows)]
             convs.append({"image": image, "row": target, "turns": [
                 (f"[caption] {prompts.first('inventory')}", f"there are {scene} in the image."),
-                (f"[vqa] how many {PLURAL[cls]} are there?", str(words[cls])),
+                (f"[vqa] how many {class_words(cls)[1]} are there?", str(words[cls])),
                 (f"[refer] {target['expression']}", None)]})
-        return _spread(convs, self.cfg.samples)
+        return spread(convs, self.cfg.samples)
 
     def conversation_scores(self) -> dict[str, float]:
-        convs = self._convs if hasattr(self, "_convs") else self._conversations()
-        self._convs = convs
-        rel = self.cfg.conversation
+        if not hasattr(self, "_convs"):
+            self._convs = self._conversations()
+        convs, rel = self._convs, self.cfg.conversation
         history: list[list[tuple[str, str]]] = [[] for _ in convs]
         answers: list[list[str]] = [[] for _ in convs]
         for turn in range(3):
@@ -116,47 +111,38 @@ class HeldOut:
                 for j, a in zip(chunk, out):  # the model's own answers become the history
                     history[j].append((convs[j]["turns"][turn][0], a))
                     answers[j].append(a)
-        caps = [a[0] for a in answers]
-        refs = [[c["turns"][0][1]] for c in convs]
-        counts = [c["turns"][1][1] for c in convs]
-        majority = Counter(counts).most_common(1)[0][0]
-        common_caption = Counter(r[0] for r in refs).most_common(1)[0][0]
+        lists = [{"question_type": "object list", "answer": c["turns"][0][1]} for c in convs]
+        counts = [{"question_type": "count", "answer": c["turns"][1][1]} for c in convs]
         rows = [c["row"] for c in convs]
-        gt = [tuple(r["box"]) for r in rows]
-        sizes = [tuple(r["image_size"]) for r in rows]
-        centred = [box_text((w * 0.35, h * 0.35, w * 0.65, h * 0.65), w, h) for w, h in sizes]
-        return {"heldout/conv_turn1_caption_cider": cider(caps, refs),
-                "baseline/conv_turn1_caption_cider": cider([common_caption] * len(refs), refs),
-                "heldout/conv_turn2_count_acc": sum(normalise_answer(a[1]) == c for a, c in zip(answers, counts)) / len(convs),
-                "baseline/conv_turn2_count_acc": sum(majority == c for c in counts) / len(convs),
-                "heldout/conv_turn3_refer_acc05": acc_at_05([a[2] for a in answers], gt, sizes),
-                "baseline/conv_turn3_refer_acc05": acc_at_05(centred, gt, sizes)}
+        gt, sizes = [tuple(r["box"]) for r in rows], [tuple(r["image_size"]) for r in rows]
+        source = json.loads((self.root / rel).read_text())["benchmark"]
+
+        def count_acc(preds: list[str]) -> float:
+            return 100 * sum(normalise_answer(p) == c["answer"] for p, c in zip(preds, counts)) / len(convs)
+
+        def name(what: str, baseline: str | None = None) -> str:
+            return HELDOUT + metric(CONVERSATION, what, baseline)
+
+        refs = [[c["answer"]] for c in lists]
+        return {name(f"turn1_{CIDER}"): caption_scores([a[0] for a in answers], refs, meteor=False)[CIDER],
+                name(f"turn1_{CIDER}", "majority_answer"): caption_scores(majority_answers(lists), refs,
+                                                                           meteor=False)[CIDER],
+                name("turn2_acc"): count_acc([a[1] for a in answers]),
+                name("turn2_acc", "majority_answer"): count_acc(majority_answers(counts)),
+                name(f"turn3_{ACC_AT_05}"): grounding_scores([a[2] for a in answers], gt, sizes)[ACC_AT_05],
+                name(f"turn3_{ACC_AT_05}", "centred_box"): grounding_scores(
+                    centred_boxes(rows, self.train, source), gt, sizes)[ACC_AT_05]}
 
     def score(self) -> dict[str, float]:
         m: dict[str, float] = dict(self.baselines)
-        if "grounding" in self.sets:
-            _, rows = self.sets["grounding"]
-            m["heldout/grounding_acc05"] = acc_at_05(self.answers("grounding"), [tuple(r["box"]) for r in rows],
-                                                     [tuple(r["image_size"]) for r in rows])
-        if "vqa" in self.sets:
-            _, rows = self.sets["vqa"]
-            acc = vqa_accuracy(self.answers("vqa"), [r["answer"] for r in rows], [r["question_type"] for r in rows])
-            m |= {f"heldout/vqa_{k}": v for k, v in acc.items()}
-        if "caption" in self.sets:
-            _, rows = self.sets["caption"]
-            m["heldout/caption_cider"] = cider(self.answers("caption"), [r["references"] for r in rows])
+        for task, (key, _, rows) in self.sets.items():
+            m |= {HELDOUT + metric(key, name): v for name, v in _score(task, rows, self.answers(task)).items()}
         if self.cfg.conversation and (self.root / self.cfg.conversation).exists():
             m |= self.conversation_scores()
         return m
 
 
 def _class_of(expression: str) -> str | None:
-    """The category named in a referring expression (the synth's and DIOR's vocabulary)."""
+    """The SkyEye-Synth category named in a referring expression (None for other vocabularies)."""
     text = expression.lower()
-    return next((c for c in sorted(PLURAL, key=len, reverse=True) if c in text), None)
-
-
-def _phrase(cls: str, n: int) -> str:
-    words = ["no", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
-    return f"{words[n] if n < len(words) else n} {cls if n == 1 else PLURAL[cls]}"
-
+    return next((c for c in sorted(CATEGORIES, key=len, reverse=True) if c in text), None)

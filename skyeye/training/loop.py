@@ -121,136 +121,181 @@ def per_sample_loss(logits: torch.Tensor, labels: torch.Tensor, coords: Coordina
     return (tok * mask).sum(1) / mask.sum(1).clamp(min=1)
 
 
-def run_stage(ctx, config: dict) -> dict:
-    """`config`: model (ModelConfig dict), stage (StageConfig dict), instructions (folder),
-    backbones {vision, llm, tokenizer}, init (folder of a saved SkyEyeGPT to start from, or None)."""
-    cfg = StageConfig.model_validate(config["stage"])
-    mcfg = ModelConfig.model_validate(config["model"])
-    root = Path(config["instructions"])
-    torch.manual_seed(cfg.seed)
-    dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
-    bb = config["backbones"]
-    resume = ctx.latest_checkpoint()
-    start_from = resume or config.get("init")
-    model = build_model(mcfg, bb["vision"], bb["llm"], bb["tokenizer"], dtype=torch.float32, device=ctx.device,
-                        adapter=start_from)
-    tok = model.tokenizer
-    n_vis = model.visual_tokens_per_image()
-    items = load_items(root / cfg.data)
-    sampler = SourceSampler(items, cfg.sampling, cfg.seed, ctx.rank)
-    replay = load_items(root / cfg.replay) if cfg.replay and cfg.replay_share > 0 else []
-    replay_sampler = SourceSampler(replay, cfg.replay_sampling, cfg.seed + 1, ctx.rank) if replay else None
-    pixels = PixelCache(root, mcfg.vision.image_size)
-    features = VisualFeatures(model, pixels, cfg.cache_features)
-    pointing = None
-    if cfg.pointing_weight > 0:
-        n_layers = model.llm.config.num_hidden_layers
-        bad = [i for i in cfg.pointing_layers if not -n_layers <= i < n_layers]
-        if bad:
-            raise ValueError(f"pointing_layers: {bad} out of range for an LLM of {n_layers} layers")
-        model.llm.set_attn_implementation("eager")  # SDPA returns no attention weights
-        pointing = PointingTargets(tok, model.image_token_id, n_vis, mcfg.alignment.group, cfg.pointing_motion)
-    coords = CoordinateTargets(tok, cfg.coordinate_sigma) if cfg.coordinate_sigma > 0 else None
-    held_out = HeldOut(cfg.held_out, root, items + replay, model, features) if ctx.is_main else None
+class StageRun:
+    """One stage on one worker: the model (from `init` or the latest checkpoint), its data
+    samplers, the training aids, the optimizer, and the step, checkpoint and metrics that
+    `run_stage` asks of it."""
 
-    params = [{"params": [p for p in model.alignment_layer.parameters() if p.requires_grad],
-               "lr_scale": cfg.alignment_lr_scale},
-              {"params": [p for n, p in model.named_parameters() if p.requires_grad and
-                          not n.startswith("alignment_layer.")], "lr_scale": 1.0}]
-    optim = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    step = resumed_from = 0
-    elapsed_before = 0.0  # training time spent before a restart: the time budget and schedule go on from it
-    if resume:
-        state = torch.load(Path(resume) / TRAINER_STATE, map_location="cpu", weights_only=False)
-        optim.load_state_dict(state["optimizer"])
-        step = resumed_from = state["step"]
-        elapsed_before = state.get("elapsed_s", 0.0)
-        sampler.rng.bit_generator.state = state["sampler_rng"][min(ctx.rank, len(state["sampler_rng"]) - 1)]
-        if replay_sampler is not None and state.get("replay_rng"):
-            replay_sampler.rng.bit_generator.state = state["replay_rng"][0]
-    ddp = ctx.prepare_model(model)
-    per_worker = max(1, cfg.batch_size // ctx.world_size)
-    n_replay = round(per_worker * cfg.replay_share) if replay_sampler else 0
+    def __init__(self, ctx, config: dict):
+        self.ctx = ctx
+        self.cfg = cfg = StageConfig.model_validate(config["stage"])
+        mcfg = ModelConfig.model_validate(config["model"])
+        root = Path(config["instructions"])
+        torch.manual_seed(cfg.seed)
+        self.dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
+        bb = config["backbones"]
+        self.resume_from = ctx.latest_checkpoint()
+        self.model = build_model(mcfg, bb["vision"], bb["llm"], bb["tokenizer"], dtype=torch.float32,
+                                 device=ctx.device, adapter=self.resume_from or config.get("init"))
+        self.tok = self.model.tokenizer
+        self.n_vis = self.model.visual_tokens_per_image()
+        self._data(root, mcfg)
+        self._aids(mcfg)
+        self.held_out = HeldOut(cfg.held_out, root, self.model, self.features) if ctx.is_main else None
+        self.params = [{"params": [p for p in self.model.alignment_layer.parameters() if p.requires_grad],
+                        "lr_scale": cfg.alignment_lr_scale},
+                       {"params": [p for n, p in self.model.named_parameters() if p.requires_grad and
+                                   not n.startswith("alignment_layer.")], "lr_scale": 1.0}]
+        self.optim = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.step = self.resumed_from = 0
+        self.elapsed_before = 0.0  # training time spent before a restart: the time budget and schedule go on from it
+        if self.resume_from:
+            self._resume()
+        self.ddp = ctx.prepare_model(self.model)
+        self.per_worker = max(1, cfg.batch_size // ctx.world_size)
+        self.n_replay = round(self.per_worker * cfg.replay_share) if self.replay_sampler else 0
+        self.window: dict[str, list[float]] = defaultdict(list)
+        self.tokens_seen = 0
+        self.started = time.perf_counter() - self.elapsed_before
 
-    def write_checkpoint(folder: Path) -> None:
-        model.save(folder)
-        torch.save({"optimizer": optim.state_dict(), "step": step, "stage": cfg.stage,
-                    "elapsed_s": time.perf_counter() - started, "schedule": {"lr": cfg.lr, "min_lr": cfg.min_lr,
-                                                                           "warmup_steps": cfg.warmup_steps},
-                    "sampler_rng": [sampler.rng.bit_generator.state],
-                    "replay_rng": [replay_sampler.rng.bit_generator.state] if replay_sampler else []},
+    def _data(self, root: Path, mcfg: ModelConfig) -> None:
+        cfg = self.cfg
+        self.items = load_items(root / cfg.data)
+        self.sampler = SourceSampler(self.items, cfg.sampling, cfg.seed, self.ctx.rank)
+        self.replay = load_items(root / cfg.replay) if cfg.replay and cfg.replay_share > 0 else []
+        self.replay_sampler = SourceSampler(self.replay, cfg.replay_sampling, cfg.seed + 1, self.ctx.rank) \
+            if self.replay else None
+        self.features = VisualFeatures(self.model, PixelCache(root, mcfg.vision.image_size), cfg.cache_features)
+
+    def _aids(self, mcfg: ModelConfig) -> None:
+        """The tiny model's training aids, when the stage config turns them on."""
+        cfg, self.pointing = self.cfg, None
+        if cfg.pointing_weight > 0:
+            n_layers = self.model.llm.config.num_hidden_layers
+            bad = [i for i in cfg.pointing_layers if not -n_layers <= i < n_layers]
+            if bad:
+                raise ValueError(f"pointing_layers: {bad} out of range for an LLM of {n_layers} layers")
+            self.model.llm.set_attn_implementation("eager")  # SDPA returns no attention weights
+            self.pointing = PointingTargets(self.tok, self.model.image_token_id, self.n_vis, mcfg.alignment.group,
+                                            cfg.pointing_motion)
+        self.coords = CoordinateTargets(self.tok, cfg.coordinate_sigma) if cfg.coordinate_sigma > 0 else None
+
+    def _resume(self) -> None:
+        state = torch.load(Path(self.resume_from) / TRAINER_STATE, map_location="cpu", weights_only=False)
+        self.optim.load_state_dict(state["optimizer"])
+        self.step = self.resumed_from = state["step"]
+        self.elapsed_before = state.get("elapsed_s", 0.0)
+        rngs = state["sampler_rng"]
+        self.sampler.rng.bit_generator.state = rngs[min(self.ctx.rank, len(rngs) - 1)]
+        if self.replay_sampler is not None and state.get("replay_rng"):
+            self.replay_sampler.rng.bit_generator.state = state["replay_rng"][0]
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
+
+    def write_checkpoint(self, folder: Path) -> None:
+        cfg = self.cfg
+        self.model.save(folder)
+        torch.save({"optimizer": self.optim.state_dict(), "step": self.step, "stage": cfg.stage,
+                    "elapsed_s": self.elapsed(),
+                    "schedule": {"lr": cfg.lr, "min_lr": cfg.min_lr, "warmup_steps": cfg.warmup_steps},
+                    "sampler_rng": [self.sampler.rng.bit_generator.state],
+                    "replay_rng": [self.replay_sampler.rng.bit_generator.state] if self.replay_sampler else []},
                    Path(folder) / TRAINER_STATE)
 
-    def _group_step(group_items, group_encs, share: float) -> int:
+    def _group_step(self, group_items: list, group_encs: list, share: float) -> int:
         """Forward and backward of part of a batch; `share` of the step's gradient. Returns its tokens."""
-        batch = collate(group_encs, tok.pad_token_id)
-        vis, frames = features.batch([(it.media, it.frames) for it in group_items])
-        with torch.autocast(ctx.device.type, dtype=dtype, enabled=dtype != torch.float32):
-            out = ddp(batch["input_ids"], batch["attention_mask"], labels=None, frames=frames, vision_tokens=vis,
-                      output_attentions=pointing is not None)
-        losses = per_sample_loss(out.logits, batch["labels"].to(ctx.device), coords)
+        batch = collate(group_encs, self.tok.pad_token_id)
+        vis, frames = self.features.batch([(it.media, it.frames) for it in group_items])
+        with torch.autocast(self.ctx.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
+            out = self.ddp(batch["input_ids"], batch["attention_mask"], labels=None, frames=frames, vision_tokens=vis,
+                           output_attentions=self.pointing is not None)
+        losses = per_sample_loss(out.logits, batch["labels"].to(self.ctx.device), self.coords)
         loss = losses.mean()
-        if pointing is not None:
-            aux = pointing_loss(out.attentions, cfg.pointing_layers, pointing(batch["input_ids"], batch["labels"], frames, vis))
+        if self.pointing is not None:
+            targets = self.pointing(batch["input_ids"], batch["labels"], frames, vis)
+            aux = pointing_loss(out.attentions, self.cfg.pointing_layers, targets)
             if aux is not None:
-                loss = loss + cfg.pointing_weight * aux
-                window["loss/pointing"].append(float(aux.detach()))
+                loss = loss + self.cfg.pointing_weight * aux
+                self.window["loss/pointing"].append(float(aux.detach()))
         (loss * share).backward()
         for it, value in zip(group_items, losses.detach().tolist()):
-            window[f"loss/{it.task}"].append(value)
-            window["loss"].append(value)
+            self.window[f"loss/{it.task}"].append(value)
+            self.window["loss"].append(value)
         return int(batch["attention_mask"].sum())
 
-    started, tokens_seen, last_metrics, last_ckpt = time.perf_counter() - elapsed_before, 0, {}, -1
-    window: dict[str, list[float]] = defaultdict(list)
-    model.train()
-    while step < cfg.max_steps:
-        elapsed = agreed_elapsed(time.perf_counter() - started, ctx.device)
-        if cfg.time_budget_s and elapsed > cfg.time_budget_s:
-            break
-        lr = lr_at(step, cfg, elapsed)
-        for group in optim.param_groups:
+    def train_step(self, lr: float) -> None:
+        """One optimizer step over `grad_accum` batches, each run as length-sorted groups."""
+        cfg = self.cfg
+        for group in self.optim.param_groups:
             group["lr"] = lr * group["lr_scale"]
-        optim.zero_grad(set_to_none=True)
+        self.optim.zero_grad(set_to_none=True)
         t0 = time.perf_counter()
         for accum in range(cfg.grad_accum):
-            batch_items = [items[i] for i in sampler.draw(per_worker - n_replay)]
-            if n_replay:
-                batch_items += [replay[i] for i in replay_sampler.draw(n_replay)]
-            encs = [encode_conversation(tok, list(it.turns), n_vis * it.frames, cfg.max_length) for it in batch_items]
+            batch_items = [self.items[i] for i in self.sampler.draw(self.per_worker - self.n_replay)]
+            if self.n_replay:
+                batch_items += [self.replay[i] for i in self.replay_sampler.draw(self.n_replay)]
+            encs = [encode_conversation(self.tok, list(it.turns), self.n_vis * it.frames, cfg.max_length)
+                    for it in batch_items]
             # length groups: sorted by length, each group padded only to its own longest sample
             order = sorted(range(len(encs)), key=lambda i: len(encs[i].input_ids))
             groups = [g for g in np.array_split(order, cfg.length_groups) if len(g)]
             for gi, group in enumerate(groups):
                 last_backward = accum == cfg.grad_accum - 1 and gi == len(groups) - 1
                 # DDP averages gradients once per step, at its last backward
-                with nullcontext() if last_backward or not hasattr(ddp, "no_sync") else ddp.no_sync():
+                with nullcontext() if last_backward or not hasattr(self.ddp, "no_sync") else self.ddp.no_sync():
                     share = len(group) / (len(encs) * cfg.grad_accum)
-                    tokens_seen += _group_step([batch_items[i] for i in group], [encs[i] for i in group], share)
-        torch.nn.utils.clip_grad_norm_([p for g in params for p in g["params"]], cfg.grad_clip)
-        optim.step()
-        step += 1
-        window["step_time_s"].append(time.perf_counter() - t0)
-        last = step >= cfg.max_steps
-        if step % cfg.log_every == 0 or last:
-            elapsed = time.perf_counter() - started
-            metrics = {k: sum(v) / len(v) for k, v in window.items()}
-            metrics |= {"lr": lr, "tokens_per_s": tokens_seen * ctx.world_size / max(elapsed, 1e-9),
-                        "elapsed_s": elapsed}
-            window.clear()
-            if held_out and (step % cfg.held_out.every_steps == 0 or last):
-                model.eval()
-                metrics |= held_out.score()
-                model.train()
-            want_ckpt = step % cfg.checkpoint_every == 0 or last
-            ctx.report(metrics, step, write_checkpoint if want_ckpt else None)
-            last_ckpt = step if want_ckpt else last_ckpt
+                    self.tokens_seen += self._group_step([batch_items[i] for i in group], [encs[i] for i in group],
+                                                         share)
+        torch.nn.utils.clip_grad_norm_([p for g in self.params for p in g["params"]], cfg.grad_clip)
+        self.optim.step()
+        self.step += 1
+        self.window["step_time_s"].append(time.perf_counter() - t0)
+
+    def window_metrics(self, lr: float) -> dict[str, float]:
+        """The mean of each value since the last report, with lr and throughput; the window restarts."""
+        elapsed = self.elapsed()
+        metrics = {k: sum(v) / len(v) for k, v in self.window.items()}
+        metrics |= {"lr": lr, "tokens_per_s": self.tokens_seen * self.ctx.world_size / max(elapsed, 1e-9),
+                    "elapsed_s": elapsed}
+        self.window.clear()
+        return metrics
+
+    def held_out_scores(self) -> dict[str, float]:
+        if self.held_out is None:  # rank 0 alone scores
+            return {}
+        self.model.eval()
+        try:
+            return self.held_out.score()
+        finally:
+            self.model.train()
+
+
+def run_stage(ctx, config: dict) -> dict:
+    """`config`: model (ModelConfig dict), stage (StageConfig dict), instructions (folder),
+    backbones {vision, llm, tokenizer}, init (folder of a saved SkyEyeGPT to start from, or None)."""
+    run = StageRun(ctx, config)
+    cfg = run.cfg
+    last_metrics: dict[str, float] = {}
+    last_ckpt = -1
+    run.model.train()
+    while run.step < cfg.max_steps:
+        elapsed = agreed_elapsed(run.elapsed(), ctx.device)
+        if cfg.time_budget_s and elapsed > cfg.time_budget_s:
+            break
+        lr = lr_at(run.step, cfg, elapsed)
+        run.train_step(lr)
+        last = run.step >= cfg.max_steps
+        if run.step % cfg.log_every == 0 or last:
+            metrics = run.window_metrics(lr)
+            if run.step % cfg.held_out.every_steps == 0 or last:
+                metrics |= run.held_out_scores()
+            want_ckpt = run.step % cfg.checkpoint_every == 0 or last
+            ctx.report(metrics, run.step, run.write_checkpoint if want_ckpt else None)
+            last_ckpt = run.step if want_ckpt else last_ckpt
             last_metrics = metrics
-    if last_ckpt != step:  # a time-budget stop still ends on a complete checkpoint and a scored model
-        metrics = {"elapsed_s": time.perf_counter() - started}
-        if held_out:
-            model.eval()
-            metrics |= held_out.score()
-        ctx.report(metrics, step, write_checkpoint)
+    if last_ckpt != run.step:  # a time-budget stop still ends on a complete checkpoint and a scored model
+        metrics = {"elapsed_s": run.elapsed()} | run.held_out_scores()
+        ctx.report(metrics, run.step, run.write_checkpoint)
         last_metrics |= metrics
-    return {**last_metrics, "step": step, "resumed_from": resumed_from}
+    return {**last_metrics, "step": run.step, "resumed_from": run.resumed_from}

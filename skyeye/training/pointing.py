@@ -26,7 +26,7 @@ import math
 
 import torch
 
-from ..boxes import GRID
+from ..formats.boxes import GRID
 from ..model.template import IGNORE
 from ..model.tokenizer import grid_lookup
 

@@ -18,7 +18,7 @@ class HeldOutConfig(BaseModel):
     caption: str | None = "eval/ucm_captions_test.json"
     conversation: str | None = None  # grounding eval file whose images become 3-turn conversations
     samples: int = Field(64, description="Per task, per evaluation.")
-    every_steps: int = 200
+    every_steps: int = Field(200, description="Score every this many steps; a multiple of the stage's log_every.")
 
 
 class StageConfig(BaseModel):
@@ -54,8 +54,8 @@ class StageConfig(BaseModel):
     pointing_layers: list[int] = Field(default_factory=lambda: [1], description="Decoder layers (0-based) whose "
                                        "attention the pointing loss guides.")
     cache_features: bool = Field(True, description="Encode each image once with the frozen encoder.")
-    log_every: int = 10
-    checkpoint_every: int = 200
+    log_every: int = Field(10, ge=1, description="Report (MLflow metrics) every this many steps.")
+    checkpoint_every: int = Field(200, description="Checkpoint every this many steps; a multiple of log_every.")
     seed: int = 0
     held_out: HeldOutConfig = HeldOutConfig()
 
@@ -67,6 +67,13 @@ class StageConfig(BaseModel):
             raise ValueError("batch_size and grad_accum must be >= 1")
         if self.replay_share > 0 and not self.replay:
             raise ValueError("replay_share > 0 needs `replay` (an instruction file, e.g. stage1.json)")
+        # The loop writes checkpoints and scores the held-out samples only at report steps
+        # (every `log_every`): any other cadence would silently skip some of them.
+        for name, every in (("checkpoint_every", self.checkpoint_every), ("held_out.every_steps",
+                                                                          self.held_out.every_steps)):
+            if every < 1 or every % self.log_every:
+                raise ValueError(f"{name} ({every}) must be a positive multiple of log_every ({self.log_every}): "
+                                 f"the loop checkpoints and scores only at report steps, so it would skip some")
         return self
 
 

@@ -15,7 +15,6 @@ import json
 import logging
 import os
 import subprocess
-import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -24,7 +23,8 @@ from typing import Any
 
 import yaml
 
-from skyeye.config import Settings, get_settings
+from ..config import Settings, get_settings
+from ..formats.files import atomic_write_text
 
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 
@@ -110,7 +110,7 @@ def _root(root: Path | None) -> Path:
     return Path(root or get_settings().project_root).resolve()
 
 
-def _git(root: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+def git(root: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     try:
         out = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True)
     except FileNotFoundError as exc:
@@ -146,7 +146,7 @@ def _dvc(root: Path, what: str) -> Iterator[Any]:
         yield repo
 
 
-def _parse_dvc_file(text: str, where: str) -> dict[str, Any]:
+def parse_dvc_file(text: str, where: str) -> dict[str, Any]:
     try:
         out = (yaml.safe_load(text) or {})["outs"][0]
         if not out.get("md5"):
@@ -156,21 +156,10 @@ def _parse_dvc_file(text: str, where: str) -> dict[str, Any]:
     return out
 
 
-def _dvc_file_at(root: Path, rev: str) -> str | None:
+def dvc_file_at(root: Path, rev: str) -> str | None:
     """Text of data.dvc at a git revision, None if that revision has none (or no commits)."""
-    out = _git(root, "show", f"{rev}:./{DVC_FILE}", check=False)  # ./ : relative to root, not the git top
+    out = git(root, "show", f"{rev}:./{DVC_FILE}", check=False)  # ./ : relative to root, not the git top
     return out.stdout if out.returncode == 0 else None
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def flatten_counts(card: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -240,7 +229,7 @@ def ensure_dvc(root: Path | None = None) -> None:
     """`dvc init` if needed; fill in the committed local remote only where missing (so a
     second call changes nothing); apply or drop the override remote in config.local."""
     root = _root(root)
-    top = _git(root, "rev-parse", "--show-toplevel", check=False)
+    top = git(root, "rev-parse", "--show-toplevel", check=False)
     if top.returncode != 0:
         raise VersioningError(f"{root} is not inside a git repository; run `git init` first")
     if not (root / ".dvc").is_dir():
@@ -289,11 +278,11 @@ def version_data(root: Path | None = None, data_dir: Path | None = None, *,
         raise VersioningError(f"data folder {data} does not exist")
     ensure_dvc(root)
 
-    old_text = _dvc_file_at(root, "HEAD")
-    previous_md5 = _parse_dvc_file(old_text, f"{DVC_FILE} at HEAD")["md5"] if old_text else None
+    old_text = dvc_file_at(root, "HEAD")
+    previous_md5 = parse_dvc_file(old_text, f"{DVC_FILE} at HEAD")["md5"] if old_text else None
     with _dvc(root, f"dvc add {data}") as repo:
         repo.add(str(data))
-    md5 = _parse_dvc_file((root / DVC_FILE).read_text(), str(root / DVC_FILE))["md5"]
+    md5 = parse_dvc_file((root / DVC_FILE).read_text(), str(root / DVC_FILE))["md5"]
     with _dvc(root, "dvc push of data.dvc") as repo:
         remote = repo.config["core"].get("remote")
         if not remote:
@@ -317,20 +306,20 @@ def version_data(root: Path | None = None, data_dir: Path | None = None, *,
 
     git_rev = None
     if changed and commit:
-        status = _git(root, "status", "--porcelain", "--", *DVC_SETUP_FILES).stdout
+        status = git(root, "status", "--porcelain", "--", *DVC_SETUP_FILES).stdout
         pending = {line[3:] for line in status.splitlines()}
         paths = [p for p in (DVC_FILE, ".gitignore") if (root / p).exists()]
         paths += [p for p in DVC_SETUP_FILES if p in pending]
-        _git(root, "add", "--", *paths)
-        _git(root, "commit", "-q", "-m", message or f"data: version {md5}", "--only", "--", *paths)
-        git_rev = _git(root, "rev-parse", "HEAD").stdout.strip()
+        git(root, "add", "--", *paths)
+        git(root, "commit", "-q", "-m", message or f"data: version {md5}", "--only", "--", *paths)
+        git_rev = git(root, "rev-parse", "HEAD").stdout.strip()
     elif not changed:
         git_rev = _last_commit(root)
     return VersionReport(md5, changed, previous_md5, git_rev, counts, diff, remote, pushed, note)
 
 
 def _last_commit(root: Path) -> str | None:
-    out = _git(root, "log", "-1", "--format=%H", "--", DVC_FILE, check=False)
+    out = git(root, "log", "-1", "--format=%H", "--", DVC_FILE, check=False)
     return out.stdout.strip() or None
 
 
@@ -340,8 +329,8 @@ def current_version(root: Path | None = None) -> DataVersion | None:
     path = root / DVC_FILE
     if not path.exists():
         return None
-    out = _parse_dvc_file(path.read_text(), str(path))
-    dirty = bool(_git(root, "status", "--porcelain", "--", DVC_FILE).stdout.strip())
+    out = parse_dvc_file(path.read_text(), str(path))
+    dirty = bool(git(root, "status", "--porcelain", "--", DVC_FILE).stdout.strip())
     return DataVersion(out["md5"], _last_commit(root), dirty, out.get("nfiles"), out.get("size"))
 
 
@@ -349,22 +338,22 @@ def history(root: Path | None = None, validation_lookup: Callable[[str], str | N
             limit: int = 50) -> list[HistoryEntry]:
     """One entry per commit that changed data.dvc, newest first."""
     root = _root(root)
-    if _git(root, "rev-parse", "--verify", "--quiet", "HEAD", check=False).returncode != 0:
+    if git(root, "rev-parse", "--verify", "--quiet", "HEAD", check=False).returncode != 0:
         return []  # no commits yet
-    log = _git(root, "log", f"-n{limit}", "--format=%H%x1f%h%x1f%cI%x1f%s", "--", DVC_FILE)
+    log = git(root, "log", f"-n{limit}", "--format=%H%x1f%h%x1f%cI%x1f%s", "--", DVC_FILE)
     with _dvc(root, "listing remotes") as repo:
         remotes = _remote_order(repo)
     cards: dict[str, tuple[dict[str, Any] | None, str | None]] = {}  # md5 -> card: reverts reuse it
     entries = []
     for line in log.stdout.splitlines():
         rev, short, date, message = line.split("\x1f", 3)
-        text = _dvc_file_at(root, rev)
+        text = dvc_file_at(root, rev)
         entry = HistoryEntry(rev, short, date, message, None)
         if text is None:
             entry.note = "data.dvc removed in this commit"
             entries.append(entry)
             continue
-        entry.md5 = _parse_dvc_file(text, f"{DVC_FILE} at {short}")["md5"]
+        entry.md5 = parse_dvc_file(text, f"{DVC_FILE} at {short}")["md5"]
         if entry.md5 not in cards:
             cards[entry.md5] = _read_card(root, rev, remotes)
         card, entry.note = cards[entry.md5]
@@ -397,14 +386,14 @@ def checkout_data(root: Path | None = None, rev: str = "HEAD", *, force: bool = 
     fetching from the remote what the cache lacks. Without `force`, DVC refuses to drop
     edits in data/ that were never versioned; nothing is changed then."""
     root = _root(root)
-    resolved = _git(root, "rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}", check=False)
+    resolved = git(root, "rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}", check=False)
     if resolved.returncode != 0:
         raise VersioningError(f"unknown git revision '{rev}' in {root}")
     sha = resolved.stdout.strip()
-    text = _dvc_file_at(root, sha)
+    text = dvc_file_at(root, sha)
     if text is None:
         raise VersioningError(f"revision '{rev}' ({sha[:12]}) has no {DVC_FILE}")
-    target = _parse_dvc_file(text, f"{DVC_FILE} at {rev}")
+    target = parse_dvc_file(text, f"{DVC_FILE} at {rev}")
     path = root / DVC_FILE
     current = path.read_text() if path.exists() else None
 
@@ -412,12 +401,12 @@ def checkout_data(root: Path | None = None, rev: str = "HEAD", *, force: bool = 
         remote = repo.config["core"].get("remote")
         # Refill the cache with the version we leave (if the workspace holds it), so DVC's
         # "unsaved files" guard only trips on edits that really were never versioned.
-        if current and _missing_from_cache(repo, _parse_dvc_file(current, str(path))["md5"]):
+        if current and _missing_from_cache(repo, parse_dvc_file(current, str(path))["md5"]):
             try:
                 repo.fetch(targets=[str(root / DVC_FILE)])
             except Exception:  # best effort: the guard below still protects the workspace
                 pass
-        _atomic_write(path, text)
+        atomic_write_text(path, text)
         try:
             fetched = 0
             if _missing_from_cache(repo, target["md5"]):
@@ -431,14 +420,14 @@ def checkout_data(root: Path | None = None, rev: str = "HEAD", *, force: bool = 
             if current is None:
                 path.unlink(missing_ok=True)
             else:
-                _atomic_write(path, current)
+                atomic_write_text(path, current)
             if "unsaved files" in str(exc):
                 raise VersioningError(f"checkout of data at '{rev}' would discard edits in data/ that were "
                                       f"never versioned: {exc}\n(version them first, or pass force=True)") from exc
             raise
     stats = changes.get("stats", {})
     source = f"{fetched} file(s) fetched from remote '{remote}'" if fetched else "from the local cache"
-    dirty = bool(_git(root, "status", "--porcelain", "--", DVC_FILE).stdout.strip())
+    dirty = bool(git(root, "status", "--porcelain", "--", DVC_FILE).stdout.strip())
     note = (f"restored data/ to {target['md5']} from revision {rev} ({sha[:12]}), {source}; "
             f"{stats.get('added', 0)} added, {stats.get('modified', 0)} modified, {stats.get('deleted', 0)} deleted")
     return DataVersion(target["md5"], sha, dirty, target.get("nfiles"), target.get("size"), note)

@@ -1,8 +1,7 @@
 """The whole SkyEyeGPT in the MLflow model registry: one pyfunc model per evaluated
-checkpoint (packaged by skyeye.packaging), its lineage tags, references to versions and
-aliases, and the version listing. The aliases `staging` / `production` are moved by
-skyeye.promotion (configs/promotion.yaml), which builds on the helpers here; this module
-never imports it.
+checkpoint (packaged by `packaging`), its lineage tags, versions and aliases, and the
+version listing. The aliases `staging` / `production` are moved by `promotion`
+(configs/promotion.yaml), which builds on the helpers here; this module never imports it.
 
 Links live in MLflow only (no side ledger): a version's tags name its evaluation run,
 training run, tuning job and data version; the evaluation run is tagged with the version.
@@ -14,8 +13,6 @@ from __future__ import annotations
 
 import getpass
 import json
-import os
-import re
 import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -27,55 +24,26 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from . import tracking
-from .config import get_settings
-from .evaluation.benchmarks import primary_of
-from .packaging import PackagingError, SkyEyeGPTModel, _requirements, _stage_artifacts, input_example, model_signature
+from ..config import get_settings
+from ..formats.benchmarks import PRIMARY_SCORE, primary_metric, primary_of
+from ..tracking import runs
+from ..tracking.names import (KIND_EVALUATION, TAG_BACKBONES, TAG_DVC_MD5, TAG_EVAL_RUN, TAG_EVAL_TRAINING_RUN,
+                              TAG_GIT_REV, TAG_KIND, TAG_MODEL_DIR, TAG_MODEL_VERSION, TAG_PARENT, TAG_TRAINING_RUN,
+                              TAG_TUNING_JOB, UNCOMMITTED, UNVERSIONED)
+from .packaging import PackagingError, SkyEyeGPTModel, input_example, model_signature, requirements, stage_artifacts
+from .references import RegistryError, aliases, model_name
 
 ALIASES = ("staging", "production")
 ARTIFACT_NAME = "skyeyegpt"
-KEY_SCORES = ("dior_rsvg_test/acc_at_0.5", "rsvqa_lr_test/aa", "ucm_captions_test/cider")
+KEY_SCORES = tuple(primary_metric(k) for k in ("dior_rsvg_test", "rsvqa_lr_test", "ucm_captions_test"))
 LOCK_TIMEOUT_S = 120
 
-TAG_KIND = "skyeye.kind"
-TAG_MODEL_DIR = "skyeye.model_dir"
-TAG_EVAL_TRAINING_RUN = "skyeye.eval.training_run"  # on the evaluation run
-TAG_EVAL_RUN = "skyeye.eval_run"  # on the version, and the rest below
-TAG_TRAINING_RUN = "skyeye.training_run"
-TAG_TUNING_JOB = "skyeye.tuning_job"
-TAG_BACKBONES = "skyeye.backbones"
-TAG_MODEL_VERSION = "skyeye.model_version"  # on the evaluation run
-TAG_DVC_MD5, TAG_GIT_REV = tracking.TAG_DVC_MD5, tracking.TAG_GIT_REV
-PROMOTION_FIELDS = ("at", "from", "by", "reason", "forced", "deltas", "previous", "overridden")
 
-
-def promotion_tag(alias: str, key: str) -> str:
-    return f"skyeye.promotion.{alias}.{key}"
-
-
-def rollback_tag(alias: str, key: str) -> str:
-    return f"skyeye.rollback.{alias}.{key}"
-
-
-class RegistryError(ValueError):
-    """An unknown version/alias/run, or a request the registry must refuse."""
-
-
-def model_name() -> str:
-    """The registered model's name: SKYEYE_REGISTERED_MODEL read now (settings are cached)."""
-    return os.environ.get("SKYEYE_REGISTERED_MODEL") or get_settings().registered_model
-
-
-def _client() -> MlflowClient:
-    tracking.setup()
-    return MlflowClient()
-
-
-def _now() -> str:
+def now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
-def _user() -> str:
+def user() -> str:
     try:
         return getpass.getuser()
     except (KeyError, OSError):  # no login name in some containers
@@ -94,7 +62,7 @@ def check_eval_run(client: MlflowClient, run_id: str):
     """The evaluation run, if it may stand behind a version: complete, of the right kind, scored."""
     run = _get_run(client, run_id, "evaluation run")
     kind = run.data.tags.get(TAG_KIND)
-    if kind != "evaluation":
+    if kind != KIND_EVALUATION:
         raise RegistryError(f"run {run_id} is not an evaluation run ({TAG_KIND}={kind!r})")
     if run.info.status != "FINISHED":
         raise RegistryError(f"evaluation run {run_id} is {run.info.status}, not FINISHED: an incomplete or failed "
@@ -116,7 +84,7 @@ def _in_run(run_id: str):
 
 
 @contextmanager
-def _lock(name: str, what: str = "promotion"):
+def lock(name: str, what: str = "promotion"):
     """One holder at a time per model (and per kind of change) among processes sharing the state folder."""
     from filelock import FileLock, Timeout
     path = get_settings().state / f"registry-{name}-{what}.lock"
@@ -141,8 +109,8 @@ def register(model_dir: str | Path | None, eval_run_id: str, training_run_id: st
     primary metric that scored this very folder. The model is logged into the training run
     (default: the one the evaluation names), else into the evaluation run; registering the
     same evaluation again returns the version it already produced."""
-    client, name = _client(), model_name()
-    with _lock(name, "registration"):  # a retried task waits for, then finds, the version it is retrying
+    client, name = runs.client(), model_name()
+    with lock(name, "registration"):  # a retried task waits for, then finds, the version it is retrying
         return _register(client, name, model_dir, eval_run_id, training_run_id, tuning_job, example_image,
                          copy_backbones)
 
@@ -168,19 +136,19 @@ def _register(client, name, model_dir, eval_run_id, training_run_id, tuning_job,
         training = _get_run(client, training_run_id, "training run")
         if training.info.status != "FINISHED":
             raise RegistryError(f"training run {training_run_id} is {training.info.status}, not FINISHED")
-        tuning_job = tuning_job or training.data.tags.get("mlflow.parentRunId")
+        tuning_job = tuning_job or training.data.tags.get(TAG_PARENT)
     source_run = training_run_id or eval_run_id
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            artifacts, origin, meta = _stage_artifacts(model_dir, Path(tmp), copy_backbones)
-            # code_paths: the model carries the skyeye package it runs (this file's folder, which holds
-            # skyeye/packaging.py); SkyEyeGPTModel is pickled by reference, skyeye.packaging.SkyEyeGPTModel
+            artifacts, origin, meta = stage_artifacts(model_dir, Path(tmp), copy_backbones)
+            # code_paths: the model carries the skyeye package it runs (the folder above this one);
+            # SkyEyeGPTModel is pickled by reference, skyeye.registry.packaging.SkyEyeGPTModel
             with _in_run(source_run):
                 info = mlflow.pyfunc.log_model(
                     name=ARTIFACT_NAME, python_model=SkyEyeGPTModel(), artifacts=artifacts,
                     signature=model_signature(meta["config"].get("max_new_tokens", 48)),
-                    input_example=input_example(example_image), pip_requirements=_requirements(),
-                    code_paths=[str(Path(__file__).resolve().parent)])
+                    input_example=input_example(example_image), pip_requirements=requirements(),
+                    code_paths=[str(Path(__file__).resolve().parents[1])])
     except PackagingError as err:  # a folder or example image that cannot be packaged: refused as before
         raise RegistryError(str(err)) from None
     try:
@@ -190,8 +158,8 @@ def _register(client, name, model_dir, eval_run_id, training_run_id, tuning_job,
         if err.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
     version_tags = {TAG_EVAL_RUN: eval_run_id, TAG_TRAINING_RUN: training_run_id or "",
-                    TAG_TUNING_JOB: tuning_job or "", TAG_DVC_MD5: tags.get(TAG_DVC_MD5, "unversioned"),
-                    TAG_GIT_REV: tags.get(TAG_GIT_REV, "uncommitted"), TAG_MODEL_DIR: str(model_dir.resolve()),
+                    TAG_TUNING_JOB: tuning_job or "", TAG_DVC_MD5: tags.get(TAG_DVC_MD5, UNVERSIONED),
+                    TAG_GIT_REV: tags.get(TAG_GIT_REV, UNCOMMITTED), TAG_MODEL_DIR: str(model_dir.resolve()),
                     TAG_BACKBONES: json.dumps(origin)}
     # one call with the tags: a version is never visible without its lineage
     mv = client.create_model_version(name, source=info.model_uri, run_id=source_run, tags=version_tags,
@@ -200,58 +168,15 @@ def _register(client, name, model_dir, eval_run_id, training_run_id, tuning_job,
     return int(mv.version)
 
 
-# ------------------------------------------------------------------ references
-def _aliases(client: MlflowClient, name: str) -> dict[str, int]:
-    try:
-        return {a: int(v) for a, v in client.get_registered_model(name).aliases.items()}
-    except MlflowException:
-        raise RegistryError(f"no model registered as {name!r} yet (register an evaluated model first)") from None
-
-
-def _version_exists(client: MlflowClient, name: str, version: int) -> int:
-    try:
-        client.get_model_version(name, str(version))
-        return version
-    except MlflowException:
-        known = sorted(int(v.version) for v in client.search_model_versions(f"name = '{name}'"))
-        raise RegistryError(f"version {version} of {name} not found (versions: "
-                            f"{', '.join(map(str, known)) or 'none'})") from None
-
-
-def resolve(ref: str | int) -> int:
-    """'3', 'v3', 3, 'staging', 'production', 'models:/skyeyegpt@production' or
-    'models:/skyeyegpt/3' -> the version number; errors name the reference."""
-    client, name = _client(), model_name()
-    text = str(ref).strip()
-    if text.startswith("models:/"):
-        body = text.removeprefix("models:/")
-        mname, sep, target = body.partition("@") if "@" in body else body.partition("/")
-        if not sep or not target or (sep == "/" and not target.isdigit()):
-            raise RegistryError(f"model URI {text!r}: expected models:/{name}@<alias> or models:/{name}/<version>")
-        if mname != name:
-            raise RegistryError(f"model URI {text!r} names {mname!r}, not the registered model {name!r}")
-        text = target
-    if re.fullmatch(r"[vV]?\d+", text):
-        return _version_exists(client, name, int(text.lstrip("vV")))
-    aliases = _aliases(client, name)
-    if text in aliases:
-        return aliases[text]
-    held = ", ".join(f"{a} -> {v}" for a, v in sorted(aliases.items())) or "none set"
-    if text in ALIASES:
-        raise RegistryError(f"alias {text!r} of {name} is not set (aliases: {held})")
-    raise RegistryError(f"unknown model reference {ref!r}: not a version (N, vN) nor an alias of {name} "
-                        f"(aliases: {held})")
-
-
 # ------------------------------------------------------------------ scores
 def primary_score(metrics: dict[str, float]) -> float | None:
-    if "primary_score" in metrics:
-        return metrics["primary_score"]
+    if PRIMARY_SCORE in metrics:
+        return metrics[PRIMARY_SCORE]
     prim = primary_of(metrics)
     return sum(prim.values()) / len(prim) if prim else None
 
 
-def _eval_metrics(client: MlflowClient, name: str, version: int) -> tuple[dict[str, float], ModelVersion]:
+def eval_metrics(client: MlflowClient, name: str, version: int) -> tuple[dict[str, float], ModelVersion]:
     mv = client.get_model_version(name, str(version))
     run_id = mv.tags.get(TAG_EVAL_RUN)
     if not run_id:
@@ -276,8 +201,8 @@ class VersionRow:
 
 def list_versions() -> list[VersionRow]:
     """Every version, newest first, with its aliases, key scores and data version."""
-    client, name = _client(), model_name()
-    aliases = _aliases(client, name)
+    client, name = runs.client(), model_name()
+    held = aliases(client, name)
     rows = []
     for mv in client.search_model_versions(f"name = '{name}'"):
         metrics: dict[str, float] = {}
@@ -287,10 +212,10 @@ def list_versions() -> list[VersionRow]:
                 metrics = client.get_run(run_id).data.metrics
             except MlflowException:
                 pass  # shown as missing scores
-        rows.append(VersionRow(int(mv.version), sorted(a for a, v in aliases.items() if v == int(mv.version)),
+        rows.append(VersionRow(int(mv.version), sorted(a for a, v in held.items() if v == int(mv.version)),
                                datetime.fromtimestamp(mv.creation_timestamp / 1000, UTC),
                                primary_score(metrics), {k: metrics.get(k) for k in KEY_SCORES},
-                               mv.tags.get(TAG_DVC_MD5, "unversioned")[:8], run_id))
+                               mv.tags.get(TAG_DVC_MD5, UNVERSIONED)[:8], run_id))
     return sorted(rows, key=lambda r: -r.version)
 
 

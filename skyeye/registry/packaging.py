@@ -4,9 +4,9 @@ staging of the trained parts as artifacts.
 
 Kept apart from the registry so that what a served model runs is small and stands
 alone: the pyfunc is logged with `code_paths` of the skyeye package and loaded back by
-this module's path (`skyeye.packaging.SkyEyeGPTModel`), and nothing here reads the
-registry. A model folder or example image that cannot be packaged raises
-`PackagingError` (a ValueError), which `skyeye.registry.register` reports as its
+this module's path (`skyeye.registry.packaging.SkyEyeGPTModel`), and nothing here reads
+the registry. A model folder or example image that cannot be packaged raises
+`PackagingError` (a ValueError), which `skyeye.registry.store.register` reports as its
 RegistryError; a bad request raises ValueError naming the row and column.
 """
 from __future__ import annotations
@@ -66,8 +66,8 @@ class SkyEyeGPTModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
         import torch
 
-        from .model.config import ModelConfig
-        from .model.skyeyegpt import META_FILE, build_model
+        from ..model.config import ModelConfig
+        from ..model.skyeyegpt import META_FILE, build_model
         folder = Path(context.artifacts["model"])
         meta = json.loads((folder / META_FILE).read_text())
         refs = meta["paths"]
@@ -126,7 +126,7 @@ def input_example(image: str | Path | None = None):
     return pd.DataFrame({"image": [base64.b64encode(buf.getvalue()).decode()], "prompt": [EXAMPLE_PROMPT]})
 
 
-def _requirements() -> list[str]:
+def requirements() -> list[str]:
     """Pinned to what runs here; explicit, so logging does not load the model to infer them."""
     from importlib.metadata import PackageNotFoundError, version
     out = []
@@ -139,10 +139,10 @@ def _requirements() -> list[str]:
     return out
 
 
-def _stage_artifacts(model_dir: Path, out: Path, copy_backbones: bool) -> tuple[dict[str, str], dict[str, str], dict]:
+def stage_artifacts(model_dir: Path, out: Path, copy_backbones: bool) -> tuple[dict[str, str], dict[str, str], dict]:
     """The trained parts only (not optimizer state), plus backbone folders or hub references;
     returns (artifacts, where each backbone comes from, the saved model's meta)."""
-    from .model.skyeyegpt import ADAPTER_DIR, ALIGNMENT_FILE, META_FILE
+    from ..model.skyeyegpt import ADAPTER_DIR, ALIGNMENT_FILE, META_FILE
     if not (model_dir / META_FILE).exists():
         raise PackagingError(f"{model_dir}: not a saved SkyEyeGPT (no {META_FILE})")
     folder = out / "model"

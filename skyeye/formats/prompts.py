@@ -1,4 +1,6 @@
-"""Task identifiers and instruction phrasings (SkyEye-968k style, MiniGPT-v2 format).
+"""Task identifiers, the image placeholder and instruction phrasings (SkyEye-968k style,
+MiniGPT-v2 format): the one home of the prompt vocabulary, for the builder, the model's
+tokenizer and template, the data gate and the evaluation.
 
 Several phrasings per task keep the model from keying on one sentence; the evaluation
 uses the first phrasing of each task, as the paper's prompts do.
@@ -14,6 +16,7 @@ TASK_TO_IDENTIFIER = {"caption": "[caption]", "video_caption": "[caption]", "vqa
                       "refer": "[refer]", "identify": "[identify]", "detection": "[detection]"}
 STAGE1_TASKS = tuple(TASK_TO_IDENTIFIER)
 STAGE2_TASKS = ("conversation",)
+STAGE_TASKS = {"stage1": STAGE1_TASKS, "stage2": STAGE2_TASKS}  # the instruction file's tasks per stage
 
 PHRASINGS = {
     "caption": ["Briefly describe this image.", "Describe the image in one sentence.",

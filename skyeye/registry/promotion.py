@@ -2,9 +2,9 @@
 model registry (configs/promotion.yaml), and the moves themselves: `promote` (checked
 against the policy, or forced with a recorded reason) and `rollback`.
 
-Apart from skyeye.registry because the policy and its records are a component of their
-own; this module reads versions, aliases and evaluation runs through skyeye.registry
-(which never imports it). Every promotion and rollback is recorded as tags on the version
+Apart from `store` because the policy and its records are a component of their own; this
+module reads versions, aliases and evaluation runs through `store` and `references`
+(which never import it). Every promotion and rollback is recorded as tags on the version
 it concerns, written before the alias moves, under the registry's file lock: so
 promotions are safe between processes of one machine sharing the state folder (the
 embedded store's case).
@@ -18,11 +18,13 @@ from pathlib import Path
 from mlflow.exceptions import MlflowException
 from pydantic import BaseModel, ConfigDict, field_validator
 
-from . import tracking
-from .config import get_settings, load_yaml_config
-from .evaluation.benchmarks import EVAL_KEYS, PRIMARY, TASK_OF, primary_of
-from .registry import (ALIASES, TAG_DVC_MD5, RegistryError, _aliases, _client, _eval_metrics, _lock, _now, _user,
-                       _version_exists, model_name, primary_score, promotion_tag, resolve, rollback_tag)
+from ..config import get_settings, load_yaml_config
+from ..datagate.gate import validation_outcome
+from ..formats.benchmarks import EVAL_KEYS, PRIMARY, TASK_OF, primary_metric, primary_of
+from ..tracking import runs
+from ..tracking.names import TAG_DVC_MD5, UNVERSIONED, promotion_tag, rollback_tag
+from .references import RegistryError, aliases, model_name, resolve_version, version_exists
+from .store import ALIASES, eval_metrics, lock, now, primary_score, user
 
 
 class PromotionRefused(RegistryError):
@@ -90,14 +92,10 @@ def load_policy(path: str | Path | None = None) -> PromotionPolicy:
     """The project's policy file (Settings.promotion_policy), else the one shipped beside this package."""
     if path is None:
         s = get_settings()
-        path = s.project_root / getattr(s, "promotion_policy", Path("configs/promotion.yaml"))
+        path = s.project_root / s.promotion_policy
         if not path.exists():
-            path = Path(__file__).resolve().parents[1] / "configs" / "promotion.yaml"
+            path = Path(__file__).resolve().parents[2] / "configs" / "promotion.yaml"
     return load_yaml_config(Path(path), PromotionPolicy)  # type: ignore[return-value]
-
-
-def _metric(key: str) -> str:
-    return f"{key}/{PRIMARY[TASK_OF[key]]}"
 
 
 def policy_failures(alias: str, metrics: dict[str, float], policy: PromotionPolicy, validation: str | None,
@@ -108,7 +106,7 @@ def policy_failures(alias: str, metrics: dict[str, float], policy: PromotionPoli
     out: list[str] = []
     st, prim = policy.staging, primary_of(metrics)
     if st.require_validation:
-        if not md5 or md5 == "unversioned":
+        if not md5 or md5 == UNVERSIONED:
             out.append("data unversioned: staging needs a DVC-versioned data set with a passed validation")
         elif validation is None:
             out.append(f"data {md5[:12]}: never validated (run `skyeye data validate`)")
@@ -117,11 +115,11 @@ def policy_failures(alias: str, metrics: dict[str, float], policy: PromotionPoli
     for key in EVAL_KEYS:
         if key not in prim:
             if st.require_all_benchmarks:
-                out.append(f"{_metric(key)}: not evaluated")
+                out.append(f"{primary_metric(key)}: not evaluated")
             continue
         bar = st.floor_of(key)
         if prim[key] < bar:
-            out.append(f"{_metric(key)} {prim[key]:.1f} < floor {bar:.1f} ({prim[key] - bar:+.1f})")
+            out.append(f"{primary_metric(key)} {prim[key]:.1f} < floor {bar:.1f} ({prim[key] - bar:+.1f})")
     if alias != "production" or holder is None:
         return out
     if holder_metrics is None:
@@ -130,9 +128,9 @@ def policy_failures(alias: str, metrics: dict[str, float], policy: PromotionPoli
     for key, theirs in primary_of(holder_metrics).items():
         ours, tol = prim.get(key), pt.tolerance_of(key)
         if ours is None:
-            out.append(f"{_metric(key)}: not evaluated (production {theirs:.1f})")
+            out.append(f"{primary_metric(key)}: not evaluated (production {theirs:.1f})")
         elif ours < theirs - tol:
-            out.append(f"{_metric(key)} {ours:.1f} < production {theirs:.1f} - {tol:.1f} tolerance "
+            out.append(f"{primary_metric(key)} {ours:.1f} < production {theirs:.1f} - {tol:.1f} tolerance "
                        f"({ours - theirs:+.1f})")
     ours, theirs = primary_score(metrics), primary_score(holder_metrics)
     if theirs is not None and (ours is None or ours <= theirs + pt.min_primary_gain):
@@ -147,7 +145,7 @@ def deltas(metrics: dict[str, float], before: dict[str, float] | None) -> dict[s
     if not before:
         return {}
     ours, theirs = primary_of(metrics), primary_of(before)
-    out = {_metric(k): round(ours[k] - theirs[k], 4) for k in EVAL_KEYS if k in ours and k in theirs}
+    out = {primary_metric(k): round(ours[k] - theirs[k], 4) for k in EVAL_KEYS if k in ours and k in theirs}
     a, b = primary_score(metrics), primary_score(before)
     if a is not None and b is not None:
         out["primary_score"] = round(a - b, 4)
@@ -195,27 +193,27 @@ def promote(version: int | str, to: str, force: bool = False, reason: str | None
     reason = (reason or "").strip()
     if force and not reason:
         raise ValueError("--force needs --reason TEXT: every override is recorded with why")
-    client, name = _client(), model_name()
-    v = resolve(version)
+    client, name = runs.client(), model_name()
+    v = resolve_version(version)
     policy = policy or load_policy()
-    metrics, mv = _eval_metrics(client, name, v)  # a version whose evaluation failed never moves, even forced
+    metrics, mv = eval_metrics(client, name, v)  # a version whose evaluation failed never moves, even forced
     md5 = mv.tags.get(TAG_DVC_MD5)
-    with _lock(name):
-        holder = _aliases(client, name).get(to)
+    with lock(name):
+        holder = aliases(client, name).get(to)
         if holder == v:
             return PromotionResult(v, to, holder, unchanged=True)
         before = None
         if holder is not None:
             try:
-                before = _eval_metrics(client, name, holder)[0]
+                before = eval_metrics(client, name, holder)[0]
             except (RegistryError, MlflowException):
                 before = None
-        validation = tracking.validation_outcome(md5) if md5 and md5 != "unversioned" else None
+        validation = validation_outcome(md5) if md5 and md5 != UNVERSIONED else None
         failures = policy_failures(to, metrics, policy, validation, md5, holder, before)
         if failures and not force:
             raise PromotionRefused(v, to, failures)
         result = PromotionResult(v, to, holder, bool(failures), reason, deltas(metrics, before),
-                                 failures, _now(), _user())
+                                 failures, now(), user())
         record = {"at": result.at, "from": str(holder or "none"), "by": result.by, "reason": reason,
                   "forced": str(result.forced).lower(), "deltas": json.dumps(result.deltas),
                   "previous": str(holder or "none"), "overridden": json.dumps(failures)}
@@ -229,17 +227,17 @@ def rollback(alias: str = "production", reason: str | None = None) -> tuple[int,
     """Put the version that held `alias` before the current one back; returns (from, to).
     Repeated rollbacks walk further back through the promotion records."""
     _check_alias(alias)
-    client, name = _client(), model_name()
-    with _lock(name):
-        current = _aliases(client, name).get(alias)
+    client, name = runs.client(), model_name()
+    with lock(name):
+        current = aliases(client, name).get(alias)
         if current is None:
             raise RegistryError(f"alias {alias!r} of {name} is not set: nothing to roll back")
         prev = client.get_model_version(name, str(current)).tags.get(promotion_tag(alias, "previous"), "none")
         if prev == "none":
             raise RegistryError(f"{name}@{alias} is version {current}, which has no previous {alias} version "
                                 f"({promotion_tag(alias, 'previous')} is unset or 'none'): nothing to roll back to")
-        target = _version_exists(client, name, int(prev))
-        for key, value in {"at": _now(), "from": str(current), "by": _user(), "reason": (reason or "").strip()}.items():
+        target = version_exists(client, name, int(prev))
+        for key, value in {"at": now(), "from": str(current), "by": user(), "reason": (reason or "").strip()}.items():
             client.set_model_version_tag(name, str(target), rollback_tag(alias, key), value)
         client.set_registered_model_alias(name, alias, str(target))
     return current, target

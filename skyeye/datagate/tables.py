@@ -1,10 +1,10 @@
 """Flatten the instruction and evaluation files into the tables the GX gate checks.
 
 `build_tables(instructions_dir)` reads `stage1.json`, `stage2.json` and `eval/*.json`
-(layouts in docs/formats.md) and returns plain pandas DataFrames, one row per file,
+(layouts in docs/data.md) and returns plain pandas DataFrames, one row per file,
 sample, turn, box, referenced image/video, eval sample, eval image and VQA question type.
 It judges nothing: every problem becomes a column value (a parse or schema error
-message, a flag, a count) that an expectation in `skyeye.validation` checks, so a bad
+message, a flag, a count) that an expectation in `skyeye.datagate.expectations` checks, so a bad
 file or record is reported rather than raised. Each distinct image/video is decoded
 once, in a thread pool (PIL and libav do most of their decoding outside the GIL).
 """
@@ -22,28 +22,15 @@ from typing import Any
 import pandas as pd
 from PIL import Image, ImageFile
 
-IMG_TAG = "<Img><ImageHere></Img>"
-TASK_IDENTIFIERS = ("[caption]", "[vqa]", "[refer]", "[identify]", "[detection]")
+from ..formats.benchmarks import TASKS
+from ..formats.boxes import BOX_LIKE_RE, BOX_RE
+from ..formats.prompts import IMAGE_PLACEHOLDER
+
 NO_IDENTIFIER = "(none)"  # a human turn without one: a value, so the in-set check sees it
-STAGE_TASKS = {
-    "stage1": ("caption", "video_caption", "vqa", "scene_vqa", "refer", "identify", "detection"),
-    "stage2": ("conversation",),
-}
-IDENTIFIER_OF_TASK = {"caption": "[caption]", "video_caption": "[caption]", "vqa": "[vqa]",
-                      "scene_vqa": "[vqa]", "refer": "[refer]", "identify": "[identify]",
-                      "detection": "[detection]"}
 # Turns that must carry box text: grounding answers, identify prompts, detection answers.
 BOXED_TURNS = {("gpt", "[refer]"), ("gpt", "[detection]"), ("human", "[identify]")}
-# Scored splits per benchmark and the task of their eval file (docs/formats.md).
-SCORED = {"ucm_captions": ("caption", ("test",)), "sydney_captions": ("caption", ("test",)),
-          "rsicd": ("caption", ("test",)), "capera": ("caption", ("test",)),
-          "rsvqa_lr": ("vqa", ("test",)), "rsvqa_hr": ("vqa", ("test", "test_phili")),
-          "rsvg": ("grounding", ("val", "test")), "dior_rsvg": ("grounding", ("test",))}
-SCORED_KEYS = sorted(f"{b}/{s}/{t}" for b, (t, splits) in SCORED.items() for s in splits)
 
 _IDENTIFIER = re.compile(r"\s*(\[[^\]\s]*\])")
-_BOX_LIKE = re.compile(r"\{\s*<[^{}]*\}")  # anything that looks like box text, parsed strictly below
-_BOX = re.compile(r"\{<(-?\d+)><(-?\d+)><(-?\d+)><(-?\d+)>\}")
 
 # Columns per table, so empty tables still have them (GX needs the columns to exist).
 COLUMNS = {
@@ -142,9 +129,9 @@ class _Collector:
             role, value = t["from"], t["value"]
             row = {"file": file, "index": index, "id": sid, "turn": i, "role": role,
                    "expected_role": "human" if i % 2 == 0 else "gpt", "value": value,
-                   "img_tags": value.count(IMG_TAG), "expected_img_tags": int(i == 0)}
+                   "img_tags": value.count(IMAGE_PLACEHOLDER), "expected_img_tags": int(i == 0)}
             if role == "human":
-                m = _IDENTIFIER.match(value.replace(IMG_TAG, "", 1))
+                m = _IDENTIFIER.match(value.replace(IMAGE_PLACEHOLDER, "", 1))
                 current = row["identifier"] = m.group(1) if m else NO_IDENTIFIER
                 first_identifier = first_identifier or current
                 prompts.append(value)
@@ -154,12 +141,12 @@ class _Collector:
                     row["caption_words"] = len(value.split())
                 elif current in ("[vqa]", "[identify]"):
                     row["answer_chars"] = len(value)
-            boxes = _BOX_LIKE.findall(value)
+            boxes = BOX_LIKE_RE.findall(value)
             if (role, current) in BOXED_TURNS:
                 row["required_boxes"] = len(boxes)
             self.rows["turns"].append(row)
             for text in boxes:
-                m = _BOX.fullmatch(text)
+                m = BOX_RE.fullmatch(text)
                 coords = dict(zip(("x1", "y1", "x2", "y2"), map(int, m.groups()))) if m else {}
                 self.rows["boxes"].append({"file": file, "index": index, "id": sid, "turn": i,
                                            "text": text, "parse_ok": m is not None, **coords})
@@ -179,7 +166,7 @@ class _Collector:
             return
         bench, split, task, samples = (data.get(k) for k in ("benchmark", "split", "task", "samples"))
         frow["eval_key"] = f"{bench}/{split}/{task}"
-        if not (_text(bench) and _text(split) and task in ("caption", "vqa", "grounding")):
+        if not (_text(bench) and _text(split) and task in TASKS):
             frow["schema_error"] = "needs 'benchmark', 'split' and 'task' (caption, vqa or grounding)"
         elif path.name != f"{bench}_{split}.json":
             frow["schema_error"] = f"file name should be {bench}_{split}.json"

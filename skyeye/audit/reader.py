@@ -1,10 +1,10 @@
 """Where the audit reads: MLflow runs, experiments and model versions, the git history of
-data.dvc and the validation runs of a data version, looked up for skyeye.audit by
-`_Reader` with per-audit caches, and turned into the records of skyeye.audit_records.
-A run or data.dvc revision that cannot be found comes back as "missing: <why>".
+data.dvc and the validation runs of a data version, looked up for `chain` by `Reader`
+with per-audit caches, and turned into the records of `records`. A run or data.dvc
+revision that cannot be found comes back as "missing: <why>".
 
-Apart from skyeye.audit so that the lookups and the way the links are followed stay
-separate; it imports nothing of skyeye.audit.
+Apart from `chain` so that the lookups and the way the links are followed stay
+separate; it imports nothing of `chain`.
 """
 from __future__ import annotations
 
@@ -14,35 +14,35 @@ from typing import Any
 
 from mlflow.entities import ViewType
 from mlflow.exceptions import MlflowException
-from mlflow.tracking import MlflowClient
 
-from . import tracking
-from .audit_records import GitRevision, RunSummary, Validation, _key, missing
-from .config import Settings, get_settings
-from .tracking import TAG_DVC_MD5, TAG_GIT_REV, TAG_OUTCOME, VALIDATION_EXPERIMENT
-from .versioning import DVC_FILE, VersioningError, _dvc_file_at, _git, _parse_dvc_file
+from ..config import Settings, get_settings
+from ..datagate.versioning import DVC_FILE, VersioningError, dvc_file_at, git, parse_dvc_file
+from ..formats.benchmarks import HELDOUT, primary_metric
+from ..tracking import runs
+from ..tracking.names import (TAG_DVC_MD5, TAG_GIT_COMMIT, TAG_GIT_REV, TAG_KIND, TAG_MODEL_DIR, TAG_OUTCOME,
+                              TAG_PARENT, TAG_STAGE, VALIDATION_EXPERIMENT)
+from .records import GitRevision, RunSummary, Validation, md5_key, missing
 
-# Names the other components write (not imported: skyeye.training.tune pulls in torch).
-TAG_KIND, TAG_STAGE, TAG_PARENT = "skyeye.kind", "skyeye.stage", "mlflow.parentRunId"
-# What a training run is judged by at a glance (held-out scores logged during tuning).
-KEY_METRICS = ("loss", "heldout/caption_cider", "heldout/vqa_aa", "heldout/grounding_acc05", "wall_s")
-
-
-def _variants(md5: str) -> list[str]:
-    return [_key(md5) + ".dir", _key(md5)]
+# What a training run is judged by at a glance: its loss, the held-out scores of the stage
+# configs' held-out sets, its wall time.
+KEY_METRICS = ("loss", *(HELDOUT + primary_metric(k) for k in ("dior_rsvg_test", "rsvqa_lr_test",
+                                                               "ucm_captions_test")), "wall_s")
 
 
-def _when(ms: int | None) -> str | None:
+def md5_variants(md5: str) -> list[str]:
+    return [md5_key(md5) + ".dir", md5_key(md5)]
+
+
+def when(ms: int | None) -> str | None:
     return datetime.fromtimestamp(ms / 1000, timezone.utc).isoformat(timespec="seconds") if ms else None
 
 
-class _Reader:
+class Reader:
     """MLflow and git lookups shared by both audits, with per-audit caches."""
 
     def __init__(self, settings: Settings | None):
         self.settings = settings or get_settings()
-        tracking.setup(self.settings)
-        self.client = MlflowClient(self.settings.tracking_uri)
+        self.client = runs.client(self.settings)
         self.root = Path(self.settings.project_root).resolve()
         self._experiments: dict[str, str] = {}
         self._dvc_log: list[tuple[str, str, str, str | None]] | None = None
@@ -70,17 +70,16 @@ class _Reader:
         values = run.data.metrics
         return RunSummary(
             run_id=info.run_id, name=info.run_name, experiment=self.experiment_name(info.experiment_id),
-            kind=tags.get(TAG_KIND), stage=tags.get(TAG_STAGE), status=info.status, started=_when(info.start_time),
+            kind=tags.get(TAG_KIND), stage=tags.get(TAG_STAGE), status=info.status, started=when(info.start_time),
             deleted=info.lifecycle_stage == "deleted",
             metrics={k: values[k] for k in (values if metrics is None else metrics) if k in values},
             data_md5=tags.get(TAG_DVC_MD5), data_git_rev=tags.get(TAG_GIT_REV),
             dataset_digests=[d.dataset.digest for d in (run.inputs.dataset_inputs if run.inputs else [])],
-            git_commit=tags.get("skyeye.git_commit"), model_dir=tags.get("skyeye.model_dir"))
+            git_commit=tags.get(TAG_GIT_COMMIT), model_dir=tags.get(TAG_MODEL_DIR))
 
     def children(self, parent_id: str, experiment_id: str) -> list[Any]:
-        runs = self.client.search_runs([experiment_id], filter_string=f"tags.`{TAG_PARENT}` = '{parent_id}'",
-                                       run_view_type=ViewType.ALL, order_by=["attributes.start_time ASC"])
-        return list(runs)
+        return list(self.client.search_runs([experiment_id], filter_string=f"tags.`{TAG_PARENT}` = '{parent_id}'",
+                                            run_view_type=ViewType.ALL, order_by=["attributes.start_time ASC"]))
 
     def search(self, experiment: str, filters: list[str], view: int = ViewType.ACTIVE_ONLY) -> list[Any]:
         """Runs matching any of the filters, newest first, each once."""
@@ -94,30 +93,30 @@ class _Reader:
         return sorted(found.values(), key=lambda r: r.info.start_time or 0, reverse=True)
 
     def validations(self, md5: str) -> list[Validation]:
-        runs = self.search(VALIDATION_EXPERIMENT, [f"tags.`{TAG_DVC_MD5}` = '{v}'" for v in _variants(md5)])
+        found = self.search(VALIDATION_EXPERIMENT, [f"tags.`{TAG_DVC_MD5}` = '{v}'" for v in md5_variants(md5)])
         return [Validation(r.info.run_id, r.data.tags.get(TAG_OUTCOME) or missing(f"run has no {TAG_OUTCOME} tag"),
-                           _when(r.info.start_time), r.data.tags.get(TAG_GIT_REV)) for r in runs]
+                           when(r.info.start_time), r.data.tags.get(TAG_GIT_REV)) for r in found]
 
     def dvc_log(self) -> list[tuple[str, str, str, str | None]]:
         """(rev, date, subject, md5 or None) for every commit on any branch that touched data.dvc."""
         if self._dvc_log is None:
             self._dvc_log = []
-            out = _git(self.root, "log", "--all", "--format=%H%x1f%cI%x1f%s", "--", DVC_FILE, check=False)
+            out = git(self.root, "log", "--all", "--format=%H%x1f%cI%x1f%s", "--", DVC_FILE, check=False)
             for line in out.stdout.splitlines() if out.returncode == 0 else []:
                 rev, date, subject = line.split("\x1f", 2)
-                text = _dvc_file_at(self.root, rev)
+                text = dvc_file_at(self.root, rev)
                 try:
-                    md5 = _parse_dvc_file(text, f"{DVC_FILE} at {rev[:12]}")["md5"] if text else None
+                    md5 = parse_dvc_file(text, f"{DVC_FILE} at {rev[:12]}")["md5"] if text else None
                 except VersioningError:
                     md5 = None
                 self._dvc_log.append((rev, date, subject, md5))
         return self._dvc_log
 
     def revisions(self, md5: str) -> list[GitRevision] | str:
-        if _git(self.root, "rev-parse", "--git-dir", check=False).returncode != 0:
+        if git(self.root, "rev-parse", "--git-dir", check=False).returncode != 0:
             return missing(f"{self.root} is not a git repository, so no {DVC_FILE} revision can be read")
         revs = [GitRevision(rev, date, subject) for rev, date, subject, m in self.dvc_log()
-                if m and _key(m) == _key(md5)]
+                if m and md5_key(m) == md5_key(md5)]
         return revs or missing(f"DVC md5 {md5} is in no committed revision of {DVC_FILE} in {self.root}")
 
     def versions(self, name: str) -> list[Any]:

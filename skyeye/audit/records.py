@@ -1,11 +1,11 @@
-"""What an audit reports: the records skyeye.audit fills in while it follows the links
+"""What an audit reports: the records `chain` fills in while it follows the links
 (runs, data.dvc revisions, validations, model versions), the two results `ModelAudit`
 and `DataAudit` with their text (`.render()`) and JSON-ready (`.to_dict()`) forms, and
 the "missing: <why>" convention for a link that cannot be followed.
 
-Apart from skyeye.audit so that how a result reads stays separate from how it is
-gathered; it reads nothing itself (no MLflow, git or DVC calls) and imports neither
-skyeye.audit nor skyeye.audit_reader.
+Apart from `chain` so that how a result reads stays separate from how it is gathered;
+it reads nothing itself (no MLflow, git or DVC calls) and imports neither `chain` nor
+`reader`.
 """
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .versioning import DVC_FILE
+from ..datagate.versioning import DVC_FILE
 
-_MD5 = re.compile(r"^[0-9a-f]{32}(\.dir)?$")
+MD5_RE = re.compile(r"^[0-9a-f]{32}(\.dir)?$")
 
 
 def missing(why: str) -> str:
@@ -26,13 +26,13 @@ def is_missing(value: Any) -> bool:
     return isinstance(value, str) and value.startswith("missing: ")
 
 
-def _key(md5: str) -> str:
+def md5_key(md5: str) -> str:
     """data.dvc writes directory hashes as '<md5>.dir'; people often drop the suffix."""
     return md5.removesuffix(".dir")
 
 
-def _usable(md5: str | None) -> bool:
-    return bool(md5) and _MD5.match(md5) is not None
+def usable_md5(md5: str | None) -> bool:
+    return bool(md5) and MD5_RE.match(md5) is not None
 
 
 # ---------------------------------------------------------------- pieces of the chain
@@ -153,7 +153,7 @@ class ModelAudit:
                       for r in self.training_runs], "      ")
         lines.append("  data")
         lines.append(f"    DVC md5 {self.data_md5}")
-        agree = sorted({s for s, m in self.data_sources.items() if _usable(self.data_md5) and m == self.data_md5})
+        agree = sorted({s for s, m in self.data_sources.items() if usable_md5(self.data_md5) and m == self.data_md5})
         if agree:
             lines.append(f"      recorded by {len(agree)} source(s): {', '.join(agree)}")
         if isinstance(self.data_revisions, str):

@@ -8,8 +8,8 @@ import re
 
 GRID = 100
 BOX_RE = re.compile(r"\{<(-?\d+)><(-?\d+)><(-?\d+)><(-?\d+)>\}")
-# Anything that looks like an attempt at a box, parsable or not (for the data gate).
-BOX_LIKE_RE = re.compile(r"\{<[^{}]*\}")
+# Anything that looks like an attempt at a box, parsable or not (the data gate parses each strictly).
+BOX_LIKE_RE = re.compile(r"\{\s*<[^{}]*\}")
 
 
 def to_grid(box: tuple[float, float, float, float], width: int, height: int) -> tuple[int, int, int, int]:

@@ -1,7 +1,7 @@
 """The Great Expectations gate over the instruction and evaluation files.
 
 `validate(instructions_dir, gx_root)` flattens `stage1.json`, `stage2.json` and
-`eval/*.json` (docs/formats.md) into tables (`skyeye.validation_tables`), states every
+`eval/*.json` (docs/data.md) into tables (`skyeye.datagate.tables`), states every
 check as a GX expectation on them (`expectations()` below), runs one checkpoint per table
 in a file-mode GX context under `gx_root` (Data Docs in
 `gx_root/gx/uncommitted/data_docs/local_site/`), and returns a `ValidationResult` that
@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
-from skyeye.validation_tables import (IDENTIFIER_OF_TASK, SCORED_KEYS, STAGE_TASKS, TASK_IDENTIFIERS,
-                                      build_tables)
+from ..formats.benchmarks import SCORED_FILE_KEYS
+from ..formats.prompts import STAGE_TASKS, TASK_IDENTIFIERS, TASK_TO_IDENTIFIER
+from .tables import build_tables
 
 
 @dataclass(frozen=True)
@@ -30,7 +31,7 @@ class Limits:
     boxes_per_turn: tuple[int, int] = (1, 100)  # turns that must carry boxes
     grid: tuple[int, int] = (0, 100)  # box text is pixel / side x 100
     stage1_pairs: tuple[int, int] = (1, 6)
-    stage2_pairs: tuple[int, int] = (3, 6)  # docs/formats.md: 3 to 6 pairs
+    stage2_pairs: tuple[int, int] = (3, 6)  # docs/data.md: 3 to 6 pairs
     image_side: tuple[int, int] = (32, 4096)  # pixels, each side
     max_bytes: int = 50 * 2**20
     # of its eval file's questions; real RSVQA-LR asks rural/urban once per image (~1%), so the floor is low:
@@ -64,7 +65,7 @@ def expectations(lim: Limits = LIMITS) -> list[Spec]:
     (g0, g1), (w0, w1), (a0, a1) = lim.grid, lim.caption_words, lim.answer_chars
     (side0, side1), (share0, share1) = lim.image_side, lim.vqa_type_share
     stage_tasks = [f"{s}/{t}" for s, tasks in STAGE_TASKS.items() for t in tasks]
-    task_identifiers = [f"{t}/{i}" for t, i in IDENTIFIER_OF_TASK.items()] + \
+    task_identifiers = [f"{t}/{i}" for t, i in TASK_TO_IDENTIFIER.items()] + \
                        [f"conversation/{i}" for i in TASK_IDENTIFIERS]
     stage_pairs = [f"{s}/{n}" for s, (lo, hi) in (("stage1", lim.stage1_pairs), ("stage2", lim.stage2_pairs))
                    for n in range(lo, hi + 1)]
@@ -72,9 +73,9 @@ def expectations(lim: Limits = LIMITS) -> list[Spec]:
     return [
         _e("files", IN_SET, "stage1.json and stage2.json are present", column="exists", value_set=[True]),
         _e("files", NULL, "file parses as JSON", column="parse_error"),
-        _e("files", NULL, "file's top-level layout follows docs/formats.md", column="schema_error"),
+        _e("files", NULL, "file's top-level layout follows docs/data.md", column="schema_error"),
         _e("files", IN_SET, "eval file is a scored benchmark/split/task", column="eval_key",
-           value_set=SCORED_KEYS),
+           value_set=SCORED_FILE_KEYS),
         _e("files", BETWEEN, "file holds at least one sample", column="n_records", min_value=1),
 
         _e("samples", NULL, "sample has the required keys and types", column="schema_error"),

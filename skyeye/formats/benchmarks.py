@@ -1,0 +1,87 @@
+"""The 8 benchmarks, their splits, the splits the paper scores, each one's task and
+primary metric, and how metrics are named: the one place that names them, read by the
+readers, the builder, the data gate, training's held-out scores, the evaluation, the
+promotion policy and the audit. Free of torch and MLflow.
+
+Metric names: `<bench_split>/<metric>` (`dior_rsvg_test/acc_at_0.5`) on the paper's x100
+scale; a baseline's `baseline.<name>/<bench_split>/<metric>`; training's held-out scores
+carry the prefix `heldout/` in front of the same names.
+"""
+from __future__ import annotations
+
+BENCHMARKS: tuple[str, ...] = (
+    "ucm_captions", "sydney_captions", "rsicd", "capera", "rsvqa_lr", "rsvqa_hr", "rsvg", "dior_rsvg",
+)
+_TVT = ("train", "val", "test")
+SPLITS: dict[str, tuple[str, ...]] = {name: _TVT for name in BENCHMARKS} | {"rsvqa_hr": (*_TVT, "test_phili")}
+# the splits the paper reports numbers on (RSVQA-HR test set 2 is `test_phili`)
+SCORED_SPLITS: dict[str, tuple[str, ...]] = {name: ("test",) for name in BENCHMARKS} | {
+    "rsvqa_hr": ("test", "test_phili"),
+    "rsvg": ("val", "test"),
+}
+TASK: dict[str, str] = {"ucm_captions": "caption", "sydney_captions": "caption", "rsicd": "caption",
+                        "capera": "caption", "rsvqa_lr": "vqa", "rsvqa_hr": "vqa", "rsvg": "grounding",
+                        "dior_rsvg": "grounding"}
+TASKS = ("caption", "vqa", "grounding")
+# bench_split keys in the paper's order, e.g. "rsvqa_hr_test_phili"
+EVAL_KEYS: tuple[str, ...] = tuple(f"{b}_{s}" for b in BENCHMARKS for s in SCORED_SPLITS[b])
+BENCHMARK_OF: dict[str, str] = {f"{b}_{s}": b for b in BENCHMARKS for s in SCORED_SPLITS[b]}
+SPLIT_OF: dict[str, str] = {f"{b}_{s}": s for b in BENCHMARKS for s in SCORED_SPLITS[b]}
+TASK_OF: dict[str, str] = {key: TASK[b] for key, b in BENCHMARK_OF.items()}
+# what the data gate accepts as an evaluation file's benchmark/split/task
+SCORED_FILE_KEYS: list[str] = sorted(f"{BENCHMARK_OF[k]}/{SPLIT_OF[k]}/{TASK_OF[k]}" for k in EVAL_KEYS)
+
+# metric names, on the paper's x100 scale
+ACC_AT_05, AA, AA_ALL, OA, CIDER = "acc_at_0.5", "aa", "aa_all", "oa", "cider"
+CAPTION_METRICS = ("bleu_1", "bleu_2", "bleu_3", "bleu_4", "meteor", "rouge_l", CIDER)
+# the headline metric per task (the promotion policy compares these)
+PRIMARY: dict[str, str] = {"caption": CIDER, "vqa": AA, "grounding": ACC_AT_05}
+# the VQA types the paper averages into AA (count and area exist in RSVQA but are left out)
+PAPER_VQA_TYPES = ("presence", "comp", "rural_urban")
+PRIMARY_SCORE = "primary_score"  # mean of the primary metrics of the splits scored
+HELDOUT = "heldout/"  # prefix of training's held-out scores
+
+
+def metric(key: str, name: str, baseline: str | None = None) -> str:
+    """`<key>/<name>`, or `baseline.<baseline>/<key>/<name>`."""
+    return f"baseline.{baseline}/{key}/{name}" if baseline else f"{key}/{name}"
+
+
+def primary_metric(key: str) -> str:
+    """`dior_rsvg_test` -> `dior_rsvg_test/acc_at_0.5`."""
+    return metric(key, PRIMARY[TASK_OF[key]])
+
+
+def primary_of(metrics: dict[str, float], prefix: str = "") -> dict[str, float]:
+    """The primary metric of each bench split present in a flat `<prefix><key>/<metric>` dict."""
+    out = {}
+    for key in EVAL_KEYS:
+        name = prefix + primary_metric(key)
+        if name in metrics:
+            out[key] = metrics[name]
+    return out
+
+
+def select(names: str | list[str] | None) -> list[str]:
+    """`all`, benchmark names (every scored split) or bench_split keys -> bench_split keys."""
+    if names is None or names == "all" or names == ["all"]:
+        return list(EVAL_KEYS)
+    wanted = [n.strip() for n in (names.split(",") if isinstance(names, str) else names) if n.strip()]
+    out: list[str] = []
+    for name in wanted:
+        if name in EVAL_KEYS:
+            out.append(name)
+        elif name in BENCHMARKS:
+            out += [k for k in EVAL_KEYS if BENCHMARK_OF[k] == name]
+        else:
+            raise ValueError(f"--benchmarks: unknown benchmark {name!r}; known: {', '.join(BENCHMARKS)} "
+                             f"or splits {', '.join(EVAL_KEYS)}")
+    return list(dict.fromkeys(out))
+
+
+def spread(rows: list, n: int | None) -> list:
+    """At most `n` rows spread evenly over a split's file (deterministic, covers every image group)."""
+    if not n or len(rows) <= n:
+        return rows
+    step = len(rows) / n
+    return [rows[int(i * step)] for i in range(n)]

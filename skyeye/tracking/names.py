@@ -1,0 +1,60 @@
+"""Every name SkyEye writes into MLflow: experiments, run and version tags, the values of
+`skyeye.kind`. The one home of these names; the training, evaluation, gate, registry and
+audit import them from here. Free of MLflow and torch, so light code (the audit, the
+CLI) reads them without loading either.
+
+Links live in these tags only (no side ledger): a stage run names its data version and
+model folder, an evaluation run the training run it scored, a registered version its
+evaluation run, training run, tuning job and data version.
+"""
+from __future__ import annotations
+
+# experiments
+TUNING_EXPERIMENT = "skyeye-tuning"  # tuning jobs (parent runs) with their backbones / stage runs
+EVALUATION_EXPERIMENT = "skyeye-evaluation"
+VALIDATION_EXPERIMENT = "skyeye-data-validation"
+
+# what a run is
+TAG_KIND = "skyeye.kind"
+KIND_TUNING_JOB, KIND_TUNING_STAGE = "tuning-job", "tuning-stage"
+KIND_BACKBONES, KIND_EVALUATION = "backbones", "evaluation"
+TAG_PARENT = "mlflow.parentRunId"  # MLflow's own: a stage run's tuning job
+
+# the data a run saw, and the code that ran
+TAG_DVC_MD5 = "skyeye.data.dvc_md5"
+TAG_GIT_REV = "skyeye.data.git_rev"  # the commit of data.dvc holding that md5
+TAG_GIT_COMMIT = "skyeye.git_commit"  # the project's HEAD when the run started
+UNVERSIONED, UNCOMMITTED = "unversioned", "uncommitted"
+DATASET_NAME = "skyeye-instructions"  # the instruction data as a run's dataset input (digest: DVC md5)
+
+# tuning runs
+TAG_STAGE = "skyeye.stage"
+TAG_MODEL_DIR = "skyeye.model_dir"  # the model folder a stage wrote, or an evaluation scored
+TAG_INIT_RUN = "skyeye.init_run"  # on a stage-2 run: the stage-1 run it started from
+TAG_BACKBONES_KEY = "skyeye.backbones.key"
+TAG_BACKBONES_DIR = "skyeye.backbones.dir"
+
+# validation runs
+TAG_OUTCOME = "skyeye.validation.outcome"  # "passed" | "failed"
+
+# evaluation runs
+TAG_EVAL_BENCHMARKS = "skyeye.eval.benchmarks"
+TAG_EVAL_TRAINING_RUN = "skyeye.eval.training_run"  # the stage run that wrote the scored model
+TAG_MODEL_VERSION = "skyeye.model_version"  # the registered version this evaluation stands behind
+
+# registered model versions (and TAG_DVC_MD5, TAG_GIT_REV, TAG_MODEL_DIR)
+TAG_EVAL_RUN = "skyeye.eval_run"
+TAG_TRAINING_RUN = "skyeye.training_run"
+TAG_TUNING_JOB = "skyeye.tuning_job"  # also on evaluation runs
+TAG_BACKBONES = "skyeye.backbones"  # where each backbone comes from (artifact, folder or hub id), JSON
+PROMOTION, ROLLBACK = "skyeye.promotion", "skyeye.rollback"
+PROMOTION_FIELDS = ("at", "from", "by", "reason", "forced", "deltas", "previous", "overridden")
+ROLLBACK_FIELDS = ("at", "from", "by", "reason")
+
+
+def promotion_tag(alias: str, field: str) -> str:
+    return f"{PROMOTION}.{alias}.{field}"
+
+
+def rollback_tag(alias: str, field: str) -> str:
+    return f"{ROLLBACK}.{alias}.{field}"
