@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-stamp
 # pip's offline index locations that are absent on some machines only add noise
 PIPQUIET := { grep -v "is ignored: it is neither a file nor a directory" || true; }
 
-.PHONY: venv demo test bench clean-state
+.PHONY: venv demo test test-fast lint bench clean-state
 
 $(STAMP): pyproject.toml
 	@test -x $(VENV)/bin/python || $(PY) -m venv $(VENV)
@@ -21,8 +21,14 @@ venv: $(STAMP)
 demo: venv  ## the retrain flow on the embedded defaults, demo scale
 	$(VENV)/bin/python -m flows.retrain
 
-test: venv  ## the whole test suite
+lint: venv  ## ruff, with the rule set in pyproject.toml
+	$(VENV)/bin/ruff check .
+
+test: lint  ## the whole test suite (what CI runs)
 	$(VENV)/bin/python -m pytest -q
+
+test-fast: venv  ## everything but the tests marked slow (Ray worker groups, servers, whole flows)
+	$(VENV)/bin/python -m pytest -q -m "not slow"
 
 bench: venv  ## data-step timings (JSON)
 	$(VENV)/bin/python bench/data_steps.py

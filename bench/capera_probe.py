@@ -25,9 +25,9 @@ import torch
 
 from skyeye.data.readers import read_benchmark
 from skyeye.evaluation.predictors import load_frames
+from skyeye.formats.prompts import PHRASINGS, TASK_TO_IDENTIFIER
 from skyeye.model.skyeyegpt import load_model
 from skyeye.model.template import encode_conversation
-from skyeye.formats.prompts import PHRASINGS, TASK_TO_IDENTIFIER
 from skyeye.synth.video import DIRECTIONS
 from skyeye.training.pointing import movers
 

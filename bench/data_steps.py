@@ -15,8 +15,8 @@ import time
 from pathlib import Path
 
 from skyeye.data.instructions import build
-from skyeye.synth.corpus import synthesize
 from skyeye.datagate.expectations import validate
+from skyeye.synth.corpus import synthesize
 
 
 def timed(fn, repeats: int) -> tuple[float, list[float], object]:
@@ -35,7 +35,8 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        synth_s, synth_all, _ = timed(lambda: synthesize(root / "synth", scale=args.scale, progress=False), args.repeats)
+        synth_s, synth_all, _ = timed(lambda: synthesize(root / "synth", scale=args.scale, progress=False),
+                                      args.repeats)
         build_s, build_all, card = timed(lambda: build(root / "synth", root / "instructions"), args.repeats)
         validate_s, validate_all, result = timed(lambda: validate(root / "instructions", root / "gx"), args.repeats)
         records = result.n_records

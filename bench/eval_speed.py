@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 
 from skyeye.config import configure_environment, get_settings
-from skyeye.formats.benchmarks import TASK_OF
 from skyeye.evaluation.predictors import ModelPredictor
 from skyeye.evaluation.runner import EvalConfig, load_eval_file, load_for_eval, run_evaluation
+from skyeye.formats.benchmarks import TASK_OF
 
 
 def prompts_mix(instructions: Path, per_task: int) -> list[tuple[str, dict, int]]:
@@ -72,7 +72,7 @@ def main() -> None:
            "batched_samples_per_s": n / statistics.median(t_batched),
            "single_samples_per_s": n / statistics.median(t_single),
            "speedup": statistics.median(t_single) / statistics.median(t_batched),
-           "answers_identical_share": sum(a == b for a, b in zip(a_batched, a_single)) / n}
+           "answers_identical_share": sum(a == b for a, b in zip(a_batched, a_single, strict=True)) / n}
     if args.full:
         start = time.perf_counter()
         result = run_evaluation(args.model, "all", progress=False)

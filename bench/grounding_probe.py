@@ -93,7 +93,7 @@ def ceiling(patches: np.ndarray, boxes: np.ndarray, train: np.ndarray, group: in
     test = np.flatnonzero(~train)
     pred = np.array([(with_bias(tokens[i][on[i]]) @ w).mean(0) for i in test])
     return {"visual_tokens": p // group,
-            "acc_at_0.5": round(float(np.mean([iou(a, b) >= 0.5 for a, b in zip(pred, boxes[test])])), 3),
+            "acc_at_0.5": round(float(np.mean([iou(a, b) >= 0.5 for a, b in zip(pred, boxes[test], strict=True)])), 3),
             "mae": round(float(np.abs(pred - boxes[test]).mean()), 2)}
 
 

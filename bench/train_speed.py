@@ -63,18 +63,19 @@ def main() -> None:
     args = parser.parse_args()
 
     from skyeye.config import get_settings
+    from skyeye.model.config import load_model_config
+    from skyeye.training.jobs import prepare_backbones
     from skyeye.training.loop import run_stage
     from skyeye.training.ray_train import FitConfig, fit, fit_local
     from skyeye.training.stage_config import load_stage_config
-    from skyeye.training.jobs import prepare_backbones
-    from skyeye.model.config import load_model_config
 
     s = get_settings()
     backbones = prepare_backbones(Path(args.model))
     stage = load_stage_config(args.stage).model_copy(update={
         "max_steps": args.steps, "time_budget_s": None, "warmup_steps": 5, "log_every": 10,
         "checkpoint_every": 10 ** 9, "held_out": {"grounding": None, "vqa": None, "caption": None}})
-    loop_config = {"stage": stage.model_dump(mode="json"), "model": load_model_config(args.model).model_dump(mode="json"),
+    model_cfg = load_model_config(args.model).model_dump(mode="json")
+    loop_config = {"stage": stage.model_dump(mode="json"), "model": model_cfg,
                    "instructions": str(s.instructions_dir), "backbones": backbones, "init": None}
     cores = os.cpu_count() or 2
     results: dict[str, dict] = {}
@@ -83,7 +84,8 @@ def main() -> None:
         from mlflow.tracking import MlflowClient
         client = MlflowClient(uri)
         exp = client.create_experiment("bench")
-        for name, runner, workers in (("a_plain", fit_local, 1), ("b_ray_1_worker", fit, 1), ("c_ray_2_workers", fit, 2)):
+        variants = (("a_plain", fit_local, 1), ("b_ray_1_worker", fit, 1), ("c_ray_2_workers", fit, 2))
+        for name, runner, workers in variants:
             run = client.create_run(exp, run_name=name)
             cfg = FitConfig(num_workers=workers, cpus_per_worker=cores / workers, storage_path=f"{tmp}/{name}",
                             mlflow_tracking_uri=uri, mlflow_run_id=run.info.run_id,

@@ -12,6 +12,7 @@ import argparse
 from pathlib import Path
 
 from skyeye.config import DataConfig, configure_environment, get_settings, load_yaml_config
+from skyeye.formats.benchmarks import HELDOUT, primary_of
 
 configure_environment()  # before Prefect reads its settings
 
@@ -70,7 +71,7 @@ def stage1_task(model_config: str, stage_config: str, backbones: dict, parent_ru
     result = train_stage(1, root / model_config, root / stage_config, backbones, parent_id=parent_run,
                          num_workers=num_workers)
     get_run_logger().info("stage 1: run %s, held-out %s", result.run_id,
-                          {k: round(v, 3) for k, v in result.metrics.items() if k.startswith("heldout/")})
+                          {k: round(v, 1) for k, v in primary_of(result.metrics, HELDOUT).items()})
     return result.model_dir
 
 
@@ -82,7 +83,7 @@ def stage2_task(model_config: str, stage_config: str, backbones: dict, stage1_di
     result = train_stage(2, root / model_config, root / stage_config, backbones, init=stage1_dir,
                          parent_id=parent_run, num_workers=num_workers)
     get_run_logger().info("stage 2: run %s, held-out %s", result.run_id,
-                          {k: round(v, 3) for k, v in result.metrics.items() if k.startswith("heldout/")})
+                          {k: round(v, 1) for k, v in primary_of(result.metrics, HELDOUT).items()})
     return result.model_dir
 
 
@@ -152,9 +153,27 @@ def retrain(data_config: str = "configs/data.yaml", scale: str | None = None, tr
     return out
 
 
+def summary(out: dict) -> str:
+    """What a run produced and where to look, for the person who started it."""
+    from skyeye.registry.references import model_name
+    lines = ["", "retrain finished",
+             f"  data version      {out['data_md5']} (gate passed: MLflow run {out['validation_run']})"]
+    if "tuning_run" in out:
+        lines += [f"  tuning job        MLflow run {out['tuning_run']}",
+                  f"  stage-2 model     {out['stage2_model']}",
+                  f"  evaluation        MLflow run {out['eval_run']}",
+                  f"  registered        {model_name()} version {out['model_version']}, alias reached: {out['alias']}"]
+    lines += ["look at it:",
+              "  .venv/bin/mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db --port 5000",
+              "  PREFECT_HOME=.skyeye/prefect .venv/bin/prefect server start --host 127.0.0.1",
+              "  .venv/bin/skyeye models; .venv/bin/skyeye audit --model production"]
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="Run the retrain flow on the embedded defaults.")
-    parser.add_argument("--data-config", default="configs/data.yaml", help="data steps config (relative to the project)")
+    parser.add_argument("--data-config", default="configs/data.yaml",
+                        help="data steps config (relative to the project)")
     parser.add_argument("--scale", choices=["tiny", "demo", "full"], help="override the config's scale")
     parser.add_argument("--data-only", action="store_true", help="stop after the data gate")
     parser.add_argument("--model-config", default="configs/model/tiny.yaml")
@@ -164,7 +183,7 @@ if __name__ == "__main__":
     parser.add_argument("--eval-limit", type=int, default=None, help="samples per bench split (default: all)")
     parser.add_argument("--no-promote", action="store_true", help="register, but move no alias")
     args = parser.parse_args()
-    print(retrain(data_config=args.data_config, scale=args.scale, train=not args.data_only,
-                  model_file=args.model_config, stage1_file=args.stage1_config,
-                  stage2_file=args.stage2_config, num_workers=args.num_workers, eval_limit=args.eval_limit,
-                  promote=not args.no_promote))
+    print(summary(retrain(data_config=args.data_config, scale=args.scale, train=not args.data_only,
+                          model_file=args.model_config, stage1_file=args.stage1_config,
+                          stage2_file=args.stage2_config, num_workers=args.num_workers,
+                          eval_limit=args.eval_limit, promote=not args.no_promote)))

@@ -46,7 +46,8 @@ def _main() -> None:
 @data_app.command("synth")
 def synth(
     out: Annotated[Optional[Path], typer.Option(help="Output folder (default: data/synth).")] = None,
-    scale: Annotated[str, typer.Option(help="tiny (seconds, tests) | demo (the demo corpus) | full (about the real sets' sizes).")] = "demo",
+    scale: Annotated[str, typer.Option(
+        help="tiny (seconds, tests) | demo (the demo corpus) | full (about the real sets' sizes).")] = "demo",
     seed: Annotated[int, typer.Option(help="Same seed and scale give byte-identical files.")] = 0,
     workers: Annotated[Optional[int], typer.Option(help="Processes (default: all cores).")] = None,
 ) -> None:
@@ -75,9 +76,11 @@ def _sources(values: list[str]) -> dict[str, Path]:
 
 @data_app.command("build")
 def build(
-    root: Annotated[Optional[Path], typer.Option(help="Folder holding benchmark folders (default: data/synth).")] = None,
+    root: Annotated[Optional[Path], typer.Option(
+        help="Folder holding benchmark folders (default: data/synth).")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Output folder (default: data/instructions).")] = None,
-    source: Annotated[list[str], typer.Option(help="NAME=PATH: add a benchmark folder from elsewhere (repeatable), e.g. a real download.")] = [],
+    source: Annotated[Optional[list[str]], typer.Option(
+        help="NAME=PATH: add a benchmark folder from elsewhere (repeatable), e.g. a real download.")] = None,
 ) -> None:
     """Build stage-1 instructions, stage-2 conversations, evaluation files and the data card."""
     from .data.instructions import build as build_instructions
@@ -85,7 +88,7 @@ def build(
     s = get_settings()
     start = time.perf_counter()
     try:
-        card = build_instructions(root or s.synth_dir, out or s.instructions_dir, _sources(source))
+        card = build_instructions(root or s.synth_dir, out or s.instructions_dir, _sources(source or []))
     except (ValueError, DataFormatError, FileNotFoundError) as err:
         _fail(str(err))
     console.print(f"built in {time.perf_counter() - start:.1f} s: stage1={card['stage1']['total']} "
@@ -96,7 +99,8 @@ def build(
 
 
 @data_app.command("inspect")
-def inspect(folder: Path, name: Annotated[Optional[str], typer.Option(help="Benchmark name if the layout cannot be told from the folder.")] = None) -> None:
+def inspect(folder: Path, name: Annotated[Optional[str], typer.Option(
+    help="Benchmark name if the layout cannot be told from the folder.")] = None) -> None:
     """Read one benchmark folder (real download or SkyEye-Synth) and report what was kept and skipped."""
     from .data.readers import detect_benchmark, read_benchmark
     from .data.records import DataFormatError
@@ -186,10 +190,12 @@ def backbones(model: MODEL_OPT = Path("configs/model/tiny.yaml")) -> None:
 
 @app.command("train")
 def train(
-    stage: Annotated[int, typer.Option(help="1: single-task instructions; 2: multi-task conversations (needs --init).")],
+    stage: Annotated[int, typer.Option(
+        help="1: single-task instructions; 2: multi-task conversations (needs --init).")],
     model: MODEL_OPT = Path("configs/model/tiny.yaml"),
     config: Annotated[Optional[Path], typer.Option(help="Stage config (default configs/train/stage<N>.yaml).")] = None,
-    init: Annotated[Optional[str], typer.Option(help="Stage-1 result (stage 2): model folder, tuning-stage run id or models:/ URI.")] = None,
+    init: Annotated[Optional[str], typer.Option(
+        help="Stage-1 result (stage 2): model folder, tuning-stage run id or models:/ URI.")] = None,
     num_workers: Annotated[int, typer.Option(help="Ray Train workers (DDP: gloo on CPU, NCCL on GPU).")] = 2,
     gpu: Annotated[bool, typer.Option("--gpu", help="One GPU per worker, NCCL.")] = False,
     local: Annotated[bool, typer.Option("--local", help="Plain single process, no Ray.")] = False,
@@ -213,9 +219,12 @@ def train(
 
 @app.command("evaluate")
 def evaluate(
-    model: Annotated[str, typer.Option("--model", help="Model folder, tuning-stage run id, or models:/skyeyegpt@<alias> (or /<version>).")],
-    benchmarks: Annotated[str, typer.Option(help="all, or a comma list of benchmarks / bench splits (e.g. rsvg_val).")] = "all",
-    limit: Annotated[Optional[int], typer.Option(help="At most N samples per bench split (spread over the file).")] = None,
+    model: Annotated[str, typer.Option(
+        "--model", help="Model folder, tuning-stage run id, or models:/skyeyegpt@<alias> (or /<version>).")],
+    benchmarks: Annotated[str, typer.Option(
+        help="all, or a comma list of benchmarks / bench splits (e.g. rsvg_val).")] = "all",
+    limit: Annotated[Optional[int], typer.Option(
+        help="At most N samples per bench split (spread over the file).")] = None,
     baselines: Annotated[bool, typer.Option(help="Also score the untuned model and the trivial answers.")] = True,
     data: Annotated[Optional[Path], typer.Option(help="Instruction folder (default: data/instructions).")] = None,
 ) -> None:
@@ -234,7 +243,8 @@ def evaluate(
 @app.command("register")
 def register(
     eval_run: Annotated[str, typer.Option("--eval-run", help="The FINISHED evaluation run of the model.")],
-    model_dir: Annotated[Optional[Path], typer.Option(help="Model folder (default: the one the evaluation run scored).")] = None,
+    model_dir: Annotated[Optional[Path], typer.Option(
+        help="Model folder (default: the one the evaluation run scored).")] = None,
 ) -> None:
     """Log the evaluated SkyEyeGPT as one pyfunc model and register it (`skyeyegpt`)."""
     from .registry.references import model_name
@@ -285,7 +295,8 @@ def models() -> None:
 
 @app.command("audit")
 def audit(
-    model: Annotated[Optional[str], typer.Option(help="Model version, alias or models:/ URI (default: production).")] = None,
+    model: Annotated[Optional[str], typer.Option(
+        help="Model version, alias or models:/ URI (default: production).")] = None,
     data: Annotated[Optional[str], typer.Option(help="Data version: a git revision of data.dvc or a DVC md5.")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the audit as JSON.")] = False,
 ) -> None:
@@ -302,9 +313,13 @@ def audit(
 
 @app.command("chat")
 def chat(
-    question: Annotated[str, typer.Argument(help='A task identifier and an instruction, e.g. "[refer] the white airplane at the top left", "[vqa] how many ships are there?", "[caption] Briefly describe this image."')],
+    question: Annotated[str, typer.Argument(
+        help='A task identifier and an instruction, e.g. "[refer] the white airplane at the top left", "[vqa] how '
+             'many ships are there?", "[caption] Briefly describe this image."')],
     image: Annotated[Path, typer.Option(help="Image file (or an MP4 clip).")],
-    model: Annotated[Optional[str], typer.Option("--model", help="Model folder, tuning-stage run id or models:/ URI (default: models:/skyeyegpt@production).")] = None,
+    model: Annotated[Optional[str], typer.Option(
+        "--model", help="Model folder, tuning-stage run id or models:/ URI "
+                        "(default: models:/skyeyegpt@production).")] = None,
 ) -> None:
     """Ask SkyEyeGPT one question about one image and print the answer."""
     from .registry.references import load, production_uri

@@ -35,7 +35,8 @@ class Settings(BaseSettings):
     project_root: Path = Field(default_factory=_find_project_root,
                                description="Repository root: holds data.dvc, .dvc/, mlruns/.")
     data_dir: Path | None = Field(None, description="DVC-tracked data folder; default <root>/data.")
-    state_dir: Path | None = Field(None, description="Local state (Prefect home, GX context, caches); default <root>/.skyeye.")
+    state_dir: Path | None = Field(
+        None, description="Local state (Prefect home, GX context, caches); default <root>/.skyeye.")
     dvc_remote_url: str | None = Field(
         None, description="Any DVC remote URL (s3://..., /mnt/share/...). Unset: the committed local remote.")
     mlflow_tracking_uri: str | None = Field(

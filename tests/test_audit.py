@@ -11,11 +11,11 @@ import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 
-from skyeye.datagate.gate import log_validation
-from skyeye.tracking import runs
 from skyeye.audit.chain import audit_data, audit_model
 from skyeye.audit.records import is_missing
 from skyeye.datagate.expectations import ValidationResult
+from skyeye.datagate.gate import log_validation
+from skyeye.tracking import runs
 
 MODEL = "skyeyegpt"
 
@@ -35,8 +35,8 @@ def world(tmp_path_factory):
     evaluated, registered as version 1 and promoted to production; v2 never validated,
     its stage-2 run deleted, registered as version 2; version 3 has no records at all."""
     from skyeye.config import Settings, get_settings
-    from skyeye.training.jobs import child_run, log_data_input, parent_run
     from skyeye.datagate.versioning import ensure_dvc, version_data
+    from skyeye.training.jobs import child_run, log_data_input, parent_run
 
     tmp = tmp_path_factory.mktemp("audit")
     mp = pytest.MonkeyPatch()
@@ -57,7 +57,6 @@ def world(tmp_path_factory):
     v1 = version_data(root, commit=True, message="data v1")
     (root / "data/instructions/stage1.json").write_text('[{"id": "s1-0"}, {"id": "s1-1"}]')
     v2 = version_data(root, commit=True, message="data v2")
-    assert v1.md5 != v2.md5 and v1.git_rev and v2.git_rev
 
     s = Settings(project_root=root, mlflow_tracking_uri=f"sqlite:///{tmp / 'mlflow.db'}")
     runs.setup(s)
@@ -125,6 +124,11 @@ def world(tmp_path_factory):
     get_settings.cache_clear()
 
 
+def test_the_world_holds_two_committed_data_versions(world):
+    v1, v2 = world["v1"], world["v2"]
+    assert v1.md5 != v2.md5 and v1.git_rev and v2.git_rev and v1.git_rev != v2.git_rev
+
+
 def test_production_audit_follows_the_whole_chain(world):
     v1, job1 = world["v1"], world["job1"]
     audit = audit_model("production")
@@ -134,7 +138,8 @@ def test_production_audit_follows_the_whole_chain(world):
     assert audit.tuning_job.run_id == job1["job"] and audit.tuning_job.kind == "tuning-job"
     assert {r.label: r.run_id for r in audit.training_runs} == {
         "backbones": job1["backbones"], "stage1": job1["stage1"], "stage2": job1["stage2"]}
-    assert all(r.status == "FINISHED" and r.metrics["heldout/dior_rsvg_test/acc_at_0.5"] == 0.25 for r in audit.training_runs)
+    assert all(r.status == "FINISHED" and r.metrics["heldout/dior_rsvg_test/acc_at_0.5"] == 0.25
+               for r in audit.training_runs)
     assert all(r.dataset_digests == [v1.md5] for r in audit.training_runs)
     assert audit.data_md5 == v1.md5
     assert "stage2 run dataset input" in audit.data_sources and len(set(audit.data_sources.values())) == 1

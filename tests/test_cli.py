@@ -57,3 +57,12 @@ def test_inspect_reports_kept_and_skipped(tiny_synth):
     r = runner.invoke(app, ["data", "inspect", str(tiny_synth / "rsvqa_lr")])
     assert r.exit_code == 0
     assert "kept" in r.output and "inactive question" in r.output
+
+
+def test_help_shows_task_identifiers_as_written():
+    """Help texts name task identifiers such as [refer]; a markup renderer would swallow them."""
+    result = runner.invoke(app, ["chat", "--help"])
+    assert result.exit_code == 0
+    text = " ".join(result.output.split())  # the terminal width wraps lines
+    assert "[refer] the white airplane at the top left" in text and "[vqa]" in text
+    assert "models:/skyeyegpt@production" in text  # the model it asks by default

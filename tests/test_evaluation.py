@@ -12,12 +12,12 @@ import torch
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
-from skyeye.formats.boxes import first_box_pixels
 from skyeye.config import Settings
 from skyeye.data.records import DataFormatError
-from skyeye.formats.benchmarks import EVAL_KEYS, TASK_OF, primary_of, select
 from skyeye.evaluation.baselines import centred_boxes, majority_answers, nearest_captions
 from skyeye.evaluation.runner import EvalConfig, evaluate, load_eval_file, score, untuned_like
+from skyeye.formats.benchmarks import EVAL_KEYS, TASK_OF, primary_of, select
+from skyeye.formats.boxes import first_box_pixels
 from skyeye.model.config import LoRAConfig, ModelConfig, VisionConfig
 from skyeye.model.skyeyegpt import build_model
 from skyeye.training.data import load_items
@@ -37,6 +37,7 @@ def model(tiny_backbones):
     return build_model(CFG, tiny_backbones["vision"], tiny_backbones["llm"], tiny_backbones["tokenizer"]).eval()
 
 
+@pytest.mark.slow
 def test_one_run_holds_every_benchmark_baselines_tables_and_report(model, settings, tiny_instructions):
     result = evaluate(model, "all", cfg=EvalConfig(limit=3, batch_size=2), untuned=untuned_like(model),
                       instructions=tiny_instructions, model_ref="tiny-test-model", settings=settings, progress=False)
@@ -60,7 +61,7 @@ def test_one_run_holds_every_benchmark_baselines_tables_and_report(model, settin
             "report/vqa_confusion_rsvqa_lr_test.png"} <= report
     # the logged table is what was scored: rescoring it gives the logged metric
     table = json.loads(Path(client.download_artifacts(result.run_id, "predictions/dior_rsvg_test.json")).read_text())
-    rows = [dict(zip(table["columns"], r)) for r in table["data"]]
+    rows = [dict(zip(table["columns"], r, strict=True)) for r in table["data"]]
     assert len(rows) == 3
     assert score("dior_rsvg_test", rows, [r["prediction"] for r in rows])["acc_at_0.5"] == \
         metrics["dior_rsvg_test/acc_at_0.5"]

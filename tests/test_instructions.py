@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from skyeye.formats.boxes import BOX_RE, first_box_pixels, iou, parse_boxes, to_grid
 from skyeye.data.instructions import build
 from skyeye.data.readers import read_benchmark
 from skyeye.formats.benchmarks import SCORED_SPLITS
+from skyeye.formats.boxes import BOX_RE, first_box_pixels, iou, parse_boxes, to_grid
 from skyeye.formats.prompts import IMAGE_PLACEHOLDER, PHRASINGS, STAGE1_TASKS, TASK_IDENTIFIERS
 from skyeye.synth.video import EVENTS
 
@@ -89,7 +89,7 @@ def test_captioning_prompts_get_captions_not_object_lists(tiny_instructions):
     asked = Counter()
     for s in _load(tiny_instructions, "stage2.json") + _load(tiny_instructions, "stage1.json"):
         turns = s["conversations"]
-        for q, a in zip(turns[::2], turns[1::2]):
+        for q, a in zip(turns[::2], turns[1::2], strict=True):
             question = q["value"].replace(IMAGE_PLACEHOLDER, "").strip()
             if a["value"].endswith("in the image."):
                 asked["inventory" if question.removeprefix("[caption] ") in PHRASINGS["inventory"] else "other"] += 1
@@ -105,7 +105,7 @@ def test_one_evaluation_file_per_scored_split(tiny_synth, tiny_instructions):
     dior = _load(tiny_instructions / "eval", "dior_rsvg_test.json")
     truth, _ = read_benchmark("dior_rsvg", tiny_synth / "dior_rsvg", ["test"])
     assert len(dior["samples"]) == len(truth)
-    for row, s in zip(dior["samples"], truth):
+    for row, s in zip(dior["samples"], truth, strict=True):
         assert row["box"] == list(s.box) and row["prompt"] == f"[refer] {s.expression}"
     lr = _load(tiny_instructions / "eval", "rsvqa_lr_test.json")
     assert {"question", "answer", "question_type", "image_size"} <= set(lr["samples"][0])
@@ -138,8 +138,10 @@ def test_card_counts_what_was_written(tiny_instructions):
 def test_build_is_deterministic_and_atomic(tiny_synth, tiny_instructions, tmp_path):
     out = tmp_path / "instructions"
     build(tiny_synth, out)
-    digest = lambda root: {p.relative_to(root): hashlib.sha256(p.read_bytes()).hexdigest()
-                           for p in root.rglob("*") if p.is_file()}
+
+    def digest(root):
+        return {p.relative_to(root): hashlib.sha256(p.read_bytes()).hexdigest() for p in root.rglob("*") if p.is_file()}
+
     # Same depth relative to the corpus gives the same relative paths, and the same bytes.
     sibling = tiny_synth.parent / "instructions2"
     build(tiny_synth, sibling)
@@ -197,5 +199,5 @@ def test_captioning_prompts_are_answered_with_the_most_consensual_reference(tiny
     for s in stage2:
         turns = s["conversations"]
         assert turns[1]["value"] == best[Path(s["image"]).name]
-        again = [a["value"] for q, a in zip(turns[::2], turns[1::2]) if "other words" in q["value"]]
+        again = [a["value"] for q, a in zip(turns[::2], turns[1::2], strict=True) if "other words" in q["value"]]
         assert again and again[0] != turns[1]["value"]

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from skyeye.formats.boxes import iou
-from skyeye.formats.benchmarks import CAPTION_METRICS, EVAL_KEYS, PRIMARY, TASK_OF
 from skyeye.evaluation.paper import MINIGPT_V2, SKYEYEGPT, flat
+from skyeye.formats.benchmarks import CAPTION_METRICS, EVAL_KEYS, PRIMARY, TASK_OF
+from skyeye.formats.boxes import iou
 from skyeye.formats.metrics import CaptionScorer, caption_scores, grounding_scores, vqa_scores
 
 # five images, 2-5 references each, predictions from exact to unrelated (punctuation and case

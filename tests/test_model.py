@@ -30,7 +30,8 @@ def _model(backbones, cfg=CFG, **kw):
 def _batch(model):
     tok, n = model.tokenizer, model.visual_tokens_per_image()
     encs = [encode_conversation(tok, [("[refer] the red ship", "{<1><2><30><40>}")], n),
-            encode_conversation(tok, [("[vqa] how many ships are there?", "2"), ("[caption] describe", "a harbour.")], n)]
+            encode_conversation(tok, [("[vqa] how many ships are there?", "2"),
+                                      ("[caption] describe", "a harbour.")], n)]
     px = model.preprocess([Image.new("RGB", (80, 80), (200, 40, 40)), Image.new("RGB", (80, 80), (40, 40, 200))])
     return collate(encs, tok.pad_token_id), px
 
@@ -58,7 +59,8 @@ def test_trainable_parameters_per_stage(backbones, tmp_path):
     assert counts["lora"] == layers * 2 * r * (llm_w + llm_w)  # q_proj and v_proj: A (r x in) + B (out x r)
     assert counts["vision_encoder"] == 0 and counts["llm_base"] == 0
     stage1.save(tmp_path / "stage1")
-    stage2 = build_model(CFG, backbones["vision"], backbones["llm"], backbones["tokenizer"], adapter=tmp_path / "stage1")
+    stage2 = build_model(CFG, backbones["vision"], backbones["llm"], backbones["tokenizer"],
+                         adapter=tmp_path / "stage1")
     assert stage2.trainable_parameters() == counts  # stage 2 trains the same parts, from stage 1's values
 
 
@@ -67,7 +69,7 @@ def test_template_masks_prompts_and_expands_the_image(backbones):
     enc = encode_conversation(tok, [("[vqa] how many ships?", "2"), ("[refer] the red ship", "{<1><2><3><4>}")], 5)
     image_id = tok.convert_tokens_to_ids(IMAGE_TOKEN)
     assert enc.input_ids.count(image_id) == 5  # one placeholder per visual token, first turn only
-    supervised = [t for t, lab in zip(enc.input_ids, enc.labels) if lab != IGNORE]
+    supervised = [t for t, lab in zip(enc.input_ids, enc.labels, strict=True) if lab != IGNORE]
     assert tok.decode(supervised) == "2</s>{<1><2><3><4>}</s>"  # answers and their end token only
     text = tok.decode(enc.input_ids)
     assert text.count("[INST]") == 2 and text.startswith("<s>[INST] <Img>")
@@ -76,7 +78,7 @@ def test_template_masks_prompts_and_expands_the_image(backbones):
 def test_save_load_round_trip_gives_identical_outputs(backbones, tmp_path):
     model = _model(backbones)
     with torch.no_grad():  # move the adapter away from its zero init so the test means something
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.requires_grad:
                 p.add_(torch.randn_like(p) * 0.05)
     model.eval()
@@ -120,3 +122,34 @@ def test_bad_configs_are_refused_before_compute(backbones, tmp_path):
         ModelConfig.model_validate({"vision": {"kind": "onnx"}})
     with pytest.raises(ValueError, match="vision.name_or_path.*nowhere"):
         build_model(CFG, str(tmp_path / "nowhere"), backbones["llm"], backbones["tokenizer"])
+
+
+def test_a_tiny_model_overfits_one_fixed_batch(backbones):
+    """The whole trainable path (alignment layer, LoRA on every linear layer, lm_head, the
+    template's answer-only loss) can fit one fixed batch: answer-token loss from ~6 to below
+    0.1 in 40 AdamW steps (measured: 0.003), after which greedy decoding repeats each answer."""
+    from skyeye.training.loop import per_sample_loss
+    torch.manual_seed(0)
+    every_linear = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    cfg = CFG.model_copy(update={"lora": LoRAConfig(r=8, alpha=16, target_modules=every_linear,
+                                                    modules_to_save=["lm_head"])})
+    model = _model(backbones, cfg)
+    tok, n = model.tokenizer, model.visual_tokens_per_image()
+    convs = [("[refer] the red ship", "{<10><20><30><40>}"), ("[vqa] how many ships are there?", "2"),
+             ("[caption] describe the image", "a harbour with two ships."),
+             ("[refer] the blue car", "{<60><5><90><25>}")]
+    batch = collate([encode_conversation(tok, [c], n) for c in convs], tok.pad_token_id)
+    px = model.preprocess([Image.new("RGB", (64, 64), c) for c in ((200, 40, 40), (40, 40, 200), (40, 200, 40),
+                                                                    (200, 200, 40))])
+    optim = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    losses = []
+    for _ in range(40):
+        loss = per_sample_loss(model(batch["input_ids"], batch["attention_mask"], px).logits, batch["labels"]).mean()
+        optim.zero_grad()
+        loss.backward()
+        optim.step()
+        losses.append(loss.item())
+    assert losses[0] > 4 and losses[-1] < 0.1, losses[::10]
+    model.eval()
+    assert model.ask([q for q, _ in convs], pixel_values=px, max_new_tokens=24) == [a for _, a in convs]

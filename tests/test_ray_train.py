@@ -12,8 +12,16 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from skyeye.training.ray_train import (COMPLETE, FitConfig, TrainContext, complete_checkpoint, fit, fit_local,
-                                       latest_complete_checkpoint, unwrap_model)
+from skyeye.training.ray_train import (
+    COMPLETE,
+    FitConfig,
+    TrainContext,
+    complete_checkpoint,
+    fit,
+    fit_local,
+    latest_complete_checkpoint,
+    unwrap_model,
+)
 
 N_STEPS, EVERY = 20, 5
 TRUE_W = torch.tensor([1.0, -2.0, 3.0, 0.5])
@@ -97,6 +105,7 @@ def _resumed_from(out: Path, rank: int) -> list[int]:
     return [int(p.read_text()) for p in sorted(out.glob(f"resumed-rank{rank}-*"))]
 
 
+@pytest.mark.slow
 def test_two_workers_ddp_checkpoint_and_rank0_mlflow(tmp_path, mlflow_run):
     client, uri, exp, run_id = mlflow_run
     result = fit(toy_loop, _loop_config(tmp_path), _config(tmp_path, uri, run_id))
@@ -112,6 +121,7 @@ def test_two_workers_ddp_checkpoint_and_rank0_mlflow(tmp_path, mlflow_run):
     assert result.restarts == 0 and 0 < result.startup_seconds < result.seconds
 
 
+@pytest.mark.slow
 def test_worker_killed_restarts_from_last_checkpoint(tmp_path, mlflow_run):
     client, uri, exp, run_id = mlflow_run
     kill_step = 2 * EVERY + 2

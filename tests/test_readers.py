@@ -1,9 +1,8 @@
 """Tests of skyeye.data readers: tiny fixtures written in each benchmark's native layout,
-plus the real DIOR-RSVG split files and annotation in shared/reference/real/dior_rsvg."""
+plus the real DIOR-RSVG split files and annotation in tests/data/dior_rsvg."""
 from __future__ import annotations
 
 import json
-import os
 import random
 from pathlib import Path
 
@@ -13,10 +12,9 @@ import pytest
 from PIL import Image
 
 from skyeye.data.readers import detect_benchmark, read_benchmark
-from skyeye.formats.benchmarks import BENCHMARKS, SCORED_SPLITS, SPLITS
 from skyeye.data.records import CaptionSample, DataFormatError, GroundingSample, VQASample
 from skyeye.data.voc import load_split_indices, parse_annotation
-
+from skyeye.formats.benchmarks import BENCHMARKS, SCORED_SPLITS, SPLITS
 
 # ---------- fixture writers (the published layouts) ----------
 
@@ -117,7 +115,7 @@ def write_voc(path: Path, objects: list[tuple], filename: str | None = None, siz
         parts.append(f"<filename>{filename}</filename>")
     parts.append(f"<size><width>{size[0]}</width><height>{size[1]}</height><depth>3</depth></size>")
     for name, box, desc in objects:
-        b = "".join(f"<{t}>{v}</{t}>" for t, v in zip(("xmin", "ymin", "xmax", "ymax"), box))
+        b = "".join(f"<{t}>{v}</{t}>" for t, v in zip(("xmin", "ymin", "xmax", "ymax"), box, strict=True))
         parts.append(f"<object><name>{name}</name><bndbox>{b}</bndbox><description>{desc}</description></object>")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(parts + ["</annotation>"]))
@@ -344,11 +342,7 @@ def test_voc_bndbox_not_a_number(tmp_path):
 
 
 def _real_dior() -> Path:
-    shared = Path(os.environ.get("SKYEYE_SHARED", Path(__file__).resolve().parents[2] / "shared"))
-    folder = shared / "reference" / "real" / "dior_rsvg"
-    if not (folder / "test.txt").is_file():
-        pytest.fail(f"real DIOR-RSVG split files not found in {folder}; set SKYEYE_SHARED to the shared/ folder")
-    return folder
+    return Path(__file__).resolve().parent / "data" / "dior_rsvg"  # the release's split files, committed
 
 
 def test_real_dior_rsvg_split_files():

@@ -205,6 +205,7 @@ def test_production_alias_loads_and_answers(client, versions, tmp_path):
         direct.predict(None, _request(tmp_path).drop(columns=["prompt"]))
 
 
+@pytest.mark.slow
 def test_mlflow_models_serve_answers(client, versions, tmp_path):
     promotion.promote(versions["v"]["good"], "production")
     port = _free_port()
@@ -402,3 +403,59 @@ def test_backbones_travel_as_artifacts_or_hub_references(model_dir, tmp_path):
     (copy / "skyeyegpt.json").write_text(json.dumps(meta))
     with pytest.raises(packaging.PackagingError, match="vision backbone folder .*gone not found"):
         packaging.stage_artifacts(copy, tmp_path / "staged2", copy_backbones=True)
+
+
+# ------------------------------------------------------------------ model references, one resolver
+def test_model_references_resolve_one_way(client, versions, model_dir, project):
+    name = registry.model_name()
+    assert references.parse_model_uri(f"models:/{name}@production", name) == (name, None, "production")
+    assert references.parse_model_uri(f"models:/{name}/3", name) == (name, "3", None)
+    assert references.parse_model_uri("v3", name) == (name, "3", None)
+    with pytest.raises(RegistryError, match="expected models:/"):
+        references.parse_model_uri(f"models:/{name}/latest", name)
+    # a folder as it is, a tuning-stage run id -> the folder it wrote, a registry URI -> its folder
+    assert references.model_folder(str(model_dir)) == str(model_dir)
+    assert references.model_folder(versions["stage2"]) == str(model_dir)
+    promotion.promote(versions["v"]["good"], "production")
+    assert references.model_folder(f"models:/{name}@production") == str(model_dir.resolve())
+    with pytest.raises(RegistryError, match="neither a model folder, an MLflow run id nor a models:/ URI"):
+        references.model_folder(str(project / "nowhere"))
+    with pytest.raises(RegistryError, match="not a tuning-stage run"):
+        references.model_folder(versions["job"])  # a tuning job's parent run names no model folder
+    loaded = references.load(f"models:/{name}@production")
+    assert loaded.version == versions["v"]["good"] and loaded.training_run == versions["stage2"]
+    assert loaded.model.trainable_parameters()["alignment_layer"] > 0
+
+
+def _chat(project: Path, cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    """`skyeye chat` as a user runs it: a new process, the project's settings, no MLflow variable."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env |= {"SKYEYE_PROJECT_ROOT": str(project), "SKYEYE_MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}",
+            "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-m", "skyeye.cli", "chat", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_chat_answers_with_the_production_model_by_default(client, versions, project, tmp_path):
+    promotion.promote(versions["v"]["good"], "production")
+    image = tmp_path / "scene.png"
+    Image.new("RGB", (96, 96), (30, 120, 60)).save(image)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    out = _chat(project, elsewhere, "--image", str(image), "[refer] the white airplane at the top left")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip()  # an answer (a dim-64 model says little, but says it)
+    assert list(elsewhere.iterdir()) == []  # no stray mlflow.db or mlruns/ where the command ran
+    bad = _chat(project, elsewhere, "--image", str(image), "--model", "models:/skyeyegpt@canary", "[vqa] hi")
+    assert bad.returncode == 2 and "--model" in bad.stdout and "canary" in bad.stdout
+
+
+def test_a_run_ends_finished_or_failed_with_its_block(project):
+    with runs.tracked_run("skyeye-test-runs", "ok", {"k": "v"}) as ok:
+        assert MlflowClient().get_run(ok).info.status == "RUNNING"
+    with pytest.raises(RuntimeError, match="boom"):
+        with runs.tracked_run("skyeye-test-runs", "broken", {}) as broken:
+            raise RuntimeError("boom")
+    c = MlflowClient()
+    assert (c.get_run(ok).info.status, c.get_run(broken).info.status) == ("FINISHED", "FAILED")
+    assert c.get_run(ok).data.tags["k"] == "v"

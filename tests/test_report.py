@@ -9,8 +9,7 @@ import pytest
 from PIL import Image, ImageDraw
 
 from skyeye.evaluation.paper import SKYEYEGPT, flat
-from skyeye.evaluation.report import (benchmark_chart, grounding_examples, metrics_table, report_html,
-                                      vqa_confusion)
+from skyeye.evaluation.report import benchmark_chart, grounding_examples, metrics_table, report_html, vqa_confusion
 
 OURS = {"ucm_captions_test/cider": 41.0, "ucm_captions_test/bleu_1": 55.0, "rsvqa_lr_test/aa": 71.0,
         "rsvqa_hr_test/aa": 64.0, "dior_rsvg_test/acc_at_0.5": 43.0, "rsvg_test/acc_at_0.5": 38.0}

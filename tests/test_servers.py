@@ -59,6 +59,7 @@ def project(tmp_path):
     return root
 
 
+@pytest.mark.slow
 def test_retrain_flow_against_prefect_and_mlflow_servers(project, tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_", "SKYEYE_"))}
     env |= {"PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",

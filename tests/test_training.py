@@ -44,10 +44,17 @@ def settings(tmp_path_factory, tiny_synth, tiny_instructions):
 @pytest.fixture(scope="module")
 def backbones(settings, tiny_synth, tiny_instructions):
     from skyeye.training.jobs import prepare_backbones
-    paths = prepare_backbones(TINY, instructions=tiny_instructions, synth=tiny_synth, settings=settings)
+    return prepare_backbones(TINY, instructions=tiny_instructions, synth=tiny_synth, settings=settings)
+
+
+def test_backbones_are_cached_by_data_and_config(backbones, settings, tiny_instructions, tiny_synth):
+    from skyeye.training.jobs import prepare_backbones
     again = prepare_backbones(TINY, instructions=tiny_instructions, synth=tiny_synth, settings=settings)
-    assert again == paths  # cached by data and config
-    return paths
+    assert again == backbones
+    client = MlflowClient(settings.tracking_uri)
+    pretrained = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                                    filter_string="tags.`skyeye.kind` = 'backbones'")
+    assert len(pretrained) == 1 and pretrained[0].info.status == "FINISHED"  # one pretraining, not two
 
 
 def test_encoder_pretraining_learns_each_clip_frames_event(backbones, tiny_synth):
@@ -67,6 +74,7 @@ def test_encoder_pretraining_learns_each_clip_frames_event(backbones, tiny_synth
     assert done["scene_classes"] == classes and done["vision/loss_scene"] > 0
 
 
+@pytest.mark.slow
 def test_two_stages_on_two_ray_workers_tracked_in_mlflow(settings, backbones, tiny_instructions):
     from skyeye.training.jobs import parent_run, train_stage
     parent = parent_run("test-job", settings)
@@ -105,6 +113,11 @@ def test_refusals_before_any_compute(settings, backbones, tiny_instructions, tmp
     from skyeye.training.jobs import train_stage
     with pytest.raises(ValueError, match="replay_share > 0 needs `replay`"):
         StageConfig(stage=2, data="stage2.json", replay_share=0.3)
+    # checkpoints and held-out scores happen at report steps only: step 25 would never be checkpointed
+    with pytest.raises(ValueError, match=r"checkpoint_every \(25\) must be a positive multiple of log_every \(10\)"):
+        StageConfig(stage=1, data="stage1.json", log_every=10, checkpoint_every=25)
+    with pytest.raises(ValueError, match=r"held_out.every_steps \(15\)"):
+        StageConfig(stage=1, data="stage1.json", log_every=10, checkpoint_every=20, held_out={"every_steps": 15})
     with pytest.raises(ValueError, match="stage 2 needs a stage-1 result"):
         train_stage(2, TINY, _stage(2, "stage2.json"), backbones, instructions=tiny_instructions, local=True,
                     settings=settings)

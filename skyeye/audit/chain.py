@@ -24,10 +24,25 @@ from ..config import Settings
 from ..datagate.versioning import DVC_FILE, VersioningError, dvc_file_at, git, parse_dvc_file
 from ..formats.benchmarks import PRIMARY_SCORE, primary_of
 from ..registry.references import model_name, parse_model_uri
-from ..tracking.names import (EVALUATION_EXPERIMENT, KIND_TUNING_JOB, KIND_TUNING_STAGE, PROMOTION, PROMOTION_FIELDS,
-                              ROLLBACK, ROLLBACK_FIELDS, TAG_DVC_MD5, TAG_EVAL_RUN, TAG_EVAL_TRAINING_RUN,
-                              TAG_GIT_REV, TAG_INIT_RUN, TAG_PARENT, TAG_TRAINING_RUN, TAG_TUNING_JOB,
-                              TUNING_EXPERIMENT, VALIDATION_EXPERIMENT)
+from ..tracking.names import (
+    EVALUATION_EXPERIMENT,
+    KIND_TUNING_JOB,
+    KIND_TUNING_STAGE,
+    PROMOTION,
+    PROMOTION_FIELDS,
+    ROLLBACK,
+    ROLLBACK_FIELDS,
+    TAG_DVC_MD5,
+    TAG_EVAL_RUN,
+    TAG_EVAL_TRAINING_RUN,
+    TAG_GIT_REV,
+    TAG_INIT_RUN,
+    TAG_PARENT,
+    TAG_TRAINING_RUN,
+    TAG_TUNING_JOB,
+    TUNING_EXPERIMENT,
+    VALIDATION_EXPERIMENT,
+)
 from .reader import Reader, md5_variants, when
 from .records import (
     MD5_RE,
@@ -41,7 +56,6 @@ from .records import (
     missing,
     usable_md5,
 )
-
 
 # ---------------------------------------------------------------- model version -> data
 

@@ -19,8 +19,17 @@ from ..config import Settings, get_settings
 from ..datagate.versioning import DVC_FILE, VersioningError, dvc_file_at, git, parse_dvc_file
 from ..formats.benchmarks import HELDOUT, primary_metric
 from ..tracking import runs
-from ..tracking.names import (TAG_DVC_MD5, TAG_GIT_COMMIT, TAG_GIT_REV, TAG_KIND, TAG_MODEL_DIR, TAG_OUTCOME,
-                              TAG_PARENT, TAG_STAGE, VALIDATION_EXPERIMENT)
+from ..tracking.names import (
+    TAG_DVC_MD5,
+    TAG_GIT_COMMIT,
+    TAG_GIT_REV,
+    TAG_KIND,
+    TAG_MODEL_DIR,
+    TAG_OUTCOME,
+    TAG_PARENT,
+    TAG_STAGE,
+    VALIDATION_EXPERIMENT,
+)
 from .records import GitRevision, RunSummary, Validation, md5_key, missing
 
 # What a training run is judged by at a glance: its loss, the held-out scores of the stage

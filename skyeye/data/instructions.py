@@ -137,8 +137,8 @@ class Builder:
     def caption_conversations(self, samples: list[CaptionSample]) -> None:
         """UCM/Sydney-Conversa style: a caption, the scene class when known, a second wording.
         Clips too, with their event class: with no clip of its own, stage 2 undid much of what
-        stage 1 had learned of the direction of motion (right in 113 -> 91 of 128 training
-        clips; 106 with clip conversations; CapERA test CIDEr 211 against 243, one trial each)."""
+        stage 1 had learned of the direction of motion
+        (docs/experiments/2026-11-29-capera-direction-of-motion.md)."""
         for s in samples:
             task = "video_caption" if s.is_video else "caption"
             turns = [(f"[caption] {prompts.pick(task, s.id)}", s.captions[0])]
@@ -169,9 +169,8 @@ def consensus_order(samples: list[CaptionSample]) -> list[list[int]]:
     reference against the image's other references, with document frequencies from the
     whole split. Why: the five references of an image are five wordings; trained on all
     five, the model writes any of them, and CIDEr (which rewards what the references
-    share) scores the consensus wording highest: on the demo test splits, always
-    answering the most consensual reference scores 360 / 496 / 492 / 486 CIDEr (CapERA /
-    UCM / Sydney / RSICD) against 316 / 457 / 436 / 427 for a random one."""
+    share) scores the consensus wording highest
+    (docs/experiments/2026-11-29-captions-and-stage-2.md)."""
     multi = [i for i, s in enumerate(samples) if len(s.captions) > 1]
     orders = [list(range(len(s.captions))) for s in samples]
     if not multi:

@@ -11,8 +11,7 @@ from pathlib import Path
 
 from ..config import Settings, get_settings
 from ..tracking import runs
-from ..tracking.names import (TAG_DVC_MD5, TAG_GIT_REV, TAG_OUTCOME, UNCOMMITTED, UNVERSIONED,
-                              VALIDATION_EXPERIMENT)
+from ..tracking.names import TAG_DVC_MD5, TAG_GIT_REV, TAG_OUTCOME, UNCOMMITTED, UNVERSIONED, VALIDATION_EXPERIMENT
 from .expectations import ValidationResult, validate
 
 
@@ -60,7 +59,8 @@ def validation_outcome(md5: str, settings: Settings | None = None) -> str | None
     return found[0].data.tags.get(TAG_OUTCOME) if found else None
 
 
-def run_gate(folder: Path, record: bool = True, settings: Settings | None = None) -> tuple[ValidationResult, str | None]:
+def run_gate(folder: Path, record: bool = True, settings: Settings | None = None
+             ) -> tuple[ValidationResult, str | None]:
     """Validate `folder`; with `record`, store the outcome against its data version."""
     s = settings or get_settings()
     # Data Docs show the latest run only (each run's copy goes to MLflow), so neither the

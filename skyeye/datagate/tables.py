@@ -147,7 +147,7 @@ class _Collector:
             self.rows["turns"].append(row)
             for text in boxes:
                 m = BOX_RE.fullmatch(text)
-                coords = dict(zip(("x1", "y1", "x2", "y2"), map(int, m.groups()))) if m else {}
+                coords = dict(zip(("x1", "y1", "x2", "y2"), map(int, m.groups()), strict=True)) if m else {}
                 self.rows["boxes"].append({"file": file, "index": index, "id": sid, "turn": i,
                                            "text": text, "parse_ok": m is not None, **coords})
         self.rows["samples"].append({
@@ -199,7 +199,7 @@ class _Collector:
         row["question_type"] = rec.get("question_type")
         box, size = rec.get("box"), rec.get("image_size")
         if isinstance(box, list) and len(box) == 4 and all(map(_number, box)):
-            row.update(zip(("x1", "y1", "x2", "y2"), box))
+            row.update(zip(("x1", "y1", "x2", "y2"), box, strict=True))
         if isinstance(size, list) and len(size) == 2 and all(map(_number, size)):
             row.update(width=size[0], height=size[1])
         self.rows["eval_samples"].append(row)
@@ -318,7 +318,7 @@ def build_tables(instructions_dir: Path, workers: int | None = None) -> Tables:
     lenient, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, False
     try:
         with ThreadPoolExecutor(max_workers=workers or min(8, (os.cpu_count() or 1) + 2)) as pool:
-            probes = dict(zip(keys, pool.map(lambda k: probe_media(k, col.media[k]["kind"]), keys)))
+            probes = dict(zip(keys, pool.map(lambda k: probe_media(k, col.media[k]["kind"]), keys), strict=True))
     finally:
         ImageFile.LOAD_TRUNCATED_IMAGES = lenient
     col.rows["images"] = [{**col.media[k], **probes[k]} for k in keys]

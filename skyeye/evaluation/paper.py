@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Final
 
-from ..formats.benchmarks import CAPTION_METRICS
+from ..formats.benchmarks import ACC_AT_05, CAPTION_METRICS
 
 Scores = dict[str, dict[str, float]]  # bench_split -> metric -> score (x100); treat as read-only
 
@@ -34,9 +34,9 @@ SKYEYEGPT: Final[Scores] = {
     "rsvqa_lr_test": _vqa(88.93, 88.63, 84.19, rural_urban=75.00),
     "rsvqa_hr_test": _vqa(84.95, 85.63, 85.29),
     "rsvqa_hr_test_phili": _vqa(83.50, 80.28, 81.89),
-    "rsvg_val": {"acc_at_0.5": 69.19},
-    "rsvg_test": {"acc_at_0.5": 70.50},
-    "dior_rsvg_test": {"acc_at_0.5": 88.59},
+    "rsvg_val": {ACC_AT_05: 69.19},
+    "rsvg_test": {ACC_AT_05: 70.50},
+    "dior_rsvg_test": {ACC_AT_05: 88.59},
 }
 
 MINIGPT_V2: Final[Scores] = {
@@ -47,9 +47,9 @@ MINIGPT_V2: Final[Scores] = {
     "rsvqa_lr_test": _vqa(49.85, 63.09, 57.31, rural_urban=59.00),
     "rsvqa_hr_test": _vqa(64.80, 59.17, 61.98),
     "rsvqa_hr_test_phili": _vqa(66.34, 59.40, 62.87),
-    "rsvg_val": {"acc_at_0.5": 48.63},
-    "rsvg_test": {"acc_at_0.5": 45.48},
-    "dior_rsvg_test": {"acc_at_0.5": 80.47},
+    "rsvg_val": {ACC_AT_05: 48.63},
+    "rsvg_test": {ACC_AT_05: 45.48},
+    "dior_rsvg_test": {ACC_AT_05: 80.47},
 }
 
 PAPER_MODELS: Final[dict[str, Scores]] = {"SkyEyeGPT": SKYEYEGPT, "MiniGPT-v2": MINIGPT_V2}

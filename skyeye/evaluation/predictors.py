@@ -41,7 +41,7 @@ class ModelPredictor:
             images = [im for k in missing for im in load_frames(root / k[0], k[1])]
             with torch.no_grad():
                 out = self.model.vision(self.model.preprocess(images).to(self.model.device))
-            for k, chunk in zip(missing, torch.split(out, [k[1] for k in missing])):
+            for k, chunk in zip(missing, torch.split(out, [k[1] for k in missing]), strict=True):
                 self.cache[(str(root / k[0]), k[1])] = chunk
         tokens = torch.cat([self.cache[(str(root / k[0]), k[1])] for k in keys])
         return tokens, [k[1] for k in keys]

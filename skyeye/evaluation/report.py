@@ -61,7 +61,7 @@ def benchmark_chart(ours: dict[str, float], baselines: dict[str, dict[str, float
     styles = [{"color": colours[i % 10]} for i in range(len(series) - 1)]
     styles.append({"hatch": "//", "facecolor": "white", "edgecolor": "dimgray"})
     fig, axes = plt.subplots(1, len(PANELS), figsize=(16, 4.8))
-    for ax, (task, title) in zip(axes, PANELS):
+    for ax, (task, title) in zip(axes, PANELS, strict=True):
         metric = PRIMARY[task]
         keys = [k for k in EVAL_KEYS if TASK_OF[k] == task  # the splits we (or a baseline) evaluated
                 and any(f"{k}/{metric}" in scores for _, scores in series[:-1])]
@@ -81,7 +81,7 @@ def benchmark_chart(ours: dict[str, float], baselines: dict[str, dict[str, float
             ax.text(0.5, 0.5, "not evaluated", ha="center", va="center", transform=ax.transAxes)
     handles = {}
     for ax in axes:  # one legend for the figure; a series may be absent from some panels
-        for h, label in zip(*ax.get_legend_handles_labels()):
+        for h, label in zip(*ax.get_legend_handles_labels(), strict=True):
             handles.setdefault(label, h)
     order = [label for label, _ in series if label in handles]
     fig.suptitle("SkyEye-Synth (synthetic): our scores against trivial baselines; the paper's SkyEyeGPT "
@@ -101,7 +101,7 @@ def grounding_examples(rows: list[dict], out: Path, n: int = 8) -> Path:
     fig, axes = plt.subplots(nrows, cols, figsize=(3.4 * cols, 3.9 * nrows), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
-    for ax, row in zip(axes.flat, rows):
+    for ax, row in zip(axes.flat, rows, strict=False):
         image = Image.open(row["image"]).convert("RGB")
         w, h = image.size
         ax.imshow(image)
@@ -130,7 +130,7 @@ def vqa_confusion(rows: list[dict], out: Path, top_k: int = 6) -> Path:
     paper_order = {t: i for i, t in enumerate(PAPER_VQA_TYPES)}  # the paper's types first, in its order
     types = sorted(by_type, key=lambda t: (paper_order.get(t, len(paper_order)), t))
     fig, axes = plt.subplots(1, max(len(types), 1), figsize=(4.2 * max(len(types), 1), 4.4), squeeze=False)
-    for ax, qtype in zip(axes[0], types):
+    for ax, qtype in zip(axes[0], types, strict=False):
         pairs = by_type[qtype]
         labels = [a for a, _ in Counter(a for a, _ in pairs).most_common(top_k)]
         if any(a not in labels or p not in labels for a, p in pairs):

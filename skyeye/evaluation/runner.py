@@ -18,14 +18,35 @@ from pydantic import BaseModel, ConfigDict
 from ..config import Settings, get_settings, git_revision
 from ..data.records import DataFormatError, read_json
 from ..datagate.gate import data_version_of
-from ..formats.benchmarks import (BENCHMARK_OF, PRIMARY, PRIMARY_SCORE, SPLIT_OF, TASK_OF, metric, primary_metric,
-                                  select, spread)
+from ..formats.benchmarks import (
+    BENCHMARK_OF,
+    PRIMARY,
+    PRIMARY_SCORE,
+    SPLIT_OF,
+    TASK_OF,
+    metric,
+    primary_metric,
+    select,
+    spread,
+)
 from ..formats.metrics import CaptionScorer, caption_scores, grounding_scores, vqa_scores
 from ..registry.references import load
 from ..tracking import runs
-from ..tracking.names import (EVALUATION_EXPERIMENT, KIND_EVALUATION, TAG_DVC_MD5, TAG_EVAL_BENCHMARKS,
-                              TAG_EVAL_TRAINING_RUN, TAG_GIT_COMMIT, TAG_GIT_REV, TAG_KIND, TAG_MODEL_DIR,
-                              TAG_PARENT, TAG_TUNING_JOB, UNCOMMITTED, UNVERSIONED)
+from ..tracking.names import (
+    EVALUATION_EXPERIMENT,
+    KIND_EVALUATION,
+    TAG_DVC_MD5,
+    TAG_EVAL_BENCHMARKS,
+    TAG_EVAL_TRAINING_RUN,
+    TAG_GIT_COMMIT,
+    TAG_GIT_REV,
+    TAG_KIND,
+    TAG_MODEL_DIR,
+    TAG_PARENT,
+    TAG_TUNING_JOB,
+    UNCOMMITTED,
+    UNVERSIONED,
+)
 from ..training.data import load_items
 from .baselines import BASELINES, TRIVIAL, trivial_answers
 from .predictors import ModelPredictor
@@ -120,18 +141,19 @@ def _score_split(key: str, rows: list[dict], root: Path, train: list, cfg: EvalC
     if untuned is not None:
         some = spread(rows, cfg.untuned_limit)
         base["untuned"] = dict(zip((r["id"] for r in some), untuned.answer(
-            eval_dir, some, [r["prompt"] for r in some], cfg.max_new_tokens[task], bar)))
+            eval_dir, some, [r["prompt"] for r in some], cfg.max_new_tokens[task], bar), strict=True))
     if TRIVIAL[task] in cfg.baselines:
         name, trivial = trivial_answers(task, rows, eval_dir, train, root, BENCHMARK_OF[key])
-        base[name] = dict(zip((r["id"] for r in rows), trivial))
+        base[name] = dict(zip((r["id"] for r in rows), trivial, strict=True))
     for name, by_id in base.items():
         scored = [r for r in rows if r["id"] in by_id]
-        now |= {metric(key, m, name): v for m, v in score(key, scored, [by_id[r["id"]] for r in scored], scorer).items()}
+        scores = score(key, scored, [by_id[r["id"]] for r in scored], scorer)
+        now |= {metric(key, m, name): v for m, v in scores.items()}
     predictions = [{**{k: r[k] for k in ("id", "image", "video", "prompt", "answer", "question_type", "box",
                                          "expression", "image_size") if k in r},
                     "references": " | ".join(r.get("references", [])), "prediction": a,
                     **{f"baseline.{n}": by_id.get(r["id"]) for n, by_id in base.items()}}
-                   for r, a in zip(rows, answers)]
+                   for r, a in zip(rows, answers, strict=True)]
     return _Split(now, predictions)
 
 
@@ -224,7 +246,8 @@ def write_report(out: Path, metrics: dict[str, float], predictions: dict[str, li
             baselines.setdefault(name, {})[rest] = v
     sections: list[tuple[str, Path | str]] = [
         ("Scores on SkyEye-Synth (synthetic) against the baselines; the paper's numbers are real-data figures "
-         "of a 7B model, shown for scale only", report.benchmark_chart(ours, baselines, SKYEYEGPT, out / "benchmarks.png")[0]),
+         "of a 7B model, shown for scale only",
+         report.benchmark_chart(ours, baselines, SKYEYEGPT, out / "benchmarks.png")[0]),
         ("Scores (x100; SkyEye-Synth is synthetic stand-in data)", report.metrics_table(ours, baselines, SKYEYEGPT))]
     for key, rows in predictions.items():
         task = TASK_OF[key]

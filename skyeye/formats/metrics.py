@@ -118,7 +118,7 @@ def vqa_scores(preds: list[str], answers: list[str], types: list[str],
     if missing:  # a lost type would silently move AA (types are very unbalanced)
         raise ValueError(f"vqa_scores: question type missing for samples {missing[:10]}")
     hits: dict[str, list[bool]] = defaultdict(list)
-    for p, a, t in zip(preds, answers, types):
+    for p, a, t in zip(preds, answers, types, strict=True):
         hits[t].append(normalise_answer(p) == normalise_answer(a))
     per_type = {t: 100 * sum(h) / len(h) for t, h in sorted(hits.items())}
     reported = [t for t in paper_types if t in per_type] or list(per_type)
@@ -137,7 +137,7 @@ def grounding_scores(preds: list[str], boxes: list[tuple[float, float, float, fl
     if n == 0:
         raise ValueError("grounding_scores: no samples")
     ious, parsed = [], 0
-    for text, gt, (w, h) in zip(preds, boxes, sizes):
+    for text, gt, (w, h) in zip(preds, boxes, sizes, strict=True):
         box = first_box_pixels(text, w, h)
         parsed += box is not None
         ious.append(iou(box, gt) if box is not None else 0.0)

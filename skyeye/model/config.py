@@ -19,8 +19,10 @@ PROJECTORS = ("alignment_layer",)
 
 class VisionConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    kind: Literal["hf", "timm"] = Field("hf", description="hf: any HF vision tower (CLIP, SigLIP, ViT); timm: e.g. EVA-CLIP.")
-    name_or_path: str | None = Field(None, description="Hub id or local folder; None: the backbones step's tiny encoder.")
+    kind: Literal["hf", "timm"] = Field(
+        "hf", description="hf: any HF vision tower (CLIP, SigLIP, ViT); timm: e.g. EVA-CLIP.")
+    name_or_path: str | None = Field(
+        None, description="Hub id or local folder; None: the backbones step's tiny encoder.")
     image_size: int = Field(448, description="Input side in pixels (bicubic resize, no crop).")
     mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)  # CLIP normalisation
     std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)

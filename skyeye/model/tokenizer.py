@@ -58,7 +58,8 @@ def train_tokenizer(texts: Iterable[str], out: Path, vocab_size: int = 2000) -> 
 
 def load_tokenizer(path: str | Path):
     tok = AutoTokenizer.from_pretrained(str(path))
-    missing = [t for t in (IMAGE_TOKEN, "[INST]", "[/INST]") if tok.convert_tokens_to_ids(t) in (None, tok.unk_token_id)]
+    missing = [t for t in (IMAGE_TOKEN, "[INST]", "[/INST]")
+               if tok.convert_tokens_to_ids(t) in (None, tok.unk_token_id)]
     if missing:
         raise ValueError(f"tokenizer {path}: lacks the tokens {missing} the SkyEyeGPT template needs")
     return tok

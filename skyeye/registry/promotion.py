@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, field_validator
 
 from ..config import get_settings, load_yaml_config
 from ..datagate.gate import validation_outcome
-from ..formats.benchmarks import EVAL_KEYS, PRIMARY, TASK_OF, primary_metric, primary_of
+from ..formats.benchmarks import EVAL_KEYS, PRIMARY, PRIMARY_SCORE, TASK_OF, primary_metric, primary_of
 from ..tracking import runs
 from ..tracking.names import TAG_DVC_MD5, UNVERSIONED, promotion_tag, rollback_tag
 from .references import RegistryError, aliases, model_name, resolve_version, version_exists
@@ -148,7 +148,7 @@ def deltas(metrics: dict[str, float], before: dict[str, float] | None) -> dict[s
     out = {primary_metric(k): round(ours[k] - theirs[k], 4) for k in EVAL_KEYS if k in ours and k in theirs}
     a, b = primary_score(metrics), primary_score(before)
     if a is not None and b is not None:
-        out["primary_score"] = round(a - b, 4)
+        out[PRIMARY_SCORE] = round(a - b, 4)
     return out
 
 

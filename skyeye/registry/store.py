@@ -27,9 +27,22 @@ from mlflow.tracking import MlflowClient
 from ..config import get_settings
 from ..formats.benchmarks import PRIMARY_SCORE, primary_metric, primary_of
 from ..tracking import runs
-from ..tracking.names import (KIND_EVALUATION, TAG_BACKBONES, TAG_DVC_MD5, TAG_EVAL_RUN, TAG_EVAL_TRAINING_RUN,
-                              TAG_GIT_REV, TAG_KIND, TAG_MODEL_DIR, TAG_MODEL_VERSION, TAG_PARENT, TAG_TRAINING_RUN,
-                              TAG_TUNING_JOB, UNCOMMITTED, UNVERSIONED)
+from ..tracking.names import (
+    KIND_EVALUATION,
+    TAG_BACKBONES,
+    TAG_DVC_MD5,
+    TAG_EVAL_RUN,
+    TAG_EVAL_TRAINING_RUN,
+    TAG_GIT_REV,
+    TAG_KIND,
+    TAG_MODEL_DIR,
+    TAG_MODEL_VERSION,
+    TAG_PARENT,
+    TAG_TRAINING_RUN,
+    TAG_TUNING_JOB,
+    UNCOMMITTED,
+    UNVERSIONED,
+)
 from .packaging import PackagingError, SkyEyeGPTModel, input_example, model_signature, requirements, stage_artifacts
 from .references import RegistryError, aliases, model_name
 

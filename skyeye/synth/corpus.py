@@ -252,7 +252,7 @@ def synthesize(out: Path, scale: str = "demo", seed: int = 0, workers: int | Non
 
 def _write_layouts(root: Path, jobs: list[tuple], results: list[dict], sc: Scale) -> dict[str, dict[str, int]]:
     by_bench: dict[str, list[tuple[tuple, dict]]] = {}
-    for job, res in zip(jobs, results):
+    for job, res in zip(jobs, results, strict=True):
         by_bench.setdefault(job[0], []).append((job, res))
     summary: dict[str, dict[str, int]] = {}
     for bench, pairs in by_bench.items():

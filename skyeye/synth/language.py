@@ -156,7 +156,10 @@ def _describe_options(obj: SceneObject, scene: Scene) -> list[tuple[str, callabl
             opts.append((f"the leftmost {cat}", lambda o: o is obj))
     if scene.roads and cat not in ("ship", "bridge"):
         d, p = scene.roads[0]
-        side = ("above" if obj.centre[1] < p else "below") if d == "h" else ("left of" if obj.centre[0] < p else "right of")
+        if d == "h":
+            side = "above" if obj.centre[1] < p else "below"
+        else:
+            side = "left of" if obj.centre[0] < p else "right of"
         opts.append((f"the {col} {cat} {side} the road",
                      lambda o, d=d, p=p, side=side: o.category == cat and o.colour == col and
                      ((("above" if o.centre[1] < p else "below") if d == "h" else

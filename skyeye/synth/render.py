@@ -99,7 +99,7 @@ def draw_objects(background: np.ndarray, scene: Scene, objects: list[SceneObject
     offsets = offsets or [(0.0, 0.0)] * len(objects)
     shadow = Image.new("L", (size, size), 0)
     sdraw = ImageDraw.Draw(shadow)
-    for obj, (dx, dy) in zip(objects, offsets):
+    for obj, (dx, dy) in zip(objects, offsets, strict=True):
         if obj.category != "bridge":
             height = {"building": 0.025, "storage tank": 0.02, "airplane": 0.012}.get(obj.category, 0.006)
             sdraw.polygon(_px(obj.polygon(dx + height, dy + height), size), fill=255)
@@ -107,7 +107,7 @@ def draw_objects(background: np.ndarray, scene: Scene, objects: list[SceneObject
     arr = background * (1 - 0.45 * shade[..., None])
     img = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(img)
-    for obj, (dx, dy) in zip(objects, offsets):
+    for obj, (dx, dy) in zip(objects, offsets, strict=True):
         _draw_object(draw, obj, dx, dy, size)
     return img
 

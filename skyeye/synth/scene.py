@@ -102,8 +102,8 @@ def _in_water(x: float, y: float, water) -> bool:
 
 
 def _overlaps(box, others, margin=0.02) -> bool:
-    return any(not (box[2] + margin < o[0] or o[2] + margin < box[0] or box[3] + margin < o[1] or o[3] + margin < box[1])
-               for o in others)
+    return any(not (box[2] + margin < o[0] or o[2] + margin < box[0]
+                    or box[3] + margin < o[1] or o[3] + margin < box[1]) for o in others)
 
 
 # Outlines in local units (x along the heading, both axes spanning [-0.5, 0.5]); the
@@ -173,8 +173,8 @@ def sample_scene(rng: np.random.Generator, land_use: str | None = None, style: s
                     wet = _in_water(cx, cy, water)
                     if wet != (category in WATER_CATEGORIES):
                         continue
-                    if category not in WATER_CATEGORIES and any(
-                            _in_water(x, y, water) for x, y in ((box[0], box[1]), (box[2], box[3]), (box[0], box[3]), (box[2], box[1]))):
+                    corners = ((box[0], box[1]), (box[2], box[3]), (box[0], box[3]), (box[2], box[1]))
+                    if category not in WATER_CATEGORIES and any(_in_water(x, y, water) for x, y in corners):
                         continue
                     if category != "vehicle" and _overlaps(box, road_boxes, margin=0.0):
                         continue

@@ -55,7 +55,8 @@ def event_scene(event: str, rng: np.random.Generator) -> tuple[Scene, list[tuple
         water = [(0.0, c - 0.18, 1.0, c + 0.18)]
         n = int(rng.integers(1, 3))
         forward = rng.random() < 0.5
-        objs = [_mover("ship", str(rng.choice(["white", "red", "blue", "yellow"])), 0.2 + 0.45 * i if forward else 0.8 - 0.45 * i,
+        objs = [_mover("ship", str(rng.choice(["white", "red", "blue", "yellow"])),
+                       0.2 + 0.45 * i if forward else 0.8 - 0.45 * i,
                        c + (i - (n - 1) / 2) * 0.12, 0.0 if forward else 180.0, 0.2, 0.06) for i in range(n)]
         scene = Scene("river", "default", objs, water=water, texture_seed=int(rng.integers(0, 2**31 - 1)))
         d = 0.025 if forward else -0.025
@@ -85,9 +86,11 @@ def clip_captions(event: str, scene: Scene, direction: str) -> list[str]:
                 f"a line of {n} vehicles is stuck in traffic."]
     if event == "car_racing":
         what = "a car" if n == 1 else f"{n} cars"
-        return [f"{what} race fast along the road {direction}." if n > 1 else f"a {objs[0].colour} car races fast along the road {direction}.",
+        return [f"{what} race fast along the road {direction}." if n > 1
+                else f"a {objs[0].colour} car races fast along the road {direction}.",
                 f"{what} speeding on an empty road.",
-                f"a fast {colours} car drives {direction} on the road." if n == 1 else f"{colours} cars speed {direction}.",
+                f"a fast {colours} car drives {direction} on the road." if n == 1
+                else f"{colours} cars speed {direction}.",
                 f"a car race seen from above, moving {direction}.",
                 f"{what} rushing along the road at high speed."]
     if event == "boating":

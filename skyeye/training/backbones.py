@@ -4,24 +4,20 @@ scratch on the SkyEye-Synth train split and saved as ordinary Hugging Face check
 Objectives (and why):
 - Vision encoder (ViT): dense per-patch prediction on the grounding train images
   (DIOR-RSVG / RSVG annotations): the category of the object covering the patch, its
-  colour when the expression names one, its box (normalised x1 y1 x2 y2), and the
-  patch's mean colour and its own row and column on every image (position also made the
-  box regression converge faster: L1 0.025 -> 0.018 in the same 180 s). With
+  colour when the expression names one, its box (normalised x1 y1 x2 y2 and 0-100 grid
+  bins), and the patch's mean colour and its own row and column on every image. With
   `scene_batch`, the frames a clip is trained with (and RSICD images) also teach every
-  patch the class their layout names (CapERA's ERA event, RSICD's scene class in the
-  file name): a clip's event is what its caption must name, and the LLM did not learn it
-  from 160 clips (after stage 1 it named no traffic congestion, not even on training
-  clips). A CLIP-style contrastive objective would need far more data and time than 2
-  cores give; dense targets teach, in a couple of minutes, exactly what the LLM must
-  read from a visual token: what is here, what colour, and where the object lies
-  (trials, findings.md, showed grounding stalls when the LLM has to discover positions
-  on its own).
+  patch the class their layout names (CapERA's ERA event, RSICD's scene class in the file
+  name): a clip's event is what its caption must name. A CLIP-style contrastive objective
+  would need far more data and time than 2 cores give; dense targets teach, in a couple
+  of minutes, what the LLM must read from a visual token: what is here, what colour, and
+  where the object lies.
 - LLM (LLaMA architecture): next-token prediction on the instruction text (questions
   and answers, no image), so it knows the answer language and the box format before
   stage 1; the coordinate tokens `<0>`..`<100>` start from ordered (sinusoidal)
   embeddings so that neighbouring values are neighbours.
 Results are cached by the instruction data's content hash and the config, and logged
-to MLflow.
+to MLflow. What each objective changed: docs/experiments/.
 """
 from __future__ import annotations
 
@@ -135,7 +131,8 @@ def _dense_targets(samples, side: int, patch: int, classes: list[str]):
         for s in sorted(objs, key=lambda o: -(o.box[2] - o.box[0]) * (o.box[3] - o.box[1])):
             w, h = s.image_size
             x1, y1, x2, y2 = s.box[0] / w, s.box[1] / h, s.box[2] / w, s.box[3] / h
-            inside = (centres[None, :] >= x1) & (centres[None, :] <= x2) & (centres[:, None] >= y1) & (centres[:, None] <= y2)
+            inside = ((centres[None, :] >= x1) & (centres[None, :] <= x2)
+                      & (centres[:, None] >= y1) & (centres[:, None] <= y2))
             if not inside.any():  # small object: the patch holding its centre
                 inside = np.zeros_like(inside)
                 inside[min(int((y1 + y2) / 2 * grid), grid - 1), min(int((x1 + x2) / 2 * grid), grid - 1)] = True
@@ -200,14 +197,15 @@ def pretrain_vision(synth: Path, cfg: BackbonesConfig, out: Path, log) -> dict[s
                                          scene_t[j].repeat_interleave(scene_tokens.shape[1]))
             loss = loss + cfg.scene_weight * loss_scene
             extra["vision/loss_scene"] = loss_scene.item()
-        return loss, {**extra, "vision/loss": loss.item(), "vision/loss_cls": loss_cls.item(), "vision/loss_box": loss_box.item(),
-                      "vision/loss_box_bins": loss_bins.item(), "vision/loss_colour": loss_col.item(),
-                      "vision/loss_position": loss_pos.item()}
+        return loss, {**extra, "vision/loss": loss.item(), "vision/loss_cls": loss_cls.item(),
+                      "vision/loss_box": loss_box.item(), "vision/loss_box_bins": loss_bins.item(),
+                      "vision/loss_colour": loss_col.item(), "vision/loss_position": loss_pos.item()}
 
     params = list(tower.parameters()) + list(heads.parameters())
     metrics = _train_for(cfg.vision_seconds, cfg.vision_lr, params, "backbones: vision encoder", step, log, "vision")
     tower.save_pretrained(out)
-    (out / "skyeye_pretraining.json").write_text(json.dumps({"classes": classes, "scene_classes": scenes, "grid": g, **metrics}, indent=1))
+    summary = {"classes": classes, "scene_classes": scenes, "grid": g, **metrics}
+    (out / "skyeye_pretraining.json").write_text(json.dumps(summary, indent=1))
     return metrics
 
 

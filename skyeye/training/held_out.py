@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from ..data.instructions import class_words, count_phrase
-from ..evaluation.baselines import centred_boxes, majority_answers, trivial_answers
+from ..evaluation.baselines import TRIVIAL, centred_boxes, majority_answers, trivial_answers
 from ..formats import prompts
 from ..formats.benchmarks import ACC_AT_05, CIDER, HELDOUT, metric, spread
 from ..formats.metrics import caption_scores, grounding_scores, normalise_answer, vqa_scores
@@ -108,7 +108,7 @@ class HeldOut:
                 with torch.no_grad():
                     out = self.model.ask([convs[j]["turns"][turn][0] for j in chunk], frames, vision_tokens=vis,
                                          histories=[history[j] for j in chunk], max_new_tokens=24)
-                for j, a in zip(chunk, out):  # the model's own answers become the history
+                for j, a in zip(chunk, out, strict=True):  # the model's own answers become the history
                     history[j].append((convs[j]["turns"][turn][0], a))
                     answers[j].append(a)
         lists = [{"question_type": "object list", "answer": c["turns"][0][1]} for c in convs]
@@ -118,19 +118,20 @@ class HeldOut:
         source = json.loads((self.root / rel).read_text())["benchmark"]
 
         def count_acc(preds: list[str]) -> float:
-            return 100 * sum(normalise_answer(p) == c["answer"] for p, c in zip(preds, counts)) / len(convs)
+            hits = sum(normalise_answer(p) == c["answer"] for p, c in zip(preds, counts, strict=True))
+            return 100 * hits / len(convs)
 
         def name(what: str, baseline: str | None = None) -> str:
             return HELDOUT + metric(CONVERSATION, what, baseline)
 
         refs = [[c["answer"]] for c in lists]
         return {name(f"turn1_{CIDER}"): caption_scores([a[0] for a in answers], refs, meteor=False)[CIDER],
-                name(f"turn1_{CIDER}", "majority_answer"): caption_scores(majority_answers(lists), refs,
+                name(f"turn1_{CIDER}", TRIVIAL["vqa"]): caption_scores(majority_answers(lists), refs,
                                                                            meteor=False)[CIDER],
                 name("turn2_acc"): count_acc([a[1] for a in answers]),
-                name("turn2_acc", "majority_answer"): count_acc(majority_answers(counts)),
+                name("turn2_acc", TRIVIAL["vqa"]): count_acc(majority_answers(counts)),
                 name(f"turn3_{ACC_AT_05}"): grounding_scores([a[2] for a in answers], gt, sizes)[ACC_AT_05],
-                name(f"turn3_{ACC_AT_05}", "centred_box"): grounding_scores(
+                name(f"turn3_{ACC_AT_05}", TRIVIAL["grounding"]): grounding_scores(
                     centred_boxes(rows, self.train, source), gt, sizes)[ACC_AT_05]}
 
     def score(self) -> dict[str, float]:

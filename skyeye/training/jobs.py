@@ -24,9 +24,24 @@ from ..model.config import ModelConfig, load_model_config
 from ..model.skyeyegpt import ALIGNMENT_FILE, META_FILE
 from ..registry.references import model_folder, training_run_of
 from ..tracking import runs
-from ..tracking.names import (DATASET_NAME, KIND_BACKBONES, KIND_TUNING_JOB, KIND_TUNING_STAGE, TAG_BACKBONES_DIR,
-                              TAG_BACKBONES_KEY, TAG_DVC_MD5, TAG_GIT_COMMIT, TAG_GIT_REV, TAG_INIT_RUN, TAG_KIND,
-                              TAG_MODEL_DIR, TAG_STAGE, TUNING_EXPERIMENT, UNCOMMITTED, UNVERSIONED)
+from ..tracking.names import (
+    DATASET_NAME,
+    KIND_BACKBONES,
+    KIND_TUNING_JOB,
+    KIND_TUNING_STAGE,
+    TAG_BACKBONES_DIR,
+    TAG_BACKBONES_KEY,
+    TAG_DVC_MD5,
+    TAG_GIT_COMMIT,
+    TAG_GIT_REV,
+    TAG_INIT_RUN,
+    TAG_KIND,
+    TAG_MODEL_DIR,
+    TAG_STAGE,
+    TUNING_EXPERIMENT,
+    UNCOMMITTED,
+    UNVERSIONED,
+)
 from .stage_config import StageConfig, load_stage_config
 
 
@@ -221,7 +236,8 @@ def train_stage(stage: int, model_cfg: ModelConfig | str | Path, stage_cfg: Stag
         tags[TAG_INIT_RUN] = training_run_of(init) or "unknown"
     loop_config = {"stage": scfg.model_dump(mode="json"), "model": mcfg.model_dump(mode="json"),
                    "instructions": str(instructions.resolve()), "backbones": backbones, "init": init}
-    job = nullcontext(parent_id) if parent_id else tuning_job(f"tune-stage{stage}", s, {TAG_DVC_MD5: md5 or UNVERSIONED})
+    job = nullcontext(parent_id) if parent_id else \
+        tuning_job(f"tune-stage{stage}", s, {TAG_DVC_MD5: md5 or UNVERSIONED})
     with job as parent, runs.tracked_run(TUNING_EXPERIMENT, f"stage{stage}", tags, parent=parent, settings=s) as run_id:
         fit_cfg = FitConfig(num_workers=num_workers, use_gpu=use_gpu, run_name=f"stage{stage}-{run_id[:8]}",
                             mlflow_tracking_uri=s.tracking_uri, mlflow_run_id=run_id,

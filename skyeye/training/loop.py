@@ -74,7 +74,7 @@ class VisualFeatures:
         for i in range(0, len(images), batch):
             chunk = images[i:i + batch]
             out = self._encode(torch.stack([self.pixels.get(*k) for k in chunk]))
-            for k, t in zip(chunk, out):
+            for k, t in zip(chunk, out, strict=True):
                 self._store[k] = t.to(torch.bfloat16) if self.enabled else t
         for k in (k for k in todo if k[1] > 1):
             self._store[k] = self._encode(self.pixels.get(*k)).to(torch.bfloat16)
@@ -107,7 +107,8 @@ class CoordinateTargets:
         return mask, -(q * logp[mask][:, self.grid_ids.to(logp.device)]).sum(-1)
 
 
-def per_sample_loss(logits: torch.Tensor, labels: torch.Tensor, coords: CoordinateTargets | None = None) -> torch.Tensor:
+def per_sample_loss(logits: torch.Tensor, labels: torch.Tensor, coords: CoordinateTargets | None = None
+                    ) -> torch.Tensor:
     """Mean answer-token cross-entropy of each sample (B,)."""
     shift_logits, shift_labels = logits[:, :-1].float(), labels[:, 1:]
     flat_labels = shift_labels.reshape(-1)
@@ -219,7 +220,7 @@ class StageRun:
                 loss = loss + self.cfg.pointing_weight * aux
                 self.window["loss/pointing"].append(float(aux.detach()))
         (loss * share).backward()
-        for it, value in zip(group_items, losses.detach().tolist()):
+        for it, value in zip(group_items, losses.detach().tolist(), strict=True):
             self.window[f"loss/{it.task}"].append(value)
             self.window["loss"].append(value)
         return int(batch["attention_mask"].sum())

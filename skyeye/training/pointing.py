@@ -2,8 +2,7 @@
 
 While it writes a box `{<x1><y1><x2><y2>}`, the decoder should look at the visual tokens
 that show the object. A from-scratch tiny LLM finds that by itself only after a long
-flat start (findings.md: grounding stayed at zero for ~12 minutes). This loss shortens
-it: at the positions that predict the four coordinates, the attention of the chosen
+flat start; this loss shortens it: at the positions that predict the four coordinates, the attention of the chosen
 decoder layers (mean over heads) should put its mass on the visual tokens whose image
 region overlaps the box:  loss = -log(attention mass on those tokens).
 
@@ -15,10 +14,10 @@ as the alignment layer concatenates them.
 Clips (`motion`): a clip's captions say what moves and which way, and a clip has no
 boxes, but the frozen encoder shows where things move: the visual tokens whose features
 change from one frame to the next. At every answer position of a clip that moves, the
-same loss asks the decoder to look at those tokens. Why: at the word that says which way,
-the one demo run that read the direction put 0.37 of a layer's visual attention on the
-movers (0.20 if spread evenly), the runs that did not put at most 0.24 in any layer
-(`bench/capera_probe.py`, `share_of_visual_attention_on_movers_by_layer`).
+same loss asks the decoder to look at those tokens: runs that did not look at what moves
+did not learn the direction of motion. The measurements behind both:
+docs/experiments/2026-11-29-grounding.md and
+docs/experiments/2026-11-29-capera-direction-of-motion.md.
 """
 from __future__ import annotations
 
@@ -40,7 +39,7 @@ def token_regions(n_visual: int, group: int) -> torch.Tensor:
     cell = GRID / side
     out = []
     for k in range(n_visual):
-        rows, cols = zip(*(divmod(k * group + j, side) for j in range(group)))
+        rows, cols = zip(*(divmod(k * group + j, side) for j in range(group)), strict=True)
         out.append((min(cols) * cell, min(rows) * cell, (max(cols) + 1) * cell, (max(rows) + 1) * cell))
     return torch.tensor(out)
 
