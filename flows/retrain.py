@@ -165,7 +165,8 @@ def summary(out: dict) -> str:
                   f"  registered        {model_name()} version {out['model_version']}, alias reached: {out['alias']}"]
     lines += ["look at it:",
               "  .venv/bin/mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db --port 5000",
-              "  PREFECT_HOME=.skyeye/prefect .venv/bin/prefect server start --host 127.0.0.1",
+              "  PREFECT_HOME=.skyeye/prefect PREFECT_SERVER_ANALYTICS_ENABLED=false "
+              ".venv/bin/prefect server start --host 127.0.0.1",
               "  .venv/bin/skyeye models; .venv/bin/skyeye audit --model production"]
     return "\n".join(lines)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -41,6 +42,8 @@ def _fail(message: str) -> None:
 @app.callback()
 def _main() -> None:
     configure_environment()
+    # deprecation notices of the pinned libraries say nothing to someone asking a question
+    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
 
 
 @data_app.command("synth")
