@@ -13,13 +13,14 @@ import pytest
 from skyeye.config import DataConfig, load_yaml_config
 from skyeye.model.config import ModelConfig
 from skyeye.registry.promotion import PromotionPolicy
+from skyeye.serving.config import ServeConfig
 from skyeye.training.stage_config import StageConfig
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "skyeye"
 # which typed model each shipped config folder (or file) is read with
 CONFIG_MODELS = {"configs/data.yaml": DataConfig, "configs/promotion.yaml": PromotionPolicy,
-                 "configs/model": ModelConfig, "configs/train": StageConfig}
+                 "configs/serve.yaml": ServeConfig, "configs/model": ModelConfig, "configs/train": StageConfig}
 
 
 def _model_of(path: Path):

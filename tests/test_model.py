@@ -128,28 +128,15 @@ def test_a_tiny_model_overfits_one_fixed_batch(backbones):
     """The whole trainable path (alignment layer, LoRA on every linear layer, lm_head, the
     template's answer-only loss) can fit one fixed batch: answer-token loss from ~6 to below
     0.1 in 40 AdamW steps (measured: 0.003), after which greedy decoding repeats each answer."""
-    from skyeye.training.loop import per_sample_loss
+    from tests.support import FITTABLE, overfit
     torch.manual_seed(0)
-    every_linear = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    cfg = CFG.model_copy(update={"lora": LoRAConfig(r=8, alpha=16, target_modules=every_linear,
-                                                    modules_to_save=["lm_head"])})
-    model = _model(backbones, cfg)
-    tok, n = model.tokenizer, model.visual_tokens_per_image()
+    model = _model(backbones, FITTABLE)
     convs = [("[refer] the red ship", "{<10><20><30><40>}"), ("[vqa] how many ships are there?", "2"),
              ("[caption] describe the image", "a harbour with two ships."),
              ("[refer] the blue car", "{<60><5><90><25>}")]
-    batch = collate([encode_conversation(tok, [c], n) for c in convs], tok.pad_token_id)
-    px = model.preprocess([Image.new("RGB", (64, 64), c) for c in ((200, 40, 40), (40, 40, 200), (40, 200, 40),
-                                                                    (200, 200, 40))])
-    optim = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    model.train()
-    losses = []
-    for _ in range(40):
-        loss = per_sample_loss(model(batch["input_ids"], batch["attention_mask"], px).logits, batch["labels"]).mean()
-        optim.zero_grad()
-        loss.backward()
-        optim.step()
-        losses.append(loss.item())
+    images = [Image.new("RGB", (64, 64), c) for c in ((200, 40, 40), (40, 40, 200), (40, 200, 40), (200, 200, 40))]
+    losses = overfit(model, convs, images)
     assert losses[0] > 4 and losses[-1] < 0.1, losses[::10]
     model.eval()
-    assert model.ask([q for q, _ in convs], pixel_values=px, max_new_tokens=24) == [a for _, a in convs]
+    answers = model.ask([q for q, _ in convs], pixel_values=model.preprocess(images), max_new_tokens=24)
+    assert answers == [a for _, a in convs]

@@ -20,7 +20,6 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 import pytest
-from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
@@ -34,6 +33,7 @@ from skyeye.registry.promotion import PromotionPolicy, PromotionRefused
 from skyeye.registry.references import RegistryError
 from skyeye.tracking import names, runs
 from skyeye.tracking.names import promotion_tag, rollback_tag
+from tests.support import eval_run, scores
 
 REPO = Path(__file__).resolve().parents[1]
 CFG = ModelConfig(vision=VisionConfig(image_size=64), lora=LoRAConfig(r=8, alpha=16), max_new_tokens=4)
@@ -61,28 +61,6 @@ def project(tmp_path_factory):
 def model_dir(project, tiny_backbones) -> Path:
     b = tiny_backbones
     return build_model(CFG, b["vision"], b["llm"], b["tokenizer"]).save(project / "model")
-
-
-def scores(caption: float, vqa: float, grounding: float, **override: float) -> dict[str, float]:
-    by_task = {"caption": caption, "vqa": vqa, "grounding": grounding}
-    return {key: override.get(key, by_task[TASK_OF[key]]) for key in EVAL_KEYS}
-
-
-def eval_run(model_dir: Path, primaries: dict[str, float], md5: str = "md5-good", status: str = "FINISHED",
-             kind: str = "evaluation", training_run: str = "") -> str:
-    """An evaluation run as skyeye/evaluation/runner.py writes it (the contract's tags and metric names)."""
-    client = MlflowClient()
-    tags = {"skyeye.kind": kind, "skyeye.model_dir": str(model_dir), "skyeye.eval.training_run": training_run,
-            "skyeye.data.dvc_md5": md5, "skyeye.data.git_rev": "rev-" + md5, "skyeye.eval.benchmarks":
-            ",".join(primaries)}
-    run = client.create_run(runs.experiment_id("skyeye-evaluation"), tags=tags)
-    metrics = {f"{k}/{PRIMARY[TASK_OF[k]]}": v for k, v in primaries.items()}
-    if primaries:
-        metrics["primary_score"] = sum(primaries.values()) / len(primaries)
-    now = int(time.time() * 1000)
-    client.log_batch(run.info.run_id, metrics=[Metric(k, v, now, 0) for k, v in metrics.items()])
-    client.set_terminated(run.info.run_id, status)
-    return run.info.run_id
 
 
 @dataclass

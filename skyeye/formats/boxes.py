@@ -39,6 +39,19 @@ def parse_boxes(text: str) -> list[tuple[int, int, int, int]]:
     return [tuple(int(v) for v in m.groups()) for m in BOX_RE.finditer(text)]
 
 
+# a phrase and its boxes, `<p>two ships</p> {..}<delim>{..}`, or boxes alone
+_PHRASED_RE = re.compile(r"(?:<p>(.*?)</p>\s*)?((?:\{<-?\d+><-?\d+><-?\d+><-?\d+>\}\s*(?:<delim>\s*)?)+)")
+
+
+def phrase_boxes(text: str) -> list[tuple[str | None, tuple[int, int, int, int]]]:
+    """Every box in an answer with the phrase it belongs to (None for a bare box), grid units."""
+    out = []
+    for m in _PHRASED_RE.finditer(text):
+        phrase = m.group(1).strip() if m.group(1) else None
+        out += [(phrase, box) for box in parse_boxes(m.group(2))]
+    return out
+
+
 def first_box_pixels(text: str, width: int, height: int) -> tuple[float, float, float, float] | None:
     """The first box in a model answer scaled back to pixels; None if there is none."""
     found = BOX_RE.search(text)

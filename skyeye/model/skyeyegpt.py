@@ -83,18 +83,22 @@ class SkyEyeGPT(nn.Module):
 
     @torch.no_grad()
     def generate(self, input_ids, attention_mask, pixel_values=None, frames=None, max_new_tokens: int | None = None,
-                 vision_tokens=None) -> list[str]:
-        """Greedy, batched (left-padded prompts), KV cache on; returns the decoded answers."""
+                 vision_tokens=None, temperature: float = 0.0) -> list[str]:
+        """Batched (left-padded prompts), KV cache on; greedy, or sampled at `temperature` > 0.
+        Returns the decoded answers."""
         embeds = self._embeds(input_ids.to(self.device), pixel_values, frames, vision_tokens)
+        sampling = {"do_sample": True, "temperature": temperature, "top_k": 0} if temperature > 0 else \
+            {"do_sample": False}
         out = self.llm.generate(inputs_embeds=embeds, attention_mask=attention_mask.to(self.device),
-                                max_new_tokens=max_new_tokens or self.cfg.max_new_tokens, do_sample=False,
+                                max_new_tokens=max_new_tokens or self.cfg.max_new_tokens, **sampling,
                                 use_cache=True, pad_token_id=self.tokenizer.pad_token_id,
                                 suppress_tokens=[self.image_token_id],  # an answer never holds an image slot
                                 eos_token_id=self.tokenizer.eos_token_id)
         return [self.tokenizer.decode(row, skip_special_tokens=True).strip() for row in out]
 
     def ask(self, questions: list[str], frames: list[int] | None = None, pixel_values=None, vision_tokens=None,
-            histories: list[list[tuple[str, str]]] | None = None, max_new_tokens: int | None = None) -> list[str]:
+            histories: list[list[tuple[str, str]]] | None = None, max_new_tokens: int | None = None,
+            temperature: float = 0.0) -> list[str]:
         """One question per image (or clip of `frames` frames), after its conversation so far:
         the chat template, left-padded prompts, batched generation. Every caller asks this way."""
         from .template import Encoded, collate, encode_prompt
@@ -105,7 +109,16 @@ class SkyEyeGPT(nn.Module):
                          for q, f, h in zip(questions, frames, histories, strict=True)],
                         self.tokenizer.pad_token_id, left_pad=True)
         return self.generate(batch["input_ids"], batch["attention_mask"], pixel_values, frames=frames,
-                             max_new_tokens=max_new_tokens, vision_tokens=vision_tokens)
+                             max_new_tokens=max_new_tokens, vision_tokens=vision_tokens, temperature=temperature)
+
+    def prompt_length(self, question: str, history: list[tuple[str, str]], frames: int = 1) -> int:
+        """Tokens of the prompt `ask` builds for this question (visual slots included)."""
+        from .template import encode_prompt
+        return len(encode_prompt(self.tokenizer, history, question, self.visual_tokens_per_image() * frames))
+
+    def context_length(self) -> int:
+        """Positions the LLM takes: prompt and answer together must fit."""
+        return int(getattr(self.llm.config, "max_position_embeddings", 2048))
 
     # ------------------------------------------------------------ trainable parts
     def trainable_parameters(self) -> dict[str, int]:

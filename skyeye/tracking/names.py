@@ -48,6 +48,9 @@ TAG_TRAINING_RUN = "skyeye.training_run"
 TAG_TUNING_JOB = "skyeye.tuning_job"  # also on evaluation runs
 TAG_BACKBONES = "skyeye.backbones"  # where each backbone comes from (artifact, folder or hub id), JSON
 PROMOTION, ROLLBACK = "skyeye.promotion", "skyeye.rollback"
+# serving, on the version: since when it is served, where, the version it replaced, and until when
+TAG_SERVED_SINCE, TAG_SERVED_ENDPOINT = "skyeye.serving.since", "skyeye.serving.endpoint"
+TAG_SERVED_REPLACED, TAG_SERVED_UNTIL = "skyeye.serving.replaced", "skyeye.serving.until"
 PROMOTION_FIELDS = ("at", "from", "by", "reason", "forced", "deltas", "previous", "overridden")
 ROLLBACK_FIELDS = ("at", "from", "by", "reason")
 

@@ -321,8 +321,10 @@ def _read_attempts(result: Any, token: str) -> list[float]:
 _PROCESS_TOKEN = secrets.token_hex(32)  # one per process: Ray caches the token it first sees
 
 
-def _start_local_ray(cfg: FitConfig) -> None:
-    """Start a private single-machine Ray sized for this fit."""
+def start_local_ray(num_cpus: int, num_gpus: int | None = 0, verbose: bool = False) -> None:
+    """Start a private single-machine Ray in this process (training, serving). It never
+    attaches to a cluster that something else started or left behind (`address="local"`);
+    a cluster is used only when RAY_ADDRESS names it."""
     import logging
 
     import ray
@@ -336,12 +338,13 @@ def _start_local_ray(cfg: FitConfig) -> None:
         os.environ["RAY_AUTH_TOKEN"] = _PROCESS_TOKEN
         logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     ray.init(
-        num_cpus=max(1, math.ceil(cfg.num_workers * cfg.cpus_per_worker)),
-        num_gpus=None if cfg.use_gpu else 0,  # None: Ray counts the GPUs there are
-        object_store_memory=256 * 1024**2,  # checkpoints travel as files, not objects
+        address="local",
+        num_cpus=num_cpus,
+        num_gpus=num_gpus,  # None: Ray counts the GPUs there are
+        object_store_memory=256 * 1024**2,  # checkpoints and models travel as files, not objects
         include_dashboard=False,
-        log_to_driver=cfg.verbose,
-        logging_level="INFO" if cfg.verbose else "WARNING",
+        log_to_driver=verbose,
+        logging_level="INFO" if verbose else "WARNING",
     )
 
 
@@ -368,7 +371,8 @@ def fit(loop_fn: Callable[[TrainContext, dict], dict | None], loop_config: dict,
         if os.environ.get("RAY_ADDRESS"):  # an existing cluster: its resources, its auth
             ray.init(log_to_driver=cfg.verbose, logging_level="INFO" if cfg.verbose else "WARNING")
         else:
-            _start_local_ray(cfg)
+            start_local_ray(max(1, math.ceil(cfg.num_workers * cfg.cpus_per_worker)),
+                            None if cfg.use_gpu else 0, cfg.verbose)
     token = uuid.uuid4().hex
     try:
         trainer = TorchTrainer(

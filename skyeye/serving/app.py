@@ -1,0 +1,229 @@
+"""The served SkyEyeGPT: a Ray Serve deployment with a FastAPI ingress that speaks the
+OpenAI chat-completions contract.
+
+- `POST /v1/chat/completions` (plain or `stream: true`), `GET /v1/models`, `GET /health`,
+  `GET /metrics` (Prometheus text).
+- Concurrent requests are collected by Ray Serve's batching (`max_batch_size`,
+  `batch_wait_s`) into one batched, KV-cached generation of the engine.
+- Limits (configs/serve.yaml): the API key, the body size (413), admission beyond
+  `queue_limit` requests per replica (429 with Retry-After), a request timeout (504), and
+  the request checks of `protocol` and `media` (400). Errors have OpenAI's error body.
+- The limits and batching reach the replicas as the deployment's `user_config`
+  (`reconfigure`). A deploy under the same app name, of a new version or new limits, rolls
+  the replicas: the old ones answer until the new ones are ready (`max_surge_percent`).
+"""
+
+import asyncio
+import hmac
+import json
+import os
+import re
+import time
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from pydantic import ValidationError
+from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .config import ServeConfig
+from .engine import Engine
+from .media import load_image
+from .protocol import APIError, ChatCompletionRequest, Conversation, chunks, completion, conversation
+
+api = FastAPI(title="SkyEyeGPT", description="SkyEyeGPT, remote-sensing multimodal LLM, behind the OpenAI "
+                                             "chat-completions API.", version="1")
+
+
+def _error(err: APIError) -> JSONResponse:
+    return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+
+
+# The handlers below hold no state: Ray Serve ships the app to each replica, and the replica's
+# state (limits, metrics) lives on the deployment instance.
+@api.exception_handler(APIError)
+async def _api_error(request: Request, err: APIError) -> JSONResponse:
+    return _error(err)
+
+
+@api.exception_handler(RequestValidationError)
+async def _invalid(request: Request, err: RequestValidationError) -> JSONResponse:
+    return _error(_validation_error(err.errors()))
+
+
+@api.exception_handler(Exception)
+async def _unexpected(request: Request, err: Exception) -> JSONResponse:
+    return _error(APIError(500, f"internal error: {type(err).__name__}", type="server_error"))
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
+    kind = "not_found_error" if err.status_code == 404 else "invalid_request_error"
+    return _error(APIError(err.status_code, str(err.detail), type=kind))
+
+
+def _validation_error(errors: list[dict]) -> APIError:
+    """Pydantic's first complaint as a 400 naming the field (`messages[0].role`)."""
+    first = errors[0] if errors else {}
+    if first.get("type") == "json_invalid":
+        return APIError(400, "the body is not valid JSON", code="invalid_json")
+    loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query")]
+    param = "".join(f"[{p}]" if p.isdigit() else f".{p}" for p in loc).lstrip(".") or None
+    return APIError(400, f"{param or 'body'}: {first.get('msg', 'invalid')}", param=param)
+
+
+def _request_schema() -> dict[str, Any]:
+    """The OpenAPI schema: FastAPI's, with the chat request's body documented (the handler
+    reads the body itself, to check its size and the API key first)."""
+    if api.openapi_schema:
+        return api.openapi_schema
+    schema = get_openapi(title=api.title, version=api.version, description=api.description, routes=api.routes)
+    body = ChatCompletionRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    components.update(body.pop("$defs", {}))
+    components["ChatCompletionRequest"] = body
+    schema["paths"]["/v1/chat/completions"]["post"]["requestBody"] = {"required": True, "content": {
+        "application/json": {"schema": {"$ref": "#/components/schemas/ChatCompletionRequest"}}}}
+    api.openapi_schema = schema
+    return schema
+
+
+api.openapi = _request_schema
+
+
+def _metrics() -> dict[str, Any]:
+    registry = CollectorRegistry()
+    return {"registry": registry,
+            "requests": Counter("skyeye_requests", "HTTP requests by status", ["status"], registry=registry),
+            "latency": Histogram("skyeye_request_latency_seconds", "Chat completion latency", registry=registry,
+                                 buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)),
+            "batch": Histogram("skyeye_batch_size", "Conversations per generation", registry=registry,
+                               buckets=(1, 2, 4, 8, 16, 32, 64)),
+            "tokens": Counter("skyeye_generated_tokens", "Answer tokens generated", registry=registry)}
+
+
+@serve.deployment(name="SkyEyeGPT", max_surge_percent=100)
+@serve.ingress(api)
+class SkyEyeServer:
+    """One replica: the model of `model_uri`, loaded before the replica takes traffic."""
+
+    def __init__(self, model_uri: str):
+        from ..registry.references import load, model_name
+        from ..tracking import runs
+        from ..tracking.names import TAG_DVC_MD5, TAG_EVAL_RUN
+        loaded = load(model_uri)
+        name = model_name()
+        tags = runs.client().get_model_version(name, str(loaded.version)).tags if loaded.version else {}
+        lineage = {"model": name, "version": loaded.version, "uri": model_uri, "data_dvc_md5": tags.get(TAG_DVC_MD5),
+                   "eval_run": tags.get(TAG_EVAL_RUN), "training_run": loaded.training_run or None}
+        self.engine = Engine(loaded.model, lineage)
+        self.served = {name} | ({f"{name}/{loaded.version}"} if loaded.version else set())
+        self.in_flight, self.created = 0, int(time.time())
+        self.config, self.metrics = ServeConfig(), _metrics()
+
+    def reconfigure(self, config: dict) -> None:
+        """The limits and batching of this deployment (Ray Serve calls this after __init__)."""
+        self.config = ServeConfig.model_validate(config)
+        self._batched.set_max_batch_size(self.config.max_batch_size)
+        self._batched.set_batch_wait_timeout_s(self.config.batch_wait_s)
+
+    def check_health(self) -> None:
+        if self.engine is None:
+            raise RuntimeError("no model loaded")
+
+    @api.get("/health")
+    async def health(self):
+        if self.engine is None:
+            return JSONResponse({"status": "loading"}, status_code=503)
+        return {"status": "ok", "version": self.engine.lineage["version"]}
+
+    @api.get("/v1/models")
+    async def models(self, request: Request):
+        self._authorize(request)
+        lineage = self.engine.lineage
+        return {"object": "list", "data": [
+            {"id": served, "object": "model", "created": self.created,
+             "owned_by": "skyeye", "root": lineage["uri"], "max_model_len": self.engine.model.context_length(),
+             "skyeye": lineage} for served in sorted(self.served)]}
+
+    @api.get("/metrics")
+    async def metrics(self):
+        return PlainTextResponse(generate_latest(self.metrics["registry"]).decode(),
+                                 media_type="text/plain; version=0.0.4")
+
+    def _authorize(self, request: Request) -> None:
+        key = os.environ.get(self.config.api_key_env)
+        sent = request.headers.get("authorization", "")
+        if key and not hmac.compare_digest(sent.encode(), f"Bearer {key}".encode()):
+            raise APIError(401, "missing or wrong API key: send Authorization: Bearer <key>",
+                           type="authentication_error", code="invalid_api_key")
+
+    async def _body(self, request: Request) -> ChatCompletionRequest:
+        """The request body, read only once the size allows it, parsed and typed."""
+        limit = self.config.max_body_bytes
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > limit):
+            raise APIError(413, f"the request body is over {limit} bytes", code="request_too_large")
+        raw = await request.body()
+        if len(raw) > limit:
+            raise APIError(413, f"the request body is over {limit} bytes", code="request_too_large")
+        try:
+            return ChatCompletionRequest.model_validate_json(raw)
+        except ValidationError as err:
+            raise _validation_error(err.errors()) from None
+
+    @api.post("/v1/chat/completions")
+    async def chat(self, request: Request):
+        status = 500
+        try:
+            response = await self._chat(request)
+            status = response.status_code
+            return response
+        except APIError as err:
+            status = err.status
+            raise
+        finally:
+            self.metrics["requests"].labels(status=str(status)).inc()
+
+    async def _chat(self, request: Request):
+        self._authorize(request)
+        cfg, started = self.config, time.perf_counter()
+        body = await self._body(request)
+        if self.in_flight >= cfg.queue_limit:
+            raise APIError(429, f"the server is at its limit of {cfg.queue_limit} requests; retry after "
+                                f"{cfg.retry_after_s} s", type="rate_limit_error", code="queue_full",
+                           headers={"Retry-After": str(cfg.retry_after_s)})
+        self.in_flight += 1
+        try:
+            conv = conversation(body, served=self.served, max_frames=self.engine.max_frames,
+                                max_messages=cfg.max_messages, max_tokens_limit=cfg.max_tokens_limit,
+                                default_max_tokens=cfg.default_max_tokens, load_image=self._image)
+            self.engine.check_fits(conv)
+            try:
+                answer = await asyncio.wait_for(self._batched(conv), timeout=cfg.request_timeout_s)
+            except TimeoutError:
+                raise APIError(504, f"no answer within {cfg.request_timeout_s} s", type="timeout_error",
+                               code="timeout") from None
+        finally:
+            self.in_flight -= 1
+        self.metrics["latency"].observe(time.perf_counter() - started)
+        self.metrics["tokens"].inc(answer.completion_tokens)
+        if conv.stream:
+            pieces = re.findall(r"\s*\S+", answer.text) or [answer.text]
+            events = [f"data: {json.dumps(c)}\n\n" for c in chunks(conv, answer, body.model, pieces)]
+            return StreamingResponse(iter(events + ["data: [DONE]\n\n"]), media_type="text/event-stream")
+        return JSONResponse(completion(conv, answer, body.model))
+
+    def _image(self, url: str, param: str):
+        return load_image(url, param, max_pixels=self.config.max_image_pixels,
+                          allowed=self.config.allowed_local_media_path)
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
+    async def _batched(self, convs: list[Conversation]):
+        """Ray Serve hands over the conversations that arrived together; one generation answers them."""
+        self.metrics["batch"].observe(len(convs))
+        return await asyncio.get_running_loop().run_in_executor(None, self.engine.answer, convs)

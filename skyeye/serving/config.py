@@ -1,0 +1,48 @@
+"""How the served model behaves: the limits of the API, batching, replicas and where it
+listens, in one typed place (`configs/serve.yaml`; every field has a default here)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from ..config import get_settings, load_yaml_config
+
+
+class ServeConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    host: str = Field("127.0.0.1", description="Interface the HTTP proxy binds; 0.0.0.0 opens it to the network.")
+    port: int = Field(8000, ge=1, le=65535)
+    app_name: str = Field("skyeye", description="The Ray Serve application; a deploy of the same name rolls it.")
+    replicas: int = Field(1, ge=1)
+    cpus_per_replica: float = Field(0.5, gt=0, description="Leave room for a second replica during a rollout.")
+    # batching: concurrent requests are answered by one batched, KV-cached generation
+    max_batch_size: int = Field(8, ge=1, description="1 turns batching off.")
+    batch_wait_s: float = Field(0.02, ge=0, description="How long a batch waits to fill.")
+    # admission: beyond this many requests in a replica (running and waiting), answer 429
+    queue_limit: int = Field(32, ge=1)
+    retry_after_s: int = Field(1, ge=1, description="The Retry-After of a 429.")
+    request_timeout_s: float = Field(60, gt=0, description="A request still unanswered after this gets 504.")
+    # request limits
+    max_body_bytes: int = Field(20 * 2**20, ge=1024, description="Larger bodies get 413.")
+    max_image_pixels: int = Field(4096 * 4096, ge=1, description="Checked from the header, before decoding.")
+    max_tokens_limit: int = Field(256, ge=1, description="The largest max_tokens a request may ask for.")
+    default_max_tokens: int = Field(48, ge=1)
+    max_messages: int = Field(32, ge=1)
+    allowed_local_media_path: Path | None = Field(
+        None, description="Folder whose files requests may name as image URLs (file:// or a path); none: no files.")
+    api_key_env: str = Field("SKYEYE_API_KEY", description="Environment variable whose value, when set, "
+                                                            "requests must send as `Authorization: Bearer ...`.")
+
+    @model_validator(mode="after")
+    def _check(self) -> ServeConfig:
+        if self.default_max_tokens > self.max_tokens_limit:
+            raise ValueError(f"default_max_tokens ({self.default_max_tokens}) exceeds max_tokens_limit "
+                             f"({self.max_tokens_limit})")
+        return self
+
+
+def load_serve_config(path: str | Path | None = None) -> ServeConfig:
+    """`configs/serve.yaml` of the project (or `path`); the defaults when there is none."""
+    path = Path(path) if path else get_settings().project_root / "configs" / "serve.yaml"
+    return load_yaml_config(path, ServeConfig) if path.exists() else ServeConfig()  # type: ignore[return-value]

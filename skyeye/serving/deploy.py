@@ -1,0 +1,179 @@
+"""Putting a registered SkyEyeGPT version behind the API on Ray Serve, checking that it
+answers, and recording the deployment on the version.
+
+- `connect`: the Ray cluster RAY_ADDRESS names, else a private local Ray in this process.
+- `deploy`: a registry reference (`models:/skyeyegpt@production`, a version) becomes the
+  Serve application `skyeye`; deploying again under the same name rolls the replicas to
+  the new version while the old ones keep answering (no request fails).
+- `verify`: the health check, then a real `[refer]` question about a test image whose
+  answer must hold a box.
+- `record`: tags on the version (served since, endpoint, the version it replaced).
+"""
+from __future__ import annotations
+
+import base64
+import io
+import os
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import httpx
+
+from ..config import Settings, get_settings
+from ..registry.references import model_name, production_uri, resolve_version
+from ..tracking import runs
+from ..tracking.names import TAG_SERVED_ENDPOINT, TAG_SERVED_REPLACED, TAG_SERVED_SINCE, TAG_SERVED_UNTIL
+from .config import ServeConfig, load_serve_config
+
+
+@dataclass
+class Deployed:
+    version: int
+    uri: str  # models:/skyeyegpt/<version>
+    url: str  # where the API answers
+    replaced: int | None  # the version served before, if the app was running
+
+
+def base_url(cfg: ServeConfig) -> str:
+    host = "127.0.0.1" if cfg.host in ("0.0.0.0", "::", "") else cfg.host
+    return f"http://{host}:{cfg.port}"
+
+
+def connect(cfg: ServeConfig) -> bool:
+    """Ray for serving: RAY_ADDRESS's cluster, else a local Ray started here (True)."""
+    import ray
+    if ray.is_initialized():
+        return False
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(logging_level="WARNING", log_to_driver=False)
+        return False
+    from ..training.ray_train import start_local_ray
+    # a rollout starts the new replicas before the old ones stop: room for both, and the proxy
+    start_local_ray(max(2, int(2 * cfg.replicas * cfg.cpus_per_replica + 1)))
+    return True
+
+
+def served_version(url: str, api_key: str | None = None) -> int | None:
+    """The version the API at `url` serves now, None when nothing answers there."""
+    try:
+        r = httpx.get(f"{url}/v1/models", headers=_auth(api_key), timeout=5)
+        return r.json()["data"][0]["skyeye"]["version"] if r.status_code == 200 else None
+    except (httpx.HTTPError, KeyError, IndexError, ValueError):
+        return None
+
+
+def _auth(api_key: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+
+def _replica_env(settings: Settings, cfg: ServeConfig) -> dict[str, str]:
+    """What a replica needs: the same store and names as this process, and the API key."""
+    env = {"SKYEYE_MLFLOW_TRACKING_URI": settings.tracking_uri, "SKYEYE_PROJECT_ROOT": str(settings.project_root),
+           "SKYEYE_REGISTERED_MODEL": model_name()}
+    for key in ("HF_HUB_OFFLINE", "SKYEYE_HUB_ONLINE", "SKYEYE_STATE_DIR", cfg.api_key_env):
+        if os.environ.get(key):
+            env[key] = os.environ[key]
+    return env
+
+
+def deploy(model_ref: str | None = None, cfg: ServeConfig | None = None, settings: Settings | None = None
+           ) -> Deployed:
+    """Serve the version `model_ref` names (default: production) as the Serve app; Ray must
+    be connected (`connect`). Returns once the new replicas answer."""
+    from ray import serve
+    s, cfg = settings or get_settings(), cfg or load_serve_config()
+    version = resolve_version(model_ref or production_uri())
+    uri = f"models:/{model_name()}/{version}"
+    url = base_url(cfg)
+    replaced = served_version(url, os.environ.get(cfg.api_key_env))
+    serve.start(http_options={"host": cfg.host, "port": cfg.port})
+    serve.run(application(uri, cfg, s), name=cfg.app_name, route_prefix="/")
+    return Deployed(version, uri, url, replaced)
+
+
+def application(uri: str, cfg: ServeConfig, settings: Settings | None = None):
+    """The Serve application of one model version with these limits. Deployed again under the
+    same name (a new version or new limits), it rolls the replicas without dropping requests."""
+    from .app import SkyEyeServer
+    return SkyEyeServer.options(
+        num_replicas=cfg.replicas, user_config=cfg.model_dump(mode="json"),
+        # requests reach the replica, which admits queue_limit and answers 429 beyond it;
+        # Ray's own queue (503) is only a backstop
+        max_ongoing_requests=2 * cfg.queue_limit, max_queued_requests=4 * cfg.queue_limit,
+        ray_actor_options={"num_cpus": cfg.cpus_per_replica,
+                           "runtime_env": {"env_vars": _replica_env(settings or get_settings(), cfg)}},
+    ).bind(uri)
+
+
+def _png_data_url(path: Path) -> str:
+    from PIL import Image
+    buf = io.BytesIO()
+    with Image.open(path) as im:
+        im.convert("RGB").save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def sample_question(settings: Settings | None = None) -> tuple[Path, str]:
+    """A test image and a referring expression from the grounding benchmark's evaluation file."""
+    import json
+    s = settings or get_settings()
+    path = s.instructions_dir / "eval" / "dior_rsvg_test.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no evaluation file to ask a test question about (run `skyeye data build`)")
+    row = json.loads(path.read_text())["samples"][0]
+    return (path.parent / row["image"]).resolve(), row["expression"]
+
+
+def verify(url: str, image: Path, expression: str, version: int, api_key: str | None = None,
+           timeout_s: float = 180) -> dict:
+    """Wait for the health check, then ask `[refer] expression` about `image`: the answer must
+    come from `version` and hold a box. Returns the response; RuntimeError says what failed."""
+    deadline, last = time.time() + timeout_s, "no answer"
+    while time.time() < deadline:
+        try:
+            r = httpx.get(f"{url}/health", timeout=5)
+            if r.status_code == 200 and r.json().get("version") == version:
+                break
+            last = f"/health answered {r.status_code} {r.text[:200]}"
+        except httpx.HTTPError as err:
+            last = f"/health: {err}"
+        time.sleep(1)
+    else:
+        raise RuntimeError(f"{url} did not report version {version} healthy within {timeout_s:.0f} s ({last})")
+    body = {"model": model_name(), "max_tokens": 24, "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": _png_data_url(image)}},
+        {"type": "text", "text": f"[refer] {expression}"}]}]}
+    for _ in range(30):  # a busy server answers 429: wait as it asks
+        r = httpx.post(f"{url}/v1/chat/completions", json=body, headers=_auth(api_key), timeout=120)
+        if r.status_code != 429:
+            break
+        time.sleep(float(r.headers.get("retry-after", 1)))
+    if r.status_code != 200:
+        raise RuntimeError(f"{url}: a test question got {r.status_code}: {r.text[:300]}")
+    out = r.json()
+    if not out["skyeye"]["boxes"]:
+        raise RuntimeError(f"version {version} answered {out['choices'][0]['message']['content']!r} to "
+                           f"'[refer] {expression}': no box")
+    return out
+
+
+def record(deployed: Deployed) -> None:
+    """The deployment on the version (and its end on the version it replaced)."""
+    client, name = runs.client(), model_name()
+    now = datetime.now(UTC).isoformat(timespec="seconds")
+    for key, value in {TAG_SERVED_SINCE: now, TAG_SERVED_ENDPOINT: deployed.url,
+                       TAG_SERVED_REPLACED: str(deployed.replaced or "none")}.items():
+        client.set_model_version_tag(name, str(deployed.version), key, value)
+    if deployed.replaced and deployed.replaced != deployed.version:
+        client.set_model_version_tag(name, str(deployed.replaced), TAG_SERVED_UNTIL, now)
+
+
+def shutdown(started_ray: bool) -> None:
+    """Stop the Serve apps, and the local Ray if this process started it."""
+    import ray
+    from ray import serve
+    serve.shutdown()
+    if started_ray:
+        ray.shutdown()

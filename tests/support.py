@@ -1,0 +1,73 @@
+"""Helpers several test modules share: evaluation runs written the way the evaluation
+writes them, and a dim-64 model taught a fixed batch (so it answers what a test expects)."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+from mlflow.entities import Metric
+from mlflow.tracking import MlflowClient
+
+from skyeye.formats.benchmarks import EVAL_KEYS, PRIMARY, TASK_OF
+from skyeye.model.config import LoRAConfig, ModelConfig, VisionConfig
+from skyeye.model.skyeyegpt import build_model
+from skyeye.model.template import collate, encode_conversation
+from skyeye.tracking import runs
+
+EVERY_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# LoRA on every linear layer and lm_head in full, as the tiny config: a dim-64 model then fits a batch in seconds
+FITTABLE = ModelConfig(vision=VisionConfig(image_size=64), max_new_tokens=24,
+                       lora=LoRAConfig(r=8, alpha=16, target_modules=EVERY_LINEAR, modules_to_save=["lm_head"]))
+
+
+def scores(caption: float, vqa: float, grounding: float, **override: float) -> dict[str, float]:
+    by_task = {"caption": caption, "vqa": vqa, "grounding": grounding}
+    return {key: override.get(key, by_task[TASK_OF[key]]) for key in EVAL_KEYS}
+
+
+def eval_run(model_dir: Path, primaries: dict[str, float], md5: str = "md5-good", status: str = "FINISHED",
+             kind: str = "evaluation", training_run: str = "") -> str:
+    """An evaluation run as skyeye/evaluation/runner.py writes it (the contract's tags and metric names)."""
+    client = MlflowClient()
+    tags = {"skyeye.kind": kind, "skyeye.model_dir": str(model_dir), "skyeye.eval.training_run": training_run,
+            "skyeye.data.dvc_md5": md5, "skyeye.data.git_rev": "rev-" + md5, "skyeye.eval.benchmarks":
+            ",".join(primaries)}
+    run = client.create_run(runs.experiment_id("skyeye-evaluation"), tags=tags)
+    metrics = {f"{k}/{PRIMARY[TASK_OF[k]]}": v for k, v in primaries.items()}
+    if primaries:
+        metrics["primary_score"] = sum(primaries.values()) / len(primaries)
+    now = int(time.time() * 1000)
+    client.log_batch(run.info.run_id, metrics=[Metric(k, v, now, 0) for k, v in metrics.items()])
+    client.set_terminated(run.info.run_id, status)
+    return run.info.run_id
+
+
+def overfit(model, convs: list[tuple[str, str]], images: list, steps: int = 40, lr: float = 1e-2) -> list[float]:
+    """Teach `model` one fixed batch of (question, answer) turns about `images`; the losses per step."""
+    from skyeye.training.loop import per_sample_loss
+    tok, n = model.tokenizer, model.visual_tokens_per_image()
+    batch = collate([encode_conversation(tok, [c], n) for c in convs], tok.pad_token_id)
+    px = model.preprocess(images)
+    optim = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    model.train()
+    losses = []
+    for _ in range(steps):
+        loss = per_sample_loss(model(batch["input_ids"], batch["attention_mask"], px).logits, batch["labels"]).mean()
+        optim.zero_grad()
+        loss.backward()
+        optim.step()
+        losses.append(loss.item())
+    return losses
+
+
+def fitted_model(backbones: dict[str, str], convs: list[tuple[str, str]], images: list, seed: int = 0):
+    """A dim-64 SkyEyeGPT that answers `convs` about `images` (greedy); checked before it is returned."""
+    torch.manual_seed(seed)
+    model = build_model(FITTABLE, backbones["vision"], backbones["llm"], backbones["tokenizer"])
+    for _ in range(3):  # 40 steps fit most batches; some inits need more
+        overfit(model, convs, images)
+        model.eval()
+        if model.ask([q for q, _ in convs], pixel_values=model.preprocess(images)) == [a for _, a in convs]:
+            return model
+    raise AssertionError(f"the dim-64 model did not learn {convs} in 120 steps")

@@ -1,0 +1,254 @@
+"""The served model on a real Ray Serve (a local Ray started here) with registered dim-64
+models taught to answer a test question: the official `openai` client, plain and
+streaming; every limit answered with its status and OpenAI's error body; the API key; a
+rollout to a new version while requests are in flight."""
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import socket
+import threading
+import time
+from collections import Counter
+
+import httpx
+import pytest
+from PIL import Image
+
+from skyeye.serving.config import ServeConfig
+from tests.support import eval_run, fitted_model, scores
+
+pytestmark = pytest.mark.slow  # a Ray Serve app with real replicas: ~2 minutes for the module
+
+QUESTION = "[refer] the red ship"
+ANSWERS = {1: "{<10><20><30><40>}", 2: "{<50><55><90><95>}"}  # what version 1 and 2 were taught
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _png(size=(64, 64), colour=(200, 40, 40)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, colour).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _data_url(raw: bytes, mime: str = "image/png") -> str:
+    return f"data:{mime};base64,{base64.b64encode(raw).decode()}"
+
+
+def _messages(text: str = QUESTION, urls: list[str] | None = None) -> list[dict]:
+    parts = [{"type": "image_url", "image_url": {"url": u}} for u in (urls or [_data_url(_png())])]
+    return [{"role": "user", "content": [*parts, {"type": "text", "text": text}]}]
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, tiny_backbones):
+    """Versions 1 and 2 registered in a throw-away project; version 1 served."""
+    from skyeye.config import get_settings
+    from skyeye.serving import deploy
+    from skyeye.tracking import runs
+    root = tmp_path_factory.mktemp("serving_project")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SKYEYE_PROJECT_ROOT", str(root))
+        mp.setenv("SKYEYE_MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+        for var in ("MLFLOW_TRACKING_URI", "SKYEYE_REGISTERED_MODEL", "RAY_ADDRESS", "SKYEYE_TEST_API_KEY"):
+            mp.delenv(var, raising=False)
+        get_settings.cache_clear()
+        runs.setup()
+        from skyeye.registry.store import register
+        image = Image.open(io.BytesIO(_png()))
+        for version, answer in ANSWERS.items():
+            folder = fitted_model(tiny_backbones, [(QUESTION, answer)], [image]).save(root / f"model{version}")
+            assert register(folder, eval_run(folder, scores(10, 50, 1))) == version
+        cfg = ServeConfig(port=_free_port(), queue_limit=2, max_body_bytes=300_000, max_image_pixels=100 * 100,
+                          max_tokens_limit=200, request_timeout_s=30, api_key_env="SKYEYE_TEST_API_KEY",
+                          allowed_local_media_path=root)
+        started = deploy.connect(cfg)
+        try:
+            first = deploy.deploy("1", cfg)
+            yield {"cfg": cfg, "url": first.url, "root": root, "first": first, "deploy": deploy}
+        finally:
+            deploy.shutdown(started)
+            get_settings.cache_clear()
+
+
+def _post(url: str, body, **kw) -> httpx.Response:
+    data = body if isinstance(body, (bytes, str)) else json.dumps(body)
+    return httpx.post(f"{url}/v1/chat/completions", content=data, headers={"Content-Type": "application/json",
+                                                                            **kw.pop("headers", {})},
+                      timeout=60, **kw)
+
+
+def test_the_openai_client_round_trip_plain_and_streaming(served):
+    import openai
+    client = openai.OpenAI(base_url=f"{served['url']}/v1", api_key="unused")
+    reply = client.chat.completions.create(model="skyeyegpt", messages=_messages(), max_tokens=16)
+    assert reply.choices[0].message.content == ANSWERS[1] and reply.choices[0].finish_reason == "stop"
+    assert reply.usage.completion_tokens > 0 and reply.usage.total_tokens == \
+        reply.usage.prompt_tokens + reply.usage.completion_tokens
+    extra = reply.model_extra["skyeye"]
+    assert extra["boxes"] == [{"phrase": None, "grid": [10, 20, 30, 40], "pixels": [6.4, 12.8, 19.2, 25.6]}]
+    assert extra["lineage"]["version"] == 1 and extra["lineage"]["data_dvc_md5"] == "md5-good"
+    stream = client.chat.completions.create(model="skyeyegpt/1", messages=_messages(), max_tokens=16, stream=True,
+                                            stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == ANSWERS[1]
+    assert chunks[-1].usage.completion_tokens == reply.usage.completion_tokens
+
+
+def test_models_health_and_metrics(served):
+    url = served["url"]
+    models = httpx.get(f"{url}/v1/models").json()
+    assert {m["id"] for m in models["data"]} == {"skyeyegpt", "skyeyegpt/1"}
+    assert all(m["skyeye"]["version"] == 1 and m["max_model_len"] > 0 for m in models["data"])
+    assert httpx.get(f"{url}/health").json() == {"status": "ok", "version": 1}
+    _post(url, {"model": "skyeyegpt", "messages": _messages()})
+    metrics = httpx.get(f"{url}/metrics").text
+    for name in ("skyeye_requests_total{status=\"200\"}", "skyeye_request_latency_seconds_bucket",
+                 "skyeye_batch_size_bucket", "skyeye_generated_tokens_total"):
+        assert name in metrics, name
+
+
+def _bomb() -> bytes:
+    """A small PNG that decodes to 400 x 400 pixels (over the test limit of 100 x 100)."""
+    return _png(size=(400, 400), colour=(0, 0, 0))
+
+
+@pytest.mark.parametrize("case, body, status, param, code", [
+    ("malformed JSON", b'{"model": "skyeyegpt", "messages": [', 400, None, "invalid_json"),
+    ("bad base64", {"messages": _messages(urls=["data:image/png;base64,@@@"])}, 400,
+     "messages[0].content[0].image_url.url", "invalid_image"),
+    ("not an image", {"messages": _messages(urls=[_data_url(b"hello, no image here")])}, 400,
+     "messages[0].content[0].image_url.url", "invalid_image"),
+    ("decompression bomb", {"messages": _messages(urls=[_data_url(_bomb())])}, 400,
+     "messages[0].content[0].image_url.url", "invalid_image"),
+    ("remote URL", {"messages": _messages(urls=["http://127.0.0.1:9/x.png"])}, 400,
+     "messages[0].content[0].image_url.url", "invalid_image"),
+    ("local file outside the media folder", {"messages": _messages(urls=["/etc/hostname"])}, 400,
+     "messages[0].content[0].image_url.url", "invalid_image"),
+    ("too many images", {"messages": _messages(urls=[_data_url(_png())] * 5)}, 400, "messages", "too_many_images"),
+    ("no image", {"messages": [{"role": "user", "content": QUESTION}]}, 400, "messages", None),
+    ("prompt over the context length", {"messages": _messages("[vqa] " + "ship " * 600)}, 400, "messages",
+     "context_length_exceeded"),
+    ("max_tokens 0", {"messages": _messages(), "max_tokens": 0}, 400, "max_tokens", None),
+    ("max_tokens too many", {"messages": _messages(), "max_tokens": 10_000}, 400, "max_tokens", None),
+    ("unknown model", {"model": "gpt-4o", "messages": _messages()}, 400, "model", "model_not_found"),
+    ("unknown role", {"messages": [{"role": "tool", "content": "x"}, *_messages()]}, 400, "messages[0].role", None),
+    ("ends with the assistant", {"messages": [*_messages(), {"role": "assistant", "content": "x"}]}, 400,
+     "messages", None),
+])
+def test_each_bad_request_gets_400_naming_the_field(served, case, body, status, param, code):
+    if isinstance(body, dict):
+        body = {"model": "skyeyegpt", **body}
+    r = _post(served["url"], body)
+    assert r.status_code == status, (case, r.text)
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    assert error["param"] == param and (code is None or error["code"] == code), (case, error)
+
+
+def test_a_file_under_the_media_folder_is_read(served):
+    (served["root"] / "scene.png").write_bytes(_png())
+    r = _post(served["url"], {"model": "skyeyegpt", "messages": _messages(urls=["scene.png"])})
+    assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == ANSWERS[1]
+
+
+def test_a_body_over_the_limit_gets_413(served):
+    big = {"model": "skyeyegpt", "messages": _messages(urls=[_data_url(b"x" * 400_000)])}
+    r = _post(served["url"], big)
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+
+
+def test_beyond_the_queue_limit_429_with_retry_after_and_the_replica_stays_healthy(served):
+    url, results = served["url"], []
+
+    def ask() -> None:
+        r = _post(url, {"model": "skyeyegpt", "messages": _messages(), "max_tokens": 200, "temperature": 1.0})
+        results.append((r.status_code, r.headers.get("retry-after"), r.json()))
+
+    threads = [threading.Thread(target=ask) for _ in range(24)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    statuses = Counter(s for s, _, _ in results)
+    assert set(statuses) == {200, 429} and statuses[200] >= 2, statuses
+    for status, retry_after, body in results:
+        if status == 429:
+            assert retry_after == "1" and body["error"]["code"] == "queue_full"
+    assert httpx.get(f"{url}/health").status_code == 200
+
+
+def test_a_request_over_its_time_gets_504_and_new_limits_roll_out(served):
+    """The limits reach the replicas as the deployment's user_config; new ones roll the replica."""
+    from ray import serve
+
+    deploy, cfg, url = served["deploy"], served["cfg"], served["url"]
+    try:
+        serve.run(deploy.application(served["first"].uri, cfg.model_copy(update={"request_timeout_s": 0.001})),
+                  name=cfg.app_name, route_prefix="/")
+        r = _post(url, {"model": "skyeyegpt", "messages": _messages(), "max_tokens": 100})
+        assert r.status_code == 504 and r.json()["error"]["type"] == "timeout_error"
+    finally:
+        serve.run(deploy.application(served["first"].uri, cfg), name=cfg.app_name, route_prefix="/")
+    assert _post(url, {"model": "skyeyegpt", "messages": _messages(), "max_tokens": 100}).status_code == 200
+
+
+def test_a_rollout_answers_every_request_in_flight_and_records_it(served):
+    from mlflow.tracking import MlflowClient
+
+    from skyeye.tracking.names import TAG_SERVED_REPLACED, TAG_SERVED_UNTIL
+    deploy, cfg, url = served["deploy"], served["cfg"], served["url"]
+    results, stop = [], threading.Event()
+
+    def traffic() -> None:
+        while not stop.is_set():
+            r = _post(url, {"model": "skyeyegpt", "messages": _messages(), "max_tokens": 16})
+            body = r.json()
+            results.append((r.status_code, body.get("skyeye", {}).get("lineage", {}).get("version"),
+                            body.get("choices", [{}])[0].get("message", {}).get("content")))
+            time.sleep(0.05)
+
+    # one client, and verify's question: within the queue limit of 2, so every request is admitted
+    threads = [threading.Thread(target=traffic)]
+    for t in threads:
+        t.start()
+    time.sleep(1)
+    try:
+        second = deploy.deploy("2", cfg)
+        deploy.verify(url, served["root"] / "scene.png", "the red ship", 2)
+        deploy.record(second)
+        time.sleep(1)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(60)
+    assert results and all(status == 200 for status, _, _ in results), Counter(s for s, _, _ in results)
+    versions = [v for _, v, _ in results]
+    assert versions[0] == 1 and versions[-1] == 2 and set(versions) == {1, 2}
+    assert all(answer == ANSWERS[v] for _, v, answer in results)  # each version answered as taught
+    assert second.replaced == 1
+    client = MlflowClient()
+    assert client.get_model_version("skyeyegpt", "2").tags[TAG_SERVED_REPLACED] == "1"
+    assert TAG_SERVED_UNTIL in client.get_model_version("skyeyegpt", "1").tags
+
+
+def test_the_api_key_is_required_once_set(served):
+    deploy, cfg, url = served["deploy"], served["cfg"], served["url"]
+    os.environ["SKYEYE_TEST_API_KEY"] = "s3cret"
+    try:
+        deploy.deploy("2", cfg)  # the replica gets the key through its environment: a new replica
+        body = {"model": "skyeyegpt", "messages": _messages()}
+        for headers in ({}, {"Authorization": "Bearer wrong"}):
+            r = _post(url, body, headers=headers)
+            assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        assert _post(url, body, headers={"Authorization": "Bearer s3cret"}).status_code == 200
+        assert httpx.get(f"{url}/health").status_code == 200  # health and metrics stay open to probes
+    finally:
+        del os.environ["SKYEYE_TEST_API_KEY"]
