@@ -9,6 +9,7 @@ PREFECT_API_URL, Prefect starts its temporary local server.
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from skyeye.config import DataConfig, configure_environment, get_settings, load_yaml_config
@@ -122,6 +123,31 @@ def promote_task(version: int) -> str:
     return reached
 
 
+@task(name="serving")
+def follow_task(version: int) -> str:
+    """On one machine, a running `skyeye serve` follows the production alias by itself: wait
+    until it serves the new version."""
+    from skyeye.serving import deploy
+    from skyeye.serving.config import load_serve_config
+    state, logger = deploy.read_state(), get_run_logger()
+    if not state or state.get("follows") != "production":
+        logger.info("no local server follows production; `skyeye serve` serves version %d", version)
+        return "not served (start it with `skyeye serve`)"
+    if deploy.wait_for_version(state["url"], version, api_key=os.environ.get(load_serve_config().api_key_env)):
+        return f"served at {state['url']}/v1"
+    logger.warning("the server at %s did not roll out version %d within 3 minutes", state["url"], version)
+    return f"not served: the server at {state['url']} still serves another version"
+
+
+def serve_production(version: int) -> str:
+    """Production moved to `version`: on a cluster (RAY_ADDRESS) the serve flow rolls it out;
+    on one machine, the local server that follows production does."""
+    if os.environ.get("RAY_ADDRESS"):
+        from flows.serve import serve
+        return f"served at {serve(model=str(version))['url']}/v1"
+    return follow_task(version)
+
+
 @flow(name="retrain", log_prints=True)
 def retrain(data_config: str = "configs/data.yaml", scale: str | None = None, train: bool = True,
             model_file: str = "configs/model/tiny.yaml", stage1_file: str = "configs/train/stage1.yaml",
@@ -150,6 +176,8 @@ def retrain(data_config: str = "configs/data.yaml", scale: str | None = None, tr
         version = register_task(stage2, eval_run)  # only reached when the evaluation finished
         out |= {"eval_run": eval_run, "model_version": version,
                 "alias": promote_task(version) if promote else "none"}
+        if out["alias"] == "production":
+            out["serving"] = serve_production(version)
     return out
 
 
@@ -162,12 +190,14 @@ def summary(out: dict) -> str:
         lines += [f"  tuning job        MLflow run {out['tuning_run']}",
                   f"  stage-2 model     {out['stage2_model']}",
                   f"  evaluation        MLflow run {out['eval_run']}",
-                  f"  registered        {model_name()} version {out['model_version']}, alias reached: {out['alias']}"]
+                  f"  registered        {model_name()} version {out['model_version']}, alias reached: {out['alias']}",
+                  f"  serving           {out.get('serving', 'unchanged (production did not move)')}"]
     lines += ["look at it:",
               "  .venv/bin/mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db --port 5000",
               "  PREFECT_HOME=.skyeye/prefect PREFECT_SERVER_ANALYTICS_ENABLED=false "
               ".venv/bin/prefect server start --host 127.0.0.1",
-              "  .venv/bin/skyeye models; .venv/bin/skyeye audit --model production"]
+              "  .venv/bin/skyeye models; .venv/bin/skyeye audit --model production",
+              "  .venv/bin/skyeye serve   # the production model behind the OpenAI API, http://127.0.0.1:8000/v1"]
     return "\n".join(lines)
 
 

@@ -7,6 +7,7 @@ environment variables point it elsewhere.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 import warnings
@@ -340,6 +341,53 @@ def chat(
         frames = [Image.open(image)]
     answer = m.ask([question], [len(frames)], m.preprocess(frames))[0]
     _say(answer)
+
+
+def _interrupt(*_) -> None:
+    raise KeyboardInterrupt
+
+
+@app.command("serve")
+def serve(
+    model: Annotated[Optional[str], typer.Option(
+        "--model", help="Registry reference to serve (default: models:/skyeyegpt@production, followed as it moves).")
+    ] = None,
+    host: Annotated[Optional[str], typer.Option(help="Interface to listen on (default: configs/serve.yaml).")] = None,
+    port: Annotated[Optional[int], typer.Option(help="Port (default: configs/serve.yaml, 8000).")] = None,
+    follow_every: Annotated[float, typer.Option(help="Seconds between checks of the production alias.")] = 10.0,
+) -> None:
+    """Serve a registered SkyEyeGPT on Ray Serve: the OpenAI API at http://HOST:PORT/v1.
+
+    With RAY_ADDRESS, deploys to that cluster and returns. Otherwise runs a local server in
+    the foreground until Ctrl-C; without --model it follows the production alias, so a
+    promotion or `skyeye rollback` rolls the served version within --follow-every seconds."""
+    import signal
+
+    from flows.serve import serve as serve_flow
+
+    from .registry.references import production_uri, resolve_version
+    from .serving import deploy
+    try:
+        out = serve_flow(model=model, host=host, port=port)
+    except (ValueError, FileNotFoundError, RuntimeError) as err:
+        _fail(str(err))
+    _say(f"serving skyeyegpt version {out['version']} at {out['url']}/v1 (health: {out['url']}/health)")
+    if os.environ.get("RAY_ADDRESS"):
+        return
+    deploy.write_state(out["url"], out["version"], None if model else "production")
+    signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops it as cleanly as Ctrl-C
+    try:
+        while True:
+            time.sleep(follow_every)
+            if model is None and (wanted := resolve_version(production_uri())) != out["version"]:
+                out = serve_flow(model=str(wanted), host=host, port=port)
+                deploy.write_state(out["url"], out["version"], "production")
+                _say(f"production moved: now serving version {out['version']}")
+    except KeyboardInterrupt:
+        _say("stopping")
+    finally:
+        deploy.remove_state()
+        deploy.shutdown(started_ray=True)
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -170,6 +170,45 @@ def record(deployed: Deployed) -> None:
         client.set_model_version_tag(name, str(deployed.replaced), TAG_SERVED_UNTIL, now)
 
 
+# ------------------------------------------------------------------ a local server's state
+def _state_file(settings: Settings | None = None) -> Path:
+    return (settings or get_settings()).state / "serving.json"
+
+
+def write_state(url: str, version: int, follows: str | None, settings: Settings | None = None) -> None:
+    """What a local `skyeye serve` serves, for the commands and flows that look for it."""
+    import json
+    path = _state_file(settings)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"pid": os.getpid(), "url": url, "version": version, "follows": follows}))
+
+
+def read_state(settings: Settings | None = None) -> dict | None:
+    """The local server's state, None when there is none (or its process is gone)."""
+    import json
+    path = _state_file(settings)
+    try:
+        state = json.loads(path.read_text())
+        os.kill(int(state["pid"]), 0)
+        return state
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def remove_state(settings: Settings | None = None) -> None:
+    _state_file(settings).unlink(missing_ok=True)
+
+
+def wait_for_version(url: str, version: int, timeout_s: float = 180, api_key: str | None = None) -> bool:
+    """Whether the API at `url` serves `version` within the time (a follower rolling out)."""
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        if served_version(url, api_key) == version:
+            return True
+        time.sleep(2)
+    return False
+
+
 def shutdown(started_ray: bool) -> None:
     """Stop the Serve apps, and the local Ray if this process started it."""
     import ray

@@ -1,0 +1,63 @@
+"""The `serve` flow: a registered SkyEyeGPT version (default: production) deployed on Ray
+Serve (the cluster RAY_ADDRESS names, or this process's local Ray), checked with a health
+probe and a real question about a test image, and recorded on the version.
+
+Thin: each task calls one `skyeye.serving.deploy` function. `skyeye serve` runs this flow,
+then keeps a local server in the foreground (following the production alias); run it
+directly with `python -m flows.serve [--model models:/skyeyegpt/3]`.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+
+from skyeye.config import configure_environment
+
+configure_environment()  # before Prefect reads its settings
+
+from prefect import flow, get_run_logger, task  # noqa: E402
+
+from skyeye.serving import deploy  # noqa: E402
+from skyeye.serving.config import load_serve_config  # noqa: E402
+
+
+@task(name="deploy")
+def deploy_task(model: str | None, host: str | None, port: int | None) -> dict:
+    cfg = load_serve_config()
+    cfg = cfg.model_copy(update={k: v for k, v in {"host": host, "port": port}.items() if v is not None})
+    deploy.connect(cfg)
+    done = deploy.deploy(model, cfg)
+    get_run_logger().info("version %d deployed at %s (replacing %s)", done.version, done.url, done.replaced or "none")
+    return {"version": done.version, "uri": done.uri, "url": done.url, "replaced": done.replaced,
+            "api_key_env": cfg.api_key_env}
+
+
+@task(name="verify")
+def verify_task(deployed: dict) -> str:
+    image, expression = deploy.sample_question()
+    out = deploy.verify(deployed["url"], image, expression, deployed["version"],
+                        api_key=os.environ.get(deployed["api_key_env"]))
+    answer = out["choices"][0]["message"]["content"]
+    get_run_logger().info("[refer] %s -> %s", expression, answer)
+    return answer
+
+
+@task(name="record")
+def record_task(deployed: dict) -> None:
+    deploy.record(deploy.Deployed(deployed["version"], deployed["uri"], deployed["url"], deployed["replaced"]))
+
+
+@flow(name="serve", log_prints=True)
+def serve(model: str | None = None, host: str | None = None, port: int | None = None) -> dict:
+    """Deploy -> verify (health, a real question) -> record the deployment on the version."""
+    deployed = deploy_task(model, host, port)
+    deployed["answer"] = verify_task(deployed)
+    record_task(deployed)
+    return deployed
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="Deploy a registered SkyEyeGPT version on Ray Serve.")
+    parser.add_argument("--model", default=None, help="registry reference (default: models:/skyeyegpt@production)")
+    args = parser.parse_args()
+    print(serve(model=args.model))
