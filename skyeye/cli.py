@@ -367,6 +367,7 @@ def serve(
 
     from .registry.references import production_uri, resolve_version
     from .serving import deploy
+    from .serving.config import load_serve_config
     try:
         out = serve_flow(model=model, host=host, port=port)
     except (ValueError, FileNotFoundError, RuntimeError) as err:
@@ -386,8 +387,11 @@ def serve(
     except KeyboardInterrupt:
         _say("stopping")
     finally:
+        key = os.environ.get(load_serve_config().api_key_env)
+        serving = deploy.served_version(out["url"], key) or out["version"]  # a rollout may have been cut short
         deploy.remove_state()
         deploy.shutdown(started_ray=True)
+        deploy.record_stop(serving)
 
 
 def main() -> None:  # pragma: no cover - console entry point

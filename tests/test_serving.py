@@ -12,6 +12,7 @@ import socket
 import threading
 import time
 from collections import Counter
+from pathlib import Path
 
 import httpx
 import pytest
@@ -62,6 +63,8 @@ def served(tmp_path_factory, tiny_backbones):
         get_settings.cache_clear()
         runs.setup()
         from skyeye.registry.store import register
+        (root / "scene.png").write_bytes(_png())  # a file under the media folder, and the flow's test image
+        _eval_file(root, root / "scene.png")
         image = Image.open(io.BytesIO(_png()))
         for version, answer in ANSWERS.items():
             folder = fitted_model(tiny_backbones, [(QUESTION, answer)], [image]).save(root / f"model{version}")
@@ -154,7 +157,6 @@ def test_each_bad_request_gets_400_naming_the_field(served, case, body, status, 
 
 
 def test_a_file_under_the_media_folder_is_read(served):
-    (served["root"] / "scene.png").write_bytes(_png())
     r = _post(served["url"], {"model": "skyeyegpt", "messages": _messages(urls=["scene.png"])})
     assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == ANSWERS[1]
 
@@ -252,3 +254,68 @@ def test_the_api_key_is_required_once_set(served):
         assert httpx.get(f"{url}/health").status_code == 200  # health and metrics stay open to probes
     finally:
         del os.environ["SKYEYE_TEST_API_KEY"]
+
+
+def _eval_file(root: Path, image: Path) -> None:
+    """The grounding evaluation file the serve flow takes its test question from."""
+    folder = root / "data" / "instructions" / "eval"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "dior_rsvg_test.json").write_text(json.dumps({"benchmark": "dior_rsvg", "split": "test",
+                                                            "task": "grounding", "samples": [
+        {"id": "0", "image": str(image), "expression": "the red ship", "prompt": "[refer] the red ship",
+         "image_size": [64, 64], "box": [6.4, 12.8, 19.2, 25.6]}]}))
+
+
+def test_the_serve_flow_deploys_verifies_and_records(served):
+    from mlflow.tracking import MlflowClient
+    from prefect.testing.utilities import prefect_test_harness
+
+    from flows.serve import serve
+    from skyeye.tracking.names import TAG_SERVED_ENDPOINT, TAG_SERVED_SINCE
+    cfg = served["cfg"]
+    with prefect_test_harness():
+        out = serve(model="models:/skyeyegpt/1", port=cfg.port)
+    assert out["version"] == 1 and out["answer"] == ANSWERS[1] and out["url"] == served["url"]
+    tags = MlflowClient().get_model_version("skyeyegpt", "1").tags
+    assert tags[TAG_SERVED_ENDPOINT] == served["url"] and TAG_SERVED_SINCE in tags
+
+
+def test_skyeye_serve_follows_production_and_stops_cleanly(served, tmp_path):
+    """`skyeye serve` as a user runs it: a process of its own, its own local Ray; a promotion
+    moves what it serves; SIGTERM stops it and records the end."""
+    import signal
+    import subprocess
+    import sys
+
+    from mlflow.tracking import MlflowClient
+
+    from skyeye.registry.promotion import promote
+    from skyeye.tracking.names import TAG_SERVED_UNTIL
+    root, port = served["root"], _free_port()
+    promote(1, "production", force=True, reason="test: serve production")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "RAY_"))}
+    env |= {"SKYEYE_PROJECT_ROOT": str(root), "SKYEYE_MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}",
+            "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "PREFECT_HOME": str(tmp_path / "prefect")}
+    log = (tmp_path / "serve.log").open("w")
+    proc = subprocess.Popen([sys.executable, "-m", "skyeye.cli", "serve", "--port", str(port), "--follow-every", "2"],
+                            cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        from skyeye.serving import deploy
+        assert deploy.wait_for_version(url, 1, timeout_s=240), (tmp_path / "serve.log").read_text()[-3000:]
+        state_file, deadline = root / ".skyeye" / "serving.json", time.time() + 60
+        while not state_file.exists() and time.time() < deadline:  # written once the test question passed
+            time.sleep(1)
+        state = json.loads(state_file.read_text())
+        assert state == {"pid": proc.pid, "url": url, "version": 1, "follows": "production"}
+        promote(2, "production", force=True, reason="test: the server follows")
+        assert deploy.wait_for_version(url, 2, timeout_s=240), (tmp_path / "serve.log").read_text()[-3000:]
+        while json.loads(state_file.read_text())["version"] != 2 and time.time() < deadline + 120:
+            time.sleep(1)  # the rollout's test question and record are done
+    finally:
+        os.kill(proc.pid, signal.SIGTERM)
+        code = proc.wait(timeout=120)
+        log.close()
+    assert code == 0, (tmp_path / "serve.log").read_text()[-3000:]
+    assert not (root / ".skyeye" / "serving.json").exists()
+    assert TAG_SERVED_UNTIL in MlflowClient().get_model_version("skyeyegpt", "2").tags

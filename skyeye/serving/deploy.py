@@ -166,8 +166,16 @@ def record(deployed: Deployed) -> None:
     for key, value in {TAG_SERVED_SINCE: now, TAG_SERVED_ENDPOINT: deployed.url,
                        TAG_SERVED_REPLACED: str(deployed.replaced or "none")}.items():
         client.set_model_version_tag(name, str(deployed.version), key, value)
+    if TAG_SERVED_UNTIL in client.get_model_version(name, str(deployed.version)).tags:  # served again
+        client.delete_model_version_tag(name, str(deployed.version), TAG_SERVED_UNTIL)
     if deployed.replaced and deployed.replaced != deployed.version:
-        client.set_model_version_tag(name, str(deployed.replaced), TAG_SERVED_UNTIL, now)
+        record_stop(deployed.replaced)
+
+
+def record_stop(version: int) -> None:
+    """The end of a version's deployment (replaced, or its server stopped)."""
+    now = datetime.now(UTC).isoformat(timespec="seconds")
+    runs.client().set_model_version_tag(model_name(), str(version), TAG_SERVED_UNTIL, now)
 
 
 # ------------------------------------------------------------------ a local server's state
