@@ -319,3 +319,32 @@ def test_skyeye_serve_follows_production_and_stops_cleanly(served, tmp_path):
     assert code == 0, (tmp_path / "serve.log").read_text()[-3000:]
     assert not (root / ".skyeye" / "serving.json").exists()
     assert TAG_SERVED_UNTIL in MlflowClient().get_model_version("skyeyegpt", "2").tags
+
+
+def test_a_bounded_fuzz_run_finds_no_server_error_and_no_schema_violation(served):
+    """Schemathesis on the app's own OpenAPI schema, at most 40 cases per operation: every answer
+    is documented, in its documented shape and content type, and none is a 5xx. (A request the
+    schema allows may still be refused with 400, e.g. a conversation without an image: the
+    schema cannot say everything the contract asks, so acceptance is not one of the checks.)"""
+    import schemathesis
+    from hypothesis import HealthCheck, given, settings
+    from schemathesis.checks import (
+        content_type_conformance,
+        not_a_server_error,
+        response_headers_conformance,
+        response_schema_conformance,
+        status_code_conformance,
+    )
+    checks = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance,
+              response_headers_conformance]
+    schema = schemathesis.openapi.from_url(f"{served['url']}/openapi.json")
+    operations = [result.ok() for result in schema.get_all_operations()]
+    assert {f"{op.method.upper()} {op.path}" for op in operations} >= {"POST /v1/chat/completions",
+                                                                        "GET /v1/models", "GET /health"}
+    for operation in operations:
+        @given(case=operation.as_strategy())
+        @settings(max_examples=40, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+        def fuzz(case) -> None:
+            case.call_and_validate(checks=checks)
+        fuzz()
+    assert httpx.get(f"{served['url']}/health").status_code == 200  # and the replica is still healthy

@@ -26,7 +26,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -37,6 +37,24 @@ from .protocol import APIError, ChatCompletionRequest, Conversation, chunks, com
 
 api = FastAPI(title="SkyEyeGPT", description="SkyEyeGPT, remote-sensing multimodal LLM, behind the OpenAI "
                                              "chat-completions API.", version="1")
+
+
+class ErrorBody(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """OpenAI's error shape, the body of every refusal."""
+    error: ErrorBody
+
+
+ERRORS = {status: {"model": ErrorResponse, "description": what} for status, what in (
+    (400, "a malformed or refused request; `param` names the field"), (401, "missing or wrong API key"),
+    (413, "body over the size limit"), (429, "queue full; see Retry-After"), (500, "internal error"),
+    (503, "no model loaded"), (504, "no answer in time"))}
 
 
 def _error(err: APIError) -> JSONResponse:
@@ -135,13 +153,13 @@ class SkyEyeServer:
         if self.engine is None:
             raise RuntimeError("no model loaded")
 
-    @api.get("/health")
+    @api.get("/health", responses={503: ERRORS[503]})
     async def health(self):
         if self.engine is None:
-            return JSONResponse({"status": "loading"}, status_code=503)
+            return _error(APIError(503, "no model loaded yet", type="server_error"))
         return {"status": "ok", "version": self.engine.lineage["version"]}
 
-    @api.get("/v1/models")
+    @api.get("/v1/models", responses={k: ERRORS[k] for k in (401, 500)})
     async def models(self, request: Request):
         self._authorize(request)
         lineage = self.engine.lineage
@@ -150,7 +168,7 @@ class SkyEyeServer:
              "owned_by": "skyeye", "root": lineage["uri"], "max_model_len": self.engine.model.context_length(),
              "skyeye": lineage} for served in sorted(self.served)]}
 
-    @api.get("/metrics")
+    @api.get("/metrics", response_class=PlainTextResponse)
     async def metrics(self):
         return PlainTextResponse(generate_latest(self.metrics["registry"]).decode(),
                                  media_type="text/plain; version=0.0.4")
@@ -176,7 +194,7 @@ class SkyEyeServer:
         except ValidationError as err:
             raise _validation_error(err.errors()) from None
 
-    @api.post("/v1/chat/completions")
+    @api.post("/v1/chat/completions", responses=ERRORS)
     async def chat(self, request: Request):
         status = 500
         try:
