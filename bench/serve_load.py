@@ -1,0 +1,125 @@
+"""The served model under load: throughput, p50/p95/p99 latency and errors at 1, 4, 16 and
+64 concurrent clients, with Ray Serve's batching on and off. Prints JSON.
+
+    python bench/serve_load.py [--model models:/skyeyegpt@production] [--seconds 20] [--levels 1,4,16,64]
+
+This process deploys the model on a local Ray (configs/serve.yaml's limits, on a free
+port); the clients run in a separate process on loopback, each level bounded in time and
+in requests. A client answered 429 waits as Retry-After says, then asks again. Each
+request is a `[refer]` question about a DIOR-RSVG test image of the project's data.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+import multiprocessing as mp
+import socket
+import time
+from collections import Counter
+
+import httpx
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def _client(url: str, body: dict, deadline: float, budget: int, out: list) -> None:
+    async with httpx.AsyncClient(timeout=120) as http:
+        for _ in range(budget):
+            if time.perf_counter() > deadline:
+                return
+            start = time.perf_counter()
+            try:
+                r = await http.post(f"{url}/v1/chat/completions", json=body)
+                out.append((r.status_code, time.perf_counter() - start, r.headers.get("retry-after")))
+                if r.status_code in (429, 503):
+                    await asyncio.sleep(float(r.headers.get("retry-after") or 1))
+            except httpx.HTTPError as err:
+                out.append((type(err).__name__, time.perf_counter() - start, None))
+
+
+def _percentile(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(q * (len(values) - 1))))] if values else float("nan")
+
+
+def _level(url: str, body: dict, clients: int, seconds: float, per_client: int) -> dict:
+    results: list = []
+    start = time.perf_counter()
+    deadline = start + seconds
+
+    async def run() -> None:
+        await asyncio.gather(*(_client(url, body, deadline, per_client, results) for _ in range(clients)))
+    asyncio.run(run())
+    elapsed = time.perf_counter() - start
+    ok = [lat for status, lat, _ in results if status == 200]
+    statuses = Counter(str(status) for status, _, _ in results)
+    refused = [(s, ra) for s, _, ra in results if s in (429, 503)]
+    return {"clients": clients, "seconds": round(elapsed, 1), "requests": len(results), "ok": len(ok),
+            "throughput_rps": round(len(ok) / elapsed, 2),
+            "latency_s": {"p50": round(_percentile(ok, 0.5), 3), "p95": round(_percentile(ok, 0.95), 3),
+                          "p99": round(_percentile(ok, 0.99), 3)},
+            "p99_over_p50": round(_percentile(ok, 0.99) / _percentile(ok, 0.5), 2) if ok else None,
+            "statuses": dict(statuses),
+            "refusals_without_retry_after": sum(1 for _, ra in refused if not ra),
+            "errors_other": sum(n for s, n in statuses.items() if s not in ("200", "429", "503"))}
+
+
+def _clients_process(url: str, body: dict, levels: list[int], seconds: float, per_client: int, queue) -> None:
+    queue.put([_level(url, body, c, seconds, per_client) for c in levels])
+
+
+def _body(expression: str, image_path) -> dict:
+    data = base64.b64encode(open(image_path, "rb").read()).decode()
+    mime = "image/png" if str(image_path).lower().endswith(".png") else "image/jpeg"
+    return {"model": "skyeyegpt", "max_tokens": 16, "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": f"data:{mime};base64,{data}"}},
+        {"type": "text", "text": f"[refer] {expression}"}]}]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default=None, help="registry reference (default: production)")
+    parser.add_argument("--levels", default="1,4,16,64", help="concurrent clients per level")
+    parser.add_argument("--seconds", type=float, default=20, help="per level")
+    parser.add_argument("--per-client", type=int, default=200, help="requests per client per level, at most")
+    args = parser.parse_args()
+    from skyeye.config import configure_environment
+    configure_environment()
+    from skyeye.serving import deploy
+    from skyeye.serving.config import load_serve_config
+    levels = [int(x) for x in args.levels.split(",")]
+    image, expression = deploy.sample_question()
+    body = _body(expression, image)
+    base = load_serve_config().model_copy(update={"port": _free_port()})
+    started = deploy.connect(base)
+    report: dict = {"levels": levels, "seconds_per_level": args.seconds, "queue_limit": base.queue_limit,
+                    "max_batch_size": base.max_batch_size}
+    try:
+        for mode, batch in (("batching_on", base.max_batch_size), ("batching_off", 1)):
+            cfg = base.model_copy(update={"max_batch_size": batch})
+            done = deploy.deploy(args.model, cfg)
+            deploy.verify(done.url, image, expression, done.version)
+            queue = mp.get_context("spawn").Queue()
+            proc = mp.get_context("spawn").Process(target=_clients_process, args=(
+                done.url, body, levels, args.seconds, args.per_client, queue))
+            proc.start()
+            report[mode] = queue.get()
+            proc.join()
+            report["version"] = done.version
+    finally:
+        deploy.shutdown(started)
+    on = {r["clients"]: r for r in report["batching_on"]}
+    off = {r["clients"]: r for r in report["batching_off"]}
+    report["batching_speedup"] = {c: round(on[c]["throughput_rps"] / max(off[c]["throughput_rps"], 1e-9), 2)
+                                  for c in levels}
+    print(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
