@@ -217,10 +217,8 @@ class SkyEyeServer:
                            headers={"Retry-After": str(cfg.retry_after_s)})
         self.in_flight += 1
         try:
-            conv = conversation(body, served=self.served, max_frames=self.engine.max_frames,
-                                max_messages=cfg.max_messages, max_tokens_limit=cfg.max_tokens_limit,
-                                default_max_tokens=cfg.default_max_tokens, load_image=self._image)
-            self.engine.check_fits(conv)
+            # decoding images and counting tokens in a thread: the event loop keeps taking requests
+            conv = await asyncio.get_running_loop().run_in_executor(None, self._conversation, body)
             try:
                 answer = await asyncio.wait_for(self._batched(conv), timeout=cfg.request_timeout_s)
             except TimeoutError:
@@ -235,6 +233,14 @@ class SkyEyeServer:
             events = [f"data: {json.dumps(c)}\n\n" for c in chunks(conv, answer, body.model, pieces)]
             return StreamingResponse(iter(events + ["data: [DONE]\n\n"]), media_type="text/event-stream")
         return JSONResponse(completion(conv, answer, body.model))
+
+    def _conversation(self, body: ChatCompletionRequest) -> Conversation:
+        cfg = self.config
+        conv = conversation(body, served=self.served, max_frames=self.engine.max_frames,
+                            max_messages=cfg.max_messages, max_tokens_limit=cfg.max_tokens_limit,
+                            default_max_tokens=cfg.default_max_tokens, load_image=self._image)
+        self.engine.check_fits(conv)
+        return conv
 
     def _image(self, url: str, param: str):
         return load_image(url, param, max_pixels=self.config.max_image_pixels,
