@@ -33,6 +33,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .config import ServeConfig
 from .engine import Engine
 from .media import load_image
+from . import web
 from .protocol import APIError, ChatCompletionRequest, Conversation, chunks, completion, conversation
 
 api = FastAPI(title="SkyEyeGPT", description="SkyEyeGPT, remote-sensing multimodal LLM, behind the OpenAI "
@@ -251,3 +252,6 @@ class SkyEyeServer:
         """Ray Serve hands over the conversations that arrived together; one generation answers them."""
         self.metrics["batch"].observe(len(convs))
         return await asyncio.get_running_loop().run_in_executor(None, self.engine.answer, convs)
+
+
+web.mount(api)  # the web demo at `/`, after the API's routes so that they take precedence
