@@ -30,10 +30,10 @@ from pydantic import BaseModel, ValidationError
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from . import web
 from .config import ServeConfig
 from .engine import Engine
 from .media import load_image
-from . import web
 from .protocol import APIError, ChatCompletionRequest, Conversation, chunks, completion, conversation
 
 api = FastAPI(title="SkyEyeGPT", description="SkyEyeGPT, remote-sensing multimodal LLM, behind the OpenAI "
