@@ -241,6 +241,69 @@ def test_a_rollout_answers_every_request_in_flight_and_records_it(served):
     assert TAG_SERVED_UNTIL in client.get_model_version("skyeyegpt", "1").tags
 
 
+def _browser():
+    """Headless Chromium (Debian's chromium and chromium-driver packages)."""
+    import shutil
+
+    from selenium import webdriver
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+    browser, driver = shutil.which("chromium") or shutil.which("chromium-browser"), shutil.which("chromedriver")
+    assert browser and driver, "the browser test needs Chromium: apt-get install chromium chromium-driver"
+    options = Options()
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,1000"):
+        options.add_argument(arg)
+    options.binary_location = browser
+    return webdriver.Chrome(service=Service(driver), options=options)
+
+
+def test_the_web_demo_draws_the_box_and_names_a_brushed_region(served, tmp_path):
+    """In a real browser: upload an image, ask a [refer] question, see the box drawn with its
+    phrase; brush over a region, ask [identify], get an answer about that region."""
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+    image = tmp_path / "scene.png"
+    image.write_bytes(_png())
+    driver = _browser()
+    try:
+        wait = WebDriverWait(driver, 90)
+        driver.get(served["url"] + "/")  # redirects to the demo
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#skyeye-image input[type=file]"))
+        driver.find_element(By.CSS_SELECTOR, "#skyeye-image input[type=file]").send_keys(str(image))
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#skyeye-image canvas"))
+        driver.find_element(By.CSS_SELECTOR, "#skyeye-question textarea, #skyeye-question input").send_keys(
+            QUESTION.removeprefix("[refer] "))
+
+        def answer(d) -> str:
+            return d.find_element(By.CSS_SELECTOR, "#skyeye-answer textarea, #skyeye-answer input").get_attribute(
+                "value")
+
+        driver.find_element(By.ID, "skyeye-ask").click()
+        wait.until(answer)
+        version = int(answer(driver).split(":")[0].rsplit(" ", 1)[1])
+        assert answer(driver).endswith(ANSWERS[version])
+        # the box is drawn on the image, labelled with the question it answers
+        wait.until(lambda d: QUESTION in d.find_element(By.ID, "skyeye-boxes").text)
+        boxes = driver.find_element(By.ID, "skyeye-boxes")
+        assert boxes.find_elements(By.CSS_SELECTOR, "img")  # the image and the box layer
+        driver.save_screenshot(str(tmp_path / "refer.png"))
+        # brush over a region (the brush is the editor's tool once an image is in), then ask what is there
+        canvas = driver.find_elements(By.CSS_SELECTOR, "#skyeye-image canvas")[-1]
+        ActionChains(driver).move_to_element_with_offset(canvas, -15, -15).click_and_hold().move_by_offset(
+            15, 5).move_by_offset(10, 20).release().perform()  # near the middle: on the image, whatever its zoom
+        driver.find_element(By.CSS_SELECTOR, "#skyeye-task input").click()
+        next(o for o in driver.find_elements(By.CSS_SELECTOR, "[role=option]") if o.text.strip() == "identify").click()
+        driver.find_element(By.ID, "skyeye-ask").click()
+        # the question about the region, its answer in the conversation, the region drawn with that answer
+        wait.until(lambda d: "[identify] {<" in d.find_element(By.ID, "skyeye-chat").text)
+        chat = driver.find_element(By.ID, "skyeye-chat").text
+        assert chat.rstrip().endswith(answer(driver).split(": ", 1)[1])
+        driver.save_screenshot(str(tmp_path / "identify.png"))
+    finally:
+        driver.quit()
+
+
 def test_the_api_key_is_required_once_set(served):
     deploy, cfg, url = served["deploy"], served["cfg"], served["url"]
     os.environ["SKYEYE_TEST_API_KEY"] = "s3cret"
@@ -254,6 +317,7 @@ def test_the_api_key_is_required_once_set(served):
         assert httpx.get(f"{url}/health").status_code == 200  # health and metrics stay open to probes
     finally:
         del os.environ["SKYEYE_TEST_API_KEY"]
+        deploy.deploy("2", cfg)  # open again for the tests after this one
 
 
 def _eval_file(root: Path, image: Path) -> None:

@@ -24,20 +24,16 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, RedirectResponse, StreamingResponse
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from pydantic import BaseModel, ValidationError
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from . import web
 from .config import ServeConfig
 from .engine import Engine
 from .media import load_image
 from .protocol import APIError, ChatCompletionRequest, Conversation, chunks, completion, conversation
-
-api = FastAPI(title="SkyEyeGPT", description="SkyEyeGPT, remote-sensing multimodal LLM, behind the OpenAI "
-                                             "chat-completions API.", version="1")
 
 
 class ErrorBody(BaseModel):
@@ -62,29 +58,6 @@ def _error(err: APIError) -> JSONResponse:
     return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
 
 
-# The handlers below hold no state: Ray Serve ships the app to each replica, and the replica's
-# state (limits, metrics) lives on the deployment instance.
-@api.exception_handler(APIError)
-async def _api_error(request: Request, err: APIError) -> JSONResponse:
-    return _error(err)
-
-
-@api.exception_handler(RequestValidationError)
-async def _invalid(request: Request, err: RequestValidationError) -> JSONResponse:
-    return _error(_validation_error(err.errors()))
-
-
-@api.exception_handler(Exception)
-async def _unexpected(request: Request, err: Exception) -> JSONResponse:
-    return _error(APIError(500, f"internal error: {type(err).__name__}", type="server_error"))
-
-
-@api.exception_handler(StarletteHTTPException)
-async def _http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
-    kind = "not_found_error" if err.status_code == 404 else "invalid_request_error"
-    return _error(APIError(err.status_code, str(err.detail), type=kind))
-
-
 def _validation_error(errors: list[dict]) -> APIError:
     """Pydantic's first complaint as a 400 naming the field (`messages[0].role`)."""
     first = errors[0] if errors else {}
@@ -93,25 +66,6 @@ def _validation_error(errors: list[dict]) -> APIError:
     loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query")]
     param = "".join(f"[{p}]" if p.isdigit() else f".{p}" for p in loc).lstrip(".") or None
     return APIError(400, f"{param or 'body'}: {first.get('msg', 'invalid')}", param=param)
-
-
-def _request_schema() -> dict[str, Any]:
-    """The OpenAPI schema: FastAPI's, with the chat request's body documented (the handler
-    reads the body itself, to check its size and the API key first)."""
-    if api.openapi_schema:
-        return api.openapi_schema
-    schema = get_openapi(title=api.title, version=api.version, description=api.description, routes=api.routes)
-    body = ChatCompletionRequest.model_json_schema(ref_template="#/components/schemas/{model}")
-    components = schema.setdefault("components", {}).setdefault("schemas", {})
-    components.update(body.pop("$defs", {}))
-    components["ChatCompletionRequest"] = body
-    schema["paths"]["/v1/chat/completions"]["post"]["requestBody"] = {"required": True, "content": {
-        "application/json": {"schema": {"$ref": "#/components/schemas/ChatCompletionRequest"}}}}
-    api.openapi_schema = schema
-    return schema
-
-
-api.openapi = _request_schema
 
 
 def _metrics() -> dict[str, Any]:
@@ -125,8 +79,75 @@ def _metrics() -> dict[str, Any]:
             "tokens": Counter("skyeye_generated_tokens", "Answer tokens generated", registry=registry)}
 
 
+def build_app(server: "SkyEyeServer") -> FastAPI:
+    """The replica's HTTP app: the API's routes over `server`, OpenAI-shaped errors, the
+    OpenAPI schema, and the web demo at /ui. Built in the replica (Ray Serve calls
+    `__serve_build_asgi_app__`), so the routes reach the replica's state directly."""
+    app = FastAPI(title="SkyEyeGPT", version="1",
+                  description="SkyEyeGPT, remote-sensing multimodal LLM, behind the OpenAI chat-completions API.")
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, err: APIError) -> JSONResponse:
+        return _error(err)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, err: RequestValidationError) -> JSONResponse:
+        return _error(_validation_error(err.errors()))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
+        kind = "not_found_error" if err.status_code == 404 else "invalid_request_error"
+        return _error(APIError(err.status_code, str(err.detail), type=kind))
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, err: Exception) -> JSONResponse:
+        return _error(APIError(500, f"internal error: {type(err).__name__}", type="server_error"))
+
+    @app.get("/", include_in_schema=False)
+    async def home():
+        return RedirectResponse("/ui/")
+
+    @app.get("/health", responses={503: ERRORS[503]})
+    async def health():
+        return server.health()
+
+    @app.get("/v1/models", responses={k: ERRORS[k] for k in (401, 500)})
+    async def models(request: Request):
+        server.authorize(request)
+        return server.models()
+
+    @app.get("/metrics", response_class=PlainTextResponse)
+    async def metrics():
+        return PlainTextResponse(generate_latest(server.metrics["registry"]).decode(),
+                                 media_type="text/plain; version=0.0.4")
+
+    @app.post("/v1/chat/completions", responses=ERRORS)
+    async def chat(request: Request):
+        return await server.chat(request)
+
+    def schema() -> dict[str, Any]:
+        """FastAPI's schema, with the chat request's body documented (the handler reads the body
+        itself, to check its size and the API key first)."""
+        if app.openapi_schema:
+            return app.openapi_schema
+        out = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        body = ChatCompletionRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+        components = out.setdefault("components", {}).setdefault("schemas", {})
+        components.update(body.pop("$defs", {}))
+        components["ChatCompletionRequest"] = body
+        out["paths"]["/v1/chat/completions"]["post"]["requestBody"] = {"required": True, "content": {
+            "application/json": {"schema": {"$ref": "#/components/schemas/ChatCompletionRequest"}}}}
+        app.openapi_schema = out
+        return out
+
+    app.openapi = schema
+    from . import web  # gradio is heavy: only replicas load it
+    web.mount(app)
+    return app
+
+
 @serve.deployment(name="SkyEyeGPT", max_surge_percent=100)
-@serve.ingress(api)
+@serve.ingress()
 class SkyEyeServer:
     """One replica: the model of `model_uri`, loaded before the replica takes traffic."""
 
@@ -154,27 +175,21 @@ class SkyEyeServer:
         if self.engine is None:
             raise RuntimeError("no model loaded")
 
-    @api.get("/health", responses={503: ERRORS[503]})
-    async def health(self):
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        return build_app(self)
+
+    def health(self):
         if self.engine is None:
             return _error(APIError(503, "no model loaded yet", type="server_error"))
         return {"status": "ok", "version": self.engine.lineage["version"]}
 
-    @api.get("/v1/models", responses={k: ERRORS[k] for k in (401, 500)})
-    async def models(self, request: Request):
-        self._authorize(request)
+    def models(self) -> dict[str, Any]:
         lineage = self.engine.lineage
         return {"object": "list", "data": [
-            {"id": served, "object": "model", "created": self.created,
-             "owned_by": "skyeye", "root": lineage["uri"], "max_model_len": self.engine.model.context_length(),
-             "skyeye": lineage} for served in sorted(self.served)]}
+            {"id": served, "object": "model", "created": self.created, "owned_by": "skyeye", "root": lineage["uri"],
+             "max_model_len": self.engine.model.context_length(), "skyeye": lineage} for served in sorted(self.served)]}
 
-    @api.get("/metrics", response_class=PlainTextResponse)
-    async def metrics(self):
-        return PlainTextResponse(generate_latest(self.metrics["registry"]).decode(),
-                                 media_type="text/plain; version=0.0.4")
-
-    def _authorize(self, request: Request) -> None:
+    def authorize(self, request: Request) -> None:
         key = os.environ.get(self.config.api_key_env)
         sent = request.headers.get("authorization", "")
         if key and not hmac.compare_digest(sent.encode(), f"Bearer {key}".encode()):
@@ -195,7 +210,6 @@ class SkyEyeServer:
         except ValidationError as err:
             raise _validation_error(err.errors()) from None
 
-    @api.post("/v1/chat/completions", responses=ERRORS)
     async def chat(self, request: Request):
         status = 500
         try:
@@ -209,7 +223,7 @@ class SkyEyeServer:
             self.metrics["requests"].labels(status=str(status)).inc()
 
     async def _chat(self, request: Request):
-        self._authorize(request)
+        self.authorize(request)
         cfg, started = self.config, time.perf_counter()
         body = await self._body(request)
         if self.in_flight >= cfg.queue_limit:
@@ -253,5 +267,3 @@ class SkyEyeServer:
         self.metrics["batch"].observe(len(convs))
         return await asyncio.get_running_loop().run_in_executor(None, self.engine.answer, convs)
 
-
-web.mount(api)  # the web demo at `/`, after the API's routes so that they take precedence

@@ -1,4 +1,4 @@
-"""The web demo served at `/` beside the API: upload an image, pick a task (or type
+"""The web demo served at `/` (`/ui`) beside the API: upload an image, pick a task (or type
 freely), chat, see every predicted box drawn on the image with its phrase, and brush over
 a region to ask what is there (`[identify]` with that region's box), as the demos of
 MiniGPT-v2 and GeoChat do. Gradio, mounted on the API's FastAPI app.
@@ -54,19 +54,28 @@ def question(task: str, text: str, box: tuple[int, int, int, int] | None) -> str
     return f"[{task}] {text.strip()}"
 
 
+def _text_of(content) -> str:
+    """A chat message's text, whether Gradio hands it over as a string or as parts."""
+    if isinstance(content, str):
+        return content
+    parts = content if isinstance(content, list) else [content]
+    return " ".join(p.get("text", "") if isinstance(p, dict) else str(p) for p in parts).strip()
+
+
 def _ask(editor: dict | None, task: str, text: str, api_key: str, chat: list, request: gr.Request):
     if not editor or editor.get("background") is None:
         raise gr.Error("upload an image first")
     image = editor["background"].convert("RGB")
     layers = editor.get("layers") or []
-    prompt = question(task, text, region_box(layers[0]) if layers else None)
+    region = region_box(layers[0]) if layers else None
+    prompt = question(task, text, region)
     messages, turn = [], [{"type": "image_url", "image_url": {"url": _data_url(image)}}]
     for m in chat:  # the conversation so far; the image goes with the first question
         if m["role"] == "user":
-            messages.append({"role": "user", "content": turn + [{"type": "text", "text": m["content"]}]})
+            messages.append({"role": "user", "content": turn + [{"type": "text", "text": _text_of(m["content"])}]})
             turn = []
         else:
-            messages.append({"role": "assistant", "content": m["content"]})
+            messages.append({"role": "assistant", "content": _text_of(m["content"])})
     messages.append({"role": "user", "content": turn + [{"type": "text", "text": prompt}]})
     url = f"{request.request.url.scheme}://{request.request.url.netloc}/v1/chat/completions"
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -77,6 +86,10 @@ def _ask(editor: dict | None, task: str, text: str, api_key: str, chat: list, re
         raise gr.Error(body.get("error", {}).get("message", r.text[:200]))
     answer = body["choices"][0]["message"]["content"]
     boxes = [(tuple(int(round(v)) for v in b["pixels"]), b["phrase"] or prompt) for b in body["skyeye"]["boxes"]]
+    if prompt.startswith("[identify]") and region:  # the region asked about, named by the answer
+        w, h = image.size
+        boxes.append(((region[0] * w // GRID, region[1] * h // GRID, region[2] * w // GRID, region[3] * h // GRID),
+                      answer))
     chat = chat + [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
     version = body["skyeye"]["lineage"].get("version")
     return (image, boxes), chat, f"skyeyegpt version {version}: {answer}"
@@ -106,5 +119,5 @@ def build() -> gr.Blocks:
 
 
 def mount(app) -> None:
-    """The demo at `/` of the API's app (the API's routes come first)."""
-    gr.mount_gradio_app(app, build(), path="/", footer_links=[])
+    """The demo at `/ui` of the API's app (`/` redirects there)."""
+    gr.mount_gradio_app(app, build(), path="/ui", footer_links=[])
