@@ -48,8 +48,16 @@ def _percentile(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(round(q * (len(values) - 1))))] if values else float("nan")
 
 
+def _batches(url: str) -> tuple[float, float]:
+    """(conversations, generations) so far, from the replica's Prometheus metrics."""
+    values = dict(line.split(" ", 1) for line in httpx.get(f"{url}/metrics").text.splitlines()
+                  if line.startswith(("skyeye_batch_size_sum", "skyeye_batch_size_count")))
+    return float(values.get("skyeye_batch_size_sum", 0)), float(values.get("skyeye_batch_size_count", 0))
+
+
 def _level(url: str, body: dict, clients: int, seconds: float, per_client: int) -> dict:
     results: list = []
+    before = _batches(url)
     start = time.perf_counter()
     deadline = start + seconds
 
@@ -57,6 +65,7 @@ def _level(url: str, body: dict, clients: int, seconds: float, per_client: int) 
         await asyncio.gather(*(_client(url, body, deadline, per_client, results) for _ in range(clients)))
     asyncio.run(run())
     elapsed = time.perf_counter() - start
+    after = _batches(url)
     ok = [lat for status, lat, _ in results if status == 200]
     statuses = Counter(str(status) for status, _, _ in results)
     refused = [(s, ra) for s, _, ra in results if s in (429, 503)]
@@ -66,6 +75,7 @@ def _level(url: str, body: dict, clients: int, seconds: float, per_client: int) 
                           "p99": round(_percentile(ok, 0.99), 3)},
             "p99_over_p50": round(_percentile(ok, 0.99) / _percentile(ok, 0.5), 2) if ok else None,
             "statuses": dict(statuses),
+            "mean_batch_size": round((after[0] - before[0]) / max(after[1] - before[1], 1), 2),
             "refusals_without_retry_after": sum(1 for _, ra in refused if not ra),
             "errors_other": sum(n for s, n in statuses.items() if s not in ("200", "429", "503"))}
 

@@ -25,7 +25,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, PlainTextResponse, RedirectResponse, StreamingResponse
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from pydantic import BaseModel, ValidationError
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -76,7 +76,9 @@ def _metrics() -> dict[str, Any]:
                                  buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)),
             "batch": Histogram("skyeye_batch_size", "Conversations per generation", registry=registry,
                                buckets=(1, 2, 4, 8, 16, 32, 64)),
-            "tokens": Counter("skyeye_generated_tokens", "Answer tokens generated", registry=registry)}
+            "tokens": Counter("skyeye_generated_tokens", "Answer tokens generated", registry=registry),
+            "in_flight": Gauge("skyeye_requests_in_flight", "Chat requests admitted and not yet answered",
+                               registry=registry)}
 
 
 def build_app(server: "SkyEyeServer") -> FastAPI:
@@ -163,6 +165,8 @@ class SkyEyeServer:
         self.engine = Engine(loaded.model, lineage)
         self.served = {name} | ({f"{name}/{loaded.version}"} if loaded.version else set())
         self.in_flight, self.created = 0, int(time.time())
+        self.idle = asyncio.Event()  # no generation running
+        self.idle.set()
         self.config, self.metrics = ServeConfig(), _metrics()
 
     def reconfigure(self, config: dict) -> None:
@@ -231,16 +235,18 @@ class SkyEyeServer:
                                 f"{cfg.retry_after_s} s", type="rate_limit_error", code="queue_full",
                            headers={"Retry-After": str(cfg.retry_after_s)})
         self.in_flight += 1
+        self.metrics["in_flight"].set(self.in_flight)
         try:
             # decoding images and counting tokens in a thread: the event loop keeps taking requests
             conv = await asyncio.get_running_loop().run_in_executor(None, self._conversation, body)
             try:
-                answer = await asyncio.wait_for(self._batched(conv), timeout=cfg.request_timeout_s)
+                answer = await asyncio.wait_for(self._answer(conv), timeout=cfg.request_timeout_s)
             except TimeoutError:
                 raise APIError(504, f"no answer within {cfg.request_timeout_s} s", type="timeout_error",
                                code="timeout") from None
         finally:
             self.in_flight -= 1
+            self.metrics["in_flight"].set(self.in_flight)
         self.metrics["latency"].observe(time.perf_counter() - started)
         self.metrics["tokens"].inc(answer.completion_tokens)
         if conv.stream:
@@ -261,9 +267,20 @@ class SkyEyeServer:
         return load_image(url, param, max_pixels=self.config.max_image_pixels,
                           allowed=self.config.allowed_local_media_path)
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
+    async def _answer(self, conv: Conversation):
+        # Ray Serve closes a batch batch_wait_s after its first request even while a generation
+        # runs, which leaves the next generations with the few requests of one short window.
+        # Held back until the generation ends, the requests that came meanwhile form one batch.
+        await self.idle.wait()
+        return await self._batched(conv)
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.02)
     async def _batched(self, convs: list[Conversation]):
         """Ray Serve hands over the conversations that arrived together; one generation answers them."""
         self.metrics["batch"].observe(len(convs))
-        return await asyncio.get_running_loop().run_in_executor(None, self.engine.answer, convs)
+        self.idle.clear()
+        try:
+            return await asyncio.get_running_loop().run_in_executor(None, self.engine.answer, convs)
+        finally:
+            self.idle.set()
 

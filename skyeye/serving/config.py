@@ -17,7 +17,7 @@ class ServeConfig(BaseModel):
     replicas: int = Field(1, ge=1)
     cpus_per_replica: float = Field(0.5, gt=0, description="Leave room for a second replica during a rollout.")
     # batching: concurrent requests are answered by one batched, KV-cached generation
-    max_batch_size: int = Field(8, ge=1, description="1 turns batching off.")
+    max_batch_size: int = Field(16, ge=1, description="1 turns batching off.")
     batch_wait_s: float = Field(0.02, ge=0, description="How long a batch waits to fill.")
     # admission: beyond this many requests in a replica (running and waiting), answer 429
     queue_limit: int = Field(32, ge=1)

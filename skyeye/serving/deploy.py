@@ -22,6 +22,7 @@ from pathlib import Path
 import httpx
 
 from ..config import Settings, get_settings
+from ..formats.files import atomic_write_text
 from ..registry.references import model_name, production_uri, resolve_version
 from ..tracking import runs
 from ..tracking.names import TAG_SERVED_ENDPOINT, TAG_SERVED_REPLACED, TAG_SERVED_SINCE, TAG_SERVED_UNTIL
@@ -188,7 +189,7 @@ def write_state(url: str, version: int, follows: str | None, settings: Settings 
     import json
     path = _state_file(settings)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"pid": os.getpid(), "url": url, "version": version, "follows": follows}))
+    atomic_write_text(path, json.dumps({"pid": os.getpid(), "url": url, "version": version, "follows": follows}))
 
 
 def read_state(settings: Settings | None = None) -> dict | None:
