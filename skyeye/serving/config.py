@@ -21,6 +21,10 @@ class ServeConfig(BaseModel):
     batch_wait_s: float = Field(0.02, ge=0, description="How long a batch waits to fill.")
     # admission: beyond this many requests in a replica (running and waiting), answer 429
     queue_limit: int = Field(32, ge=1)
+    max_connections: int = Field(
+        256, ge=2, description="HTTP requests a replica holds open at once: the chat requests it admits, plus "
+                               "health checks, metrics and the web demo's long-lived streams; beyond it Ray "
+                               "Serve queues as many again, then answers 429 with Retry-After.")
     retry_after_s: int = Field(1, ge=1, description="The Retry-After of a 429.")
     request_timeout_s: float = Field(60, gt=0, description="A request still unanswered after this gets 504.")
     # request limits
@@ -39,6 +43,9 @@ class ServeConfig(BaseModel):
         if self.default_max_tokens > self.max_tokens_limit:
             raise ValueError(f"default_max_tokens ({self.default_max_tokens}) exceeds max_tokens_limit "
                              f"({self.max_tokens_limit})")
+        if self.max_connections <= self.queue_limit:
+            raise ValueError(f"max_connections ({self.max_connections}) must exceed queue_limit ({self.queue_limit}): "
+                             "the web demo and health checks need connections of their own")
         return self
 
 

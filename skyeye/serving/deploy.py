@@ -97,12 +97,16 @@ def deploy(model_ref: str | None = None, cfg: ServeConfig | None = None, setting
 def application(uri: str, cfg: ServeConfig, settings: Settings | None = None):
     """The Serve application of one model version with these limits. Deployed again under the
     same name (a new version or new limits), it rolls the replicas without dropping requests."""
+    from ray.serve.config import BackpressureConfig
+
     from .app import SkyEyeServer
     return SkyEyeServer.options(
         num_replicas=cfg.replicas, user_config=cfg.model_dump(mode="json"),
-        # requests reach the replica, which admits queue_limit and answers 429 beyond it;
-        # Ray's own queue (503) is only a backstop
-        max_ongoing_requests=2 * cfg.queue_limit, max_queued_requests=4 * cfg.queue_limit,
+        # chat requests reach the replica, which admits queue_limit and answers 429 beyond it; the
+        # rest of max_connections is for health checks and the web demo's long-lived streams, which
+        # would otherwise starve the demo's own questions. Ray's queue beyond it is a backstop.
+        max_ongoing_requests=cfg.max_connections, max_queued_requests=cfg.max_connections,
+        backpressure_config=BackpressureConfig(status_code=429, retry_after_s=cfg.retry_after_s),
         ray_actor_options={"num_cpus": cfg.cpus_per_replica,
                            "runtime_env": {"env_vars": _replica_env(settings or get_settings(), cfg)}},
     ).bind(uri)
