@@ -307,9 +307,12 @@ def test_the_web_demo_draws_the_box_and_names_a_brushed_region(served, tmp_path)
     try:
         wait = WebDriverWait(driver, 90)
         driver.get(served["url"] + "/")  # redirects to the demo
-        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#skyeye-image input[type=file]"))
+        # the editor's canvas is drawn after its file input exists: a file sent before it is lost
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#skyeye-image input[type=file]")
+                   and d.find_elements(By.CSS_SELECTOR, "#skyeye-image canvas"))
         driver.find_element(By.CSS_SELECTOR, "#skyeye-image input[type=file]").send_keys(str(image))
-        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#skyeye-image canvas"))
+        # the image is in once the empty-state prompt is gone; a question asked before goes without it
+        wait.until(lambda d: "Upload an image" not in d.find_element(By.ID, "skyeye-image").text)
         driver.find_element(By.CSS_SELECTOR, "#skyeye-question textarea, #skyeye-question input").send_keys(
             QUESTION.removeprefix("[refer] "))
 
