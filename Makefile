@@ -18,8 +18,8 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
-demo: venv  ## the retrain flow on the embedded defaults, demo scale
-	$(VENV)/bin/python -m flows.retrain
+demo: venv  ## the retrain flow on the embedded defaults, demo scale (FORCE=1 recomputes every step)
+	$(VENV)/bin/python -m flows.retrain $(if $(FORCE),--force)
 
 lint: venv  ## ruff, with the rule set in pyproject.toml
 	$(VENV)/bin/ruff check .

@@ -9,7 +9,6 @@ PREFECT_API_URL, Prefect starts its temporary local server.
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 from skyeye.config import DataConfig, configure_environment, get_settings, load_yaml_config
@@ -18,9 +17,22 @@ from skyeye.formats.benchmarks import HELDOUT, primary_of
 configure_environment()  # before Prefect reads its settings
 
 from prefect import flow, get_run_logger, task  # noqa: E402
+from prefect.cache_policies import NONE  # noqa: E402
+
+from flows import reports  # noqa: E402
+from flows.caching import StepKey, folder_there, paths_there, retry_transient, run_there, version_there  # noqa: E402
+
+# transient failures (a busy SQLite store, a Ray start-up timeout) retry; a failed gate, a
+# refused promotion or a bug does not (flows/caching.py: transient)
+RETRY = {"retries": 2, "retry_delay_seconds": 10, "retry_condition_fn": retry_transient}
 
 
-@task(name="synth")
+def step(name: str, key: StepKey | None):
+    """A retrain task, reused when its key matches (None: always run, as the checks are)."""
+    return task(name=name, cache_policy=key or NONE, persist_result=key is not None, **RETRY)
+
+
+@step("synth", StepKey(inputs=("scale", "seed"), code=("synth",), still_there=folder_there))
 def synth_task(scale: str, seed: int) -> str:
     from skyeye.synth.corpus import synthesize
     out = get_settings().synth_dir
@@ -29,7 +41,8 @@ def synth_task(scale: str, seed: int) -> str:
     return str(out)
 
 
-@task(name="build")
+@step("build", StepKey(inputs=("root", "sources"), folders=("root", "sources"), code=("data", "formats"),
+                       still_there=folder_there))
 def build_task(root: str, sources: dict[str, str]) -> str:
     from skyeye.data.instructions import build
     out = get_settings().instructions_dir
@@ -38,7 +51,7 @@ def build_task(root: str, sources: dict[str, str]) -> str:
     return str(out)
 
 
-@task(name="version")
+@step("version", None)  # the check that says whether the data changed: always run (DVC skips unchanged files)
 def version_task(instructions: str, commit: bool) -> str:
     from skyeye.datagate.versioning import ensure_dvc, version_data
     root = get_settings().project_root
@@ -48,25 +61,31 @@ def version_task(instructions: str, commit: bool) -> str:
     return report.md5
 
 
-@task(name="validate")
+@step("validate", StepKey(inputs=("md5",), code=("datagate", "formats"), still_there=run_there))
 def validate_task(instructions: str, md5: str) -> str:
-    from skyeye.datagate.gate import run_gate
+    from skyeye.datagate.gate import GateFailed, run_gate
     result, run_id = run_gate(Path(instructions))
-    logger = get_run_logger()
-    logger.info("data gate %s for %s (MLflow run %s)", "passed" if result.success else "FAILED", md5, run_id)
+    get_run_logger().info("data gate %s for %s (MLflow run %s)", "passed" if result.success else "FAILED", md5,
+                          run_id)
     if not result.success:
-        raise RuntimeError("data gate failed:\n" + result.render())
+        raise GateFailed(result, run_id)
     return run_id
 
 
-@task(name="backbones")
-def backbones_task(model_config: str, parent_run: str) -> dict:
+@step("backbones", StepKey(inputs=("md5",), configs=("model_config",), code=("model", "training"),
+                           still_there=paths_there))
+def backbones_task(model_config: str, md5: str, parent_run: str) -> dict:
     from skyeye.training.jobs import prepare_backbones
     return prepare_backbones(get_settings().project_root / model_config, parent_id=parent_run)
 
 
-@task(name="stage1")
-def stage1_task(model_config: str, stage_config: str, backbones: dict, parent_run: str, num_workers: int) -> str:
+TRAINING = ("model", "training", "data", "formats")
+
+
+@step("stage1", StepKey(inputs=("md5", "backbones", "num_workers"), configs=("model_config", "stage_config"),
+                        code=TRAINING, still_there=folder_there))
+def stage1_task(model_config: str, stage_config: str, backbones: dict, md5: str, parent_run: str,
+                num_workers: int) -> str:
     from skyeye.training.jobs import train_stage
     root = get_settings().project_root
     result = train_stage(1, root / model_config, root / stage_config, backbones, parent_id=parent_run,
@@ -76,8 +95,9 @@ def stage1_task(model_config: str, stage_config: str, backbones: dict, parent_ru
     return result.model_dir
 
 
-@task(name="stage2")
-def stage2_task(model_config: str, stage_config: str, backbones: dict, stage1_dir: str, parent_run: str,
+@step("stage2", StepKey(inputs=("md5", "backbones", "stage1_dir", "num_workers"),
+                        configs=("model_config", "stage_config"), code=TRAINING, still_there=folder_there))
+def stage2_task(model_config: str, stage_config: str, backbones: dict, stage1_dir: str, md5: str, parent_run: str,
                 num_workers: int) -> str:
     from skyeye.training.jobs import train_stage
     root = get_settings().project_root
@@ -88,15 +108,16 @@ def stage2_task(model_config: str, stage_config: str, backbones: dict, stage1_di
     return result.model_dir
 
 
-@task(name="evaluate")
-def evaluate_task(model_dir: str, limit: int | None) -> str:
+@step("evaluate", StepKey(inputs=("model_dir", "md5", "limit"), code=("evaluation", "formats", "model"),
+                          still_there=run_there))
+def evaluate_task(model_dir: str, md5: str, limit: int | None) -> str:
     from skyeye.evaluation.runner import run_evaluation
     result = run_evaluation(model_dir, "all", limit=limit, progress=False)
     get_run_logger().info("evaluation run %s\n%s", result.run_id, result.render())
     return result.run_id
 
 
-@task(name="register")
+@step("register", StepKey(inputs=("model_dir", "eval_run"), code=("registry",), still_there=version_there))
 def register_task(model_dir: str, eval_run: str) -> int:
     from skyeye.registry.references import model_name
     from skyeye.registry.store import register
@@ -108,76 +129,98 @@ def register_task(model_dir: str, eval_run: str) -> int:
     return version
 
 
-@task(name="promote")
-def promote_task(version: int) -> str:
+@step("promote", StepKey(inputs=("version",), configs=("policy_file",), code=("registry",)))
+def promote_task(version: int, policy_file: str) -> dict:
     """Staging, then production; a refusal is an outcome (the model stays where it got to), not a failure."""
-    from skyeye.registry.promotion import PromotionRefused, promote
-    logger, reached = get_run_logger(), "none"
+    from skyeye.registry.promotion import PromotionRefused, load_policy, promote
+    logger, reached, decisions = get_run_logger(), "none", []
+    path = get_settings().project_root / policy_file
+    policy = load_policy(path if path.exists() else None)  # none in the project: the shipped policy
     for alias in ("staging", "production"):
         try:
-            logger.info(promote(version, alias).render())
+            decisions.append(promote(version, alias, policy=policy).render())
+            logger.info(decisions[-1])
             reached = alias
         except PromotionRefused as refused:
-            logger.warning("version %d not promoted to %s:\n%s", version, alias, refused)
+            decisions.append(f"not promoted to {alias}:\n{refused}")
+            logger.warning("version %d %s", version, decisions[-1])
             break
-    return reached
+    return {"alias": reached, "decisions": decisions}
 
 
-@task(name="serving")
-def follow_task(version: int) -> str:
-    """On one machine, a running `skyeye serve` follows the production alias by itself: wait
-    until it serves the new version."""
-    from skyeye.serving import deploy
-    from skyeye.serving.config import load_serve_config
-    state, logger = deploy.read_state(), get_run_logger()
-    if not state or state.get("follows") != "production":
-        logger.info("no local server follows production; `skyeye serve` serves version %d", version)
-        return "not served (start it with `skyeye serve`)"
-    if deploy.wait_for_version(state["url"], version, api_key=os.environ.get(load_serve_config().api_key_env)):
-        return f"served at {state['url']}/v1"
-    logger.warning("the server at %s did not roll out version %d within 3 minutes", state["url"], version)
-    return f"not served: the server at {state['url']} still serves another version"
+WHERE_TO_LOOK = {
+    "validate": "the validation run in MLflow (experiment skyeye-data-validation) holds the Data Docs",
+    "backbones": "the tuning job's runs in MLflow; Ray's logs under /tmp/ray/session_latest/logs",
+    "stage1": "the tuning job's stage1 run in MLflow; Ray's logs under /tmp/ray/session_latest/logs",
+    "stage2": "the tuning job's stage2 run in MLflow; Ray's logs under /tmp/ray/session_latest/logs",
+    "evaluate": "the evaluation run in MLflow (experiment skyeye-evaluation)",
+}
 
 
-def serve_production(version: int) -> str:
-    """Production moved to `version`: on a cluster (RAY_ADDRESS) the serve flow rolls it out;
-    on one machine, the local server that follows production does."""
-    if os.environ.get("RAY_ADDRESS"):
-        from flows.serve import serve
-        return f"served at {serve(model=str(version))['url']}/v1"
-    return follow_task(version)
+class StepFailed(RuntimeError):
+    """A step of retrain failed: the flow run ends Failed with this message, nothing after it runs."""
+
+
+def run_step(steps: dict[str, str], force: bool, step_task, *args, **kwargs):
+    """Run one step (recomputed when `force`), note whether it was reused, and turn its
+    failure into the flow's, naming the step and where to look."""
+    chosen = step_task.with_options(refresh_cache=True) if force else step_task
+    state = chosen(*args, return_state=True, **kwargs)
+    steps[step_task.name] = "reused" if state.name == "Cached" else "ran"
+    if not state.is_completed():
+        err = state.result(raise_on_failure=False)
+        where = WHERE_TO_LOOK.get(step_task.name, "the flow run's logs")
+        raise StepFailed(f"{step_task.name} failed: {err}\nwhere to look: {where}")
+    return state.result()
 
 
 @flow(name="retrain", log_prints=True)
 def retrain(data_config: str = "configs/data.yaml", scale: str | None = None, train: bool = True,
             model_file: str = "configs/model/tiny.yaml", stage1_file: str = "configs/train/stage1.yaml",
             stage2_file: str = "configs/train/stage2.yaml", num_workers: int = 2, eval_limit: int | None = None,
-            promote: bool = True) -> dict:
+            promote: bool = True, force: bool = False, expected_md5: str | None = None, rollout: bool = True) -> dict:
     """Synthesize (stand-in for new data arriving) -> build -> version -> validate ->
-    backbones -> stage 1 -> stage 2 -> evaluate -> register -> promote."""
-    cfg = load_yaml_config(get_settings().project_root / data_config, DataConfig)
+    backbones -> stage 1 -> stage 2 -> evaluate -> register -> promote. Each step is reused
+    when what determines it is unchanged (`force` recomputes all); `expected_md5` is the data
+    version an event announced (logged when the data found differs); `rollout` serves a new
+    production at the end."""
+    settings, steps = get_settings(), {}
+    cfg = load_yaml_config(settings.project_root / data_config, DataConfig)
     if scale:
         cfg = cfg.model_copy(update={"scale": DataConfig(scale=scale).scale})
-    synth_root = synth_task(cfg.scale, cfg.seed)
-    instructions = build_task(synth_root, {k: str(v) for k, v in cfg.sources.items()})
-    md5 = version_task(instructions, cfg.commit_data)
-    validation_run = validate_task(instructions, md5)
-    out = {"data_md5": md5, "validation_run": validation_run}
+    synth_root = run_step(steps, force, synth_task, cfg.scale, cfg.seed)
+    instructions = run_step(steps, force, build_task, synth_root, {k: str(v) for k, v in cfg.sources.items()})
+    md5 = run_step(steps, force, version_task, instructions, cfg.commit_data)
+    if expected_md5 and expected_md5 != md5:
+        get_run_logger().warning("started for data version %s; the data here is %s", expected_md5, md5)
+    validation_run = run_step(steps, force, validate_task, instructions, md5)
+    out = {"data_md5": md5, "validation_run": validation_run, "steps": steps}
+    reports.data_artifact(md5, validation_run)
     if train:
-        from skyeye.tracking.names import TAG_DVC_MD5
+        from skyeye.tracking import runs
+        from skyeye.tracking.names import TAG_DVC_MD5, TAG_TUNING_JOB
         from skyeye.training.jobs import tuning_job
         # one MLflow parent run holds this job's backbones, stage 1 and stage 2 runs
         with tuning_job("retrain", tags={TAG_DVC_MD5: md5}) as parent:
-            backbones = backbones_task(model_file, parent)
-            stage1 = stage1_task(model_file, stage1_file, backbones, parent, num_workers)
-            stage2 = stage2_task(model_file, stage2_file, backbones, stage1, parent, num_workers)
+            backbones = run_step(steps, force, backbones_task, model_file, md5, parent)
+            stage1 = run_step(steps, force, stage1_task, model_file, stage1_file, backbones, md5, parent, num_workers)
+            stage2 = run_step(steps, force, stage2_task, model_file, stage2_file, backbones, stage1, md5, parent,
+                              num_workers)
         out |= {"tuning_run": parent, "stage1_model": stage1, "stage2_model": stage2}
-        eval_run = evaluate_task(stage2, eval_limit)
-        version = register_task(stage2, eval_run)  # only reached when the evaluation finished
-        out |= {"eval_run": eval_run, "model_version": version,
-                "alias": promote_task(version) if promote else "none"}
-        if out["alias"] == "production":
-            out["serving"] = serve_production(version)
+        eval_run = run_step(steps, force, evaluate_task, stage2, md5, eval_limit)
+        if all(steps[s] == "reused" for s in ("backbones", "stage1", "stage2")):
+            runs.client().delete_run(parent)  # nothing ran in it: the job that trained this model is the one
+            out["tuning_run"] = runs.client().get_run(eval_run).data.tags.get(TAG_TUNING_JOB, parent)
+        version = run_step(steps, force, register_task, stage2, eval_run)  # only reached when evaluation finished
+        production_before = reports.production_version()
+        reports.scoreboard_artifact(version, production_before)
+        decision = run_step(steps, force, promote_task, version, str(settings.promotion_policy)) if promote \
+            else {"alias": "none", "decisions": ["not asked to promote (--no-promote)"]}
+        out |= {"eval_run": eval_run, "model_version": version, "alias": decision["alias"]}
+        reports.promotion_artifact(out, decision["decisions"])
+        if out["alias"] == "production" and rollout:  # deployed runs leave it to the production watcher
+            from flows.serve import rollout as rollout_flow
+            out["serving"] = rollout_flow(version)
     return out
 
 
@@ -192,12 +235,15 @@ def summary(out: dict) -> str:
                   f"  evaluation        MLflow run {out['eval_run']}",
                   f"  registered        {model_name()} version {out['model_version']}, alias reached: {out['alias']}",
                   f"  serving           {out.get('serving', 'unchanged (production did not move)')}"]
+    steps = out.get("steps", {})
+    reused = [name for name, how in steps.items() if how == "reused"]
+    lines.append(f"  steps reused      {', '.join(reused) or 'none'}"
+                 + (f"; ran: {', '.join(n for n in steps if n not in reused)}" if len(reused) < len(steps) else ""))
     lines += ["look at it:",
-              "  .venv/bin/mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db --port 5000",
-              "  PREFECT_HOME=.skyeye/prefect PREFECT_SERVER_ANALYTICS_ENABLED=false "
-              ".venv/bin/prefect server start --host 127.0.0.1",
+              "  .venv/bin/skyeye server up      # the Prefect UI and the MLflow UI on loopback, with their URLs",
               "  .venv/bin/skyeye models; .venv/bin/skyeye audit --model production",
-              "  .venv/bin/skyeye serve   # the production model behind the OpenAI API, http://127.0.0.1:8000/v1"]
+              "  .venv/bin/skyeye serve          # the production model behind the OpenAI API, http://127.0.0.1:8000/v1",
+              "  .venv/bin/skyeye schedule up    # retrain weekly, on new data; serve what production becomes"]
     return "\n".join(lines)
 
 
@@ -213,8 +259,9 @@ if __name__ == "__main__":
     parser.add_argument("--num-workers", type=int, default=2)
     parser.add_argument("--eval-limit", type=int, default=None, help="samples per bench split (default: all)")
     parser.add_argument("--no-promote", action="store_true", help="register, but move no alias")
+    parser.add_argument("--force", action="store_true", help="recompute every step, reusing nothing")
     args = parser.parse_args()
     print(summary(retrain(data_config=args.data_config, scale=args.scale, train=not args.data_only,
                           model_file=args.model_config, stage1_file=args.stage1_config,
                           stage2_file=args.stage2_config, num_workers=args.num_workers,
-                          eval_limit=args.eval_limit, promote=not args.no_promote)))
+                          eval_limit=args.eval_limit, promote=not args.no_promote, force=args.force)))

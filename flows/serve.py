@@ -56,6 +56,28 @@ def serve(model: str | None = None, host: str | None = None, port: int | None = 
     return deployed
 
 
+@flow(name="rollout", log_prints=True)
+def rollout(version: int) -> str:
+    """Production moved to `version`: on a cluster (RAY_ADDRESS) the serve flow rolls it out;
+    on one machine, the local `skyeye serve` that follows production does, and this waits
+    for it. With neither, it records what it would have deployed."""
+    from prefect.artifacts import create_markdown_artifact
+    logger = get_run_logger()
+    if os.environ.get("RAY_ADDRESS"):
+        return f"served at {serve(model=str(version))['url']}/v1"
+    state = deploy.read_state()
+    if state and state.get("follows") == "production":
+        if deploy.wait_for_version(state["url"], version, api_key=os.environ.get(load_serve_config().api_key_env)):
+            return f"served at {state['url']}/v1"
+        logger.warning("the server at %s did not roll out version %d within 3 minutes", state["url"], version)
+        return f"not served: the server at {state['url']} still serves another version"
+    note = (f"version {version} would be deployed now: no cluster (RAY_ADDRESS) and no local `skyeye serve` "
+            "following production; start one and it serves production")
+    logger.info(note)
+    create_markdown_artifact(key="rollout", markdown=f"## Rollout\n{note}", description="what was deployed")
+    return "not served (start it with `skyeye serve`)"
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="Deploy a registered SkyEyeGPT version on Ray Serve.")
     parser.add_argument("--model", default=None, help="registry reference (default: models:/skyeyegpt@production)")

@@ -26,6 +26,13 @@ app = typer.Typer(help="SkyEye: train, evaluate, ship and retrain SkyEyeGPT, a r
 data_app = typer.Typer(help="The data layer: SkyEye-Synth, readers, instruction builder, DVC versions, the data gate.",
                        no_args_is_help=True, rich_markup_mode=None)
 app.add_typer(data_app, name="data")
+schedule_app = typer.Typer(help="Retraining that runs itself: Prefect deployments, schedules and triggers "
+                                "(configs/schedule.yaml), on the Prefect server at PREFECT_API_URL.",
+                           no_args_is_help=True, rich_markup_mode=None)
+app.add_typer(schedule_app, name="schedule")
+server_app = typer.Typer(help="The Prefect server and the MLflow UI on this machine.", no_args_is_help=True,
+                         rich_markup_mode=None)
+app.add_typer(server_app, name="server")
 console = Console(soft_wrap=True)  # never wrap paths and ids: people copy them
 
 
@@ -132,6 +139,10 @@ def version(
     except VersioningError as err:
         _fail(str(err))
     _say(report.render())
+    if commit:
+        from flows.schedule import DATA_EVENT, emit_data_versioned
+        if emit_data_versioned(report.md5, report.git_rev):
+            _say(f"announced {DATA_EVENT} for {report.md5} (a scheduled retrain starts on it)")
 
 
 @data_app.command("history")
@@ -392,6 +403,96 @@ def serve(
         deploy.remove_state()
         deploy.shutdown(started_ray=True)
         deploy.record_stop(serving)
+
+
+@server_app.command("up")
+def server_up(
+    host: Annotated[str, typer.Option(help="Interface (loopback by default).")] = "127.0.0.1",
+    prefect_port: Annotated[int, typer.Option(help="Port of the Prefect server and its UI.")] = 4200,
+    mlflow_port: Annotated[int, typer.Option(help="Port of the MLflow UI.")] = 5000,
+) -> None:
+    """Start the Prefect server (state under .skyeye/prefect) and the MLflow UI beside it, print
+    their URLs, and keep them up until Ctrl-C."""
+    import signal
+
+    from flows import servers
+    try:
+        up = servers.start(host, prefect_port, mlflow_port)
+    except RuntimeError as err:
+        _fail(f"{err} (logs: {get_settings().state / 'logs'})")
+    _say(f"Prefect UI  {up.prefect_url}\n"
+         f"MLflow UI   {up.mlflow_url or 'the tracking server: ' + get_settings().tracking_uri}\n"
+         f"point the commands at it:  export PREFECT_API_URL={up.prefect_url}/api\n"
+         "then: skyeye schedule up (Ctrl-C stops the servers)")
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        while all(p.poll() is None for p in up.processes):
+            time.sleep(1)
+        _say("a server exited; stopping")
+    except KeyboardInterrupt:
+        _say("stopping")
+    finally:
+        up.stop()
+
+
+def _need_server() -> None:
+    from flows.schedule import NO_SERVER, api_url
+    if not api_url():
+        _fail(NO_SERVER.format(url=os.environ.get("PREFECT_API_URL") or "unset"))
+
+
+@schedule_app.command("up")
+def schedule_up() -> None:
+    """Register the deployments (retrain on a schedule and on new data, watch-production, serve)
+    and run them in this process until Ctrl-C."""
+    _need_server()
+    from flows.schedule import up
+    up()
+
+
+@schedule_app.command("status")
+def schedule_status(json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
+    """Each deployment: its schedules and triggers, paused or not, the next run, the last runs."""
+    _need_server()
+    from flows.schedule import status
+    rows = status()
+    if json_out:
+        _say(json.dumps(rows, indent=1))
+        return
+    if not rows:
+        _say("no SkyEye deployments registered: run `skyeye schedule up`")
+    from flows.schedule import last_seen, load_schedule_config
+    _say(f"production watcher (in `skyeye schedule up`): every {load_schedule_config().watch_every_s:g} s, "
+         f"last saw version {last_seen() or '-'}")
+    for r in rows:
+        _say(f"{r['deployment']}{'  (paused)' if r['paused'] else ''}\n"
+             f"  schedules  {', '.join(r['schedules']) or 'none'}\n  triggers   {', '.join(r['triggers']) or 'none'}\n"
+             f"  next run   {r['next_run'] or '-'}\n  last runs  {'; '.join(r['last_runs']) or '-'}")
+
+
+def _pause(paused: bool, deployment: str | None) -> None:
+    _need_server()
+    from flows.schedule import set_paused
+    try:
+        _say(("paused: " if paused else "resumed: ") + ", ".join(set_paused(paused, deployment)))
+    except ValueError as err:
+        _fail(str(err))
+
+
+DEPLOYMENT_ARG = Annotated[Optional[str], typer.Argument(
+    help="flow/deployment, e.g. retrain/retrain (default: all of SkyEye's).")]
+
+
+@schedule_app.command("pause")
+def schedule_pause(deployment: DEPLOYMENT_ARG = None) -> None:
+    """Pause deployments: no scheduled or triggered runs until resumed."""
+    _pause(True, deployment)
+
+
+@schedule_app.command("resume")
+def schedule_resume(deployment: DEPLOYMENT_ARG = None) -> None:
+    """Resume paused deployments."""
+    _pause(False, deployment)
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -41,6 +41,8 @@ class Settings(BaseSettings):
         None, description="Any DVC remote URL (s3://..., /mnt/share/...). Unset: the committed local remote.")
     mlflow_tracking_uri: str | None = Field(
         None, description="Unset: MLFLOW_TRACKING_URI, else SQLite under <root>/mlruns/.")
+    mlflow_ui_url: str = Field("http://127.0.0.1:5000", description="Where links to runs point when the "
+                               "tracking store is not a server (`skyeye server up` starts the UI there).")
     registered_model: str = Field("skyeyegpt", description="Name of SkyEyeGPT in the MLflow model registry.")
     promotion_policy: Path = Field(Path("configs/promotion.yaml"),
                                    description="Promotion policy file (relative to the project root).")

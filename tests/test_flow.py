@@ -55,6 +55,10 @@ def test_retrain_flow_versions_and_validates_the_data(project):
         subprocess.run(["git", "commit", "-qm", "demo data"], cwd=project, check=True)
         # Deterministic data: a second run reproduces the same version, and git stays clean.
         second = retrain(train=False)
+    assert first["steps"] == {"synth": "ran", "build": "ran", "version": "ran", "validate": "ran"}
+    # nothing changed: every step reused but the version check; the same validation run answers
+    assert second["steps"] == {"synth": "reused", "build": "reused", "version": "ran", "validate": "reused"}
+    assert second["validation_run"] == first["validation_run"]
     assert second["data_md5"] == md5
     status = subprocess.run(["git", "status", "--porcelain"], cwd=project, capture_output=True, text=True).stdout
     assert status == ""
@@ -81,10 +85,26 @@ def test_retrain_flow_trains_both_stages_after_the_gate(project):
         (project / f"configs/stage{n}.yaml").write_text(yaml.safe_dump(
             {"stage": n, "data": data, "max_steps": 4, "warmup_steps": 1, "batch_size": 4, "log_every": 2,
              "checkpoint_every": 4, "held_out": {"samples": 4, "every_steps": 4}}))
-    with prefect_test_harness():
-        out = retrain(model_file="configs/model/test.yaml", stage1_file="configs/stage1.yaml",
-                      stage2_file="configs/stage2.yaml", num_workers=1, eval_limit=3)
+    kwargs = {"model_file": "configs/model/test.yaml", "stage1_file": "configs/stage1.yaml",
+              "stage2_file": "configs/stage2.yaml", "num_workers": 1, "eval_limit": 3}
     client = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlruns/mlflow.db'}")
+    with prefect_test_harness():
+        out = retrain(**kwargs)
+        aliases = client.get_registered_model("skyeyegpt").aliases  # before the reruns below move them
+        again = retrain(**kwargs)  # nothing changed
+        stage2 = yaml.safe_load((project / "configs/stage2.yaml").read_text())
+        (project / "configs/stage2.yaml").write_text(yaml.safe_dump({**stage2, "max_steps": 6}))
+        changed = retrain(**kwargs)  # stage 2's config changed
+        shutil.rmtree(changed["stage2_model"])
+        dangling = retrain(**kwargs)  # stage 2's result deleted
+    assert set(out["steps"].values()) == {"ran"}
+    assert {s for s, how in again["steps"].items() if how == "ran"} == {"version"}
+    assert again["model_version"] == out["model_version"] and again["eval_run"] == out["eval_run"]
+    downstream = {"version", "stage2", "evaluate", "register", "promote"}
+    assert {s for s, how in changed["steps"].items() if how == "ran"} == downstream
+    assert changed["stage1_model"] == out["stage1_model"] and changed["stage2_model"] != out["stage2_model"]
+    assert {s for s, how in dangling["steps"].items() if how == "ran"} == downstream
+    assert Path(dangling["stage2_model"], "skyeyegpt.json").exists()
     children = client.search_runs([client.get_run(out["tuning_run"]).info.experiment_id],
                                   filter_string=f"tags.mlflow.parentRunId = '{out['tuning_run']}'")
     assert sorted(r.info.run_name for r in children) == ["backbones", "stage1", "stage2"]
@@ -103,7 +123,6 @@ def test_retrain_flow_trains_both_stages_after_the_gate(project):
     assert version.tags["skyeye.data.dvc_md5"] == out["data_md5"]
     # the project's policy has zero floors: a first model reaches staging, then production (no holder yet)
     assert out["alias"] == "production"
-    aliases = client.get_registered_model("skyeyegpt").aliases
     assert aliases == {"staging": version.version, "production": version.version}
     from flows.retrain import summary  # what `make demo` prints at the end
     assert f"skyeyegpt version {version.version}, alias reached: production" in summary(out)

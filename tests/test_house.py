@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from flows.schedule import ScheduleConfig
 from skyeye.config import DataConfig, load_yaml_config
 from skyeye.model.config import ModelConfig
 from skyeye.registry.promotion import PromotionPolicy
@@ -20,7 +21,8 @@ REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "skyeye"
 # which typed model each shipped config folder (or file) is read with
 CONFIG_MODELS = {"configs/data.yaml": DataConfig, "configs/promotion.yaml": PromotionPolicy,
-                 "configs/serve.yaml": ServeConfig, "configs/model": ModelConfig, "configs/train": StageConfig}
+                 "configs/serve.yaml": ServeConfig,
+                 "configs/schedule.yaml": ScheduleConfig, "configs/model": ModelConfig, "configs/train": StageConfig}
 
 
 def _model_of(path: Path):

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,15 +12,11 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
+from processes import free_port, stop_group
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _serve(cmd: list[str], health: str, env: dict, timeout: float = 90.0) -> subprocess.Popen:
@@ -37,16 +31,9 @@ def _serve(cmd: list[str], health: str, env: dict, timeout: float = 90.0) -> sub
         if proc.poll() is not None:
             raise RuntimeError(f"{cmd[0]} exited with {proc.returncode}")
         time.sleep(0.5)
-    _stop(proc)
+    stop_group(proc)
     raise TimeoutError(f"{health} not healthy after {timeout} s")
 
-
-def _stop(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=20)
-    except (ProcessLookupError, subprocess.TimeoutExpired):
-        os.killpg(proc.pid, signal.SIGKILL)
 
 
 @pytest.fixture
@@ -64,7 +51,7 @@ def test_retrain_flow_against_prefect_and_mlflow_servers(project, tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_", "SKYEYE_"))}
     env |= {"PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
             "DVC_NO_ANALYTICS": "1"}
-    mlflow_port, prefect_port = _free_port(), _free_port()
+    mlflow_port, prefect_port = free_port(), free_port()
     mlflow = _serve([str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(mlflow_port),
                      "--workers", "1", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
                      "--artifacts-destination", str(tmp_path / "server-artifacts")],
@@ -91,5 +78,5 @@ def test_retrain_flow_against_prefect_and_mlflow_servers(project, tmp_path):
         assert client.list_artifacts(found[0].info.run_id)  # artifacts went through the server
     finally:
         if prefect:
-            _stop(prefect)
-        _stop(mlflow)
+            stop_group(prefect)
+        stop_group(mlflow)

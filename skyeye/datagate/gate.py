@@ -15,6 +15,14 @@ from ..tracking.names import TAG_DVC_MD5, TAG_GIT_REV, TAG_OUTCOME, UNCOMMITTED,
 from .expectations import ValidationResult, validate
 
 
+class GateFailed(RuntimeError):
+    """The data did not pass the gate: what failed, and the MLflow run that records it."""
+    def __init__(self, result: ValidationResult, run_id: str | None):
+        self.result, self.run_id = result, run_id
+        where = f" (MLflow run {run_id}, Data Docs among its artifacts)" if run_id else ""
+        super().__init__(f"data gate failed{where}:\n{result.render()}")
+
+
 def data_version_of(folder: Path, settings: Settings | None = None) -> tuple[str | None, str | None]:
     """(DVC md5, git rev) of data.dvc when `folder` lies in the tracked data/; else (None, None)."""
     from .versioning import current_version

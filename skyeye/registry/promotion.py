@@ -152,6 +152,26 @@ def deltas(metrics: dict[str, float], before: dict[str, float] | None) -> dict[s
     return out
 
 
+def scoreboard(version: int, against: int | None) -> list[dict]:
+    """Per bench split: the primary metric of `version`, of `against` (the production it
+    would replace) and of the split's trivial baseline, with the deltas: the table a
+    retrain run shows next to its promotion decision."""
+    from ..evaluation.baselines import TRIVIAL
+    client, name = runs.client(), model_name()
+    ours = eval_metrics(client, name, version)[0]
+    theirs = eval_metrics(client, name, against)[0] if against is not None else {}
+    rows = []
+    for key, value in primary_of(ours).items():
+        trivial = ours.get(f"baseline.{TRIVIAL[TASK_OF[key]]}/{primary_metric(key)}")
+        held = primary_of(theirs).get(key)
+        rows.append({"benchmark": key, "metric": primary_metric(key).split("/", 1)[1], "candidate": round(value, 2),
+                     "production": None if held is None else round(held, 2),
+                     "vs production": None if held is None else round(value - held, 2),
+                     "trivial baseline": None if trivial is None else round(trivial, 2),
+                     "vs trivial": None if trivial is None else round(value - trivial, 2)})
+    return rows
+
+
 # ------------------------------------------------------------------ promotion
 @dataclass
 class PromotionResult:

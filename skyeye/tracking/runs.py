@@ -56,6 +56,18 @@ def create_run(experiment: str, name: str, tags: dict[str, str], *, parent: str 
     return client(s).create_run(experiment_id(experiment, s), run_name=name, tags=tags).info.run_id
 
 
+def ui_base(settings: Settings | None = None) -> str:
+    """The MLflow UI: the tracking server itself, or the UI started beside an embedded store."""
+    s = settings or get_settings()
+    return s.tracking_uri.rstrip("/") if s.tracking_uri.startswith("http") else s.mlflow_ui_url.rstrip("/")
+
+
+def run_url(run_id: str, settings: Settings | None = None) -> str:
+    """A run's page in the MLflow UI."""
+    run = client(settings).get_run(run_id)
+    return f"{ui_base(settings)}/#/experiments/{run.info.experiment_id}/runs/{run_id}"
+
+
 def log_metrics(run_id: str, metrics: dict[str, float], step: int = 0, settings: Settings | None = None) -> None:
     """Metrics of one step in one call (the store's batch limit is 1,000 a call)."""
     from mlflow.entities import Metric
