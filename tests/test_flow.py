@@ -2,6 +2,7 @@
 (test harness server), real DVC, real Great Expectations, real MLflow (SQLite)."""
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 from pathlib import Path
@@ -55,14 +56,31 @@ def test_retrain_flow_versions_and_validates_the_data(project):
         subprocess.run(["git", "commit", "-qm", "demo data"], cwd=project, check=True)
         # Deterministic data: a second run reproduces the same version, and git stays clean.
         second = retrain(train=False)
+        forced = retrain(train=False, force=True)
+        status = subprocess.run(["git", "status", "--porcelain"], cwd=project, capture_output=True, text=True).stdout
+        entries = history(project, validation_lookup=validation_outcome)
+        # a defect in the data: the gate fails once (no retry), the run fails naming the step and where to look
+        items = json.loads((project / "data/instructions/stage1.json").read_text())
+        items[0]["conversations"][1]["value"] = ""
+        (project / "data/instructions/stage1.json").write_text(json.dumps(items))
+        failed = retrain(train=False, return_state=True)
+        from prefect import get_client
+        from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+        with get_client(sync_client=True) as prefect:
+            tasks = prefect.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(
+                any_=[failed.state_details.flow_run_id])))
+    assert failed.is_failed()
+    message = str(failed.result(raise_on_failure=False))
+    assert "validate failed: data gate failed" in message and "where to look: the validation run" in message
+    validate = next(t for t in tasks if t.name.startswith("validate"))
+    assert validate.state_name == "Failed" and validate.run_count == 1  # a failed gate is not retried
+    assert set(forced["steps"].values()) == {"ran"} and forced["validation_run"] != first["validation_run"]
     assert first["steps"] == {"synth": "ran", "build": "ran", "version": "ran", "validate": "ran"}
     # nothing changed: every step reused but the version check; the same validation run answers
     assert second["steps"] == {"synth": "reused", "build": "reused", "version": "ran", "validate": "reused"}
     assert second["validation_run"] == first["validation_run"]
     assert second["data_md5"] == md5
-    status = subprocess.run(["git", "status", "--porcelain"], cwd=project, capture_output=True, text=True).stdout
     assert status == ""
-    entries = history(project, validation_lookup=validation_outcome)
     assert len(entries) == 1 and entries[0].md5 == md5 and entries[0].validation == "passed"
 
 
