@@ -45,11 +45,14 @@ def scoreboard_artifact(version: int, production: int | None) -> list[dict]:
 
 def promotion_artifact(out: dict, decisions: list[str]) -> None:
     from skyeye.registry.references import model_name
-    from skyeye.tracking.names import TAG_EVAL_TRAINING_RUN
-    training = runs.client().get_run(out["eval_run"]).data.tags.get(TAG_EVAL_TRAINING_RUN)
-    lines = ["## Promotion", f"- registered: {model_name()} version {out['model_version']}, "
+    from skyeye.tracking.names import TAG_EVAL_TRAINING_RUN, TAG_INIT_RUN
+    client, name = runs.client(), model_name()
+    stage2 = client.get_run(out["eval_run"]).data.tags.get(TAG_EVAL_TRAINING_RUN)
+    stage1 = client.get_run(stage2).data.tags.get(TAG_INIT_RUN) if stage2 else None
+    registered = f"{runs.ui_base()}/#/models/{name}/versions/{out['model_version']}"
+    lines = ["## Promotion", f"- registered: [{name} version {out['model_version']}]({registered}), "
                              f"alias reached: **{out['alias']}**",
-             f"- tuning job: {_link(out.get('tuning_run'))}; stage 2: {_link(training)}",
+             f"- tuning job: {_link(out.get('tuning_run'))}; stage 1: {_link(stage1)}; stage 2: {_link(stage2)}",
              f"- evaluation: {_link(out['eval_run'])}",
              "- steps: " + ", ".join(f"{k} {v}" for k, v in out["steps"].items()), "", "### Decision"]
     lines += [f"```\n{d}\n```" for d in decisions]

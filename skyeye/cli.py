@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
 
+from .commands.console import console, fail, interrupt, say
+from .commands.schedule import schedule_app, server_app
 from .config import configure_environment, get_settings
 
 # rich_markup_mode=None: help texts hold task identifiers such as [refer], which rich
@@ -26,27 +27,8 @@ app = typer.Typer(help="SkyEye: train, evaluate, ship and retrain SkyEyeGPT, a r
 data_app = typer.Typer(help="The data layer: SkyEye-Synth, readers, instruction builder, DVC versions, the data gate.",
                        no_args_is_help=True, rich_markup_mode=None)
 app.add_typer(data_app, name="data")
-schedule_app = typer.Typer(help="Retraining that runs itself: Prefect deployments, schedules and triggers "
-                                "(configs/schedule.yaml), on the Prefect server at PREFECT_API_URL.",
-                           no_args_is_help=True, rich_markup_mode=None)
 app.add_typer(schedule_app, name="schedule")
-server_app = typer.Typer(help="The Prefect server and the MLflow UI on this machine.", no_args_is_help=True,
-                         rich_markup_mode=None)
 app.add_typer(server_app, name="server")
-console = Console(soft_wrap=True)  # never wrap paths and ids: people copy them
-
-
-def _say(text: str) -> None:
-    """Print library-rendered text as is (it may hold [task] identifiers, not markup)."""
-    console.print(text, markup=False, highlight=False)
-
-
-def _fail(message: str) -> None:
-    console.print("[bold red]error:[/] ", end="")
-    _say(message)
-    raise typer.Exit(2)
-
-
 @app.callback()
 def _main() -> None:
     configure_environment()
@@ -69,7 +51,7 @@ def synth(
     try:
         summary = synthesize(out, scale=scale, seed=seed, workers=workers)
     except ValueError as err:
-        _fail(str(err))
+        fail(str(err))
     console.print(f"SkyEye-Synth ({scale}, seed {seed}) written to {out} in {time.perf_counter() - start:.1f} s")
     for bench, splits in summary.items():
         console.print(f"  {bench:16s} " + ", ".join(f"{s}={n}" for s, n in splits.items()))
@@ -79,7 +61,7 @@ def _sources(values: list[str]) -> dict[str, Path]:
     out = {}
     for v in values:
         if "=" not in v:
-            _fail(f"--source {v!r}: expected NAME=PATH, e.g. rsvqa_hr=/data/RSVQA-HR")
+            fail(f"--source {v!r}: expected NAME=PATH, e.g. rsvqa_hr=/data/RSVQA-HR")
         name, path = v.split("=", 1)
         out[name.strip()] = Path(path).expanduser()
     return out
@@ -101,12 +83,12 @@ def build(
     try:
         card = build_instructions(root or s.synth_dir, out or s.instructions_dir, _sources(source or []))
     except (ValueError, DataFormatError, FileNotFoundError) as err:
-        _fail(str(err))
+        fail(str(err))
     console.print(f"built in {time.perf_counter() - start:.1f} s: stage1={card['stage1']['total']} "
                   f"stage2={card['stage2']['total']} eval files={len(card['eval'])} -> {out or s.instructions_dir}")
     for line in card["reports"]:
         if "skipped" in line:
-            _say(f"  {line}")
+            say(f"  {line}")
 
 
 @data_app.command("inspect")
@@ -117,12 +99,12 @@ def inspect(folder: Path, name: Annotated[Optional[str], typer.Option(
     from .data.records import DataFormatError
     name = name or detect_benchmark(folder)
     if not name:
-        _fail(f"{folder}: not a known benchmark layout; pass --name")
+        fail(f"{folder}: not a known benchmark layout; pass --name")
     try:
         samples, report = read_benchmark(name, folder)
     except (ValueError, DataFormatError, FileNotFoundError) as err:
-        _fail(str(err))
-    _say(report.summary())
+        fail(str(err))
+    say(report.summary())
 
 
 @data_app.command("version")
@@ -137,12 +119,12 @@ def version(
         ensure_dvc(root)
         report = version_data(root, commit=commit, message=message)
     except VersioningError as err:
-        _fail(str(err))
-    _say(report.render())
+        fail(str(err))
+    say(report.render())
     if commit:
         from flows.schedule import DATA_EVENT, emit_data_versioned
         if emit_data_versioned(report.md5, report.git_rev):
-            _say(f"announced {DATA_EVENT} for {report.md5} (a scheduled retrain starts on it)")
+            say(f"announced {DATA_EVENT} for {report.md5} (a scheduled retrain starts on it)")
 
 
 @data_app.command("history")
@@ -154,8 +136,8 @@ def history(limit: Annotated[int, typer.Option(help="Most recent versions to lis
     try:
         entries = data_history(get_settings().project_root, validation_lookup=validation_outcome, limit=limit)
     except VersioningError as err:
-        _fail(str(err))
-    _say(render_history(entries))
+        fail(str(err))
+    say(render_history(entries))
 
 
 @data_app.command("checkout")
@@ -165,8 +147,8 @@ def checkout(rev: str, force: Annotated[bool, typer.Option(help="Overwrite local
     try:
         restored = checkout_data(get_settings().project_root, rev, force=force)
     except VersioningError as err:
-        _fail(str(err))
-    _say(f"data/ restored: {restored.render()}")
+        fail(str(err))
+    say(f"data/ restored: {restored.render()}")
 
 
 @data_app.command("validate")
@@ -182,7 +164,7 @@ def validate(
     if json_out:
         print(json.dumps(result.to_dict(), indent=1, default=str))
     else:
-        _say(result.render())
+        say(result.render())
         if run_id:
             console.print(f"recorded in MLflow run {run_id}")
     if not result.success:
@@ -199,8 +181,8 @@ def backbones(model: MODEL_OPT = Path("configs/model/tiny.yaml")) -> None:
     try:
         paths = prepare_backbones(model)
     except ValueError as err:
-        _fail(str(err))
-    _say(json.dumps(paths, indent=1))
+        fail(str(err))
+    say(json.dumps(paths, indent=1))
 
 
 @app.command("train")
@@ -219,16 +201,16 @@ def train(
     from .formats.benchmarks import HELDOUT
     from .training.jobs import prepare_backbones, train_stage
     if stage not in (1, 2):
-        _fail(f"--stage {stage}: must be 1 or 2")
+        fail(f"--stage {stage}: must be 1 or 2")
     config = config or Path(f"configs/train/stage{stage}.yaml")
     try:
         paths = prepare_backbones(model)
         result = train_stage(stage, model, config, paths, init=init, num_workers=num_workers, use_gpu=gpu,
                              local=local)
     except ValueError as err:
-        _fail(str(err))
-    _say(f"stage {stage} done: MLflow run {result.run_id}\nmodel: {result.model_dir}")
-    _say(json.dumps({k: round(v, 4) for k, v in result.metrics.items()
+        fail(str(err))
+    say(f"stage {stage} done: MLflow run {result.run_id}\nmodel: {result.model_dir}")
+    say(json.dumps({k: round(v, 4) for k, v in result.metrics.items()
                      if k.startswith(HELDOUT) or k == "loss"}, indent=1))
 
 
@@ -249,10 +231,10 @@ def evaluate(
     try:
         result = run_evaluation(model, benchmarks, limit=limit, baselines=baselines, instructions=data)
     except RegistryError as err:
-        _fail(f"--model {err}")
+        fail(f"--model {err}")
     except (ValueError, FileNotFoundError) as err:  # DataFormatError is a ValueError
-        _fail(str(err))
-    _say(result.render())
+        fail(str(err))
+    say(result.render())
 
 
 @app.command("register")
@@ -267,8 +249,8 @@ def register(
     try:
         version = register_model(model_dir, eval_run)
     except ValueError as err:
-        _fail(str(err))
-    _say(f"registered {model_name()} version {version}")
+        fail(str(err))
+    say(f"registered {model_name()} version {version}")
 
 
 @app.command("promote")
@@ -281,9 +263,9 @@ def promote(
     """Move an alias to a version if configs/promotion.yaml allows; a refusal names each benchmark that failed."""
     from .registry.promotion import promote as promote_version
     try:
-        _say(promote_version(version, to, force=force, reason=reason).render())
+        say(promote_version(version, to, force=force, reason=reason).render())
     except ValueError as err:
-        _fail(str(err))
+        fail(str(err))
 
 
 @app.command("rollback")
@@ -297,15 +279,15 @@ def rollback(
     try:
         before, after = rollback_alias(alias, reason)
     except ValueError as err:
-        _fail(str(err))
-    _say(f"{model_name()}@{alias}: version {before} -> version {after}")
+        fail(str(err))
+    say(f"{model_name()}@{alias}: version {before} -> version {after}")
 
 
 @app.command("models")
 def models() -> None:
     """Registered versions with their aliases, key scores and data version."""
     from .registry.store import list_versions, render_versions
-    _say(render_versions(list_versions()))
+    say(render_versions(list_versions()))
 
 
 @app.command("audit")
@@ -318,12 +300,12 @@ def audit(
     """What a model saw and who shipped it (or: every model trained on a data version), from MLflow, git and DVC."""
     from .audit.chain import audit_data, audit_model
     if model and data:
-        _fail("give --model or --data, not both")
+        fail("give --model or --data, not both")
     try:
         result = audit_data(data) if data else audit_model(model or "production")
     except ValueError as err:
-        _fail(str(err))
-    _say(json.dumps(result.to_dict(), indent=1, default=str) if json_out else result.render())
+        fail(str(err))
+    say(json.dumps(result.to_dict(), indent=1, default=str) if json_out else result.render())
 
 
 @app.command("chat")
@@ -339,11 +321,11 @@ def chat(
     """Ask SkyEyeGPT one question about one image and print the answer."""
     from .registry.references import load, production_uri
     if not image.exists():
-        _fail(f"--image {image}: no such file")
+        fail(f"--image {image}: no such file")
     try:
         m = load(model or production_uri()).model
     except ValueError as err:
-        _fail(f"--model {err}")
+        fail(f"--model {err}")
     from PIL import Image
     if image.suffix.lower() == ".mp4":
         from .synth.video import read_frames
@@ -351,11 +333,7 @@ def chat(
     else:
         frames = [Image.open(image)]
     answer = m.ask([question], [len(frames)], m.preprocess(frames))[0]
-    _say(answer)
-
-
-def _interrupt(*_) -> None:
-    raise KeyboardInterrupt
+    say(answer)
 
 
 @app.command("serve")
@@ -382,117 +360,27 @@ def serve(
     try:
         out = serve_flow(model=model, host=host, port=port)
     except (ValueError, FileNotFoundError, RuntimeError) as err:
-        _fail(str(err))
-    _say(f"serving skyeyegpt version {out['version']} at {out['url']}/v1 (health: {out['url']}/health)")
+        fail(str(err))
+    say(f"serving skyeyegpt version {out['version']} at {out['url']}/v1 (health: {out['url']}/health)")
     if os.environ.get("RAY_ADDRESS"):
         return
     deploy.write_state(out["url"], out["version"], None if model else "production")
-    signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops it as cleanly as Ctrl-C
+    signal.signal(signal.SIGTERM, interrupt)  # `kill` stops it as cleanly as Ctrl-C
     try:
         while True:
             time.sleep(follow_every)
             if model is None and (wanted := resolve_version(production_uri())) != out["version"]:
                 out = serve_flow(model=str(wanted), host=host, port=port)
                 deploy.write_state(out["url"], out["version"], "production")
-                _say(f"production moved: now serving version {out['version']}")
+                say(f"production moved: now serving version {out['version']}")
     except KeyboardInterrupt:
-        _say("stopping")
+        say("stopping")
     finally:
         key = os.environ.get(load_serve_config().api_key_env)
         serving = deploy.served_version(out["url"], key) or out["version"]  # a rollout may have been cut short
         deploy.remove_state()
         deploy.shutdown(started_ray=True)
         deploy.record_stop(serving)
-
-
-@server_app.command("up")
-def server_up(
-    host: Annotated[str, typer.Option(help="Interface (loopback by default).")] = "127.0.0.1",
-    prefect_port: Annotated[int, typer.Option(help="Port of the Prefect server and its UI.")] = 4200,
-    mlflow_port: Annotated[int, typer.Option(help="Port of the MLflow UI.")] = 5000,
-) -> None:
-    """Start the Prefect server (state under .skyeye/prefect) and the MLflow UI beside it, print
-    their URLs, and keep them up until Ctrl-C."""
-    import signal
-
-    from flows import servers
-    try:
-        up = servers.start(host, prefect_port, mlflow_port)
-    except RuntimeError as err:
-        _fail(f"{err} (logs: {get_settings().state / 'logs'})")
-    _say(f"Prefect UI  {up.prefect_url}\n"
-         f"MLflow UI   {up.mlflow_url or 'the tracking server: ' + get_settings().tracking_uri}\n"
-         f"point the commands at it:  export PREFECT_API_URL={up.prefect_url}/api\n"
-         "then: skyeye schedule up (Ctrl-C stops the servers)")
-    signal.signal(signal.SIGTERM, _interrupt)
-    try:
-        while all(p.poll() is None for p in up.processes):
-            time.sleep(1)
-        _say("a server exited; stopping")
-    except KeyboardInterrupt:
-        _say("stopping")
-    finally:
-        up.stop()
-
-
-def _need_server() -> None:
-    from flows.schedule import NO_SERVER, api_url
-    if not api_url():
-        _fail(NO_SERVER.format(url=os.environ.get("PREFECT_API_URL") or "unset"))
-
-
-@schedule_app.command("up")
-def schedule_up() -> None:
-    """Register the deployments (retrain on a schedule and on new data, watch-production, serve)
-    and run them in this process until Ctrl-C."""
-    _need_server()
-    from flows.schedule import up
-    up()
-
-
-@schedule_app.command("status")
-def schedule_status(json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
-    """Each deployment: its schedules and triggers, paused or not, the next run, the last runs."""
-    _need_server()
-    from flows.schedule import status
-    rows = status()
-    if json_out:
-        _say(json.dumps(rows, indent=1))
-        return
-    if not rows:
-        _say("no SkyEye deployments registered: run `skyeye schedule up`")
-    from flows.schedule import last_seen, load_schedule_config
-    _say(f"production watcher (in `skyeye schedule up`): every {load_schedule_config().watch_every_s:g} s, "
-         f"last saw version {last_seen() or '-'}")
-    for r in rows:
-        _say(f"{r['deployment']}{'  (paused)' if r['paused'] else ''}\n"
-             f"  schedules  {', '.join(r['schedules']) or 'none'}\n  triggers   {', '.join(r['triggers']) or 'none'}\n"
-             f"  next run   {r['next_run'] or '-'}\n  last runs  {'; '.join(r['last_runs']) or '-'}")
-
-
-def _pause(paused: bool, deployment: str | None) -> None:
-    _need_server()
-    from flows.schedule import set_paused
-    try:
-        _say(("paused: " if paused else "resumed: ") + ", ".join(set_paused(paused, deployment)))
-    except ValueError as err:
-        _fail(str(err))
-
-
-DEPLOYMENT_ARG = Annotated[Optional[str], typer.Argument(
-    help="flow/deployment, e.g. retrain/retrain (default: all of SkyEye's).")]
-
-
-@schedule_app.command("pause")
-def schedule_pause(deployment: DEPLOYMENT_ARG = None) -> None:
-    """Pause deployments: no scheduled or triggered runs until resumed."""
-    _pause(True, deployment)
-
-
-@schedule_app.command("resume")
-def schedule_resume(deployment: DEPLOYMENT_ARG = None) -> None:
-    """Resume paused deployments."""
-    _pause(False, deployment)
 
 
 def main() -> None:  # pragma: no cover - console entry point

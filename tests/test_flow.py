@@ -115,6 +115,11 @@ def test_retrain_flow_trains_both_stages_after_the_gate(project):
         changed = retrain(**kwargs)  # stage 2's config changed
         shutil.rmtree(changed["stage2_model"])
         dangling = retrain(**kwargs)  # stage 2's result deleted
+        from prefect import get_client
+        from prefect.client.schemas.filters import ArtifactCollectionFilter, ArtifactCollectionFilterKey
+        with get_client(sync_client=True) as prefect:  # what the last run shows in the Prefect UI
+            shown = {a.key: a.data for a in prefect.read_latest_artifacts(artifact_filter=ArtifactCollectionFilter(
+                key=ArtifactCollectionFilterKey(any_=["retrain-data", "retrain-benchmarks", "retrain-promotion"])))}
     assert set(out["steps"].values()) == {"ran"}
     assert {s for s, how in again["steps"].items() if how == "ran"} == {"version"}
     assert again["model_version"] == out["model_version"] and again["eval_run"] == out["eval_run"]
@@ -123,6 +128,15 @@ def test_retrain_flow_trains_both_stages_after_the_gate(project):
     assert changed["stage1_model"] == out["stage1_model"] and changed["stage2_model"] != out["stage2_model"]
     assert {s for s, how in dangling["steps"].items() if how == "ran"} == downstream
     assert Path(dangling["stage2_model"], "skyeyegpt.json").exists()
+    from skyeye.formats.benchmarks import EVAL_KEYS
+    table = json.loads(shown["retrain-benchmarks"]) if isinstance(shown["retrain-benchmarks"], str) \
+        else shown["retrain-benchmarks"]
+    assert sorted(row["benchmark"] for row in table) == sorted(EVAL_KEYS)
+    assert all({"candidate", "production", "vs production", "trivial baseline", "vs trivial"} <= set(row)
+               for row in table)
+    assert dangling["data_md5"] in shown["retrain-data"] and dangling["validation_run"] in shown["retrain-data"]
+    assert f"version {dangling['model_version']}" in shown["retrain-promotion"]
+    assert dangling["eval_run"] in shown["retrain-promotion"] and "### Decision" in shown["retrain-promotion"]
     children = client.search_runs([client.get_run(out["tuning_run"]).info.experiment_id],
                                   filter_string=f"tags.mlflow.parentRunId = '{out['tuning_run']}'")
     assert sorted(r.info.run_name for r in children) == ["backbones", "stage1", "stage2"]
