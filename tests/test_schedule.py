@@ -84,7 +84,9 @@ def scheduled(tmp_path_factory):
         env |= {"PREFECT_API_URL": api}
         runner = subprocess.Popen([str(BIN / "skyeye"), "schedule", "up"], cwd=root, env=env, start_new_session=True,
                                   stdout=open(logs / "schedule-up.log", "w"), stderr=subprocess.STDOUT)
-        with pytest.MonkeyPatch.context() as mp:
+        # Prefect reads its settings once per process: earlier tests' servers must not answer here
+        from prefect.settings import PREFECT_API_URL, temporary_settings
+        with pytest.MonkeyPatch.context() as mp, temporary_settings({PREFECT_API_URL: api}):
             for key, value in env.items():
                 mp.setenv(key, value)
             for key in [k for k in os.environ if k.startswith(("MLFLOW_", "RAY_"))]:
