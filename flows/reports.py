@@ -19,14 +19,6 @@ def _link(run_id: str | None, text: str | None = None) -> str:
         return f"{text or run_id} (run not found)"
 
 
-def production_version() -> int | None:
-    from skyeye.registry.references import RegistryError, aliases, model_name
-    try:
-        return aliases(runs.client(), model_name()).get("production")
-    except RegistryError:  # nothing registered yet
-        return None
-
-
 def data_artifact(md5: str, validation_run: str) -> None:
     url = runs.run_url(validation_run)
     create_markdown_artifact(key="retrain-data", description="data version and gate", markdown="\n".join([

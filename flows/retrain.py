@@ -212,7 +212,8 @@ def retrain(data_config: str = "configs/data.yaml", scale: str | None = None, tr
             runs.client().delete_run(parent)  # nothing ran in it: the job that trained this model is the one
             out["tuning_run"] = runs.client().get_run(eval_run).data.tags.get(TAG_TUNING_JOB, parent)
         version = run_step(steps, force, register_task, stage2, eval_run)  # only reached when evaluation finished
-        production_before = reports.production_version()
+        from skyeye.registry.references import production_version
+        production_before = production_version()
         reports.scoreboard_artifact(version, production_before)
         decision = run_step(steps, force, promote_task, version, str(settings.promotion_policy)) if promote \
             else {"alias": "none", "decisions": ["not asked to promote (--no-promote)"]}

@@ -106,12 +106,8 @@ def watch_production() -> int | None:
     from prefect.events import emit_event
     from prefect.variables import Variable
 
-    from skyeye.registry.references import RegistryError, aliases, model_name
-    from skyeye.tracking import runs
-    try:
-        current = aliases(runs.client(), model_name()).get("production")
-    except RegistryError:
-        return None
+    from skyeye.registry.references import model_name, production_version
+    current = production_version()
     seen = Variable.get(SEEN_VARIABLE, default=None)
     if current is not None and seen != current:
         if seen is not None:

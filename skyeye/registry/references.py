@@ -69,6 +69,14 @@ def aliases(client: MlflowClient, name: str) -> dict[str, int]:
         raise RegistryError(f"no model registered as {name!r} yet (register an evaluated model first)") from None
 
 
+def production_version() -> int | None:
+    """The version the production alias points at; None before anything is registered or promoted."""
+    try:
+        return aliases(runs.client(), model_name()).get("production")
+    except RegistryError:
+        return None
+
+
 def version_exists(client: MlflowClient, name: str, version: int) -> int:
     try:
         client.get_model_version(name, str(version))
