@@ -19,6 +19,7 @@ Schedules and triggers need a real Prefect server; Prefect's temporary server ha
 """
 from __future__ import annotations
 
+import asyncio
 import os
 import threading
 from datetime import UTC, datetime
@@ -192,10 +193,25 @@ def status() -> list[dict]:
                         if any(str(getattr(act, "deployment_id", "")) == str(d.id) for act in a.actions)]
             rows.append({"deployment": f"{flows[d.flow_id]}/{d.name}", "paused": d.paused,
                          "schedules": [_schedule_text(s.schedule) for s in d.schedules], "triggers": triggers,
-                         "next_run": upcoming[0].expected_start_time.isoformat() if upcoming else None,
+                         "next_run": None if d.paused else (upcoming[0].expected_start_time.isoformat()
+                                                           if upcoming else _next_from_schedules(d)),
                          "last_runs": [f"{r.name} {r.state_name} {_when(r.start_time or r.expected_start_time)}"
                                        for r in recent]})
     return rows
+
+
+def _next_from_schedules(deployment) -> str | None:
+    """The next start by the deployment's own active schedules. The server fills in scheduled runs
+    only on its scheduler's next pass (every 60 s by default), so a fresh deployment has none yet."""
+    from prefect.server.schemas import schedules as server_schedules  # the server's own date rules
+    kinds = {"CronSchedule": server_schedules.CronSchedule, "IntervalSchedule": server_schedules.IntervalSchedule,
+             "RRuleSchedule": server_schedules.RRuleSchedule}
+    dates = []
+    for row in deployment.schedules:
+        kind = kinds.get(type(row.schedule).__name__)
+        if row.active and kind:
+            dates += asyncio.run(kind.model_validate(row.schedule.model_dump()).get_dates(1))
+    return min(dates).isoformat() if dates else None
 
 
 def _schedule_text(schedule) -> str:

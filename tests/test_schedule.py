@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -18,20 +17,11 @@ import httpx
 import pytest
 import yaml
 from processes import free_port, stop_group
+from projects import REPO, write_project
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-TINY_MODEL = {"vision": {"image_size": 64}, "lora": {"r": 8, "alpha": 16},
-              "backbones": {"vision": {"image_size": 64, "patch_size": 16, "hidden_size": 64, "layers": 1, "heads": 2},
-                            "llm": {"hidden_size": 64, "layers": 2, "heads": 2, "intermediate_size": 128},
-                            "vocab_size": 400, "vision_seconds": 2, "llm_seconds": 2, "vision_batch": 8,
-                            "llm_batch": 8}}
-
-
-
-
 def _wait_for(what: str, check, timeout: float = 300, every: float = 1.0):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -43,25 +33,11 @@ def _wait_for(what: str, check, timeout: float = 300, every: float = 1.0):
 
 
 def _project(root: Path) -> None:
-    (root / "configs/model").mkdir(parents=True)
-    (root / "configs/data.yaml").write_text(yaml.safe_dump({"scale": "tiny", "seed": 0}))
-    (root / "configs/model/test.yaml").write_text(yaml.safe_dump(TINY_MODEL))
-    for n, data in ((1, "stage1.json"), (2, "stage2.json")):
-        (root / f"configs/stage{n}.yaml").write_text(yaml.safe_dump(
-            {"stage": n, "data": data, "max_steps": 4, "warmup_steps": 1, "batch_size": 4, "log_every": 2,
-             "checkpoint_every": 4, "held_out": {"samples": 4, "every_steps": 4}}))
-    # floors at zero: the dim-64 model scores ~0, and the promotion path must run to the end
-    (root / "configs/promotion.yaml").write_text(yaml.safe_dump(
-        {"staging": {"floor": 0.0, "task_floors": {"caption": 0.0, "vqa": 0.0, "grounding": 0.0}}}))
-    (root / "configs/schedule.yaml").write_text(yaml.safe_dump({
+    write_project(root, schedule={
         "retrain": {"cron": "0 3 * * 1", "when_busy": "enqueue",
                     "parameters": {"model_file": "configs/model/test.yaml", "stage1_file": "configs/stage1.yaml",
                                    "stage2_file": "configs/stage2.yaml", "num_workers": 1, "eval_limit": 3}},
-        "watch_every_s": 2}))
-    shutil.copy(REPO / ".gitignore", root / ".gitignore")
-    (root / "mlruns").mkdir()
-    shutil.copy(REPO / "mlruns/.gitignore", root / "mlruns/.gitignore")
-    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
+        "watch_every_s": 2})
 
 
 @pytest.fixture(scope="module")
@@ -149,8 +125,36 @@ def test_deployments_are_listed_with_schedules_and_triggers(scheduled):
     assert set(rows) == {"retrain/retrain", "rollout/serve"}
     assert rows["retrain/retrain"]["schedules"] == ["cron 0 3 * * 1 (UTC)"]
     assert rows["retrain/retrain"]["triggers"] == ["retrain on a new data version"]
-    assert rows["retrain/retrain"]["next_run"]  # the next Monday 03:00
+    _assert_next_monday_3am(rows["retrain/retrain"]["next_run"])
     assert rows["rollout/serve"]["triggers"] == ["serve the new production"]
+    assert rows["rollout/serve"]["next_run"] is None  # event-driven only
+
+
+def _assert_next_monday_3am(text: str | None) -> None:
+    from datetime import UTC, datetime, timedelta
+    assert text, "no next run"
+    when = datetime.fromisoformat(text).astimezone(UTC)
+    now = datetime.now(UTC)
+    assert (when.weekday(), when.hour, when.minute) == (0, 3, 0) and now < when <= now + timedelta(days=7), text
+
+
+def test_pause_and_resume(scheduled):
+    root, env = scheduled["root"], scheduled["env"]
+
+    def run(*args):
+        out = subprocess.run([str(BIN / "skyeye"), "schedule", *args], cwd=root, env=env, capture_output=True,
+                             text=True, timeout=120)
+        assert out.returncode == 0, out.stdout + out.stderr
+        return {r["deployment"]: r for r in _status(root, env)}
+
+    try:
+        rows = run("pause", "retrain/retrain")
+        assert rows["retrain/retrain"]["paused"] and rows["retrain/retrain"]["next_run"] is None
+        assert not rows["rollout/serve"]["paused"]
+    finally:
+        rows = run("resume", "retrain/retrain")
+    assert not rows["retrain/retrain"]["paused"]
+    _assert_next_monday_3am(rows["retrain/retrain"]["next_run"])
 
 
 def test_a_run_through_the_api_completes_and_the_next_reuses_every_step(scheduled):

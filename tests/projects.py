@@ -1,0 +1,36 @@
+"""A throwaway SkyEye project for tests that run whole flows against real servers: tiny
+synthetic corpus, a dim-64 model, short stages, floors at zero (the tiny model scores about
+0 and the promotion path must run to the end), its own git repository."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_MODEL = {"vision": {"image_size": 64}, "lora": {"r": 8, "alpha": 16},
+              "backbones": {"vision": {"image_size": 64, "patch_size": 16, "hidden_size": 64, "layers": 1, "heads": 2},
+                            "llm": {"hidden_size": 64, "layers": 2, "heads": 2, "intermediate_size": 128},
+                            "vocab_size": 400, "vision_seconds": 2, "llm_seconds": 2, "vision_batch": 8,
+                            "llm_batch": 8}}
+
+
+def write_project(root: Path, max_steps: int = 4, checkpoint_every: int = 4, schedule: dict | None = None) -> Path:
+    (root / "configs/model").mkdir(parents=True)
+    (root / "configs/data.yaml").write_text(yaml.safe_dump({"scale": "tiny", "seed": 0}))
+    (root / "configs/model/test.yaml").write_text(yaml.safe_dump(TINY_MODEL))
+    for n, data in ((1, "stage1.json"), (2, "stage2.json")):
+        (root / f"configs/stage{n}.yaml").write_text(yaml.safe_dump(
+            {"stage": n, "data": data, "max_steps": max_steps, "warmup_steps": 1, "batch_size": 4, "log_every": 2,
+             "checkpoint_every": checkpoint_every, "held_out": {"samples": 4, "every_steps": max_steps}}))
+    (root / "configs/promotion.yaml").write_text(yaml.safe_dump(
+        {"staging": {"floor": 0.0, "task_floors": {"caption": 0.0, "vqa": 0.0, "grounding": 0.0}}}))
+    if schedule is not None:
+        (root / "configs/schedule.yaml").write_text(yaml.safe_dump(schedule))
+    shutil.copy(REPO / ".gitignore", root / ".gitignore")
+    (root / "mlruns").mkdir()
+    shutil.copy(REPO / "mlruns/.gitignore", root / "mlruns/.gitignore")
+    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
+    return root
