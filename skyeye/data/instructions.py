@@ -25,7 +25,17 @@ from ..formats.benchmarks import BENCHMARKS, SCORED_SPLITS, TASK
 from ..formats.boxes import box_text, boxes_text
 from ..formats.files import folder_in_place
 from .readers import detect_benchmark, read_benchmark
-from .records import CaptionSample, GroundingSample, ReadReport, Sample, VQASample
+from .records import (
+    BOX_CLIPPED,
+    BOX_OUTSIDE,
+    BOX_POLICY,
+    MAX_EXAMPLES,
+    CaptionSample,
+    GroundingSample,
+    ReadReport,
+    Sample,
+    VQASample,
+)
 
 VIDEO_FRAMES = 4  # frames sampled per clip (the model sees a video as a few frames)
 # DIOR-style class names -> words for [detection] phrases (unknown names are used as they are)
@@ -95,7 +105,7 @@ class Builder:
             self.add1("refer", s, [_human(f"[refer] {ask}", True), _gpt(box)], 0)
             ask = prompts.pick("identify", s.id).format(box=box)
             self.add1("identify", s, [_human(f"[identify] {ask}", True), _gpt(s.expression)], 0)
-        for image, group in _by_image(samples).items():
+        for _image, group in _by_image(samples).items():
             by_class: dict[str, list[GroundingSample]] = defaultdict(list)
             for s in group:
                 by_class[s.category].append(s)
@@ -118,7 +128,7 @@ class Builder:
 
     def grounding_conversations(self, samples: list[GroundingSample]) -> None:
         """DIOR-Conversa style: scene (counts, presence), object ([refer]), region ([identify])."""
-        for image, group in _by_image(samples).items():
+        for _image, group in _by_image(samples).items():
             rng = np.random.default_rng(zlib.crc32(str(group[0].id).encode()))
             counts = Counter(s.category for s in group)
             w, h = group[0].image_size
@@ -153,7 +163,7 @@ class Builder:
 
     def vqa_conversations(self, samples: list[VQASample]) -> None:
         """Several questions of different types about one image."""
-        for image, group in _by_image(samples).items():
+        for _image, group in _by_image(samples).items():
             rng = np.random.default_rng(zlib.crc32(str(group[0].id).encode()))
             cands = [(f"[vqa] {s.question}", s.answer) for s in group]
             if len(cands) >= 3:
@@ -304,6 +314,14 @@ def _write_json(path: Path, obj) -> None:
 
 
 def data_card(b: Builder, eval_counts: dict[str, int], reports: list[ReadReport]) -> dict:
+    """Counts per stage, task and source; evaluation files; what the readers left out.
+
+    `skipped` (benchmark -> reason -> rows) is always there. Only when some reader clipped
+    a row or named offending rows do `clipped` (benchmark -> reason -> rows kept after
+    clipping), `examples` (benchmark -> reason -> the first few rows, file and field) and,
+    for boxes that left their image, `box_policy` (`records.BOX_POLICY`) appear: a corpus
+    without such rows keeps its card byte for byte.
+    """
     def counts(samples):
         return {"total": len(samples), "by_task": dict(sorted(Counter(s["task"] for s in samples).items())),
                 "by_source": dict(sorted(Counter(s["source"] for s in samples).items()))}
@@ -311,14 +329,29 @@ def data_card(b: Builder, eval_counts: dict[str, int], reports: list[ReadReport]
     for r in reports:
         for reason, n in r.skipped.items():
             skipped[r.benchmark][reason] = skipped[r.benchmark].get(reason, 0) + n
-    return {"stage1": counts(b.stage1), "stage2": counts(b.stage2), "eval": dict(sorted(eval_counts.items())),
+    card = {"stage1": counts(b.stage1), "stage2": counts(b.stage2), "eval": dict(sorted(eval_counts.items())),
             "skipped": dict(sorted(skipped.items()))}
+    clipped: dict[str, Counter] = defaultdict(Counter)
+    examples: dict[str, dict[str, list[str]]] = defaultdict(dict)
+    for r in reports:
+        clipped[r.benchmark].update(r.clipped)
+        for reason, rows in r.examples.items():
+            shown = examples[r.benchmark].setdefault(reason, [])
+            shown += rows[:MAX_EXAMPLES - len(shown)]
+    if any(clipped.values()):
+        card["clipped"] = {k: dict(sorted(v.items())) for k, v in sorted(clipped.items()) if v}
+    if any(examples.values()):
+        card["examples"] = {k: dict(sorted(v.items())) for k, v in sorted(examples.items()) if v}
+    if any(BOX_CLIPPED in v for v in clipped.values()) or any(BOX_OUTSIDE in v for v in skipped.values()):
+        card["box_policy"] = BOX_POLICY
+    return card
 
 
 def render_card(card: dict) -> str:
     lines = ["# Data card: SkyEye instruction set", "",
              "Built by `skyeye data build` from the benchmark folders (SkyEye-Synth unless real data was given).", ""]
-    for stage, title in (("stage1", "Stage 1: single-task instructions"), ("stage2", "Stage 2: multi-task conversations")):
+    for stage, title in (("stage1", "Stage 1: single-task instructions"),
+                         ("stage2", "Stage 2: multi-task conversations")):
         c = card[stage]
         lines += [f"## {title} ({c['total']} samples)", "", "| task | samples | sources |", "|---|---|---|"]
         lines += [f"| {task} | {n} | |" for task, n in c["by_task"].items()]
@@ -331,4 +364,14 @@ def render_card(card: dict) -> str:
         lines += ["", "## Rows left out by the readers", "", "| benchmark | reason | rows |", "|---|---|---|"]
         for bench, reasons in card["skipped"].items():
             lines += [f"| {bench} | {reason} | {n} |" for reason, n in sorted(reasons.items())]
+    if card.get("clipped"):
+        lines += ["", "## Rows kept after clipping", "", "| benchmark | reason | rows |", "|---|---|---|"]
+        for bench, reasons in card["clipped"].items():
+            lines += [f"| {bench} | {reason} | {n} |" for reason, n in reasons.items()]
+    if card.get("examples"):
+        lines += ["", "## Examples of the rows above (file and field)", ""]
+        for bench, reasons in card["examples"].items():
+            lines += [f"- {bench}, {reason}: `{row}`" for reason, rows in reasons.items() for row in rows]
+    if card.get("box_policy"):
+        lines += ["", f"Boxes and the image edge: {card['box_policy']}"]
     return "\n".join(lines) + "\n"

@@ -4,6 +4,12 @@ Layout: `Annotations/*.xml`, `JPEGImages/`, and split files `train.txt`, `val.tx
 `test.txt` with one integer per line. Each `<object>` is one sample; the integers index
 a running count of objects over the XML files sorted by file name. RSVG's own release
 layout was not available to us, so it is read in this same layout.
+
+A box that leaves its image (the XML's `size`) goes by `records.fit_box`: an edge over by
+at most max(1 px, 1% of the side) is clipped to the image and counted as clipped; further
+out the object is skipped and counted as "box outside the image", with the file, object and
+offending field as an example (`Annotations/00004.xml object[0]/bndbox: xmax=4000 > width=800`).
+An image all of whose objects are skipped so contributes no sample, as with any other skip.
 """
 from __future__ import annotations
 
@@ -14,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..formats.benchmarks import SPLITS
-from .records import Box, DataFormatError, GroundingSample, ReadReport
+from .records import BOX_CLIPPED, BOX_OUTSIDE, Box, DataFormatError, GroundingSample, ReadReport, fit_box
 
 VOC_SPLITS = SPLITS["dior_rsvg"]  # split files train.txt, val.txt, test.txt (RSVG alike)
 
@@ -78,7 +84,8 @@ def parse_annotation(path: Path) -> VocAnnotation:
         if description is None:
             raise DataFormatError(path, f"{where}/description", "missing")
         objects.append(VocObject(_text(obj, "name", path, where), box, description.strip()))  # type: ignore[arg-type]
-    return VocAnnotation(filename.strip() if filename and filename.strip() else None, (dims[0], dims[1]), tuple(objects))
+    name = filename.strip() if filename and filename.strip() else None
+    return VocAnnotation(name, (dims[0], dims[1]), tuple(objects))
 
 
 def load_split_indices(folder: Path, n_objects: int | None = None) -> dict[str, list[int]]:
@@ -146,6 +153,11 @@ def read_voc(
             if not (x1 < x2 and y1 < y2):
                 report.skip("degenerate box")
                 continue
+            fit = fit_box(obj.box, ann.size)
+            where = f"{xml.relative_to(root).as_posix()} object[{k}]/bndbox"
+            if fit.status == "outside":
+                report.skip(BOX_OUTSIDE, example=f"{where}: {fit.detail}")
+                continue
             if not obj.description:
                 report.skip("object without description")
                 continue
@@ -153,10 +165,12 @@ def read_voc(
             if image is None:
                 report.skip("missing image file")
                 continue
+            if fit.status == "clipped":  # counted once the object is kept
+                report.clip(BOX_CLIPPED, example=f"{where}: {fit.detail}")
             samples.append(
                 GroundingSample(
                     benchmark, split, f"{xml.stem}_{k}", image,
-                    expression=obj.description, box=obj.box, image_size=ann.size, category=obj.name,
+                    expression=obj.description, box=fit.box or obj.box, image_size=ann.size, category=obj.name,
                 )
             )
             kept += 1

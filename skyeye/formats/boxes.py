@@ -13,7 +13,11 @@ BOX_LIKE_RE = re.compile(r"\{\s*<[^{}]*\}")
 
 
 def to_grid(box: tuple[float, float, float, float], width: int, height: int) -> tuple[int, int, int, int]:
-    """Pixels -> grid integers, truncated; a box thinner than one grid cell keeps width 1."""
+    """Pixels -> grid integers, truncated; a box thinner than one grid cell keeps width 1.
+
+    Values are clamped to 0-100, so a box must be checked against its image before it gets
+    here: the readers do (`skyeye.data.records.fit_box`: clipped within a tolerance, else
+    skipped and reported); the clamp only keeps predicted or rounded boxes on the grid."""
     x1, y1, x2, y2 = box
     g = [int(x1 / width * GRID), int(y1 / height * GRID), int(x2 / width * GRID), int(y2 / height * GRID)]
     g = [min(max(v, 0), GRID) for v in g]
