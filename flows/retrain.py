@@ -261,8 +261,10 @@ if __name__ == "__main__":
     parser.add_argument("--eval-limit", type=int, default=None, help="samples per bench split (default: all)")
     parser.add_argument("--no-promote", action="store_true", help="register, but move no alias")
     parser.add_argument("--force", action="store_true", help="recompute every step, reusing nothing")
+    parser.add_argument("--no-rollout", action="store_true", help="do not serve a new production at the end")
     args = parser.parse_args()
     print(summary(retrain(data_config=args.data_config, scale=args.scale, train=not args.data_only,
                           model_file=args.model_config, stage1_file=args.stage1_config,
                           stage2_file=args.stage2_config, num_workers=args.num_workers,
-                          eval_limit=args.eval_limit, promote=not args.no_promote, force=args.force)))
+                          eval_limit=args.eval_limit, promote=not args.no_promote, force=args.force,
+                          rollout=not args.no_rollout)))

@@ -17,6 +17,7 @@ from typing import Annotated, Optional
 import typer
 
 from .commands.console import console, fail, interrupt, say
+from .commands.doctor import doctor
 from .commands.schedule import schedule_app, server_app
 from .config import configure_environment, get_settings
 
@@ -29,6 +30,7 @@ data_app = typer.Typer(help="The data layer: SkyEye-Synth, readers, instruction 
 app.add_typer(data_app, name="data")
 app.add_typer(schedule_app, name="schedule")
 app.add_typer(server_app, name="server")
+app.command("doctor")(doctor)
 @app.callback()
 def _main() -> None:
     configure_environment()
@@ -87,7 +89,7 @@ def build(
     console.print(f"built in {time.perf_counter() - start:.1f} s: stage1={card['stage1']['total']} "
                   f"stage2={card['stage2']['total']} eval files={len(card['eval'])} -> {out or s.instructions_dir}")
     for line in card["reports"]:
-        if "skipped" in line:
+        if "skipped" in line or "clipped" in line:
             say(f"  {line}")
 
 

@@ -3,8 +3,8 @@
 Every path and service address has an embedded default (one machine: SQLite MLflow
 under `mlruns/`, Prefect's ephemeral server with state under `.skyeye/`, a local Ray,
 a local DVC remote). Environment variables with the `SKYEYE_` prefix, or the
-services' own variables (`MLFLOW_TRACKING_URI`, `PREFECT_API_URL`, `RAY_ADDRESS`),
-point the same code at servers.
+services' own variables (`MLFLOW_TRACKING_URI`, `PREFECT_API_URL`, `RAY_ADDRESS`,
+`AWS_ENDPOINT_URL`), point the same code at servers; `skyeye doctor` shows which is in use.
 """
 from __future__ import annotations
 
@@ -39,6 +39,9 @@ class Settings(BaseSettings):
         None, description="Local state (Prefect home, GX context, caches); default <root>/.skyeye.")
     dvc_remote_url: str | None = Field(
         None, description="Any DVC remote URL (s3://..., /mnt/share/...). Unset: the committed local remote.")
+    ray_storage: str | None = Field(
+        None, description="Where Ray Train keeps checkpoints. Unset: <state>/ray_results, fine on one machine; "
+                          "a cluster needs storage every node reaches (s3://bucket/path, an NFS mount).")
     mlflow_tracking_uri: str | None = Field(
         None, description="Unset: MLFLOW_TRACKING_URI, else SQLite under <root>/mlruns/.")
     mlflow_ui_url: str = Field("http://127.0.0.1:5000", description="Where links to runs point when the "

@@ -53,6 +53,11 @@ def toy_loop(ctx: TrainContext, config: dict) -> dict:
         if kill and ctx.rank == kill["rank"] and step == kill["step"] and not (out / "killed").exists():
             (out / "killed").touch()  # only the first attempt dies
             os.kill(os.getpid(), signal.SIGKILL)
+        gate = config.get("gate")  # rank 0 waits here once, at this step, for the test to act
+        if gate and ctx.rank == 0 and step == gate["step"] and not Path(gate["go"]).exists():
+            Path(gate["reached"]).touch()
+            while not Path(gate["go"]).exists():
+                time.sleep(0.1)
         writer = None
         if step % config["every"] == 0 or step == config["steps"]:
             def writer(folder: Path, step: int = step) -> None:

@@ -5,9 +5,9 @@ against the policy, or forced with a recorded reason) and `rollback`.
 Apart from `store` because the policy and its records are a component of their own; this
 module reads versions, aliases and evaluation runs through `store` and `references`
 (which never import it). Every promotion and rollback is recorded as tags on the version
-it concerns, written before the alias moves, under the registry's file lock: so
-promotions are safe between processes of one machine sharing the state folder (the
-embedded store's case).
+it concerns, written before the alias moves, under the registry's lock (`store.lock`: on a
+tracking server one that every machine sees): of two promotions at once, the second waits,
+then judges its candidate against the version the first put there.
 """
 from __future__ import annotations
 

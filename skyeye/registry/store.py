@@ -5,15 +5,15 @@ version listing. The aliases `staging` / `production` are moved by `promotion`
 
 Links live in MLflow only (no side ledger): a version's tags name its evaluation run,
 training run, tuning job and data version; the evaluation run is tagged with the version.
-Registrations and promotions are serialized by a file lock under the state folder, so
-they are safe between processes of one machine sharing that folder (the embedded
-store's case).
+Registrations and promotions are serialized by a lock: on a tracking server, a lock entry
+in its registry that every machine sees; on the embedded store, a file under the state folder.
 """
 from __future__ import annotations
 
 import getpass
 import json
 import tempfile
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -50,6 +50,7 @@ ALIASES = ("staging", "production")
 ARTIFACT_NAME = "skyeyegpt"
 KEY_SCORES = tuple(primary_metric(k) for k in ("dior_rsvg_test", "rsvqa_lr_test", "ucm_captions_test"))
 LOCK_TIMEOUT_S = 120
+LOCK_STALE_S = 600  # a registry lock older than this was left by a holder that died
 
 
 def now() -> str:
@@ -98,7 +99,13 @@ def _in_run(run_id: str):
 
 @contextmanager
 def lock(name: str, what: str = "promotion"):
-    """One holder at a time per model (and per kind of change) among processes sharing the state folder."""
+    """One holder at a time per model (and per kind of change). On a tracking server, which
+    processes on many machines share, the lock lives in the registry itself; on the embedded
+    store, a file under the state folder."""
+    if runs.client().tracking_uri.startswith(("http://", "https://")):
+        with _registry_lock(name, what):
+            yield
+        return
     from filelock import FileLock, Timeout
     path = get_settings().state / f"registry-{name}-{what}.lock"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -111,6 +118,41 @@ def lock(name: str, what: str = "promotion"):
         yield
     finally:
         lock.release()
+
+
+@contextmanager
+def _registry_lock(name: str, what: str):
+    """A mutex every client of one tracking server shares: creating a registered model is
+    atomic in its database (names are unique), so the creator holds the lock; deleting it
+    releases it. A holder that died leaves it behind: after LOCK_STALE_S it is taken over."""
+    client, lock_name = runs.client(), f"{name}.lock.{what}"
+    deadline = time.monotonic() + LOCK_TIMEOUT_S
+    while True:
+        try:
+            client.create_registered_model(lock_name, tags={"holder": user(), "at": str(time.time())},
+                                           description=f"held during a {what} of {name}; deleted when done")
+            break
+        except MlflowException as err:
+            if err.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        try:
+            held = client.get_registered_model(lock_name)
+            if time.time() - float(held.tags.get("at", time.time())) > LOCK_STALE_S:
+                client.delete_registered_model(lock_name)  # a dead holder's; the next create decides
+                continue
+        except MlflowException:
+            continue  # released in between
+        if time.monotonic() > deadline:
+            raise RegistryError(f"another {what} of {name} has held the lock {lock_name} on {client.tracking_uri} "
+                                f"for {LOCK_TIMEOUT_S} s; try again") from None
+        time.sleep(0.5)
+    try:
+        yield
+    finally:
+        try:
+            client.delete_registered_model(lock_name)
+        except MlflowException:
+            pass  # taken over as stale: the record of this change is already written
 
 
 def register(model_dir: str | Path | None, eval_run_id: str, training_run_id: str | None = None,

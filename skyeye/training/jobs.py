@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..config import Settings, get_settings, git_revision
 from ..datagate.expectations import validate
@@ -24,6 +25,9 @@ from ..model.config import ModelConfig, load_model_config
 from ..model.skyeyegpt import ALIGNMENT_FILE, META_FILE
 from ..registry.references import model_folder, training_run_of
 from ..tracking import runs
+
+if TYPE_CHECKING:  # ray_train imports torch and Ray; jobs imports it where it trains
+    from .ray_train import FitResult
 from ..tracking.names import (
     DATASET_NAME,
     KIND_BACKBONES,
@@ -165,12 +169,12 @@ def progress_bar(run_id: str, cfg: StageConfig, desc: str):
         while not done.wait(5):
             try:
                 metrics = client.get_run(run_id).data.metrics
-            except Exception:  # noqa: BLE001 - a busy store must not stop training
+                steps = 0 if cfg.time_budget_s or not metrics else len(client.get_metric_history(run_id, "loss"))
+            except Exception:  # noqa: BLE001 - a busy or restarting store must not stop training
                 continue
             if not metrics:
                 continue
-            bar.n = min(int(metrics.get("elapsed_s", 0)) if cfg.time_budget_s else
-                        len(client.get_metric_history(run_id, "loss")) * cfg.log_every, total)
+            bar.n = min(int(metrics.get("elapsed_s", 0)) if cfg.time_budget_s else steps * cfg.log_every, total)
             shown = {"loss": round(metrics["loss"], 3)} if "loss" in metrics else {}
             shown |= {key: round(metrics[HELDOUT + primary_metric(key)], 1) for key in EVAL_KEYS
                       if HELDOUT + primary_metric(key) in metrics}
@@ -195,11 +199,14 @@ def _log_params(run_id: str, loop_config: dict, fit: dict) -> None:
         client.log_param(run_id, key[:250], value[:6000])
 
 
-def _log_result(run_id: str, model_dir: str, loop_config: dict, seconds: float, startup_s: float) -> None:
-    """The trained parts, the resolved config and the loss curves, as the stage run's artifacts."""
+def _log_result(run_id: str, model_dir: str, loop_config: dict, seconds: float, result: FitResult) -> None:
+    """The trained parts, the resolved config and the loss curves, as the stage run's artifacts;
+    with how it ran: worker-group restarts from a checkpoint (a lost worker or node; -1 if
+    unknown) and the Ray nodes its workers used."""
     client = runs.client()
     client.set_tag(run_id, TAG_MODEL_DIR, model_dir)
-    runs.log_metrics(run_id, {"wall_s": seconds, "startup_s": startup_s})
+    runs.log_metrics(run_id, {"wall_s": seconds, "startup_s": result.startup_seconds, "restarts": result.restarts,
+                              "nodes": result.nodes})
     for name in (ALIGNMENT_FILE, META_FILE):
         client.log_artifact(run_id, str(Path(model_dir) / name), "model")
     for name in ("adapter", "tokenizer"):
@@ -241,7 +248,7 @@ def train_stage(stage: int, model_cfg: ModelConfig | str | Path, stage_cfg: Stag
     with job as parent, runs.tracked_run(TUNING_EXPERIMENT, f"stage{stage}", tags, parent=parent, settings=s) as run_id:
         fit_cfg = FitConfig(num_workers=num_workers, use_gpu=use_gpu, run_name=f"stage{stage}-{run_id[:8]}",
                             mlflow_tracking_uri=s.tracking_uri, mlflow_run_id=run_id,
-                            storage_path=str(s.state / "ray_results"))
+                            storage_path=s.ray_storage or str(s.state / "ray_results"))
         _log_params(run_id, loop_config, {"num_workers": num_workers, "use_gpu": use_gpu, "local": local})
         log_data_input(run_id, instructions, md5, rev)
         started = time.perf_counter()
@@ -250,7 +257,7 @@ def train_stage(stage: int, model_cfg: ModelConfig | str | Path, stage_cfg: Stag
         if result.checkpoint_dir is None:
             raise RuntimeError(f"stage {stage}: training ended without a checkpoint")
         model_dir = str(result.checkpoint_dir)
-        _log_result(run_id, model_dir, loop_config, time.perf_counter() - started, result.startup_seconds)
+        _log_result(run_id, model_dir, loop_config, time.perf_counter() - started, result)
     return StageResult(run_id, model_dir, result.metrics)
 
 

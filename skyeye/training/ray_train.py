@@ -28,6 +28,7 @@ import shutil
 import tempfile
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -40,6 +41,7 @@ _HEALTH_CHECK_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 _HEALTH_CHECK_S = "0.1"  # default 2 s: every checkpoint report would wait that long
 _FLUSH_EVERY_S = 10.0  # MLflow flush cadence between checkpoints (plus at every checkpoint)
 _MLFLOW_BATCH = 1000  # MLflow's log_batch limit on metrics per call
+_DRAIN_S = 600.0  # at the end of a loop, how long buffered metrics wait for a tracking server that is away
 
 CheckpointWriter = Callable[[Path], None]
 
@@ -49,7 +51,7 @@ class FitConfig:
     num_workers: int = 2
     use_gpu: bool = False  # NCCL when True, gloo otherwise
     cpus_per_worker: float = 1
-    storage_path: str | None = None  # default <settings.state>/ray_results; any path/URI every node reaches
+    storage_path: str | None = None  # default SKYEYE_RAY_STORAGE or <state>/ray_results
     run_name: str = "skyeye"  # the same name and storage resume that run's checkpoints
     max_failures: int = 2  # worker-group restarts from the latest checkpoint; -1 unlimited
     mlflow_tracking_uri: str | None = None  # default: settings.tracking_uri, resolved on the driver
@@ -71,7 +73,8 @@ class FitConfig:
     def resolved_storage(self) -> str:
         if self.storage_path is None:
             from ..config import get_settings
-            return str(get_settings().state / "ray_results")
+            s = get_settings()
+            return s.ray_storage or str(s.state / "ray_results")
         if "://" in self.storage_path:
             return self.storage_path
         return str(Path(self.storage_path).expanduser().resolve())  # Ray wants absolute paths
@@ -91,6 +94,7 @@ class FitResult:
     seconds: float
     startup_seconds: float  # fit() call until the loop first started (Ray start-up + worker group)
     output: dict | None = None  # what loop_fn returned on rank 0
+    nodes: int = 1  # Ray nodes the workers ran on, over all restarts; 0 if unknown
 
 
 def complete_checkpoint(path: Path | str | None) -> Path | None:
@@ -117,15 +121,33 @@ def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
 
 
-class _MetricLog:
-    """Rank 0's MLflow writer: buffers metrics and sends them with `log_batch`."""
+class TrainingFailed(RuntimeError):
+    """A Ray Train run that did not finish; the message names the run and its storage."""
 
-    def __init__(self, tracking_uri: str, run_id: str) -> None:
+
+class CheckpointStoreError(RuntimeError):
+    """A checkpoint could not be written to the storage (the message names it)."""
+
+
+class _MetricLog:
+    """Rank 0's MLflow writer: buffers metrics and sends them with `log_batch`.
+
+    The tracking server may be away for a while (a restart, a network blip): a failed send
+    keeps the buffer and training goes on; the next flush sends it again, with the same
+    timestamps, so a batch the server did take before the error is not stored twice (it keys
+    metrics on key, step, timestamp and value). Sends fail fast instead of blocking a step in
+    MLflow's own retries. At the end of the loop the buffer must drain: `close` retries for
+    up to `drain_s`, then fails naming the server. Metrics buffered when a worker dies during
+    an outage are lost with it; the resumed loop logs its steps again from the checkpoint.
+    """
+
+    def __init__(self, tracking_uri: str, run_id: str, drain_s: float = _DRAIN_S) -> None:
         from mlflow.tracking import MlflowClient
         self.client = MlflowClient(tracking_uri)
-        self.run_id = run_id
+        self.tracking_uri, self.run_id, self.drain_s = tracking_uri, run_id, drain_s
         self._buffer: list = []
         self._last_flush = time.monotonic()
+        self._failing_since: float | None = None
         # After a restart the loop re-runs the steps since its checkpoint; their metrics may
         # already be in MLflow, so each key skips steps at or below its last logged one.
         self._logged_up_to = {key: max((m.step for m in self.client.get_metric_history(run_id, key)), default=-1)
@@ -141,11 +163,33 @@ class _MetricLog:
         if len(self._buffer) >= _MLFLOW_BATCH or time.monotonic() - self._last_flush > _FLUSH_EVERY_S:
             self.flush()
 
-    def flush(self) -> None:
-        for i in range(0, len(self._buffer), _MLFLOW_BATCH):
-            self.client.log_batch(self.run_id, metrics=self._buffer[i:i + _MLFLOW_BATCH], synchronous=True)
-        self._buffer.clear()
+    def flush(self) -> bool:
+        """Send what is buffered; False (buffer kept) when the server does not take it now."""
         self._last_flush = time.monotonic()
+        try:
+            with _fail_fast_mlflow():
+                while self._buffer:
+                    self.client.log_batch(self.run_id, metrics=self._buffer[:_MLFLOW_BATCH], synchronous=True)
+                    del self._buffer[:_MLFLOW_BATCH]
+        except Exception as err:  # noqa: BLE001 - any transport or server error: keep the metrics, go on
+            if self._failing_since is None:
+                self._failing_since = time.monotonic()
+                print(f"[skyeye] MLflow at {self.tracking_uri} is not taking metrics ({type(err).__name__}); "
+                      f"training goes on, {len(self._buffer)} metric value(s) kept for the next flush", flush=True)
+            return False
+        if self._failing_since is not None:
+            print(f"[skyeye] MLflow at {self.tracking_uri} is back after "
+                  f"{time.monotonic() - self._failing_since:.0f} s; buffered metrics sent", flush=True)
+            self._failing_since = None
+        return True
+
+    def close(self) -> None:
+        deadline = time.monotonic() + self.drain_s
+        while not self.flush():
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"MLflow at {self.tracking_uri} did not take {len(self._buffer)} metric value(s) "
+                                   f"of run {self.run_id} within {self.drain_s:.0f} s; is the tracking server up?")
+            time.sleep(2)
 
     def log_artifact(self, path: Path, artifact_path: str | None) -> None:
         self.client.log_artifact(self.run_id, str(path), artifact_path)
@@ -181,7 +225,7 @@ class TrainContext:
         if checkpoint_writer is None:
             return
         if self._mlflow is not None:
-            self._mlflow.flush()  # the history is in MLflow before the checkpoint exists
+            self._mlflow.flush()  # the history reaches MLflow before the checkpoint (if the server is up)
         self._save_checkpoint(self.last_metrics, step, checkpoint_writer)
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
@@ -193,7 +237,21 @@ class TrainContext:
 
     def _close(self) -> None:
         if self._mlflow is not None:
-            self._mlflow.flush()
+            self._mlflow.close()
+
+
+@contextmanager
+def _fail_fast_mlflow():
+    """MLflow's client retries a failed request for minutes by default; a metric send that
+    blocks a training step that long is worse than one kept for the next flush."""
+    keys = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+    saved = {k: os.environ.get(k) for k in keys}
+    os.environ.update(keys)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
 
 
 def _write_checkpoint(folder: Path, step: int, writer: CheckpointWriter) -> None:
@@ -235,12 +293,13 @@ class LocalContext(TrainContext):
 class RayContext(TrainContext):
     """Inside a Ray Train worker."""
 
-    def __init__(self, mlflow_log: _MetricLog | None) -> None:
+    def __init__(self, mlflow_log: _MetricLog | None, storage: str = "") -> None:
         import ray.train
         import ray.train.torch
         ctx = ray.train.get_context()
         super().__init__(ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device(), mlflow_log)
         self._restored: Path | None | bool = False  # False: not looked up yet
+        self.storage = storage
 
     def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
         import ray.train.torch
@@ -264,7 +323,11 @@ class RayContext(TrainContext):
         if self.is_main:
             with tempfile.TemporaryDirectory(prefix="skyeye-ckpt-") as tmp:
                 _write_checkpoint(Path(tmp), step, writer)
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+                try:
+                    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+                except Exception as err:  # the upload: Ray commits nothing, so no checkpoint is claimed
+                    raise CheckpointStoreError(f"the checkpoint of step {step} could not be written to "
+                                               f"{self.storage}: {type(err).__name__}: {err}") from err
         else:
             ray.train.report(metrics, checkpoint=None)
         # report() returns once the files are uploaded, but the controller registers the checkpoint
@@ -278,10 +341,9 @@ def _ray_worker(config: dict) -> dict:
     from ray import cloudpickle
     started = time.time()
     rank = ray.train.get_context().get_world_rank()
-    if rank == 0:
-        _record_attempt(config["fit_token"], started)
+    _record_attempt(config["fit_token"], started, rank)
     mlflow_log = _MetricLog(config["tracking_uri"], config["run_id"]) if rank == 0 and config["run_id"] else None
-    ctx = RayContext(mlflow_log)
+    ctx = RayContext(mlflow_log, config.get("storage", ""))
     try:
         loop_fn, loop_config = cloudpickle.loads(config["payload"])
         output = loop_fn(ctx, loop_config)
@@ -290,32 +352,41 @@ def _ray_worker(config: dict) -> dict:
     return {"output": output, "metrics": ctx.last_metrics}
 
 
-def _record_attempt(token: str, started: float) -> None:
-    # Best effort: restarts are only counted, never needed; get_storage is a DeveloperAPI.
+def _record_attempt(token: str, started: float, rank: int) -> None:
+    """Rank 0 writes one file per worker-group start (restarts are counted from them); every
+    rank names its node (the nodes a run used)."""
+    # Best effort: these are only counted, never needed; get_storage is a DeveloperAPI.
     try:
+        import ray
         import ray.train
         storage = ray.train.get_context().get_storage()
         folder = f"{storage.experiment_fs_path}/{_ATTEMPTS_DIR}"
         storage.storage_filesystem.create_dir(folder)
-        with storage.storage_filesystem.open_output_stream(f"{folder}/{token}-{uuid.uuid4().hex}") as f:
-            f.write(str(started).encode())
+        node = ray.get_runtime_context().get_node_id()
+        name = f"{token}-start-{uuid.uuid4().hex}" if rank == 0 else f"{token}-node-{uuid.uuid4().hex}"
+        with storage.storage_filesystem.open_output_stream(f"{folder}/{name}") as f:
+            f.write(json.dumps({"started": started, "node": node}).encode())
     except Exception:
         pass
 
 
-def _read_attempts(result: Any, token: str) -> list[float]:
+def _read_attempts(result: Any, token: str) -> tuple[list[float], set[str]]:
+    """The start times of the worker groups, and the nodes their workers ran on."""
+    starts, nodes = [], set()
     try:
         import pyarrow.fs
         fs = result.filesystem
         infos = fs.get_file_info(pyarrow.fs.FileSelector(f"{result.path}/{_ATTEMPTS_DIR}", allow_not_found=True))
-        starts = []
         for info in infos:
             if info.base_name.startswith(token):
                 with fs.open_input_stream(info.path) as f:
-                    starts.append(float(f.read().decode()))
-        return sorted(starts)
+                    record = json.loads(f.read().decode())
+                if "-start-" in info.base_name:
+                    starts.append(record["started"])
+                nodes.add(record["node"])
     except Exception:
-        return []
+        return [], set()
+    return sorted(starts), nodes
 
 
 _PROCESS_TOKEN = secrets.token_hex(32)  # one per process: Ray caches the token it first sees
@@ -380,10 +451,13 @@ def fit(loop_fn: Callable[[TrainContext, dict], dict | None], loop_config: dict,
             # Pickled here so the controller, which lacks the workers' env (PYTHONPATH), never unpickles it.
             train_loop_config={"payload": cloudpickle.dumps((loop_fn, loop_config)), "fit_token": token,
                                "tracking_uri": cfg.resolved_tracking_uri() if cfg.mlflow_run_id else None,
-                               "run_id": cfg.mlflow_run_id},
+                               "run_id": cfg.mlflow_run_id, "storage": cfg.resolved_storage()},
             torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
+            # SPREAD: one worker per node where there are enough nodes (a lost node costs one
+            # worker, and the restart packs onto the others); on one machine it is the same as PACK
             scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
-                                         resources_per_worker={"CPU": cfg.cpus_per_worker}),
+                                         resources_per_worker={"CPU": cfg.cpus_per_worker},
+                                         placement_strategy="SPREAD"),
             run_config=RunConfig(
                 name=cfg.run_name,
                 storage_path=cfg.resolved_storage(),
@@ -393,7 +467,11 @@ def fit(loop_fn: Callable[[TrainContext, dict], dict | None], loop_config: dict,
                 logging_config=LoggingConfig(log_level="INFO" if cfg.verbose else "WARNING"),
             ),
         )
-        result = trainer.fit()
+        try:
+            result = trainer.fit()
+        except Exception as err:  # Ray's error holds the workers' tracebacks; say where first
+            raise TrainingFailed(f"Ray Train run {cfg.run_name!r} failed after {cfg.max_failures} restart(s) "
+                                 f"at most (checkpoints: {cfg.resolved_storage()}): {err}") from err
     finally:
         if started_ray:
             ray.shutdown()
@@ -406,12 +484,13 @@ def fit(loop_fn: Callable[[TrainContext, dict], dict | None], loop_config: dict,
     if result.checkpoint is not None:
         local = isinstance(result.checkpoint.filesystem, pyarrow.fs.LocalFileSystem)
         checkpoint_dir = Path(result.checkpoint.path if local else result.checkpoint.to_directory())
-    starts = _read_attempts(result, token)
+    starts, nodes = _read_attempts(result, token)
     return FitResult(
         metrics=returned.get("metrics") or dict(result.metrics or {}),
         checkpoint_dir=checkpoint_dir,
         restarts=len(starts) - 1 if starts else -1,
         seconds=seconds,
+        nodes=len(nodes),
         startup_seconds=(starts[0] - t0) if starts else float("nan"),
         output=returned.get("output"),
     )
