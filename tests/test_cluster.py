@@ -185,6 +185,24 @@ def test_retrain_end_to_end_on_the_servers_through_a_postgres_restart(stack):
         assert stage in json.dumps(audit), audit
 
 
+def test_a_stage_on_the_cluster_learns_as_on_one_machine(stack):
+    client = stack.client()
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    (on_cluster,) = client.search_runs(experiments, filter_string="attributes.run_name = 'stage1'")
+    one_machine = {k: v for k, v in stack.env.items() if k not in ("RAY_ADDRESS", "SKYEYE_RAY_STORAGE")}
+    out = stack.skyeye("train", "--stage", "1", "--model", "configs/model/test.yaml", "--config",
+                       "configs/stage1.yaml", "--num-workers", "2", env=one_machine)
+    assert out.returncode == 0, out.stdout + out.stderr
+    (local,) = [r for r in client.search_runs(experiments, filter_string="attributes.run_name = 'stage1'")
+                if r.info.run_id != on_cluster.info.run_id]
+    assert (on_cluster.data.metrics["nodes"], local.data.metrics["nodes"]) == (2, 1)
+    # the same two DDP workers over the same data: the same figures, wherever the workers run
+    curves = [{m.step: m.value for m in client.get_metric_history(r.info.run_id, "loss")} for r in (on_cluster, local)]
+    assert curves[0].keys() == curves[1].keys() and curves[0]
+    for step in curves[0]:
+        assert curves[0][step] == pytest.approx(curves[1][step], rel=1e-3), (step, curves)
+
+
 def _stage_config(stack: Stack, name: str, **kw) -> str:
     cfg = yaml.safe_load((stack.root / "configs/stage1.yaml").read_text()) | kw
     (stack.root / f"configs/{name}.yaml").write_text(yaml.safe_dump(cfg))

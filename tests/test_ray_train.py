@@ -142,6 +142,25 @@ def test_worker_killed_restarts_from_last_checkpoint(tmp_path, mlflow_run):
     _assert_history(client, exp, run_id)  # the re-run steps 11-12 were not logged twice
 
 
+@pytest.mark.slow
+def test_a_stale_cluster_address_is_never_attached_to(tmp_path, mlflow_run, monkeypatch):
+    """A `ray start --head` killed without `ray stop` leaves its address behind; with
+    RAY_ADDRESS unset, SkyEye starts its own Ray instead of attaching to that dead cluster."""
+    from processes import free_port
+    from ray._common.utils import get_ray_address_file
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    address_file = Path(get_ray_address_file(None))
+    saved = address_file.read_text() if address_file.exists() else None
+    address_file.parent.mkdir(parents=True, exist_ok=True)
+    address_file.write_text(f"127.0.0.1:{free_port()}")  # nothing listens there
+    client, uri, exp, run_id = mlflow_run
+    try:
+        result = fit(toy_loop, _loop_config(tmp_path), _config(tmp_path, uri, run_id))
+    finally:
+        address_file.write_text(saved) if saved is not None else address_file.unlink()
+    assert result.metrics["step"] == N_STEPS and result.nodes == 1
+
+
 def test_fit_local_same_loop_same_logging(tmp_path, mlflow_run):
     client, uri, exp, run_id = mlflow_run
     cfg = _config(tmp_path, uri, run_id)
