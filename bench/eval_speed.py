@@ -18,8 +18,9 @@ import torch
 
 from skyeye.config import configure_environment, get_settings
 from skyeye.evaluation.predictors import ModelPredictor
-from skyeye.evaluation.runner import EvalConfig, load_eval_file, load_for_eval, run_evaluation
+from skyeye.evaluation.runner import EvalConfig, load_eval_file, run_evaluation
 from skyeye.formats.benchmarks import TASK_OF
+from skyeye.registry.references import load
 
 
 def prompts_mix(instructions: Path, per_task: int) -> list[tuple[str, dict, int]]:
@@ -57,7 +58,8 @@ def main() -> None:
     s = configure_environment(get_settings())
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, folder, _ = load_for_eval(args.model)
+    loaded = load(args.model)
+    model, folder = loaded.model, loaded.source
     root = s.instructions_dir / "eval"
     mix = prompts_mix(s.instructions_dir, args.per_task)
     cache: dict = {}  # the encoder output is shared: the comparison is about generation

@@ -110,9 +110,10 @@ def stage2_task(model_config: str, stage_config: str, backbones: dict, stage1_di
 
 @step("evaluate", StepKey(inputs=("model_dir", "md5", "limit"), code=("evaluation", "formats", "model"),
                           still_there=run_there))
-def evaluate_task(model_dir: str, md5: str, limit: int | None) -> str:
+def evaluate_task(model_dir: str, md5: str, limit: int | None, num_workers: int = 1) -> str:
+    # num_workers is not in the key: sharded or not, the scores are the same
     from skyeye.evaluation.runner import run_evaluation
-    result = run_evaluation(model_dir, "all", limit=limit, progress=False)
+    result = run_evaluation(model_dir, "all", limit=limit, progress=False, num_workers=num_workers)
     get_run_logger().info("evaluation run %s\n%s", result.run_id, result.render())
     return result.run_id
 
@@ -178,12 +179,13 @@ def run_step(steps: dict[str, str], force: bool, step_task, *args, **kwargs):
 def retrain(data_config: str = "configs/data.yaml", scale: str | None = None, train: bool = True,
             model_file: str = "configs/model/tiny.yaml", stage1_file: str = "configs/train/stage1.yaml",
             stage2_file: str = "configs/train/stage2.yaml", num_workers: int = 2, eval_limit: int | None = None,
-            promote: bool = True, force: bool = False, expected_md5: str | None = None, rollout: bool = True) -> dict:
+            promote: bool = True, force: bool = False, expected_md5: str | None = None, rollout: bool = True,
+            eval_workers: int = 1) -> dict:
     """Synthesize (stand-in for new data arriving) -> build -> version -> validate ->
     backbones -> stage 1 -> stage 2 -> evaluate -> register -> promote. Each step is reused
     when what determines it is unchanged (`force` recomputes all); `expected_md5` is the data
     version an event announced (logged when the data found differs); `rollout` serves a new
-    production at the end."""
+    production at the end; `eval_workers` > 1 shards the evaluation over that many Ray workers."""
     settings, steps = get_settings(), {}
     cfg = load_yaml_config(settings.project_root / data_config, DataConfig)
     if scale:
@@ -207,7 +209,7 @@ def retrain(data_config: str = "configs/data.yaml", scale: str | None = None, tr
             stage2 = run_step(steps, force, stage2_task, model_file, stage2_file, backbones, stage1, md5, parent,
                               num_workers)
         out |= {"tuning_run": parent, "stage1_model": stage1, "stage2_model": stage2}
-        eval_run = run_step(steps, force, evaluate_task, stage2, md5, eval_limit)
+        eval_run = run_step(steps, force, evaluate_task, stage2, md5, eval_limit, eval_workers)
         if all(steps[s] == "reused" for s in ("backbones", "stage1", "stage2")):
             runs.client().delete_run(parent)  # nothing ran in it: the job that trained this model is the one
             out["tuning_run"] = runs.client().get_run(eval_run).data.tags.get(TAG_TUNING_JOB, parent)
@@ -259,6 +261,7 @@ if __name__ == "__main__":
     parser.add_argument("--stage2-config", default="configs/train/stage2.yaml")
     parser.add_argument("--num-workers", type=int, default=2)
     parser.add_argument("--eval-limit", type=int, default=None, help="samples per bench split (default: all)")
+    parser.add_argument("--eval-workers", type=int, default=1, help="Ray workers the evaluation is sharded over")
     parser.add_argument("--no-promote", action="store_true", help="register, but move no alias")
     parser.add_argument("--force", action="store_true", help="recompute every step, reusing nothing")
     parser.add_argument("--no-rollout", action="store_true", help="do not serve a new production at the end")
@@ -267,4 +270,4 @@ if __name__ == "__main__":
                           model_file=args.model_config, stage1_file=args.stage1_config,
                           stage2_file=args.stage2_config, num_workers=args.num_workers,
                           eval_limit=args.eval_limit, promote=not args.no_promote, force=args.force,
-                          rollout=not args.no_rollout)))
+                          rollout=not args.no_rollout, eval_workers=args.eval_workers)))

@@ -226,12 +226,18 @@ def evaluate(
         help="At most N samples per bench split (spread over the file).")] = None,
     baselines: Annotated[bool, typer.Option(help="Also score the untuned model and the trivial answers.")] = True,
     data: Annotated[Optional[Path], typer.Option(help="Instruction folder (default: data/instructions).")] = None,
+    num_workers: Annotated[int, typer.Option(
+        help="1: evaluate in this process. N > 1: cut every bench split into N shards answered by N Ray workers "
+             "(local Ray, or RAY_ADDRESS's cluster), each loading the model once; same scores, one MLflow run.")] = 1,
 ) -> None:
     """Score a model on the 8 benchmarks (paper prompts and metrics), with baselines, in one MLflow run."""
     from .evaluation.runner import run_evaluation
     from .registry.references import RegistryError
+    if num_workers < 1:
+        fail(f"--num-workers {num_workers}: must be 1 (in this process) or more (that many Ray workers)")
     try:
-        result = run_evaluation(model, benchmarks, limit=limit, baselines=baselines, instructions=data)
+        result = run_evaluation(model, benchmarks, limit=limit, baselines=baselines, instructions=data,
+                                num_workers=num_workers)
     except RegistryError as err:
         fail(f"--model {err}")
     except (ValueError, FileNotFoundError) as err:  # DataFormatError is a ValueError

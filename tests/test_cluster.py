@@ -41,6 +41,13 @@ OURS = ("PREFECT_", "MLFLOW_", "SKYEYE_", "RAY_", "AWS_")
 
 class Stack:
     def __init__(self, folder: Path) -> None:
+        try:
+            self._start(folder)
+        except BaseException:
+            self.stop()  # what did start
+            raise
+
+    def _start(self, folder: Path) -> None:
         self.folder = folder
         self.base = {k: v for k, v in os.environ.items() if not k.startswith(OURS)}
         self.pg = Postgres()
@@ -51,12 +58,14 @@ class Stack:
         self.s3.create_buckets("mlflow", "dvc", "ray")
         with_s3 = self.base | self.s3.client_env()
         # a plain postgresql:// URL, as a user writes it: read with psycopg 3, which the project installs
-        self.mlflow = MlflowServer(folder, with_s3, self.pg.url("mlflow"), "s3://mlflow/artifacts").start()
-        self.prefect = PrefectServer(folder, with_s3, self.pg.url("prefect", "asyncpg")).start()
+        self.mlflow = MlflowServer(folder, with_s3, self.pg.url("mlflow"), "s3://mlflow/artifacts")
+        self.prefect = PrefectServer(folder, with_s3, self.pg.url("prefect", "asyncpg"))
         # the nodes' own temp folder: a stale cluster address elsewhere must not matter
         ray_env = with_s3 | {"TMPDIR": str(folder), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16),
                              "RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": str(REPO)}
-        self.head = RayNode(folder, ray_env, num_cpus=2).start()
+        self.head = RayNode(folder, ray_env, num_cpus=2)
+        self.worker = None
+        _all_at_once([self.mlflow.start, self.prefect.start, self.head.start])
         self.worker = RayNode(folder, ray_env, num_cpus=1, head=self.head).start()
         self.root = write_project(folder / "project", max_steps=4, checkpoint_every=2)
         self.env = ray_env | {
@@ -65,10 +74,16 @@ class Stack:
             "SKYEYE_DVC_REMOTE_URL": "s3://dvc/remote", "SKYEYE_PROJECT_ROOT": str(self.root)}
 
     def stop(self) -> None:
-        for service in (self.worker, self.head, self.prefect, self.mlflow, self.s3):
-            if service is not None:
-                service.stop()
-        self.pg.remove()
+        """Whatever was started, also when starting failed half-way."""
+        services = [getattr(self, name, None) for name in ("worker", "head", "prefect", "mlflow", "s3")]
+        services = [s for s in services if s is not None]
+        stoppers = [threading.Thread(target=s.stop) for s in services]  # at once: each may wait for its children
+        for t in stoppers:
+            t.start()
+        for t in stoppers:
+            t.join()
+        if getattr(self, "pg", None) is not None:
+            self.pg.remove()
 
     def skyeye(self, *args: str, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
         return subprocess.run([str(BIN / "skyeye"), *args], cwd=self.root, env=env or self.env, capture_output=True,
@@ -83,6 +98,23 @@ class Stack:
         return [o["Key"] for page in pages for o in page.get("Contents", [])]
 
 
+def _all_at_once(starts: list) -> None:
+    errors = []
+
+    def run(start):
+        try:
+            start()
+        except BaseException as err:  # noqa: BLE001 - raised below, in the test's thread
+            errors.append(err)
+    threads = [threading.Thread(target=run, args=(start,)) for start in starts]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+
+
 def _boto_keys() -> dict:
     from services import S3_KEYS
     return {"aws_access_key_id": S3_KEYS["AWS_ACCESS_KEY_ID"],
@@ -93,13 +125,13 @@ def _boto_keys() -> dict:
 def stack():
     # a short folder of its own: Ray's socket paths have a length limit
     folder = Path(tempfile.mkdtemp(prefix="skyeye-stack-", dir="/tmp"))
-    built = None
     try:
         built = Stack(folder)
-        yield built
-    finally:
-        if built is not None:
+        try:
+            yield built
+        finally:
             built.stop()
+    finally:
         shutil.rmtree(folder, ignore_errors=True)
 
 
@@ -138,7 +170,7 @@ def test_retrain_end_to_end_on_the_servers_through_a_postgres_restart(stack):
     log = stack.folder / "retrain.log"
     proc = subprocess.Popen([str(BIN / "python"), "-m", "flows.retrain", "--model-config", "configs/model/test.yaml",
                              "--stage1-config", "configs/stage1.yaml", "--stage2-config", "configs/stage2.yaml",
-                             "--num-workers", "2", "--eval-limit", "3", "--no-rollout"],
+                             "--num-workers", "2", "--eval-limit", "3", "--eval-workers", "2", "--no-rollout"],
                             cwd=stack.root, env=stack.env | {"PYTHONPATH": str(REPO)},
                             stdout=open(log, "w"), stderr=subprocess.STDOUT)
     try:

@@ -50,6 +50,7 @@ from ..tracking.names import (
 from ..training.data import load_items
 from .baselines import BASELINES, TRIVIAL, trivial_answers
 from .predictors import ModelPredictor
+from .sharding import ShardedPredictor, check_num_workers, resolve_ref, worker_pool
 
 REQUIRED = {"caption": ("references",), "vqa": ("question_type", "answer", "prompt"),
             "grounding": ("box", "image_size", "prompt")}
@@ -183,6 +184,21 @@ def evaluate(model, keys: list[str] | str = "all", *, cfg: EvalConfig | None = N
     `untuned` is the same architecture before tuning (same backbones, fresh alignment layer
     and adapter), or None to leave that baseline out.
     """
+    cfg = cfg or EvalConfig()
+    cache: dict = {}  # the model and its untuned baseline share the frozen encoder: encode once
+    ours = ModelPredictor(model, batch_size=cfg.batch_size, encoder_cache=cache)
+    before = ModelPredictor(untuned, "untuned", cfg.batch_size, cache) \
+        if untuned is not None and "untuned" in cfg.baselines else None
+    return evaluate_with(ours, before, keys, cfg=cfg, instructions=instructions, model_ref=model_ref, tags=tags,
+                         settings=settings, progress=progress)
+
+
+def evaluate_with(ours: ModelPredictor | ShardedPredictor, before: ModelPredictor | ShardedPredictor | None,
+                  keys: list[str] | str = "all", *, cfg: EvalConfig | None = None, instructions: Path | None = None,
+                  model_ref: str = "", tags: dict | None = None, settings: Settings | None = None,
+                  progress: bool = True) -> EvalResult:
+    """`evaluate` with the answers coming from `ours` (and `before`, the untuned model): a model
+    in this process, or Ray workers (`sharding`); scoring and the run are the same either way."""
     from tqdm import tqdm
 
     s = settings or get_settings()
@@ -194,10 +210,6 @@ def evaluate(model, keys: list[str] | str = "all", *, cfg: EvalConfig | None = N
     root = Path(instructions or s.instructions_dir)
     files = {k: load_eval_file(root, k) for k in keys}  # every file checked before any compute
     train = load_items(root / "stage1.json") if (root / "stage1.json").exists() else []
-    cache: dict = {}  # the model and its untuned baseline share the frozen encoder: encode once
-    ours = ModelPredictor(model, batch_size=cfg.batch_size, encoder_cache=cache)
-    before = ModelPredictor(untuned, "untuned", cfg.batch_size, cache) \
-        if untuned is not None and "untuned" in cfg.baselines else None
     metrics: dict[str, float] = {}
     predictions: dict[str, list[dict]] = {}
     name = f"evaluate-{Path(model_ref).name or 'model'}"
@@ -207,6 +219,13 @@ def evaluate(model, keys: list[str] | str = "all", *, cfg: EvalConfig | None = N
         scorer = CaptionScorer() if any(TASK_OF[k] == "caption" for k in keys) else None
         try:
             rows_of = {k: spread(f["samples"], cfg.limit) for k, f in files.items()}
+            workers = {"num_workers": "1"}
+            if isinstance(ours, ShardedPredictor):  # every split queued now: scoring overlaps the workers
+                shards = ours.prefetch(root / "eval", [(rows, cfg.max_new_tokens[TASK_OF[k]])
+                                                       for k, rows in rows_of.items()], before, cfg.untuned_limit)
+                workers = {"num_workers": str(ours.pool.size), "eval_shards": str(shards)}
+            for param, value in workers.items():
+                runs.client(s).log_param(run_id, param, value)
             total = sum(len(r) + (min(len(r), cfg.untuned_limit or len(r)) if before else 0) for r in rows_of.values())
             with tqdm(total=total, desc="evaluate", unit="sample", disable=not progress) as bar:
                 for key, rows in rows_of.items():
@@ -272,17 +291,34 @@ def untuned_like(model):
 
 def run_evaluation(ref: str, benchmarks: str | list[str] = "all", *, limit: int | None = None,
                    baselines: bool = True, instructions: Path | None = None, settings: Settings | None = None,
-                   progress: bool = True) -> EvalResult:
-    """`skyeye evaluate`: resolve the model, check the benchmarks and files, then evaluate."""
+                   progress: bool = True, num_workers: int = 1, batch_size: int | None = None,
+                   gpus_per_worker: float = 0) -> EvalResult:
+    """`skyeye evaluate`: resolve the model, check the benchmarks and files, then evaluate:
+    in this process (`num_workers` 1), or on `num_workers` Ray workers that each load the
+    model from the same reference (`sharding`; `gpus_per_worker` > 0 puts each on a GPU)."""
     s = settings or get_settings()
+    check_num_workers(num_workers)
     keys = select(benchmarks)  # a bad name fails before the model loads
     for key in keys:
         load_eval_file(Path(instructions or s.instructions_dir), key)
+    cfg = EvalConfig(limit=limit, baselines=BASELINES if baselines else (),
+                     **({"batch_size": batch_size} if batch_size else {}))
+    if num_workers > 1:
+        model = resolve_ref(ref)
+        with worker_pool(model, num_workers, untuned=baselines, batch_size=cfg.batch_size, settings=s,
+                         gpus_per_worker=gpus_per_worker) as pool:
+            return evaluate_with(ShardedPredictor(pool), ShardedPredictor(pool, "untuned") if baselines else None,
+                                 keys, cfg=cfg, instructions=instructions, model_ref=model.source,
+                                 tags=_lineage_tags(model.training_run, s), settings=s, progress=progress)
     loaded = load(ref)
-    cfg = EvalConfig(limit=limit, baselines=BASELINES if baselines else ())
     untuned = untuned_like(loaded.model) if baselines else None
-    tags = {TAG_EVAL_TRAINING_RUN: loaded.training_run}
-    if loaded.training_run:  # the tuning job of the training run, for the audit
-        tags[TAG_TUNING_JOB] = runs.client(s).get_run(loaded.training_run).data.tags.get(TAG_PARENT, "")
     return evaluate(loaded.model, keys, cfg=cfg, untuned=untuned, instructions=instructions, model_ref=loaded.source,
-                    tags=tags, settings=s, progress=progress)
+                    tags=_lineage_tags(loaded.training_run, s), settings=s, progress=progress)
+
+
+def _lineage_tags(training_run: str, s: Settings) -> dict[str, str]:
+    """The training run that wrote the scored model and its tuning job, for the audit."""
+    tags = {TAG_EVAL_TRAINING_RUN: training_run}
+    if training_run:
+        tags[TAG_TUNING_JOB] = runs.client(s).get_run(training_run).data.tags.get(TAG_PARENT, "")
+    return tags
