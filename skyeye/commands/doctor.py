@@ -14,7 +14,7 @@ def doctor(json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")]
     whether it answers, and what to set when it does not. Exit code 1 when one fails."""
     from rich.table import Table
 
-    from ..doctor import run_checks
+    from ..doctor.checks import run_checks
     checks = run_checks()
     if json_out:
         say(json.dumps([c.as_dict() for c in checks], indent=1))

@@ -19,7 +19,7 @@ from urllib.parse import urlparse
 
 import httpx
 
-from .config import Settings, get_settings
+from ..config import Settings, get_settings
 
 TIMEOUT_S = 5.0
 
