@@ -67,6 +67,11 @@ class Settings(BaseSettings):
         return (self.state_dir or self.project_root / ".skyeye").resolve()
 
     @property
+    def checkpoint_storage(self) -> str:
+        """Where Ray Train keeps checkpoints: SKYEYE_RAY_STORAGE, else a folder under the state."""
+        return self.ray_storage or str(self.state / "ray_results")
+
+    @property
     def tracking_uri(self) -> str:
         if self.mlflow_tracking_uri:
             return self.mlflow_tracking_uri

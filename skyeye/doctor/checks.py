@@ -120,7 +120,7 @@ def check_compute() -> Check:
 
 
 def check_checkpoints(s: Settings) -> Check:
-    target = s.ray_storage or str(s.state / "ray_results")
+    target = s.checkpoint_storage
     shared = "://" in target
     if shared:
         return _check_s3_url("checkpoints", target, "SKYEYE_RAY_STORAGE")

@@ -248,7 +248,7 @@ def train_stage(stage: int, model_cfg: ModelConfig | str | Path, stage_cfg: Stag
     with job as parent, runs.tracked_run(TUNING_EXPERIMENT, f"stage{stage}", tags, parent=parent, settings=s) as run_id:
         fit_cfg = FitConfig(num_workers=num_workers, use_gpu=use_gpu, run_name=f"stage{stage}-{run_id[:8]}",
                             mlflow_tracking_uri=s.tracking_uri, mlflow_run_id=run_id,
-                            storage_path=s.ray_storage or str(s.state / "ray_results"))
+                            storage_path=s.checkpoint_storage)
         _log_params(run_id, loop_config, {"num_workers": num_workers, "use_gpu": use_gpu, "local": local})
         log_data_input(run_id, instructions, md5, rev)
         started = time.perf_counter()

@@ -73,8 +73,7 @@ class FitConfig:
     def resolved_storage(self) -> str:
         if self.storage_path is None:
             from ..config import get_settings
-            s = get_settings()
-            return s.ray_storage or str(s.state / "ray_results")
+            return get_settings().checkpoint_storage
         if "://" in self.storage_path:
             return self.storage_path
         return str(Path(self.storage_path).expanduser().resolve())  # Ray wants absolute paths
@@ -241,17 +240,21 @@ class TrainContext:
 
 
 @contextmanager
-def _fail_fast_mlflow():
-    """MLflow's client retries a failed request for minutes by default; a metric send that
-    blocks a training step that long is worse than one kept for the next flush."""
-    keys = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
-    saved = {k: os.environ.get(k) for k in keys}
-    os.environ.update(keys)
+def _environ(values: dict[str, str]):
+    """These environment variables set for the block, then put back as they were."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
     try:
         yield
     finally:
         for key, value in saved.items():
             os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
+
+
+def _fail_fast_mlflow():
+    """MLflow's client retries a failed request for minutes by default; a metric send that
+    blocks a training step that long is worse than one kept for the next flush."""
+    return _environ({"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"})
 
 
 def _write_checkpoint(folder: Path, step: int, writer: CheckpointWriter) -> None:
@@ -503,9 +506,7 @@ def fit_local(loop_fn: Callable[[TrainContext, dict], dict | None], loop_config:
     if "://" in storage:
         raise ValueError(f"fit_local needs a local storage_path, got {storage}")
     device = torch.device("cuda" if cfg.use_gpu and torch.cuda.is_available() else "cpu")
-    saved = {k: os.environ.get(k) for k in cfg.env}
-    os.environ.update(cfg.env)  # what workers would get through their runtime_env
-    try:
+    with _environ(cfg.env):  # what workers would get through their runtime_env
         mlflow_log = _MetricLog(cfg.resolved_tracking_uri(), cfg.mlflow_run_id) if cfg.mlflow_run_id else None
         ctx = LocalContext(Path(storage) / cfg.run_name, device, mlflow_log, cfg.checkpoints_to_keep)
         started = time.time()
@@ -513,8 +514,5 @@ def fit_local(loop_fn: Callable[[TrainContext, dict], dict | None], loop_config:
             output = loop_fn(ctx, loop_config)
         finally:
             ctx._close()
-    finally:
-        for key, value in saved.items():
-            os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
     return FitResult(metrics=ctx.last_metrics, checkpoint_dir=ctx.latest_checkpoint(), restarts=0,
                      seconds=time.time() - t0, startup_seconds=started - t0, output=output)
