@@ -31,7 +31,8 @@ def scoreboard_artifact(version: int, production: int | None) -> list[dict]:
     rows = scoreboard(version, production if production != version else None)
     create_table_artifact(key="retrain-benchmarks", table=rows,
                           description=f"version {version} against production ({production or 'none'}) "
-                                      "and the trivial baselines, primary metric per benchmark (x100)")
+                                      "and the trivial baselines, primary metric per benchmark (x100) with 95% "
+                                      "intervals; differences paired on the same test items")
     return rows
 
 

@@ -16,6 +16,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from .commands.ablation import ablation
 from .commands.console import console, fail, interrupt, say
 from .commands.doctor import doctor
 from .commands.schedule import schedule_app, server_app
@@ -31,6 +32,7 @@ app.add_typer(data_app, name="data")
 app.add_typer(schedule_app, name="schedule")
 app.add_typer(server_app, name="server")
 app.command("doctor")(doctor)
+app.command("ablation")(ablation)
 @app.callback()
 def _main() -> None:
     configure_environment()
@@ -292,10 +294,33 @@ def rollback(
 
 
 @app.command("models")
-def models() -> None:
-    """Registered versions with their aliases, key scores and data version."""
+def models(
+    version: Annotated[Optional[str], typer.Argument(
+        help="A version (3, v3, production): its scores with 95% intervals and, per bench split, better / no "
+             "significant difference / worse than its trivial baseline and than production.")] = None,
+) -> None:
+    """Registered versions with their aliases, key scores and data version; or one version's comparisons."""
     from .registry.store import list_versions, render_versions
-    say(render_versions(list_versions()))
+    if version is None:
+        say(render_versions(list_versions()))
+        return
+    from .registry.promotion import scoreboard
+    from .registry.references import RegistryError, aliases, model_name, resolve_version
+    from .tracking import runs
+    try:
+        v = resolve_version(version)
+        production = aliases(runs.client(), model_name()).get("production")
+        rows = scoreboard(v, production if production != v else None)
+    except RegistryError as err:
+        fail(str(err))
+    say(f"{model_name()} version {v}" + (f" against production (version {production})" if production not in (None, v)
+                                         else "") + "; [95% interval], paired differences on the same test items")
+    cols = [c for c in ("benchmark", "metric", "candidate", "trivial baseline", "vs trivial", "production",
+                        "vs production") if any(c in r for r in rows)]
+    width = {c: max(len(c), *(len(str(r.get(c) or "")) for r in rows)) for c in cols}
+    say("  ".join(f"{c:{width[c]}s}" for c in cols))
+    for r in rows:
+        say("  ".join(f"{str(r.get(c) or ''):{width[c]}s}" for c in cols))
 
 
 @app.command("audit")

@@ -34,3 +34,16 @@ def write_project(root: Path, max_steps: int = 4, checkpoint_every: int = 4, sch
     shutil.copy(REPO / "mlruns/.gitignore", root / "mlruns/.gitignore")
     subprocess.run(["git", "init", "-q"], cwd=root, check=True)
     return root
+
+
+def enter_project(root: Path, monkeypatch):
+    """Work in project `root` (cwd, SKYEYE_PROJECT_ROOT, its own MLflow store and DVC remote)
+    until the generator resumes: a fixture's `yield from enter_project(...)`."""
+    monkeypatch.chdir(root)
+    monkeypatch.setenv("SKYEYE_PROJECT_ROOT", str(root))
+    monkeypatch.delenv("SKYEYE_DVC_REMOTE_URL", raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    from skyeye.config import get_settings
+    get_settings.cache_clear()
+    yield root
+    get_settings.cache_clear()

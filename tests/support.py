@@ -73,3 +73,12 @@ def fitted_model(backbones: dict[str, str], convs: list[tuple[str, str]], images
     answers = model.ask([q for q, _ in convs], pixel_values=model.preprocess(images))
     assert answers == [a for _, a in convs], f"the dim-64 model answered {answers} after 80 steps on {convs}"
     return model
+
+
+def eval_run_with_items(model_dir: Path, stats: dict, md5: str = "md5-good") -> str:
+    """An evaluation run holding per-item statistics (`{bench_split: ItemStats}`, the model's), as
+    the evaluation keeps them, with the primary metrics they give."""
+    from skyeye.evaluation.comparison import MODEL, save_item_stats
+    run_id = eval_run(model_dir, {k: s.scores[PRIMARY[TASK_OF[k]]] for k, s in stats.items()}, md5=md5)
+    save_item_stats(run_id, {k: {MODEL: s} for k, s in stats.items()})
+    return run_id

@@ -370,9 +370,10 @@ def test_two_promotions_of_one_alias_at_once(stack):
     assert final in new
     registered = {int(v.version) for v in client.search_model_versions("name='skyeyegpt'")}
     assert final in registered
-    records = {v: client.get_model_version("skyeyegpt", str(v)).tags for v in new}
-    assert all(r.get("skyeye.promotion.production.reason") == f"race {v}" for v, r in records.items()), records
+    records = {v: json.loads(client.get_model_version("skyeyegpt", str(v)).tags["skyeye.promotion.production"])
+               for v in new}
+    assert all(r["reason"] == f"race {v}" for v, r in records.items()), records
     loser = next(v for v in new if v != final)
     # serialized: the winner's record names the loser as the production it replaced
-    assert records[final]["skyeye.promotion.production.previous"] == str(loser), records
+    assert records[final]["previous"] == str(loser), records
     assert not [m for m in client.search_registered_models() if ".lock." in m.name], "a lock was left behind"

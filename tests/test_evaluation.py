@@ -15,8 +15,9 @@ from typer.testing import CliRunner
 from skyeye.config import Settings
 from skyeye.data.records import DataFormatError
 from skyeye.evaluation.baselines import centred_boxes, majority_answers, nearest_captions
+from skyeye.evaluation.comparison import load_item_stats
 from skyeye.evaluation.runner import EvalConfig, evaluate, load_eval_file, score, untuned_like
-from skyeye.formats.benchmarks import EVAL_KEYS, TASK_OF, primary_of, select
+from skyeye.formats.benchmarks import EVAL_KEYS, TASK_OF, primary_metric, primary_of, select
 from skyeye.formats.boxes import first_box_pixels
 from skyeye.model.config import LoRAConfig, ModelConfig, VisionConfig
 from skyeye.model.skyeyegpt import build_model
@@ -53,6 +54,20 @@ def test_one_run_holds_every_benchmark_baselines_tables_and_report(model, settin
     assert {f"rsvqa_lr_test/{m}" for m in ("aa", "oa")} <= set(metrics)
     assert {f"ucm_captions_test/{m}" for m in ("bleu_1", "bleu_4", "meteor", "rouge_l", "cider")} <= set(metrics)
     assert metrics["primary_score"] == pytest.approx(sum(primary_of(metrics).values()) / len(EVAL_KEYS))
+    # every score (ours, each baseline's, each paired difference) with its bootstrap interval
+    scores = [k for k in metrics if "/" in k and not k.endswith(("_ci_low", "_ci_high"))]
+    assert all(metrics[f"{k}_ci_low"] <= metrics[k] + 1e-9 and metrics[k] <= metrics[f"{k}_ci_high"] + 1e-9
+               for k in scores), [k for k in scores if f"{k}_ci_low" not in metrics]
+    for key in EVAL_KEYS:
+        m = primary_metric(key)
+        trivial = {"vqa": "majority_answer", "grounding": "centred_box", "caption": "nearest_caption"}[TASK_OF[key]]
+        assert metrics[f"{m}_delta_vs_{trivial}"] == pytest.approx(metrics[m] - metrics[f"baseline.{trivial}/{m}"])
+        assert f"{m}_delta_vs_untuned" in metrics
+    kept = load_item_stats(result.run_id, settings)  # what later comparisons read, without a re-run
+    assert set(kept) == set(EVAL_KEYS)
+    assert kept["dior_rsvg_test"]["model"].scores["acc_at_0.5"] == metrics["dior_rsvg_test/acc_at_0.5"]
+    assert {"model", "baseline.untuned", "baseline.centred_box"} == set(kept["dior_rsvg_test"])
+    assert "interval_seconds" in metrics and "[" in result.render()
 
     artifacts = {f.path for f in client.list_artifacts(result.run_id, "predictions")}
     assert artifacts == {f"predictions/{k}.json" for k in EVAL_KEYS}

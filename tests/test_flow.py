@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
+from projects import enter_project
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -23,14 +24,7 @@ def project(tmp_path, monkeypatch):
     (root / "mlruns").mkdir()
     shutil.copy(REPO / "mlruns/.gitignore", root / "mlruns/.gitignore")
     subprocess.run(["git", "init", "-q"], cwd=root, check=True)
-    monkeypatch.chdir(root)
-    monkeypatch.setenv("SKYEYE_PROJECT_ROOT", str(root))
-    monkeypatch.delenv("SKYEYE_DVC_REMOTE_URL", raising=False)
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    from skyeye.config import get_settings
-    get_settings.cache_clear()
-    yield root
-    get_settings.cache_clear()
+    yield from enter_project(root, monkeypatch)
 
 
 @pytest.mark.slow

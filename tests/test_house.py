@@ -15,12 +15,14 @@ from skyeye.config import DataConfig, load_yaml_config
 from skyeye.model.config import ModelConfig
 from skyeye.registry.promotion import PromotionPolicy
 from skyeye.serving.config import ServeConfig
+from skyeye.training.ablation import AblationConfig
 from skyeye.training.stage_config import StageConfig
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "skyeye"
 # which typed model each shipped config folder (or file) is read with
 CONFIG_MODELS = {"configs/data.yaml": DataConfig, "configs/promotion.yaml": PromotionPolicy,
+                 "configs/ablation.yaml": AblationConfig,
                  "configs/serve.yaml": ServeConfig,
                  "configs/schedule.yaml": ScheduleConfig, "configs/model": ModelConfig, "configs/train": StageConfig}
 

@@ -32,7 +32,7 @@ from skyeye.registry import store as registry
 from skyeye.registry.promotion import PromotionPolicy, PromotionRefused
 from skyeye.registry.references import RegistryError
 from skyeye.tracking import names, runs
-from skyeye.tracking.names import promotion_tag, rollback_tag
+from skyeye.tracking.names import PROMOTION, ROLLBACK, read_records, record_tag
 from tests.support import eval_run, scores
 
 REPO = Path(__file__).resolve().parents[1]
@@ -237,19 +237,22 @@ def test_worse_version_refused_forced_with_reason_then_rolled_back(client, versi
     result = promotion.promote(v["worse"], "production", force=True, reason="hotfix for a caption bug")
     assert result.forced and result.previous == v["good"] and "FORCED" in result.render()
     tags = client.get_model_version(NAME, str(v["worse"])).tags
-    assert {promotion_tag("production", k) for k in names.PROMOTION_FIELDS} <= set(tags)
-    assert tags[promotion_tag("production", "forced")] == "true"
-    assert tags[promotion_tag("production", "reason")] == "hotfix for a caption bug"
-    assert tags[promotion_tag("production", "from")] == tags[promotion_tag("production", "previous")] == str(v["good"])
-    assert json.loads(tags[promotion_tag("production", "deltas")])["rsvg_test/acc_at_0.5"] == -18.0
-    assert any("rsvg_test" in f for f in json.loads(tags[promotion_tag("production", "overridden")]))
+    # one record per decision, one tag: the refusal before, the forced promotion now
+    assert not [k for k in tags if k.startswith(f"{PROMOTION}.production.")]
+    record = json.loads(tags[record_tag(PROMOTION, "production")])
+    assert set(names.PROMOTION_FIELDS) <= set(record)
+    assert record["forced"] is True and record["reason"] == "hotfix for a caption bug"
+    assert record["previous"] == str(v["good"]) and record["policy"] == "point scores"  # no per-item statistics
+    assert record["comparison"]["rsvg_test/acc_at_0.5"] == -18.0
+    assert any("rsvg_test" in f for f in record["overridden"])
+    refusal = json.loads(tags[record_tag(names.REFUSAL, "production")])
+    assert refusal["against"] == str(v["good"]) and any("dior_rsvg_test" in f for f in refusal["failures"])
     assert int(client.get_model_version_by_alias(NAME, "production").version) == v["worse"]
 
     assert promotion.rollback() == (v["worse"], v["good"])
     assert int(client.get_model_version_by_alias(NAME, "production").version) == v["good"]
-    restored = client.get_model_version(NAME, str(v["good"])).tags
-    assert restored[rollback_tag("production", "from")] == str(v["worse"])
-    assert restored[rollback_tag("production", "at")].endswith("+00:00")
+    restored = read_records(client.get_model_version(NAME, str(v["good"])).tags, ROLLBACK)["production"]
+    assert restored["from"] == str(v["worse"]) and restored["at"].endswith("+00:00")
     with pytest.raises(RegistryError, match="no previous production version"):
         promotion.rollback()
 
@@ -259,9 +262,9 @@ def test_better_version_promoted_with_deltas(client, versions):
     promotion.promote(v["good"], "production")
     result = promotion.promote(v["better"], "production")
     assert not result.forced and result.previous == v["good"]
-    assert result.deltas["ucm_captions_test/cider"] == 10.0 and result.deltas["rsvg_test/acc_at_0.5"] == 3.0
+    assert result.comparison["ucm_captions_test/cider"] == 10.0 and result.comparison["rsvg_test/acc_at_0.5"] == 3.0
     tags = client.get_model_version(NAME, str(v["better"])).tags
-    assert tags[promotion_tag("production", "forced")] == "false"
+    assert json.loads(tags[record_tag(PROMOTION, "production")])["forced"] is False
     assert promotion.promote(v["better"], "production").unchanged  # already there: nothing rewritten
 
 
@@ -310,11 +313,11 @@ def test_racing_promotions_leave_one_complete_holder(client, versions):
     assert not errors
     holder = int(client.get_model_version_by_alias(NAME, "staging").version)
     other = b if holder == a else a
-    tags = client.get_model_version(NAME, str(holder)).tags
-    assert {promotion_tag("staging", k) for k in names.PROMOTION_FIELDS} <= set(tags)
+    record = read_records(client.get_model_version(NAME, str(holder)).tags, PROMOTION)["staging"]
+    assert set(names.PROMOTION_FIELDS) <= set(record)
     # serialized: the winner saw the other's promotion, not the empty alias both started from
-    assert tags[promotion_tag("staging", "from")] == str(other)
-    assert client.get_model_version(NAME, str(other)).tags[promotion_tag("staging", "from")] == "none"
+    assert record["previous"] == str(other)
+    assert read_records(client.get_model_version(NAME, str(other)).tags, PROMOTION)["staging"]["previous"] == "none"
 
 
 # ------------------------------------------------------------------ references, listing, errors
@@ -437,3 +440,79 @@ def test_a_run_ends_finished_or_failed_with_its_block(project):
     c = MlflowClient()
     assert (c.get_run(ok).info.status, c.get_run(broken).info.status) == ("FINISHED", "FAILED")
     assert c.get_run(ok).data.tags["k"] == "v"
+
+
+# ------------------------------------------------------------------ decisions on intervals
+def _split_stats(right_share: float, seed: int, worse: dict[str, float] | None = None) -> dict:
+    """Every scored split's per-item statistics when `right_share` of its items are answered right
+    (a bench split named in `worse` gets that share instead): constructed prediction tables."""
+    import numpy as np
+
+    from skyeye.formats.metrics import caption_items, grounding_items, vqa_items
+    out = {}
+    for i, key in enumerate(EVAL_KEYS):
+        n = 60 if TASK_OF[key] == "caption" else 300
+        share = (worse or {}).get(key, right_share)
+        right = np.zeros(n, dtype=bool)
+        right[np.random.default_rng([seed, i]).permutation(n)[:round(share * n)]] = True
+        ids = [f"{key}-{j}" for j in range(n)]
+        if TASK_OF[key] == "caption":
+            refs = [[f"a {c} building beside {j % 7} green trees"] * 2 for j, c in
+                    zip(range(n), ["red", "blue", "grey", "white"] * n, strict=False)]
+            preds = [r[0] if ok else "an empty field" for r, ok in zip(refs, right, strict=True)]
+            out[key] = caption_items(preds, refs, meteor=False, ids=ids)
+        elif TASK_OF[key] == "vqa":
+            out[key] = vqa_items(["yes" if ok else "no" for ok in right], ["yes"] * n,
+                                 ["presence" if j % 2 else "comp" for j in range(n)], ids=ids)
+        else:
+            out[key] = grounding_items(["{<10><10><50><50>}" if ok else "{<60><60><90><90>}" for ok in right],
+                                       [(10, 10, 50, 50)] * n, [(100, 100)] * n, ids=ids)
+    return out
+
+
+def test_production_decides_on_intervals_and_records_one_decision(client, versions, model_dir, project):
+    from typer.testing import CliRunner
+
+    from skyeye.cli import app
+    from tests.support import eval_run_with_items
+    held = registry.register(model_dir, eval_run_with_items(model_dir, _split_stats(0.6, 0)))
+    gain = registry.register(model_dir, eval_run_with_items(model_dir, _split_stats(0.8, 1)))
+    hidden = registry.register(model_dir, eval_run_with_items(model_dir, _split_stats(0.8, 2, {"rsvg_test": 0.4})))
+    promotion.promote(held, "production", force=True, reason="the baseline of this test")
+
+    with pytest.raises(PromotionRefused) as refused:  # better on average, a real regression on one split
+        promotion.promote(hidden, "production")
+    (failure,) = refused.value.failures
+    assert failure.startswith(f"rsvg_test/acc_at_0.5 40.0 vs production v{held} 60.0: -20.0, 95% interval [")
+    refusal = json.loads(client.get_model_version(NAME, str(hidden)).tags[record_tag(names.REFUSAL, "production")])
+    assert refusal["policy"] == "intervals" and refusal["against"] == str(held)
+    assert refusal["comparison"]["rsvg_test/acc_at_0.5"]["verdict"] == "worse"
+    assert refusal["comparison"]["primary_score"]["verdict"] == "better"  # the average hid it
+    assert int(client.get_model_version_by_alias(NAME, "production").version) == held
+
+    result = promotion.promote(gain, "production")
+    assert not result.forced and result.previous == held
+    tags = client.get_model_version(NAME, str(gain)).tags
+    assert not [k for k in tags if k.startswith(f"{PROMOTION}.production.")]  # one tag, not one per field
+    record = json.loads(tags[record_tag(PROMOTION, "production")])
+    assert record["policy"] == "intervals" and record["previous"] == str(held)
+    for key in EVAL_KEYS:
+        d = record["comparison"][f"{key}/{PRIMARY[TASK_OF[key]]}"]
+        assert d["verdict"] == "better" and d["paired"] and d["low"] <= d["delta"] <= d["high"]
+    assert "better" in result.render()
+
+    rows = {r["benchmark"]: r for r in promotion.scoreboard(hidden, gain)}
+    assert rows["rsvg_test"]["vs production"].startswith("-40.0 [") and rows["rsvg_test"]["vs production"].endswith(
+        "worse")
+    out = CliRunner().invoke(app, ["models", str(hidden)])
+    assert out.exit_code == 0, out.output
+    assert f"against production (version {gain})" in out.output
+    line = next(x for x in out.output.splitlines() if x.startswith("rsvg_test "))
+    assert "40.0" in line and "worse" in line
+
+    # scored on another data version: the same ids are not the same items, so nothing is paired
+    other = registry.register(model_dir, eval_run_with_items(model_dir, _split_stats(0.95, 3), md5="md5-other"))
+    validate("md5-other", True)
+    result = promotion.promote(other, "production")
+    assert result.comparison and not any(d["paired"] for d in result.comparison.values())
+    assert all(d["verdict"] == "better" for d in result.comparison.values())

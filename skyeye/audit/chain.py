@@ -13,8 +13,6 @@ in `reader`, the records and results with their text and JSON forms in `records`
 """
 from __future__ import annotations
 
-import json
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,9 +27,7 @@ from ..tracking.names import (
     KIND_TUNING_JOB,
     KIND_TUNING_STAGE,
     PROMOTION,
-    PROMOTION_FIELDS,
     ROLLBACK,
-    ROLLBACK_FIELDS,
     TAG_DVC_MD5,
     TAG_EVAL_RUN,
     TAG_EVAL_TRAINING_RUN,
@@ -42,6 +38,7 @@ from ..tracking.names import (
     TAG_TUNING_JOB,
     TUNING_EXPERIMENT,
     VALIDATION_EXPERIMENT,
+    read_records,
 )
 from .reader import Reader, md5_variants, when
 from .records import (
@@ -73,21 +70,6 @@ def _version(reader: Reader, ref: str | int) -> Any:
                          f"(asked for {ref!r})") from None
     what = f"version {version}" if version else f"alias {alias!r}"
     raise ValueError(f"registered model {name!r} has no {what} (asked for {ref!r})") from None
-
-
-def _records(tags: dict[str, str], prefix: str, fields: tuple[str, ...]) -> dict[str, dict[str, Any]]:
-    """`<prefix>.<alias>.<field>` tags -> {alias: {field: value}}; JSON values decoded."""
-    pattern = re.compile(rf"^{re.escape(prefix)}\.(.+)\.({'|'.join(fields)})$")
-    out: dict[str, dict[str, Any]] = {}
-    for key, value in tags.items():
-        m = pattern.match(key)
-        if m:
-            try:
-                decoded = json.loads(value) if value[:1] in "[{" else value
-            except json.JSONDecodeError:
-                decoded = value
-            out.setdefault(m.group(1), {})[m.group(2)] = decoded
-    return out
 
 
 @dataclass
@@ -217,12 +199,12 @@ def _data(reader: Reader, md5: str | None, rev_tag: str | None, found: _Findings
 
 def _promotions(tags: dict[str, str], held: list[str], found: _Findings) -> tuple[list[dict], list[dict]]:
     """One promotion record per alias on the version (an alias held without one is a gap), and the rollbacks."""
-    promotions = [{"to": alias, **rec} for alias, rec in sorted(_records(tags, PROMOTION, PROMOTION_FIELDS).items())]
+    promotions = [{"to": alias, **rec} for alias, rec in sorted(read_records(tags, PROMOTION).items())]
     for alias in held:
         if alias not in {p["to"] for p in promotions}:
             promotions.append({"to": alias, "missing": found.gap(
-                "promotions", missing(f"alias {alias!r} points here but no {PROMOTION}.{alias}.* tags"))})
-    rollbacks = [{"alias": alias, **rec} for alias, rec in sorted(_records(tags, ROLLBACK, ROLLBACK_FIELDS).items())]
+                "promotions", missing(f"alias {alias!r} points here but no {PROMOTION}.{alias} record"))})
+    rollbacks = [{"alias": alias, **rec} for alias, rec in sorted(read_records(tags, ROLLBACK).items())]
     return promotions, rollbacks
 
 

@@ -131,15 +131,16 @@ class ModelAudit:
                 lines.append(f"    {p['to']}: {p['missing']}")
                 continue
             forced = "  FORCED" if str(p.get("forced")).lower() in ("true", "1", "yes") else ""
-            lines.append(f"    -> {p['to']}  at {p.get('at')}  by {p.get('by')}  from {p.get('from')}  "
-                         f"(previous: {p.get('previous') or 'none'}){forced}")
+            lines.append(f"    -> {p['to']}  at {p.get('at')}  by {p.get('by')}  "
+                         f"(previous: {p.get('previous') or p.get('from') or 'none'}){forced}")
             if p.get("reason"):
                 lines.append(f"       reason: {p['reason']}")
-            if p.get("deltas"):
-                deltas = p["deltas"]
-                text = (", ".join(f"{k} {v:+.4g}" if isinstance(v, (int, float)) else f"{k} {v}"
-                                  for k, v in deltas.items()) if isinstance(deltas, dict) else str(deltas))
-                lines.append(f"       deltas: {text}")
+            compared = p.get("comparison") or p.get("deltas")  # `deltas`: records written before intervals
+            if isinstance(compared, dict) and compared:
+                lines.append(f"       against the previous holder ({p.get('policy') or 'point scores'}):")
+                lines += [f"         {k:32s} {_compared(v)}" for k, v in compared.items()]
+            elif compared:
+                lines.append(f"       deltas: {compared}")
         for r in self.rollbacks:
             lines.append(f"    rollback of {r['alias']} to this version  at {r.get('at')}  by {r.get('by')}  "
                          f"(from {r.get('from')})")
@@ -228,3 +229,10 @@ class DataAudit:
                          f"evaluation run {v.eval_run or '-'}  ({v.matched_by})")
         lines += _footer(self.missing, [])
         return "\n".join(lines)
+
+
+def _compared(v: Any) -> str:
+    """One split of a promotion record: a difference with its interval and verdict, or a bare delta."""
+    if isinstance(v, dict):
+        return f"{v['delta']:+.2f} [{v['low']:+.2f}, {v['high']:+.2f}] {v['verdict']}"
+    return f"{v:+.4g}" if isinstance(v, (int, float)) else str(v)

@@ -71,7 +71,8 @@ def benchmark_chart(ours: dict[str, float], baselines: dict[str, dict[str, float
         for slot, (i, label, scores) in enumerate(shown):
             values = [scores.get(f"{k}/{metric}", np.nan) for k in keys]
             bars = ax.bar(np.arange(len(keys)) + (slot - (len(shown) - 1) / 2) * width, values, width,
-                          label=label, **styles[i])
+                          label=label, yerr=_error_bars(scores, [f"{k}/{metric}" for k in keys]),
+                          error_kw={"elinewidth": 0.8, "capsize": 2}, **styles[i])
             ax.bar_label(bars, fmt="%.0f", fontsize=6)
         ax.set_xticks(np.arange(len(keys)), keys, rotation=25, ha="right", fontsize=8)
         ax.set_title(title)
@@ -84,13 +85,22 @@ def benchmark_chart(ours: dict[str, float], baselines: dict[str, dict[str, float
         for h, label in zip(*ax.get_legend_handles_labels(), strict=True):
             handles.setdefault(label, h)
     order = [label for label, _ in series if label in handles]
-    fig.suptitle("SkyEye-Synth (synthetic): our scores against trivial baselines; the paper's SkyEyeGPT "
-                 "figures are real data on a 7B model, not comparable")
+    fig.suptitle("SkyEye-Synth (synthetic): our scores against trivial baselines, with 95% bootstrap intervals; "
+                 "the paper's SkyEyeGPT figures are real data on a 7B model, not comparable")
     fig.tight_layout()
     legend = fig.legend([handles[label] for label in order], order, loc="upper center", ncol=len(order),
                         fontsize=8, bbox_to_anchor=(0.5, 0.0))
     labels = [t.get_text() for t in legend.get_texts()]
     return _save(fig, out), labels
+
+
+def _error_bars(scores: dict[str, float], names: list[str]) -> np.ndarray | None:
+    """(2, n) distances from each value to its interval's bounds (`<name>_ci_low/_ci_high`), or None."""
+    if not any(f"{n}_ci_low" in scores for n in names):
+        return None
+    err = [[scores[n] - scores.get(f"{n}_ci_low", scores[n]) if n in scores else np.nan for n in names],
+           [scores.get(f"{n}_ci_high", scores[n]) - scores[n] if n in scores else np.nan for n in names]]
+    return np.clip(np.asarray(err, dtype=float), 0, None)
 
 
 def grounding_examples(rows: list[dict], out: Path, n: int = 8) -> Path:
@@ -155,16 +165,48 @@ def vqa_confusion(rows: list[dict], out: Path, top_k: int = 6) -> Path:
     return _save(fig, out)
 
 
+def _derived(name: str) -> bool:
+    """An interval bound or a paired difference: shown beside the score it belongs to."""
+    return name.endswith(("_ci_low", "_ci_high")) or "_delta_vs_" in name
+
+
+def _with_interval(scores: dict[str, float], name: str) -> str:
+    if name not in scores:
+        return ""
+    low, high = scores.get(f"{name}_ci_low"), scores.get(f"{name}_ci_high")
+    return _number(scores[name]) + ("" if low is None or high is None else f" [{low:.1f}, {high:.1f}]")
+
+
 def metrics_table(ours: dict[str, float], baselines: dict[str, dict[str, float]], paper: dict) -> str:
-    """An HTML table: one row per `<bench_split>/<metric>` we scored; ours, baselines, paper."""
+    """An HTML table: one row per `<bench_split>/<metric>` we scored; ours, baselines (each with
+    its 95% interval), paper."""
     paper = _nested(paper)
     head = ["metric", OURS_LABEL, *(f"baseline: {n}" for n in baselines), PAPER_LABEL]
     lines = ["<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr>"]
     order = {key: i for i, key in enumerate(EVAL_KEYS)}  # the paper's order, then anything else
-    for name in sorted(ours, key=lambda k: (order.get(k.split("/")[0], len(order)), k)):
+    for name in sorted((k for k in ours if not _derived(k)), key=lambda k: (order.get(k.split("/")[0], len(order)), k)):
         key, _, metric = name.partition("/")
-        values = [ours[name], *(b.get(name) for b in baselines.values()), paper.get(key, {}).get(metric)]
-        lines.append(f"<tr><td>{html.escape(name)}</td>" + "".join(f"<td>{_number(v)}</td>" for v in values) + "</tr>")
+        cells = [_with_interval(ours, name), *(_with_interval(b, name) for b in baselines.values()),
+                 _number(paper.get(key, {}).get(metric))]
+        lines.append(f"<tr><td>{html.escape(name)}</td>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+    return "\n".join(lines + ["</table>"])
+
+
+def comparison_table(ours: dict[str, float]) -> str:
+    """An HTML table of the paired differences: per bench split, the primary metric's difference
+    to each baseline on the same test items, its 95% interval and what it means."""
+    lines = ["<table><tr><th>bench split</th><th>metric</th><th>against</th><th>difference [95% interval]</th>"
+             "<th>verdict</th></tr>"]
+    for key in EVAL_KEYS:
+        metric = PRIMARY[TASK_OF[key]]
+        prefix = f"{key}/{metric}_delta_vs_"
+        for name in sorted(n for n in ours if n.startswith(prefix) and not _derived(n.removeprefix(prefix))):
+            low, high = ours.get(f"{name}_ci_low"), ours.get(f"{name}_ci_high")
+            if low is None or high is None:
+                continue
+            verdict = "better" if low > 0 else "worse" if high < 0 else "no significant difference"
+            lines.append(f"<tr><td>{key}</td><td>{metric}</td><td>{html.escape(name.removeprefix(prefix))}</td>"
+                         f"<td>{ours[name]:+.1f} [{low:+.1f}, {high:+.1f}]</td><td>{verdict}</td></tr>")
     return "\n".join(lines + ["</table>"])
 
 

@@ -2,9 +2,13 @@
 SkyEyeGPT and its baselines scored the same way, everything in one MLflow run.
 
 Metric names follow `skyeye.formats.benchmarks` (`<bench_split>/<metric>` on the paper's
-x100 scale; a baseline's `baseline.<name>/<bench_split>/<metric>`). The run ends
-FINISHED only when every benchmark was scored, so the registry never sees a half
-evaluation.
+x100 scale; a baseline's `baseline.<name>/<bench_split>/<metric>`). Every score comes with
+its 95% bootstrap interval over the test items (`..._ci_low`, `..._ci_high`) and the
+model's paired difference to each baseline on the same items
+(`<bench_split>/<metric>_delta_vs_<baseline>` with its bounds); the per-item statistics
+behind them are kept in the run (`item_stats/`), so later comparisons (against the
+version in production) need no re-run. The run ends FINISHED only when every benchmark
+was scored, so the registry never sees a half evaluation.
 """
 from __future__ import annotations
 
@@ -13,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from ..config import Settings, get_settings, git_revision
 from ..data.records import DataFormatError, read_json
@@ -24,12 +28,14 @@ from ..formats.benchmarks import (
     PRIMARY_SCORE,
     SPLIT_OF,
     TASK_OF,
+    ci_bounds,
+    delta_metric,
     metric,
     primary_metric,
     select,
     spread,
 )
-from ..formats.metrics import CaptionScorer, caption_scores, grounding_scores, vqa_scores
+from ..formats.metrics import CaptionScorer, caption_items, grounding_items, vqa_items
 from ..registry.references import load
 from ..tracking import runs
 from ..tracking.names import (
@@ -49,6 +55,8 @@ from ..tracking.names import (
 )
 from ..training.data import load_items
 from .baselines import BASELINES, TRIVIAL, trivial_answers
+from .comparison import MODEL, save_item_stats
+from .intervals import ItemStats, bootstrap, compare
 from .predictors import ModelPredictor
 from .sharding import ShardedPredictor, check_num_workers, resolve_ref, worker_pool
 
@@ -68,6 +76,10 @@ class EvalConfig(BaseModel):
     untuned_limit: int | None = 100
     baselines: tuple[str, ...] = BASELINES
     examples: int = 8  # grounding examples drawn in the report
+    # bootstrap intervals over each split's test items (percentile, seeded: reruns agree)
+    resamples: int = Field(1000, ge=100)
+    level: float = Field(0.95, gt=0.5, lt=1.0)
+    seed: int = 0
 
 
 @dataclass
@@ -76,16 +88,26 @@ class EvalResult:
     metrics: dict[str, float]
     predictions: dict[str, list[dict]] = field(default_factory=dict)
     seconds: float = 0.0
+    stats: dict[str, ItemStats] = field(default_factory=dict)  # bench split -> the model's per-item statistics
 
     def render(self) -> str:
-        lines = [f"evaluation run {self.run_id} ({self.seconds:.0f} s)", f"{'bench split':24s} {'metric':12s} "
-                 f"{'ours':>8s}  baselines"]
+        m = self.metrics
+        lines = [f"evaluation run {self.run_id} ({self.seconds:.0f} s); [95% bootstrap interval]",
+                 f"{'bench split':22s} {'metric':10s} {'ours':>22s}  against baselines (paired difference)"]
         for key in self.predictions:
             name = PRIMARY[TASK_OF[key]]
-            base = {b: self.metrics.get(metric(key, name, b)) for b in BASELINES}
-            shown = "  ".join(f"{b}={v:.1f}" for b, v in base.items() if v is not None)
-            lines.append(f"{key:24s} {name:12s} {self.metrics[metric(key, name)]:8.1f}  {shown}")
-        lines.append(f"{PRIMARY_SCORE} {self.metrics[PRIMARY_SCORE]:.2f}")
+            ours = metric(key, name)
+            low, high = (m.get(b) for b in ci_bounds(ours))
+            shown = f"{m[ours]:.1f}" + (f" [{low:.1f}, {high:.1f}]" if low is not None else "")
+            against = []
+            for b in BASELINES:
+                d = delta_metric(key, name, b)
+                if d in m:
+                    dl, dh = (m[x] for x in ci_bounds(d))
+                    verdict = "better" if dl > 0 else "worse" if dh < 0 else "no sig. difference"
+                    against.append(f"{b} {m[metric(key, name, b)]:.1f}: {m[d]:+.1f} [{dl:+.1f}, {dh:+.1f}] {verdict}")
+            lines.append(f"{key:22s} {name:10s} {shown:>22s}  " + "; ".join(against))
+        lines.append(f"{PRIMARY_SCORE} {m[PRIMARY_SCORE]:.2f}")
         return "\n".join(lines)
 
 
@@ -114,15 +136,39 @@ def load_eval_file(instructions: Path, key: str) -> dict:
     return ev
 
 
-def score(key: str, rows: list[dict], answers: list[str], scorer: CaptionScorer | None = None) -> dict[str, float]:
-    """The paper's metrics for one bench split (a shared CaptionScorer keeps one METEOR process)."""
-    task = TASK_OF[key]
+def score_items(key: str, rows: list[dict], answers: list[str], scorer: CaptionScorer | None = None) -> ItemStats:
+    """The paper's metrics for one bench split with each item's statistics (for intervals and
+    paired differences); a shared CaptionScorer keeps one METEOR process."""
+    task, ids = TASK_OF[key], [r["id"] for r in rows]
     if task == "caption":
         refs = [r["references"] for r in rows]
-        return scorer.score(answers, refs) if scorer else caption_scores(answers, refs)
+        return scorer.score_items(answers, refs, ids) if scorer else caption_items(answers, refs, ids=ids)
     if task == "vqa":
-        return vqa_scores(answers, [r["answer"] for r in rows], [r["question_type"] for r in rows])
-    return grounding_scores(answers, [tuple(r["box"]) for r in rows], [tuple(r["image_size"]) for r in rows])
+        return vqa_items(answers, [r["answer"] for r in rows], [r["question_type"] for r in rows], ids=ids)
+    return grounding_items(answers, [tuple(r["box"]) for r in rows], [tuple(r["image_size"]) for r in rows], ids=ids)
+
+
+def score(key: str, rows: list[dict], answers: list[str], scorer: CaptionScorer | None = None) -> dict[str, float]:
+    """The paper's metrics for one bench split."""
+    return score_items(key, rows, answers, scorer).scores
+
+
+def with_intervals(key: str, stats: dict[str, ItemStats], cfg: EvalConfig) -> dict[str, float]:
+    """Every score of the model ("model") and of each baseline ("baseline.<name>") with its
+    bootstrap interval, and the model's paired difference to each baseline on the items that
+    baseline answered (the untuned model answers a subset)."""
+    out: dict[str, float] = {}
+    ours = stats[MODEL]
+    for name, s in stats.items():
+        baseline = None if name == MODEL else name.removeprefix("baseline.")
+        for m, iv in bootstrap(s, cfg.resamples, cfg.seed, cfg.level).items():
+            full = metric(key, m, baseline)
+            out |= dict(zip((full, *ci_bounds(full)), (s.scores[m], iv.low, iv.high), strict=True))
+        if baseline:
+            for m, d in compare(ours, s, cfg.resamples, cfg.seed, cfg.level).items():
+                full = delta_metric(key, m, baseline)
+                out |= dict(zip((full, *ci_bounds(full)), (d.value, d.low, d.high), strict=True))
+    return out
 
 
 @dataclass
@@ -130,6 +176,8 @@ class _Split:
     """What one bench split's scoring produced."""
     metrics: dict[str, float]
     predictions: list[dict]
+    stats: dict[str, ItemStats]  # "model" and "baseline.<name>" -> per-item statistics
+    interval_seconds: float
 
 
 def _score_split(key: str, rows: list[dict], root: Path, train: list, cfg: EvalConfig, ours: ModelPredictor,
@@ -137,7 +185,7 @@ def _score_split(key: str, rows: list[dict], root: Path, train: list, cfg: EvalC
     """The model, the untuned model (on a spread subset) and the task's trivial baseline on one split."""
     task, eval_dir = TASK_OF[key], root / "eval"
     answers = ours.answer(eval_dir, rows, [r["prompt"] for r in rows], cfg.max_new_tokens[task], bar)
-    now = {metric(key, m): v for m, v in score(key, rows, answers, scorer).items()}
+    stats = {MODEL: score_items(key, rows, answers, scorer)}
     base: dict[str, dict[str, str]] = {}  # baseline -> row id -> answer
     if untuned is not None:
         some = spread(rows, cfg.untuned_limit)
@@ -148,14 +196,16 @@ def _score_split(key: str, rows: list[dict], root: Path, train: list, cfg: EvalC
         base[name] = dict(zip((r["id"] for r in rows), trivial, strict=True))
     for name, by_id in base.items():
         scored = [r for r in rows if r["id"] in by_id]
-        scores = score(key, scored, [by_id[r["id"]] for r in scored], scorer)
-        now |= {metric(key, m, name): v for m, v in scores.items()}
+        stats[f"baseline.{name}"] = score_items(key, scored, [by_id[r["id"]] for r in scored], scorer)
+    started = time.perf_counter()
+    now = with_intervals(key, stats, cfg)
+    interval_seconds = time.perf_counter() - started
     predictions = [{**{k: r[k] for k in ("id", "image", "video", "prompt", "answer", "question_type", "box",
                                          "expression", "image_size") if k in r},
                     "references": " | ".join(r.get("references", [])), "prediction": a,
                     **{f"baseline.{n}": by_id.get(r["id"]) for n, by_id in base.items()}}
                    for r, a in zip(rows, answers, strict=True)]
-    return _Split(now, predictions)
+    return _Split(now, predictions, stats, interval_seconds)
 
 
 def _run_tags(root: Path, keys: list[str], model_ref: str, tags: dict | None, s: Settings) -> dict[str, str]:
@@ -165,12 +215,15 @@ def _run_tags(root: Path, keys: list[str], model_ref: str, tags: dict | None, s:
             TAG_EVAL_BENCHMARKS: ",".join(keys), TAG_EVAL_TRAINING_RUN: "", **(tags or {})}
 
 
-def _finish(run_id: str, keys: list[str], metrics: dict[str, float], predictions: dict[str, list[dict]],
+def _finish(run_id: str, keys: list[str], metrics: dict[str, float], splits: dict[str, _Split],
             root: Path, cfg: EvalConfig, model_ref: str, seconds: float, s: Settings) -> None:
-    """The primary score, timings, the predictions tables and the report, into the run."""
+    """The primary score, timings, the predictions tables, the per-item statistics and the report, into the run."""
+    predictions = {k: split.predictions for k, split in splits.items()}
     runs.log_metrics(run_id, {PRIMARY_SCORE: metrics[PRIMARY_SCORE], "eval_seconds": seconds,
+                              "interval_seconds": sum(split.interval_seconds for split in splits.values()),
                               "samples": sum(len(p) for p in predictions.values())}, settings=s)
     _log_tables(run_id, predictions, s)
+    save_item_stats(run_id, {k: split.stats for k, split in splits.items()}, s)
     with tempfile.TemporaryDirectory() as tmp:
         write_report(Path(tmp), metrics, predictions, root / "eval", cfg.examples, title=model_ref)
         runs.client(s).log_artifacts(run_id, tmp, "report")
@@ -211,7 +264,7 @@ def evaluate_with(ours: ModelPredictor | ShardedPredictor, before: ModelPredicto
     files = {k: load_eval_file(root, k) for k in keys}  # every file checked before any compute
     train = load_items(root / "stage1.json") if (root / "stage1.json").exists() else []
     metrics: dict[str, float] = {}
-    predictions: dict[str, list[dict]] = {}
+    splits: dict[str, _Split] = {}
     name = f"evaluate-{Path(model_ref).name or 'model'}"
     with runs.tracked_run(EVALUATION_EXPERIMENT, name, _run_tags(root, keys, model_ref, tags, s), settings=s) as run_id:
         runs.client(s).log_param(run_id, "eval_config", cfg.model_dump_json())
@@ -230,17 +283,17 @@ def evaluate_with(ours: ModelPredictor | ShardedPredictor, before: ModelPredicto
             with tqdm(total=total, desc="evaluate", unit="sample", disable=not progress) as bar:
                 for key, rows in rows_of.items():
                     bar.set_postfix_str(key)
-                    split = _score_split(key, rows, root, train, cfg, ours, before, scorer, bar)
+                    splits[key] = split = _score_split(key, rows, root, train, cfg, ours, before, scorer, bar)
                     metrics |= split.metrics
-                    predictions[key] = split.predictions
                     runs.log_metrics(run_id, split.metrics, settings=s)
         finally:
             if scorer is not None:
                 scorer.close()
         metrics[PRIMARY_SCORE] = sum(metrics[primary_metric(k)] for k in keys) / len(keys)
         seconds = time.perf_counter() - started
-        _finish(run_id, keys, metrics, predictions, root, cfg, model_ref, seconds, s)
-    return EvalResult(run_id, metrics, predictions, seconds)
+        _finish(run_id, keys, metrics, splits, root, cfg, model_ref, seconds, s)
+    return EvalResult(run_id, metrics, {k: split.predictions for k, split in splits.items()}, seconds,
+                      {k: split.stats[MODEL] for k, split in splits.items()})
 
 
 def _log_tables(run_id: str, predictions: dict[str, list[dict]], s: Settings) -> None:
@@ -267,7 +320,10 @@ def write_report(out: Path, metrics: dict[str, float], predictions: dict[str, li
         ("Scores on SkyEye-Synth (synthetic) against the baselines; the paper's numbers are real-data figures "
          "of a 7B model, shown for scale only",
          report.benchmark_chart(ours, baselines, SKYEYEGPT, out / "benchmarks.png")[0]),
-        ("Scores (x100; SkyEye-Synth is synthetic stand-in data)", report.metrics_table(ours, baselines, SKYEYEGPT))]
+        ("Scores (x100; SkyEye-Synth is synthetic stand-in data) with 95% bootstrap intervals over the test items",
+         report.metrics_table(ours, baselines, SKYEYEGPT)),
+        ("The model against each baseline on the same test items (paired bootstrap of the difference)",
+         report.comparison_table(ours))]
     for key, rows in predictions.items():
         task = TASK_OF[key]
         if task == "grounding":

@@ -4,7 +4,9 @@ readers, the builder, the data gate, training's held-out scores, the evaluation,
 promotion policy and the audit. Free of torch and MLflow.
 
 Metric names: `<bench_split>/<metric>` (`dior_rsvg_test/acc_at_0.5`) on the paper's x100
-scale; a baseline's `baseline.<name>/<bench_split>/<metric>`; training's held-out scores
+scale; a baseline's `baseline.<name>/<bench_split>/<metric>`; a 95% bootstrap interval's
+bounds `<name>_ci_low` / `<name>_ci_high`; a paired difference to a reference
+`<bench_split>/<metric>_delta_vs_<reference>` (with its bounds); training's held-out scores
 carry the prefix `heldout/` in front of the same names.
 """
 from __future__ import annotations
@@ -45,6 +47,16 @@ HELDOUT = "heldout/"  # prefix of training's held-out scores
 def metric(key: str, name: str, baseline: str | None = None) -> str:
     """`<key>/<name>`, or `baseline.<baseline>/<key>/<name>`."""
     return f"baseline.{baseline}/{key}/{name}" if baseline else f"{key}/{name}"
+
+
+def ci_bounds(name: str) -> tuple[str, str]:
+    """The names of a metric's interval bounds: `rsvg_test/acc_at_0.5_ci_low`, `..._ci_high`."""
+    return f"{name}_ci_low", f"{name}_ci_high"
+
+
+def delta_metric(key: str, name: str, reference: str) -> str:
+    """A paired difference to a reference (a baseline, `production`): `<key>/<name>_delta_vs_<reference>`."""
+    return f"{key}/{name}_delta_vs_{reference}"
 
 
 def primary_metric(key: str) -> str:

@@ -28,12 +28,15 @@ class TinyLLMSpec(BaseModel):
 
 
 class BackbonesConfig(BaseModel):
-    """What the backbones step pretrains, and for how long (wall-clock budgets)."""
+    """What the backbones step pretrains, and for how long: `*_steps` optimizer steps when set
+    (the same backbones whatever the machine's load), the `*_seconds` budgets then only a
+    safety net; unset, the wall-clock budgets alone."""
     model_config = ConfigDict(extra="forbid")
     vision: TinyVisionSpec = TinyVisionSpec()
     llm: TinyLLMSpec = TinyLLMSpec()
     vocab_size: int = 2000
     vision_seconds: float = 120
+    vision_steps: int | None = None
     vision_batch: int = 64
     vision_lr: float = 1e-3
     # frames per step whose scene / event class the encoder also learns (CapERA's ERA event
@@ -41,6 +44,7 @@ class BackbonesConfig(BaseModel):
     scene_batch: int = 0
     scene_weight: float = 0.3  # of the scene loss, against the dense losses' weight of 1
     llm_seconds: float = 90
+    llm_steps: int | None = None
     llm_batch: int = 64
     llm_lr: float = 2e-3
     seed: int = 0

@@ -4,27 +4,58 @@ against the policy, or forced with a recorded reason) and `rollback`.
 
 Apart from `store` because the policy and its records are a component of their own; this
 module reads versions, aliases and evaluation runs through `store` and `references`
-(which never import it). Every promotion and rollback is recorded as tags on the version
-it concerns, written before the alias moves, under the registry's lock (`store.lock`: on a
-tracking server one that every machine sees): of two promotions at once, the second waits,
-then judges its candidate against the version the first put there.
+(which never import it). Every decision is one record (a JSON tag) on the version it
+concerns: a promotion's written before the alias moves, a refusal's or a rollback's likewise,
+under the registry's lock (`store.lock`: on a tracking server one that every machine sees):
+of two promotions at once, the second waits, then judges its candidate against the version
+the first put there.
+
+Production decides on intervals, not bare tolerances: the candidate's and production's
+evaluations are compared item by item (a paired bootstrap on the same test items,
+`evaluation.comparison`). A split regresses only when the whole interval of its difference
+lies below minus its tolerance; the primary score must be significantly better (or, where
+the policy says so, not significantly worse). Versions evaluated before per-item statistics
+were kept are compared on their point scores, as the record says.
 """
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Literal
 
 from mlflow.exceptions import MlflowException
-from pydantic import BaseModel, ConfigDict, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ..config import get_settings, load_yaml_config
 from ..datagate.gate import validation_outcome
-from ..formats.benchmarks import EVAL_KEYS, PRIMARY, PRIMARY_SCORE, TASK_OF, primary_metric, primary_of
+from ..evaluation.intervals import Delta
+from ..formats.benchmarks import (
+    EVAL_KEYS,
+    PRIMARY,
+    PRIMARY_SCORE,
+    TASK_OF,
+    ci_bounds,
+    delta_metric,
+    primary_metric,
+    primary_of,
+)
 from ..tracking import runs
-from ..tracking.names import TAG_DVC_MD5, UNVERSIONED, promotion_tag, rollback_tag
+from ..tracking.names import (
+    PROMOTION,
+    REFUSAL,
+    ROLLBACK,
+    TAG_DVC_MD5,
+    TAG_EVAL_RUN,
+    UNVERSIONED,
+    read_records,
+    record_tag,
+)
 from .references import RegistryError, aliases, model_name, resolve_version, version_exists
 from .store import ALIASES, eval_metrics, lock, now, primary_score, user
+
+if TYPE_CHECKING:
+    from ..evaluation.comparison import RunComparison
 
 
 class PromotionRefused(RegistryError):
@@ -69,9 +100,15 @@ class StagingPolicy(BaseModel):
 
 class ProductionPolicy(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    tolerance: float = 2.0
+    # a split regresses when the whole interval of its difference to production lies below -tolerance
+    tolerance: float = Field(2.0, ge=0)
     tolerances: dict[str, float] = {}
+    # primary_score against production: "better" = significantly better (the interval's low end
+    # above min_primary_gain), "not_worse" = not significantly worse (its high end at or above 0)
+    primary: Literal["better", "not_worse"] = "better"
     min_primary_gain: float = 0.0
+    resamples: int = Field(1000, ge=100)
+    level: float = Field(0.95, gt=0.5, lt=1.0)
 
     @field_validator("tolerances")
     @classmethod
@@ -99,10 +136,11 @@ def load_policy(path: str | Path | None = None) -> PromotionPolicy:
 
 
 def policy_failures(alias: str, metrics: dict[str, float], policy: PromotionPolicy, validation: str | None,
-                    md5: str | None, holder: int | None = None, holder_metrics: dict[str, float] | None = None
-                    ) -> list[str]:
+                    md5: str | None, holder: int | None = None, holder_metrics: dict[str, float] | None = None,
+                    comparison: RunComparison | None = None) -> list[str]:
     """Every reason `alias` should refuse a version with these evaluation metrics; [] = promote.
-    `validation` is the data gate's outcome for `md5`; `holder_metrics` the current holder's."""
+    `validation` is the data gate's outcome for `md5`; `holder_metrics` the current holder's;
+    `comparison` the candidate against the holder item by item (None: compare point scores)."""
     out: list[str] = []
     st, prim = policy.staging, primary_of(metrics)
     if st.require_validation:
@@ -124,12 +162,41 @@ def policy_failures(alias: str, metrics: dict[str, float], policy: PromotionPoli
         return out
     if holder_metrics is None:
         return out + [f"current production version {holder} has no readable evaluation run: cannot compare"]
-    pt = policy.production
+    for key, theirs in primary_of(holder_metrics).items():
+        if key not in prim:
+            out.append(f"{primary_metric(key)}: not evaluated (production {theirs:.1f})")
+    if comparison is None:
+        return out + _point_failures(prim, metrics, holder_metrics, policy.production)
+    return out + _interval_failures(comparison, holder, policy.production)
+
+
+def _interval_failures(comparison: RunComparison, holder: int, pt: ProductionPolicy) -> list[str]:
+    out, pct = [], f"{comparison.level:.0%}"
+    for key, c in comparison.splits.items():
+        tol, d = pt.tolerance_of(key), c.delta
+        if d.high < -tol:
+            out.append(f"{key}/{c.metric} {c.ours:.1f} vs production v{holder} {c.theirs:.1f}: {d.value:+.1f}, "
+                       f"{pct} interval [{d.low:+.1f}, {d.high:+.1f}] lies wholly below -{tol:g} "
+                       f"(rule: a {TASK_OF[key]} split regresses beyond its tolerance of {tol:g})")
+    p = comparison.primary
+    if p is None:
+        return out + ["primary_score: no bench split in common with production: cannot compare"]
+    shown = f"primary_score {p.value:+.2f} vs production v{holder}, {pct} interval [{p.low:+.2f}, {p.high:+.2f}]"
+    if pt.primary == "better" and not p.low > pt.min_primary_gain:
+        gain = f" by more than {pt.min_primary_gain:g}" if pt.min_primary_gain else ""
+        out.append(f"{shown}: not significantly better{gain} (rule: production.primary = better)")
+    elif pt.primary == "not_worse" and p.high < 0:
+        out.append(f"{shown}: significantly worse (rule: production.primary = not_worse)")
+    return out
+
+
+def _point_failures(prim: dict[str, float], metrics: dict[str, float], holder_metrics: dict[str, float],
+                    pt: ProductionPolicy) -> list[str]:
+    """Bare tolerances on the point scores: for a holder evaluated before per-item statistics were kept."""
+    out = []
     for key, theirs in primary_of(holder_metrics).items():
         ours, tol = prim.get(key), pt.tolerance_of(key)
-        if ours is None:
-            out.append(f"{primary_metric(key)}: not evaluated (production {theirs:.1f})")
-        elif ours < theirs - tol:
+        if ours is not None and ours < theirs - tol:
             out.append(f"{primary_metric(key)} {ours:.1f} < production {theirs:.1f} - {tol:.1f} tolerance "
                        f"({ours - theirs:+.1f})")
     ours, theirs = primary_score(metrics), primary_score(holder_metrics)
@@ -141,7 +208,7 @@ def policy_failures(alias: str, metrics: dict[str, float], policy: PromotionPoli
 
 
 def deltas(metrics: dict[str, float], before: dict[str, float] | None) -> dict[str, float]:
-    """Per bench split primary-metric change against the previous holder (and primary_score)."""
+    """Per bench split primary-metric change against the previous holder (and primary_score), point scores."""
     if not before:
         return {}
     ours, theirs = primary_of(metrics), primary_of(before)
@@ -152,23 +219,41 @@ def deltas(metrics: dict[str, float], before: dict[str, float] | None) -> dict[s
     return out
 
 
-def scoreboard(version: int, against: int | None) -> list[dict]:
-    """Per bench split: the primary metric of `version`, of `against` (the production it
-    would replace) and of the split's trivial baseline, with the deltas: the table a
-    retrain run shows next to its promotion decision."""
+def _interval_text(value: float | None, low: float | None, high: float | None) -> str | None:
+    if value is None:
+        return None
+    return f"{value:.1f}" if low is None or high is None else f"{value:.1f} [{low:.1f}, {high:.1f}]"
+
+
+def scoreboard(version: int, against: int | None, policy: PromotionPolicy | None = None) -> list[dict]:
+    """Per bench split: the primary metric of `version` with its interval, its paired difference
+    to the split's trivial baseline and to `against` (the production it would replace), each
+    with its interval and verdict: the table a retrain run and `skyeye models VERSION` show."""
     from ..evaluation.baselines import TRIVIAL
     client, name = runs.client(), model_name()
-    ours = eval_metrics(client, name, version)[0]
-    theirs = eval_metrics(client, name, against)[0] if against is not None else {}
+    pt = (policy or load_policy()).production
+    ours, mv = eval_metrics(client, name, version)
+    comparison = None
+    if against is not None:
+        theirs_mv = client.get_model_version(name, str(against))
+        comparison = _compare_with_holder(mv, theirs_mv, pt)
     rows = []
     for key, value in primary_of(ours).items():
-        trivial = ours.get(f"baseline.{TRIVIAL[TASK_OF[key]]}/{primary_metric(key)}")
-        held = primary_of(theirs).get(key)
-        rows.append({"benchmark": key, "metric": primary_metric(key).split("/", 1)[1], "candidate": round(value, 2),
-                     "production": None if held is None else round(held, 2),
-                     "vs production": None if held is None else round(value - held, 2),
-                     "trivial baseline": None if trivial is None else round(trivial, 2),
-                     "vs trivial": None if trivial is None else round(value - trivial, 2)})
+        m = primary_metric(key)
+        trivial = TRIVIAL[TASK_OF[key]]
+        d = delta_metric(key, PRIMARY[TASK_OF[key]], trivial)
+        row = {"benchmark": key, "metric": m.split("/", 1)[1],
+               "candidate": _interval_text(value, *(ours.get(b) for b in ci_bounds(m))),
+               "trivial baseline": _interval_text(ours.get(f"baseline.{trivial}/{m}"), None, None),
+               "vs trivial": _interval_text(ours.get(d), *(ours.get(b) for b in ci_bounds(d)))}
+        if d in ours and ci_bounds(d)[0] in ours:
+            row["vs trivial"] += " " + Delta(ours[d], *(ours[b] for b in ci_bounds(d)), True).verdict
+        if comparison is not None and key in comparison.splits:
+            c = comparison.splits[key]
+            row |= {"production": f"{c.theirs:.1f}",
+                    "vs production": f"{c.delta.value:+.1f} [{c.delta.low:+.1f}, {c.delta.high:+.1f}] "
+                                     f"{c.delta.verdict}"}
+        rows.append(row)
     return rows
 
 
@@ -180,7 +265,7 @@ class PromotionResult:
     previous: int | None
     forced: bool = False
     reason: str = ""
-    deltas: dict[str, float] = field(default_factory=dict)
+    comparison: dict = field(default_factory=dict)  # per split: delta, low, high, verdict (or a point delta)
     overridden: list[str] = field(default_factory=list)
     at: str = ""
     by: str = ""
@@ -195,7 +280,9 @@ class PromotionResult:
         if self.reason:
             lines.append(f"  reason: {self.reason}")
         lines += [f"  overridden: {f}" for f in self.overridden]
-        lines += [f"  {k:32s} {v:+.2f}" for k, v in self.deltas.items()]
+        for key, d in self.comparison.items():
+            lines.append(f"  {key:32s} {d['delta']:+.2f} [{d['low']:+.2f}, {d['high']:+.2f}] {d['verdict']}"
+                         if isinstance(d, dict) else f"  {key:32s} {d:+.2f} (point scores)")
         return "\n".join(lines)
 
 
@@ -204,11 +291,22 @@ def _check_alias(alias: str) -> None:
         raise RegistryError(f"unknown alias {alias!r}: use one of {', '.join(ALIASES)}")
 
 
+def _compare_with_holder(mv, holder_mv, pt: ProductionPolicy) -> RunComparison | None:
+    from ..evaluation.comparison import compare_runs
+    ours, theirs = mv.tags.get(TAG_EVAL_RUN), holder_mv.tags.get(TAG_EVAL_RUN)
+    if not ours or not theirs:
+        return None
+    # scored on another data version: the same item ids need not be the same items
+    same = mv.tags.get(TAG_DVC_MD5) == holder_mv.tags.get(TAG_DVC_MD5)
+    return compare_runs(ours, theirs, pt.resamples, level=pt.level, same_items=same)
+
+
 def promote(version: int | str, to: str, force: bool = False, reason: str | None = None,
             policy: PromotionPolicy | None = None) -> PromotionResult:
     """Point alias `to` at `version` if the policy allows (or `force` with a reason); the
     record is written on the version before the alias moves, under a lock, against the
-    holder read inside the lock. Raises PromotionRefused naming each failed check."""
+    holder read inside the lock. Raises PromotionRefused naming each failed check, after
+    recording the refusal on the version."""
     _check_alias(to)
     reason = (reason or "").strip()
     if force and not reason:
@@ -222,23 +320,28 @@ def promote(version: int | str, to: str, force: bool = False, reason: str | None
         holder = aliases(client, name).get(to)
         if holder == v:
             return PromotionResult(v, to, holder, unchanged=True)
-        before = None
+        before, comparison = None, None
         if holder is not None:
             try:
-                before = eval_metrics(client, name, holder)[0]
+                before, holder_mv = eval_metrics(client, name, holder)
+                if to == "production":
+                    comparison = _compare_with_holder(mv, holder_mv, policy.production)
             except (RegistryError, MlflowException):
                 before = None
         validation = validation_outcome(md5) if md5 and md5 != UNVERSIONED else None
-        failures = policy_failures(to, metrics, policy, validation, md5, holder, before)
+        failures = policy_failures(to, metrics, policy, validation, md5, holder, before, comparison)
+        compared = comparison.record() if comparison is not None else deltas(metrics, before)
+        how = "intervals" if comparison is not None else "point scores"
         if failures and not force:
+            refusal = {"at": now(), "by": user(), "against": str(holder or "none"), "policy": how,
+                       "comparison": compared, "failures": failures}
+            client.set_model_version_tag(name, str(v), record_tag(REFUSAL, to), json.dumps(refusal))
             raise PromotionRefused(v, to, failures)
-        result = PromotionResult(v, to, holder, bool(failures), reason, deltas(metrics, before),
-                                 failures, now(), user())
-        record = {"at": result.at, "from": str(holder or "none"), "by": result.by, "reason": reason,
-                  "forced": str(result.forced).lower(), "deltas": json.dumps(result.deltas),
-                  "previous": str(holder or "none"), "overridden": json.dumps(failures)}
-        for key, value in record.items():  # the record first: the alias never points at a half-recorded version
-            client.set_model_version_tag(name, str(v), promotion_tag(to, key), value)
+        result = PromotionResult(v, to, holder, bool(failures), reason, compared, failures, now(), user())
+        record = {"at": result.at, "by": result.by, "previous": str(holder or "none"), "forced": result.forced,
+                  "reason": reason, "policy": how, "comparison": compared, "overridden": failures}
+        # the record first: the alias never points at an unrecorded version
+        client.set_model_version_tag(name, str(v), record_tag(PROMOTION, to), json.dumps(record))
         client.set_registered_model_alias(name, to, str(v))
     return result
 
@@ -252,12 +355,13 @@ def rollback(alias: str = "production", reason: str | None = None) -> tuple[int,
         current = aliases(client, name).get(alias)
         if current is None:
             raise RegistryError(f"alias {alias!r} of {name} is not set: nothing to roll back")
-        prev = client.get_model_version(name, str(current)).tags.get(promotion_tag(alias, "previous"), "none")
+        tags = client.get_model_version(name, str(current)).tags
+        prev = str(read_records(tags, PROMOTION).get(alias, {}).get("previous") or "none")
         if prev == "none":
             raise RegistryError(f"{name}@{alias} is version {current}, which has no previous {alias} version "
-                                f"({promotion_tag(alias, 'previous')} is unset or 'none'): nothing to roll back to")
+                                f"(its {record_tag(PROMOTION, alias)} record names none): nothing to roll back to")
         target = version_exists(client, name, int(prev))
-        for key, value in {"at": now(), "from": str(current), "by": user(), "reason": (reason or "").strip()}.items():
-            client.set_model_version_tag(name, str(target), rollback_tag(alias, key), value)
+        record = {"at": now(), "from": str(current), "by": user(), "reason": (reason or "").strip()}
+        client.set_model_version_tag(name, str(target), record_tag(ROLLBACK, alias), json.dumps(record))
         client.set_registered_model_alias(name, alias, str(target))
     return current, target

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from xml.sax.saxutils import escape
 
@@ -36,15 +36,23 @@ class Scale:
     phili_images: int  # RSVQA-HR test set 2
     questions_per_image: int
     image_size: int | None  # None: the real sets' sizes
+    # images of a scored split, where the split shares would leave too few to tell a model
+    # from a baseline; the other splits share the rest
+    scored_images: dict[str, dict[str, int]] = field(default_factory=dict)
 
 
-# demo: CapERA 200 clips and Sydney 300 images, so their test splits (20 and 30) are big enough
-# to compare a model with a baseline (60 clips left 6 test clips, two of them alike).
+# demo: every scored split holds at least 300 items, or the real split's size where that is
+# smaller (UCM-Captions test: 210 images, Sydney-Captions test: 58), so a difference of about
+# 7 points of accuracy is detectable; the training splits stay about as they were
 SCALES = {
     "tiny": Scale({"ucm_captions": 10, "sydney_captions": 10, "rsicd": 10, "capera": 10, "rsvqa_lr": 10,
                    "rsvqa_hr": 10, "rsvg": 10, "dior_rsvg": 12}, 3, 6, 64),
-    "demo": Scale({"ucm_captions": 400, "sydney_captions": 300, "rsicd": 500, "capera": 200, "rsvqa_lr": 400,
-                   "rsvqa_hr": 400, "rsvg": 300, "dior_rsvg": 900}, 100, 12, 128),
+    "demo": Scale({"ucm_captions": 570, "sydney_captions": 330, "rsicd": 750, "capera": 480, "rsvqa_lr": 400,
+                   "rsvqa_hr": 400, "rsvg": 370, "dior_rsvg": 900}, 100, 12, 128,
+                  scored_images={"ucm_captions": {"test": 210}, "sydney_captions": {"test": 58},
+                                 "rsicd": {"test": 300}, "capera": {"test": 300},
+                                 # ~4.2 expressions per image: 75 images give 300+ items
+                                 "rsvg": {"val": 75, "test": 75}}),
     "full": Scale({"ucm_captions": 2100, "sydney_captions": 613, "rsicd": 10921, "capera": 1473, "rsvqa_lr": 772,
                    "rsvqa_hr": 9567, "rsvg": 4239, "dior_rsvg": 17402}, 1092, 100, None),
 }
@@ -62,13 +70,34 @@ LR_TYPES = ("presence", "comp", "rural_urban", "count")
 HR_TYPES = ("presence", "comp", "count", "area")
 
 
-def split_of(i: int, n: int, shares) -> str:
-    edge = 0.0
+def split_sizes(bench: str, n: int, scale: Scale) -> tuple[tuple[str, int], ...]:
+    """Images per split, in file order: the scale's fixed scored splits, the others by their shares."""
+    shares = SPLIT_SHARES.get(bench, SPLIT_SHARES["captions"])
+    fixed = scale.scored_images.get(bench, {})
+    rest = n - sum(fixed.values())
+    if rest < 0:
+        raise ValueError(f"scale: {bench} has {n} images, fewer than its fixed splits {fixed}")
+    free = [(name, share) for name, share in shares if name not in fixed]
+    total = sum(share for _, share in free)
+    sizes, edge, given = [], 0.0, 0
     for name, share in shares:
-        edge += share
-        if i < round(edge * n):
+        if name in fixed:
+            sizes.append((name, fixed[name]))
+            continue
+        edge += share / total
+        count = round(edge * rest) - given
+        given += count
+        sizes.append((name, count))
+    return tuple(sizes)
+
+
+def split_of(i: int, sizes: tuple[tuple[str, int], ...]) -> str:
+    edge = 0
+    for name, count in sizes:
+        edge += count
+        if i < edge:
             return name
-    return shares[-1][0]
+    return sizes[-1][0]
 
 
 def _rng(seed: int, bench: str, i: int) -> np.random.Generator:
@@ -126,7 +155,7 @@ def _dump(path: Path, obj) -> None:
     path.write_text(json.dumps(obj, ensure_ascii=True), encoding="utf-8")
 
 
-def _karpathy(bench: str, items: list[dict], out: Path) -> None:
+def _karpathy(bench: str, items: list[dict], out: Path, sizes) -> None:
     images, sentid = [], 0
     for i, it in enumerate(items):
         sents = []
@@ -135,14 +164,14 @@ def _karpathy(bench: str, items: list[dict], out: Path) -> None:
             sents.append({"tokens": tokens, "raw": raw, "imgid": i, "sentid": sentid})
             sentid += 1
         images.append({"filename": it["filename"], "imgid": i, "sentids": [s["sentid"] for s in sents],
-                       "split": split_of(i, len(items), SPLIT_SHARES["captions"]), "sentences": sents})
+                       "split": split_of(i, sizes), "sentences": sents})
     name = {"ucm_captions": "ucm", "sydney_captions": "sydney", "rsicd": "rsicd"}[bench]
     _dump(out / ("dataset_rsicd.json" if bench == "rsicd" else "dataset.json"), {"images": images, "dataset": name})
 
 
-def _capera(items: list[dict], out: Path) -> None:
+def _capera(items: list[dict], out: Path, sizes) -> None:
     clips = [{"id": it["id"], "file": f"clips/{it['id']}.mp4", "event": it["event"],
-              "split": split_of(i, len(items), SPLIT_SHARES["captions"]), "captions": it["captions"]}
+              "split": split_of(i, sizes), "captions": it["captions"]}
              for i, it in enumerate(items)]
     _dump(out / "captions.json", {"dataset": "capera", "layout": "skyeye-capera-v1", "clips": clips})
 
@@ -181,7 +210,7 @@ def _rsvqa(bench: str, items_by_split: dict[str, list[tuple[int, dict]]], out: P
         _dump(out / "all_answers.json", {"answers": all_a})
 
 
-def _voc(bench: str, items: list[dict], out: Path) -> None:
+def _voc(bench: str, items: list[dict], out: Path, sizes) -> None:
     """Pascal-VOC XML per image; split files index the running object count over the
     XML files sorted by name (DIOR-RSVG's convention)."""
     splits: dict[str, list[int]] = {"train": [], "val": [], "test": []}
@@ -197,7 +226,7 @@ def _voc(bench: str, items: list[dict], out: Path) -> None:
                f"  </source>\n  <size>\n    <width>{it['size']}</width>\n    <height>{it['size']}</height>\n"
                f"    <depth>3</depth>\n  </size>\n  <segmented>0</segmented>{objs}\n</annotation>")
         (out / "Annotations" / f"{it['stem']}.xml").write_text(xml, encoding="utf-8")
-        split = split_of(i, len(items), SPLIT_SHARES[bench])
+        split = split_of(i, sizes)
         splits[split] += list(range(running, running + len(it["objects"])))
         running += len(it["objects"])
     for split, idx in splits.items():
@@ -258,28 +287,23 @@ def _write_layouts(root: Path, jobs: list[tuple], results: list[dict], sc: Scale
     for bench, pairs in by_bench.items():
         items = [r for _, r in pairs]
         out = root / bench
-        if bench in ("ucm_captions", "sydney_captions", "rsicd"):
-            _karpathy(bench, items, out)
-            shares = SPLIT_SHARES["captions"]
-        elif bench == "capera":
-            _capera(items, out)
-            shares = SPLIT_SHARES["captions"]
-        elif bench in ("rsvqa_lr", "rsvqa_hr"):
+        if bench in ("rsvqa_lr", "rsvqa_hr"):
             n = sc.images[bench]
+            sizes = split_sizes(bench, n, sc)
             by_split: dict[str, list[tuple[int, dict]]] = {}
             for (_, i, *_rest), it in pairs:
-                split = "test_phili" if i >= n else split_of(i, n, SPLIT_SHARES[bench])
+                split = "test_phili" if i >= n else split_of(i, sizes)
                 by_split.setdefault(split, []).append((i, it))
             _rsvqa(bench, by_split, out)
             summary[bench] = {s: len(v) for s, v in by_split.items()}
             continue
+        sizes = split_sizes(bench, len(items), sc)
+        if bench in ("ucm_captions", "sydney_captions", "rsicd"):
+            _karpathy(bench, items, out, sizes)
+        elif bench == "capera":
+            _capera(items, out, sizes)
         else:
-            _voc(bench, items, out)
-            shares = SPLIT_SHARES[bench]
-        counts: dict[str, int] = {}
-        for i in range(len(items)):
-            s = split_of(i, len(items), shares)
-            counts[s] = counts.get(s, 0) + 1
-        summary[bench] = counts
+            _voc(bench, items, out, sizes)
+        summary[bench] = {name: count for name, count in sizes if count}
     return summary
 

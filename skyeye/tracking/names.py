@@ -9,6 +9,8 @@ evaluation run, training run, tuning job and data version.
 """
 from __future__ import annotations
 
+import json
+
 # experiments
 TUNING_EXPERIMENT = "skyeye-tuning"  # tuning jobs (parent runs) with their backbones / stage runs
 EVALUATION_EXPERIMENT = "skyeye-evaluation"
@@ -47,17 +49,37 @@ TAG_EVAL_RUN = "skyeye.eval_run"
 TAG_TRAINING_RUN = "skyeye.training_run"
 TAG_TUNING_JOB = "skyeye.tuning_job"  # also on evaluation runs
 TAG_BACKBONES = "skyeye.backbones"  # where each backbone comes from (artifact, folder or hub id), JSON
-PROMOTION, ROLLBACK = "skyeye.promotion", "skyeye.rollback"
+# one record per decision, a JSON tag on the version: `skyeye.promotion.<alias>` (the last move of
+# the alias to it), `skyeye.refusal.<alias>` (the last refusal), `skyeye.rollback.<alias>`
+PROMOTION, REFUSAL, ROLLBACK = "skyeye.promotion", "skyeye.refusal", "skyeye.rollback"
 # serving, on the version: since when it is served, where, the version it replaced, and until when
 TAG_SERVED_SINCE, TAG_SERVED_ENDPOINT = "skyeye.serving.since", "skyeye.serving.endpoint"
 TAG_SERVED_REPLACED, TAG_SERVED_UNTIL = "skyeye.serving.replaced", "skyeye.serving.until"
-PROMOTION_FIELDS = ("at", "from", "by", "reason", "forced", "deltas", "previous", "overridden")
+PROMOTION_FIELDS = ("at", "by", "previous", "forced", "reason", "policy", "comparison", "overridden")
+REFUSAL_FIELDS = ("at", "by", "against", "policy", "comparison", "failures")
 ROLLBACK_FIELDS = ("at", "from", "by", "reason")
 
 
-def promotion_tag(alias: str, field: str) -> str:
-    return f"{PROMOTION}.{alias}.{field}"
+def record_tag(kind: str, alias: str) -> str:
+    """`skyeye.promotion.production`: the tag holding one decision's record (JSON)."""
+    return f"{kind}.{alias}"
 
 
-def rollback_tag(alias: str, field: str) -> str:
-    return f"{ROLLBACK}.{alias}.{field}"
+def read_records(tags: dict[str, str], kind: str) -> dict[str, dict]:
+    """{alias: record} of one kind from a version's tags. Versions promoted before records were
+    one tag carry one tag per field (`skyeye.promotion.production.at`, ...): read those too."""
+    out: dict[str, dict] = {}
+    for key, value in tags.items():
+        if not key.startswith(kind + "."):
+            continue
+        rest = key[len(kind) + 1:]
+        try:
+            decoded = json.loads(value) if value[:1] in "[{" else value
+        except json.JSONDecodeError:
+            decoded = value
+        if "." not in rest and isinstance(decoded, dict):
+            out.setdefault(rest, {}).update(decoded)
+        elif "." in rest:  # the older per-field layout
+            alias, field = rest.rsplit(".", 1)
+            out.setdefault(alias, {})[field] = decoded
+    return out

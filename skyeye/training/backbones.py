@@ -55,16 +55,20 @@ def cache_key(instructions: Path, cfg: BackbonesConfig) -> str:
     return h.hexdigest()[:16]
 
 
-def _train_for(seconds: float, lr: float, params: list, desc: str, step_fn, log, part: str) -> dict[str, float]:
-    """AdamW with warm-up and cosine decay over a wall-clock budget; `step_fn()` returns
-    (loss, metrics) for one batch. A progress bar shows the budget being spent. The step
-    count is reported as `<part>/steps`."""
+def _train_for(steps: int | None, seconds: float, lr: float, params: list, desc: str, step_fn, log, part: str
+               ) -> dict[str, float]:
+    """AdamW with warm-up and cosine decay over `steps` optimizer steps (`seconds` then only a
+    safety net), or over the wall-clock budget `seconds` when `steps` is None; `step_fn()`
+    returns (loss, metrics) for one batch. A progress bar shows the budget being spent. The
+    step count is reported as `<part>/steps`."""
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.05)
     start, step, metrics = time.perf_counter(), 0, {}
-    bar = tqdm(total=int(seconds), desc=desc, unit="s")
-    while (elapsed := time.perf_counter() - start) < seconds:
+    bar = tqdm(total=steps or int(seconds), desc=desc, unit="step" if steps else "s")
+    while (elapsed := time.perf_counter() - start) < seconds and (steps is None or step < steps):
+        # the schedule anneals within whichever budget ends first
+        progress = max(step / steps if steps else 0.0, elapsed / seconds)
         for group in opt.param_groups:
-            group["lr"] = lr * min(1.0, (step + 1) / 50) * 0.5 * (1 + math.cos(math.pi * elapsed / seconds))
+            group["lr"] = lr * min(1.0, (step + 1) / 50) * 0.5 * (1 + math.cos(math.pi * progress))
         loss, metrics = step_fn()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -74,7 +78,7 @@ def _train_for(seconds: float, lr: float, params: list, desc: str, step_fn, log,
         metrics[f"{part}/steps"] = step
         if step % 20 == 0:
             log(metrics, step)
-        bar.n = min(int(time.perf_counter() - start), bar.total)
+        bar.n = step if steps else min(int(time.perf_counter() - start), bar.total)
         bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
         bar.refresh()
     bar.close()
@@ -202,7 +206,8 @@ def pretrain_vision(synth: Path, cfg: BackbonesConfig, out: Path, log) -> dict[s
                       "vision/loss_colour": loss_col.item(), "vision/loss_position": loss_pos.item()}
 
     params = list(tower.parameters()) + list(heads.parameters())
-    metrics = _train_for(cfg.vision_seconds, cfg.vision_lr, params, "backbones: vision encoder", step, log, "vision")
+    metrics = _train_for(cfg.vision_steps, cfg.vision_seconds, cfg.vision_lr, params, "backbones: vision encoder",
+                         step, log, "vision")
     tower.save_pretrained(out)
     summary = {"classes": classes, "scene_classes": scenes, "grid": g, **metrics}
     (out / "skyeye_pretraining.json").write_text(json.dumps(summary, indent=1))
@@ -245,7 +250,8 @@ def pretrain_llm(instructions: Path, tok, cfg: BackbonesConfig, out: Path, log) 
         loss = llm(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss
         return loss, {"llm/loss": loss.item()}
 
-    metrics = _train_for(cfg.llm_seconds, cfg.llm_lr, list(llm.parameters()), "backbones: LLM", step, log, "llm")
+    metrics = _train_for(cfg.llm_steps, cfg.llm_seconds, cfg.llm_lr, list(llm.parameters()), "backbones: LLM",
+                         step, log, "llm")
     llm.save_pretrained(out)
     tok.save_pretrained(out)
     return metrics
