@@ -161,20 +161,19 @@ def progress_bar(run_id: str, cfg: StageConfig, desc: str):
     """A driver-side progress bar fed by what rank 0 logs to MLflow (workers stay quiet)."""
     from tqdm import tqdm
     done = threading.Event()
-    total = int(cfg.time_budget_s) if cfg.time_budget_s else cfg.max_steps
-    bar = tqdm(total=total, desc=desc, unit="s" if cfg.time_budget_s else "step")
+    bar = tqdm(total=cfg.max_steps, desc=desc, unit="step")  # the budget is in steps; the time budget is a safety net
 
     def poll() -> None:
         client = runs.client()
         while not done.wait(5):
             try:
                 metrics = client.get_run(run_id).data.metrics
-                steps = 0 if cfg.time_budget_s or not metrics else len(client.get_metric_history(run_id, "loss"))
+                history = client.get_metric_history(run_id, "loss") if "loss" in metrics else []
             except Exception:  # noqa: BLE001 - a busy or restarting store must not stop training
                 continue
             if not metrics:
                 continue
-            bar.n = min(int(metrics.get("elapsed_s", 0)) if cfg.time_budget_s else steps * cfg.log_every, total)
+            bar.n = min(max((m.step for m in history), default=0), cfg.max_steps)
             shown = {"loss": round(metrics["loss"], 3)} if "loss" in metrics else {}
             shown |= {key: round(metrics[HELDOUT + primary_metric(key)], 1) for key in EVAL_KEYS
                       if HELDOUT + primary_metric(key) in metrics}
