@@ -19,7 +19,7 @@ import numpy as np
 from ..config import Settings
 from ..formats.benchmarks import EVAL_KEYS, PRIMARY, TASK_OF
 from ..tracking import runs
-from .intervals import Delta, ItemStats, compare, metric_values, resample_weights
+from .intervals import Delta, ItemStats, compare, resampled_pair
 
 ITEM_STATS = "item_stats"  # artifact folder of an evaluation run
 MODEL = "model"  # the scored model's entry in an item_stats file; baselines are "baseline.<name>"
@@ -106,15 +106,10 @@ def compare_stats(ours: dict[str, ItemStats], theirs: dict[str, ItemStats], resa
 
 
 def _difference_draws(a: ItemStats, b: ItemStats, name: str, resamples: int, seed: int) -> np.ndarray:
-    """The resampled differences a - b of metric `name` (paired on the shared items, as `compare`
-    pairs them, else independent): what the primary score's interval averages over splits."""
-    rng = np.random.default_rng(seed)
-    if set(a.ids) <= set(b.ids) or set(b.ids) <= set(a.ids):
-        a, b = (a, b.subset(a.ids)) if set(a.ids) <= set(b.ids) else (a.subset(b.ids), b)
-        wa = wb = resample_weights(rng, a.n, resamples)
-    else:
-        wa, wb = resample_weights(rng, a.n, resamples), resample_weights(rng, b.n, resamples)
-    return metric_values(a, wa)[name] - metric_values(b, wb)[name]
+    """The resampled differences a - b of metric `name`, drawn as `compare` draws them: what the
+    primary score's interval averages over splits."""
+    _, _, va, vb, _ = resampled_pair(a, b, resamples, seed)
+    return va[name] - vb[name]
 
 
 def compare_runs(ours_run: str, theirs_run: str, resamples: int = 1000, seed: int = 0, level: float = 0.95,

@@ -124,11 +124,16 @@ class Delta:
 
     @property
     def verdict(self) -> str:
-        if self.low > 0:
-            return "better"
-        if self.high < 0:
-            return "worse"
-        return "no significant difference"
+        return verdict(self.low, self.high)
+
+
+def verdict(low: float, high: float) -> str:
+    """What a difference's interval says: better when it lies wholly above 0, worse when wholly below."""
+    if low > 0:
+        return "better"
+    if high < 0:
+        return "worse"
+    return "no significant difference"
 
 
 def bootstrap(stats: ItemStats, resamples: int = 1000, seed: int = 0, level: float = 0.95) -> dict[str, Interval]:
@@ -146,6 +151,19 @@ def compare(a: ItemStats, b: ItemStats, resamples: int = 1000, seed: int = 0,
     if a.task != b.task:
         raise ValueError(f"compare: a is a {a.task!r} ItemStats, b a {b.task!r} one")
     _check(resamples, level)
+    a, b, va, vb, paired = resampled_pair(a, b, resamples, seed)
+    out = {}
+    for m in a.scores:
+        if m in b.scores:
+            low, high = _percentiles(va[m] - vb[m], level)
+            out[m] = Delta(float(a.scores[m] - b.scores[m]), low, high, paired)
+    return out
+
+
+def resampled_pair(a: ItemStats, b: ItemStats, resamples: int, seed: int
+                   ) -> tuple[ItemStats, ItemStats, dict[str, np.ndarray], dict[str, np.ndarray], bool]:
+    """(a, b on the items compared, a's and b's metrics on each resample, paired): the same
+    resampled items for both when one's items hold the other's, else independent resamples."""
     rng = np.random.default_rng(seed)
     paired = set(a.ids) <= set(b.ids) or set(b.ids) <= set(a.ids)
     if paired:
@@ -153,13 +171,7 @@ def compare(a: ItemStats, b: ItemStats, resamples: int = 1000, seed: int = 0,
         wa = wb = resample_weights(rng, a.n, resamples)
     else:
         wa, wb = resample_weights(rng, a.n, resamples), resample_weights(rng, b.n, resamples)
-    va, vb = metric_values(a, wa), metric_values(b, wb)
-    out = {}
-    for m in a.scores:
-        if m in b.scores:
-            low, high = _percentiles(va[m] - vb[m], level)
-            out[m] = Delta(float(a.scores[m] - b.scores[m]), low, high, paired)
-    return out
+    return a, b, metric_values(a, wa), metric_values(b, wb), paired
 
 
 def resample_weights(rng: np.random.Generator, n: int, resamples: int) -> np.ndarray:

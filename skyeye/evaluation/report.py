@@ -24,6 +24,7 @@ from PIL import Image  # noqa: E402
 from ..formats.benchmarks import EVAL_KEYS, PAPER_VQA_TYPES, PRIMARY, TASK_OF  # noqa: E402
 from ..formats.boxes import first_box_pixels, iou  # noqa: E402
 from ..formats.metrics import normalise_answer  # noqa: E402
+from .intervals import verdict  # noqa: E402
 
 OURS_LABEL = "ours (SkyEye-Synth, synthetic)"
 PAPER_LABEL = "paper (real data, 7B)"
@@ -204,9 +205,8 @@ def comparison_table(ours: dict[str, float]) -> str:
             low, high = ours.get(f"{name}_ci_low"), ours.get(f"{name}_ci_high")
             if low is None or high is None:
                 continue
-            verdict = "better" if low > 0 else "worse" if high < 0 else "no significant difference"
             lines.append(f"<tr><td>{key}</td><td>{metric}</td><td>{html.escape(name.removeprefix(prefix))}</td>"
-                         f"<td>{ours[name]:+.1f} [{low:+.1f}, {high:+.1f}]</td><td>{verdict}</td></tr>")
+                         f"<td>{ours[name]:+.1f} [{low:+.1f}, {high:+.1f}]</td><td>{verdict(low, high)}</td></tr>")
     return "\n".join(lines + ["</table>"])
 
 

@@ -56,7 +56,7 @@ from ..tracking.names import (
 from ..training.data import load_items
 from .baselines import BASELINES, TRIVIAL, trivial_answers
 from .comparison import MODEL, save_item_stats
-from .intervals import ItemStats, bootstrap, compare
+from .intervals import ItemStats, bootstrap, compare, verdict
 from .predictors import ModelPredictor
 from .sharding import ShardedPredictor, check_num_workers, resolve_ref, worker_pool
 
@@ -104,8 +104,8 @@ class EvalResult:
                 d = delta_metric(key, name, b)
                 if d in m:
                     dl, dh = (m[x] for x in ci_bounds(d))
-                    verdict = "better" if dl > 0 else "worse" if dh < 0 else "no sig. difference"
-                    against.append(f"{b} {m[metric(key, name, b)]:.1f}: {m[d]:+.1f} [{dl:+.1f}, {dh:+.1f}] {verdict}")
+                    said = verdict(dl, dh).replace("significant", "sig.")  # the short form fits the line
+                    against.append(f"{b} {m[metric(key, name, b)]:.1f}: {m[d]:+.1f} [{dl:+.1f}, {dh:+.1f}] {said}")
             lines.append(f"{key:22s} {name:10s} {shown:>22s}  " + "; ".join(against))
         lines.append(f"{PRIMARY_SCORE} {m[PRIMARY_SCORE]:.2f}")
         return "\n".join(lines)
