@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ..config import get_settings, load_yaml_config
 from ..datagate.gate import validation_outcome
-from ..evaluation.intervals import Delta
+from ..evaluation.intervals import verdict
 from ..formats.benchmarks import (
     EVAL_KEYS,
     PRIMARY,
@@ -247,7 +247,7 @@ def scoreboard(version: int, against: int | None, policy: PromotionPolicy | None
                "trivial baseline": _interval_text(ours.get(f"baseline.{trivial}/{m}"), None, None),
                "vs trivial": _interval_text(ours.get(d), *(ours.get(b) for b in ci_bounds(d)))}
         if d in ours and ci_bounds(d)[0] in ours:
-            row["vs trivial"] += " " + Delta(ours[d], *(ours[b] for b in ci_bounds(d)), True).verdict
+            row["vs trivial"] += " " + verdict(*(ours[b] for b in ci_bounds(d)))
         if comparison is not None and key in comparison.splits:
             c = comparison.splits[key]
             row |= {"production": f"{c.theirs:.1f}",
