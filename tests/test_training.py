@@ -21,7 +21,7 @@ TINY = ModelConfig(vision=VisionConfig(image_size=64), lora=LoRAConfig(r=8, alph
                                                                    layers=1, heads=2),
                                              llm=TinyLLMSpec(hidden_size=64, layers=2, heads=2, intermediate_size=128),
                                              vocab_size=400, vision_seconds=3, llm_seconds=3, vision_batch=8,
-                                             llm_batch=8, scene_batch=4))
+                                             llm_batch=8, scene_batch=4, count_batch=4))
 
 
 def _stage(n: int, data: str) -> StageConfig:
@@ -72,6 +72,30 @@ def test_encoder_pretraining_learns_each_clip_frames_event(backbones, tiny_synth
     assert {c for c in classes if c.startswith("rsicd:")} == {f"rsicd:{s.scene_class}" for s in rsicd}
     done = json.loads((Path(backbones["vision"]) / "skyeye_pretraining.json").read_text())
     assert done["scene_classes"] == classes and done["vision/loss_scene"] > 0
+
+
+def test_caption_counts_read_the_largest_count_each_noun_gets():
+    from skyeye.training.backbones import caption_counts
+    counts = caption_counts(["a residential area with two grey buildings.",
+                             "five buildings, one tennis court and one vehicle are in a residential area.",
+                             "there are three storage tanks in an industrial area.", "an aerial image of a meadow."])
+    assert counts == {"building": 5, "court": 1, "vehicle": 1, "tank": 3}
+    assert caption_counts(["an aerial image of a meadow.", "a red ship is at the left of a beach."]) == {}
+
+
+def test_encoder_pretraining_learns_the_counts_the_captions_state(backbones, tiny_synth):
+    """The caption train images that state counts are the count targets, one column per
+    noun; the encoder was pretrained on them."""
+    from skyeye.data.readers import read_benchmark
+    from skyeye.training.backbones import caption_counts, count_images
+    images, target, nouns = count_images(tiny_synth, 32, min_images=1)
+    stating = [s for name in ("ucm_captions", "sydney_captions", "rsicd")
+               for s in read_benchmark(name, tiny_synth / name, ["train"])[0] if caption_counts(s.captions)]
+    assert stating and images.shape == (len(stating), 3, 32, 32) and target.shape == (len(stating), len(nouns))
+    first = caption_counts(stating[0].captions)
+    assert {n: int(v) for n, v in zip(nouns, target[0].tolist(), strict=True) if v} == first
+    done = json.loads((Path(backbones["vision"]) / "skyeye_pretraining.json").read_text())
+    assert done["counted"] and done["vision/loss_count"] > 0
 
 
 @pytest.mark.slow

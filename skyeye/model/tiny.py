@@ -43,6 +43,10 @@ class BackbonesConfig(BaseModel):
     # per clip frame, RSICD's scene class in the file name); 0 turns it off
     scene_batch: int = 0
     scene_weight: float = 0.3  # of the scene loss, against the dense losses' weight of 1
+    # caption images per step whose object counts (read from their train captions) the
+    # encoder also learns, summed over its patches; 0 turns it off
+    count_batch: int = 0
+    count_weight: float = 0.3
     llm_seconds: float = 90
     llm_steps: int | None = None
     llm_batch: int = 64

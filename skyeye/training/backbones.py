@@ -11,7 +11,11 @@ Objectives (and why):
   name): a clip's event is what its caption must name. A CLIP-style contrastive objective
   would need far more data and time than 2 cores give; dense targets teach, in a couple
   of minutes, what the LLM must read from a visual token: what is here, what colour, and
-  where the object lies.
+  where the object lies. With `count_batch`, the caption train images (UCM, Sydney, RSICD)
+  also teach how many objects of each kind they hold, read from their own captions
+  ("five buildings and one tennis court"): a per-patch head summed over the image must
+  give the counts, so every visual token says how many objects it holds and the LLM
+  can add them up. Without it, captions named the scene's usual count, not the image's.
 - LLM (LLaMA architecture): next-token prediction on the instruction text (questions
   and answers, no image), so it knows the answer language and the box format before
   stage 1; the coordinate tokens `<0>`..`<100>` start from ordered (sinusoidal)
@@ -45,7 +49,7 @@ COLOUR_WORDS = ("white", "red", "blue", "yellow", "grey", "green")
 MEAN, STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 
 
-RECIPE_VERSION = 4  # bump when the pretraining code changes what it produces: old cache entries no longer fit
+RECIPE_VERSION = 5  # bump when the pretraining code changes what it produces: old cache entries no longer fit
 
 
 def cache_key(instructions: Path, cfg: BackbonesConfig) -> str:
@@ -87,7 +91,7 @@ def _train_for(steps: int | None, seconds: float, lr: float, params: list, desc:
 
 # ---------------------------------------------------------------- vision
 class DenseHeads(torch.nn.Module):
-    def __init__(self, width: int, n_classes: int, grid: int, n_scenes: int = 0):
+    def __init__(self, width: int, n_classes: int, grid: int, n_scenes: int = 0, n_counted: int = 0):
         super().__init__()
         self.cls = torch.nn.Linear(width, n_classes + 1)  # 0 = background
         self.colour = torch.nn.Linear(width, len(COLOUR_WORDS))
@@ -99,6 +103,57 @@ class DenseHeads(torch.nn.Module):
         self.row = torch.nn.Linear(width, grid)  # where the patch itself lies: every visual token
         self.col = torch.nn.Linear(width, grid)  # then says where it is, object or background
         self.scene = torch.nn.Linear(width, max(n_scenes, 1))
+        self.count = torch.nn.Linear(width, max(n_counted, 1))
+
+
+NUMBER_WORDS = {w: i for i, w in enumerate("zero one two three four five six seven eight nine ten eleven twelve"
+                                           .split())}
+_STOP = {"and", "are", "is", "in", "on", "with", "at", "of", "to", "the", "a", "an", "near", "next", "around"}
+
+
+def caption_counts(captions) -> dict[str, int]:
+    """Object counts a set of reference captions states: for each "<number word> <noun>"
+    phrase ("three storage tanks", "one tennis court"), the noun singular, the largest
+    count any reference gives ("two grey buildings" is a part of "five buildings")."""
+    counts: dict[str, int] = {}
+    for caption in captions:
+        words = "".join(c if c.isalpha() else " " for c in caption.lower()).split()
+        for i, w in enumerate(words[:-1]):
+            if w not in NUMBER_WORDS:
+                continue
+            phrase = []
+            for nxt in words[i + 1:i + 4]:  # up to "<colour> <noun> <noun>"
+                if nxt in _STOP or nxt in NUMBER_WORDS:
+                    break
+                phrase.append(nxt)
+            if phrase:
+                noun = phrase[-1][:-1] if phrase[-1].endswith("s") and not phrase[-1].endswith("ss") else phrase[-1]
+                counts[noun] = max(counts.get(noun, 0), NUMBER_WORDS[w])
+    return counts
+
+
+def count_images(synth: Path, side: int, min_images: int = 10) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """uint8 caption train images that state counts, their counts (N, C) and the C nouns
+    counted in at least `min_images` images. A noun an image's captions leave out counts 0:
+    captions that count, count every kind of object they see."""
+    pixels, images, stated = PixelCache(Path("/"), side), [], []
+    for name in ("ucm_captions", "sydney_captions", "rsicd"):
+        if not (synth / name).exists():
+            continue
+        for s in read_benchmark(name, synth / name, ["train"])[0]:
+            counts = caption_counts(s.captions)
+            if counts and not s.is_video:
+                images.append(pixels.get(str(s.image)))
+                stated.append(counts)
+    seen: dict[str, int] = {}
+    for c in stated:
+        for noun in c:
+            seen[noun] = seen.get(noun, 0) + 1
+    nouns = sorted(n for n, k in seen.items() if k >= min_images)
+    if not images or not nouns:
+        return torch.zeros(0, 3, side, side, dtype=torch.uint8), torch.zeros(0, 0), nouns
+    target = torch.tensor([[float(c.get(n, 0)) for n in nouns] for c in stated])
+    return torch.stack(images), target, nouns
 
 
 def scene_frames(synth: Path, side: int, frames: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
@@ -169,7 +224,9 @@ def pretrain_vision(synth: Path, cfg: BackbonesConfig, out: Path, log) -> dict[s
     g = spec.image_size // spec.patch_size
     scene_u8, scene_t, scenes = scene_frames(synth, spec.image_size, VIDEO_FRAMES) if cfg.scene_batch else \
         (None, torch.zeros(0, dtype=torch.long), [])
-    heads = DenseHeads(spec.hidden_size, len(classes), g, len(scenes))
+    count_u8, count_t, counted = count_images(synth, spec.image_size) if cfg.count_batch else \
+        (None, torch.zeros(0, 0), [])
+    heads = DenseHeads(spec.hidden_size, len(classes), g, len(scenes), len(counted))
     rng = np.random.default_rng(cfg.seed)
     rows, cols = torch.arange(g * g) // g, torch.arange(g * g) % g
 
@@ -177,9 +234,13 @@ def pretrain_vision(synth: Path, cfg: BackbonesConfig, out: Path, log) -> dict[s
         idx = torch.from_numpy(rng.integers(0, len(images), cfg.vision_batch))
         x = normalise(u8[idx], MEAN, STD)
         j = torch.from_numpy(rng.integers(0, len(scene_t), cfg.scene_batch)) if len(scene_t) else None
-        both = x if j is None else torch.cat([x, normalise(scene_u8[j], MEAN, STD)])
-        tokens = tower(pixel_values=both).last_hidden_state[:, 1:]  # (B, N, D), CLS dropped
-        tokens, scene_tokens = tokens[:len(idx)], tokens[len(idx):]
+        k = torch.from_numpy(rng.integers(0, len(count_t), cfg.count_batch)) if len(count_t) else None
+        parts = [x] + ([] if j is None else [normalise(scene_u8[j], MEAN, STD)]) \
+            + ([] if k is None else [normalise(count_u8[k], MEAN, STD)])
+        tokens = tower(pixel_values=torch.cat(parts)).last_hidden_state[:, 1:]  # (B, N, D), CLS dropped
+        n_scene = 0 if j is None else len(j)
+        tokens, scene_tokens, count_tokens = (tokens[:len(idx)], tokens[len(idx):len(idx) + n_scene],
+                                              tokens[len(idx) + n_scene:])
         patch_rgb = F.avg_pool2d(x, spec.patch_size).flatten(2).transpose(1, 2)  # (B, N, 3)
         fg = cls_t[idx] > 0
         loss_cls = F.cross_entropy(heads.cls(tokens).flatten(0, 1), cls_t[idx].flatten())
@@ -201,6 +262,11 @@ def pretrain_vision(synth: Path, cfg: BackbonesConfig, out: Path, log) -> dict[s
                                          scene_t[j].repeat_interleave(scene_tokens.shape[1]))
             loss = loss + cfg.scene_weight * loss_scene
             extra["vision/loss_scene"] = loss_scene.item()
+        if k is not None:  # a count is a sum of what each patch holds: the LLM can add visual tokens up
+            predicted = F.softplus(heads.count(count_tokens)).sum(1)  # (B, C)
+            loss_count = F.smooth_l1_loss(predicted, count_t[k])
+            loss = loss + cfg.count_weight * loss_count
+            extra["vision/loss_count"] = loss_count.item()
         return loss, {**extra, "vision/loss": loss.item(), "vision/loss_cls": loss_cls.item(),
                       "vision/loss_box": loss_box.item(), "vision/loss_box_bins": loss_bins.item(),
                       "vision/loss_colour": loss_col.item(), "vision/loss_position": loss_pos.item()}
@@ -209,7 +275,7 @@ def pretrain_vision(synth: Path, cfg: BackbonesConfig, out: Path, log) -> dict[s
     metrics = _train_for(cfg.vision_steps, cfg.vision_seconds, cfg.vision_lr, params, "backbones: vision encoder",
                          step, log, "vision")
     tower.save_pretrained(out)
-    summary = {"classes": classes, "scene_classes": scenes, "grid": g, **metrics}
+    summary = {"classes": classes, "scene_classes": scenes, "counted": counted, "grid": g, **metrics}
     (out / "skyeye_pretraining.json").write_text(json.dumps(summary, indent=1))
     return metrics
 
