@@ -31,6 +31,7 @@ import math
 import os
 import shutil
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ..data.instructions import VIDEO_FRAMES
+from ..data.instructions import NUMBER_WORDS, VIDEO_FRAMES
 from ..data.readers import read_benchmark
 from ..model.template import encode_conversation
 from ..model.tiny import BackbonesConfig, new_llm, new_vision_tower
@@ -106,8 +107,6 @@ class DenseHeads(torch.nn.Module):
         self.count = torch.nn.Linear(width, max(n_counted, 1))
 
 
-NUMBER_WORDS = {w: i for i, w in enumerate("zero one two three four five six seven eight nine ten eleven twelve"
-                                           .split())}
 _STOP = {"and", "are", "is", "in", "on", "with", "at", "of", "to", "the", "a", "an", "near", "next", "around"}
 
 
@@ -128,7 +127,7 @@ def caption_counts(captions) -> dict[str, int]:
                 phrase.append(nxt)
             if phrase:
                 noun = phrase[-1][:-1] if phrase[-1].endswith("s") and not phrase[-1].endswith("ss") else phrase[-1]
-                counts[noun] = max(counts.get(noun, 0), NUMBER_WORDS[w])
+                counts[noun] = max(counts.get(noun, 0), NUMBER_WORDS.index(w))
     return counts
 
 
@@ -145,10 +144,7 @@ def count_images(synth: Path, side: int, min_images: int = 10) -> tuple[torch.Te
             if counts and not s.is_video:
                 images.append(pixels.get(str(s.image)))
                 stated.append(counts)
-    seen: dict[str, int] = {}
-    for c in stated:
-        for noun in c:
-            seen[noun] = seen.get(noun, 0) + 1
+    seen = Counter(noun for c in stated for noun in c)
     nouns = sorted(n for n, k in seen.items() if k >= min_images)
     if not images or not nouns:
         return torch.zeros(0, 3, side, side, dtype=torch.uint8), torch.zeros(0, 0), nouns
