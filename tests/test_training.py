@@ -197,6 +197,54 @@ def test_stage_resumes_from_its_last_checkpoint(settings, backbones, tiny_instru
     assert second.output.get("resumed_from") == 6
 
 
+def test_the_schedule_follows_steps_not_the_clock():
+    """The learning rate at a step must not depend on how long the steps took: under
+    load, a clock in the schedule makes reruns of the same recipe drift apart."""
+    from skyeye.training.loop import lr_at
+    cfg = StageConfig(stage=1, data="stage1.json", max_steps=1600, warmup_steps=50, time_budget_s=7200)
+    for step in (50, 51, 55, 400, 1599):
+        assert lr_at(step, cfg, elapsed_s=0.0) == lr_at(step, cfg, elapsed_s=120.0)
+    assert lr_at(1599, cfg) < lr_at(400, cfg) < lr_at(50, cfg)  # it still anneals, by steps
+    timed = cfg.model_copy(update={"anneal_by": "time"})
+    assert lr_at(100, timed, elapsed_s=7000.0) < lr_at(100, timed, elapsed_s=10.0)  # the opt-in wall-clock decay
+
+
+def test_a_stage_rerun_trains_the_same_weights(backbones, tiny_instructions, tmp_path, monkeypatch):
+    """Two runs of the same stage config, with a time budget as the demo has, end on the
+    same weights bit for bit, the second on a machine whose steps take 20 times longer (a
+    clock that runs 20 times faster): what a run learns must not depend on the load."""
+    import time
+
+    import torch
+    from safetensors.torch import load_file
+
+    from skyeye.model.skyeyegpt import ALIGNMENT_FILE
+    from skyeye.training.loop import run_stage
+    from skyeye.training.ray_train import FitConfig, fit_local
+    stage = _stage(1, "stage1.json").model_copy(update={"time_budget_s": 600.0}).model_dump(mode="json")
+    config = {"model": TINY.model_dump(mode="json"), "instructions": str(tiny_instructions),
+              "backbones": backbones, "init": None, "stage": stage}
+    weights = []
+    for name in ("first", "second"):
+        if name == "second":
+            monkeypatch.setattr(time, "perf_counter", _fast_clock(time.perf_counter, 20))
+        out = fit_local(run_stage, config, FitConfig(num_workers=1, storage_path=str(tmp_path / name),
+                                                     run_name="rerun", mlflow_tracking_uri=None))
+        adapter = sorted(out.checkpoint_dir.rglob("*.safetensors"))
+        assert adapter, f"no LoRA adapter saved under {out.checkpoint_dir}"
+        weights.append({"alignment_layer": torch.load(out.checkpoint_dir / ALIGNMENT_FILE)}
+                       | {f.name: load_file(f) for f in adapter})
+    assert weights[0].keys() == weights[1].keys()
+    for part, tensors in weights[0].items():
+        for key, t in tensors.items():
+            assert torch.equal(t, weights[1][part][key]), f"{part}: {key} differs between two runs of one config"
+
+
+def _fast_clock(clock, factor: float):
+    start = clock()
+    return lambda: start + factor * (clock() - start)
+
+
 def test_data_input_is_logged_without_ending_the_run(settings):
     from skyeye.tracking import runs
     from skyeye.training.jobs import log_data_input

@@ -27,6 +27,11 @@ class StageConfig(BaseModel):
     data: str = Field(description="Instruction file, relative to the instruction folder (stage1.json / stage2.json).")
     max_steps: int = 1000
     time_budget_s: float | None = Field(None, description="Stop early (and cleanly) after this much training time.")
+    anneal_by: Literal["steps", "time"] = Field("steps", description="What the cosine decay follows. steps: "
+                                                "`max_steps` alone, so reruns train alike whatever the machine's "
+                                                "load (the time budget only stops); time: also ends with "
+                                                "`time_budget_s` when that comes first (a wall-clock run that "
+                                                "still anneals, at the price of reproducibility).")
     batch_size: int = Field(32, description="Global batch (split over workers), before accumulation.")
     grad_accum: int = 1
     lr: float = 1e-3
