@@ -70,8 +70,9 @@ def _train_for(steps: int | None, seconds: float, lr: float, params: list, desc:
     start, step, metrics = time.perf_counter(), 0, {}
     bar = tqdm(total=steps or int(seconds), desc=desc, unit="step" if steps else "s")
     while (elapsed := time.perf_counter() - start) < seconds and (steps is None or step < steps):
-        # the schedule anneals within whichever budget ends first
-        progress = max(step / steps if steps else 0.0, elapsed / seconds)
+        # the schedule follows the steps when they are the budget (the clock only stops), so a
+        # rerun pretrains the same backbones whatever the load; a time budget anneals by time
+        progress = step / steps if steps else elapsed / seconds
         for group in opt.param_groups:
             group["lr"] = lr * min(1.0, (step + 1) / 50) * 0.5 * (1 + math.cos(math.pi * progress))
         loss, metrics = step_fn()
