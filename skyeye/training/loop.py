@@ -46,11 +46,10 @@ def agreed_elapsed(seconds: float, device: torch.device | str = "cpu") -> float:
 
 
 def lr_at(step: int, cfg: StageConfig, elapsed_s: float = 0.0) -> float:
-    """Linear warm-up to `lr`, then cosine decay to `min_lr` at `max_steps`. With
-    `anneal_by: time` the decay also ends with `time_budget_s` when that comes first. The
-    default reads the step count alone: the clock entered the schedule in the first steps
-    after warm-up, where elapsed time briefly outran step progress, and the microscopic
-    difference in learning rate grew into run-to-run differences of 4 to 11 CIDEr."""
+    """Linear warm-up to `lr`, then cosine decay to `min_lr` at `max_steps`; with
+    `anneal_by: time` it also ends with `time_budget_s` when that comes first. By default
+    the clock stays out: a learning rate that depends on the machine's load, even for a few
+    steps, makes reruns of one config different models (docs/model.md)."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
