@@ -73,7 +73,7 @@ def main() -> None:
     backbones = prepare_backbones(Path(args.model))
     stage = load_stage_config(args.stage).model_copy(update={
         "max_steps": args.steps, "time_budget_s": None, "warmup_steps": 5, "log_every": 10,
-        "checkpoint_every": 10 ** 9, "held_out": {"grounding": None, "vqa": None, "caption": None}})
+        "checkpoint_every": 10 ** 9, "validation": {"grounding": None, "vqa": None, "caption": None}})
     model_cfg = load_model_config(args.model).model_dump(mode="json")
     loop_config = {"stage": stage.model_dump(mode="json"), "model": model_cfg,
                    "instructions": str(s.instructions_dir), "backbones": backbones, "init": None}

@@ -12,7 +12,7 @@ import argparse
 from pathlib import Path
 
 from skyeye.config import DataConfig, configure_environment, get_settings, load_yaml_config
-from skyeye.formats.benchmarks import HELDOUT, primary_of
+from skyeye.formats.benchmarks import VALIDATION, primary_of
 
 configure_environment()  # before Prefect reads its settings
 
@@ -90,8 +90,8 @@ def stage1_task(model_config: str, stage_config: str, backbones: dict, md5: str,
     root = get_settings().project_root
     result = train_stage(1, root / model_config, root / stage_config, backbones, parent_id=parent_run,
                          num_workers=num_workers)
-    get_run_logger().info("stage 1: run %s, held-out %s", result.run_id,
-                          {k: round(v, 1) for k, v in primary_of(result.metrics, HELDOUT).items()})
+    get_run_logger().info("stage 1: run %s, validation %s", result.run_id,
+                          {k: round(v, 1) for k, v in primary_of(result.metrics, VALIDATION).items()})
     return result.model_dir
 
 
@@ -103,8 +103,8 @@ def stage2_task(model_config: str, stage_config: str, backbones: dict, stage1_di
     root = get_settings().project_root
     result = train_stage(2, root / model_config, root / stage_config, backbones, init=stage1_dir,
                          parent_id=parent_run, num_workers=num_workers)
-    get_run_logger().info("stage 2: run %s, held-out %s", result.run_id,
-                          {k: round(v, 1) for k, v in primary_of(result.metrics, HELDOUT).items()})
+    get_run_logger().info("stage 2: run %s, validation %s", result.run_id,
+                          {k: round(v, 1) for k, v in primary_of(result.metrics, VALIDATION).items()})
     return result.model_dir
 
 

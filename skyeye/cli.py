@@ -202,7 +202,7 @@ def train(
     local: Annotated[bool, typer.Option("--local", help="Plain single process, no Ray.")] = False,
 ) -> None:
     """Run one tuning stage on Ray Train (local Ray, or RAY_ADDRESS), tracked in MLflow."""
-    from .formats.benchmarks import HELDOUT
+    from .formats.benchmarks import VALIDATION
     from .training.jobs import prepare_backbones, train_stage
     if stage not in (1, 2):
         fail(f"--stage {stage}: must be 1 or 2")
@@ -215,7 +215,7 @@ def train(
         fail(str(err))
     say(f"stage {stage} done: MLflow run {result.run_id}\nmodel: {result.model_dir}")
     say(json.dumps({k: round(v, 4) for k, v in result.metrics.items()
-                     if k.startswith(HELDOUT) or k == "loss"}, indent=1))
+                     if k.startswith(VALIDATION) or k == "loss"}, indent=1))
 
 
 @app.command("evaluate")
@@ -231,6 +231,10 @@ def evaluate(
     num_workers: Annotated[int, typer.Option(
         help="1: evaluate in this process. N > 1: cut every bench split into N shards answered by N Ray workers "
              "(local Ray, or RAY_ADDRESS's cluster), each loading the model once; same scores, one MLflow run.")] = 1,
+    on: Annotated[str, typer.Option(
+        help="test: the scored splits (a registry candidate's run). validation: the validation splits, for "
+             "choosing a recipe without reading the test splits (experiment skyeye-evaluation-on-validation).")
+    ] = "test",
 ) -> None:
     """Score a model on the 8 benchmarks (paper prompts and metrics), with baselines, in one MLflow run."""
     from .evaluation.runner import run_evaluation
@@ -239,7 +243,7 @@ def evaluate(
         fail(f"--num-workers {num_workers}: must be 1 (in this process) or more (that many Ray workers)")
     try:
         result = run_evaluation(model, benchmarks, limit=limit, baselines=baselines, instructions=data,
-                                num_workers=num_workers)
+                                num_workers=num_workers, on=on)
     except RegistryError as err:
         fail(f"--model {err}")
     except (ValueError, FileNotFoundError) as err:  # DataFormatError is a ValueError

@@ -24,7 +24,7 @@ def write_project(root: Path, max_steps: int = 4, checkpoint_every: int = 4, sch
     for n, data in ((1, "stage1.json"), (2, "stage2.json")):
         (root / f"configs/stage{n}.yaml").write_text(yaml.safe_dump(
             {"stage": n, "data": data, "max_steps": max_steps, "warmup_steps": 1, "batch_size": 4, "log_every": 2,
-             "checkpoint_every": checkpoint_every, "held_out": {"samples": 4, "every_steps": max_steps}}))
+             "checkpoint_every": checkpoint_every, "validation": {"samples": 4, "every_steps": max_steps}}))
     (root / "configs/promotion.yaml").write_text(yaml.safe_dump(
         {"staging": {"floor": 0.0, "task_floors": {"caption": 0.0, "vqa": 0.0, "grounding": 0.0}}}))
     if schedule is not None:

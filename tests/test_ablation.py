@@ -44,14 +44,15 @@ def test_every_recipe_gets_the_same_steps_split_as_the_recipe_says():
     assert two[0].keys == () and two[1].keys == EVAL_KEYS  # only the final model is scored
     one = jobs["one_stage"][0].config  # stage 1's config, stage2.json mixed in at its share of all items
     assert (one.stage, one.data, one.replay, one.max_length) == (1, "stage1.json", "stage2.json", 256)
-    assert one.replay_share == pytest.approx(64 / (263 + 64)) and one.held_out.conversation == s2.held_out.conversation
+    assert one.replay_share == pytest.approx(64 / (263 + 64))
+    assert one.validation.conversation == s2.validation.conversation
     for job, task in zip(jobs["single"], TASKS, strict=True):
         assert job.name == task and job.stage == 1 and job.config.replay is None
         assert set(job.config.sampling) == {b for b in BENCHMARKS if TASK[b] == task}
         assert all(job.config.sampling[b] == SAMPLING[b] for b in job.config.sampling)
         assert job.keys == tuple(k for k in EVAL_KEYS if TASK_OF[k] == task)
-        kept = {t for t in TASKS if getattr(job.config.held_out, t)}
-        assert kept == {task} and job.config.held_out.conversation is None
+        kept = {t for t in TASKS if getattr(job.config.validation, t)}
+        assert kept == {task} and job.config.validation.conversation is None
     assert all(j.config.seed == 0 for js in jobs.values() for j in js)
 
 

@@ -74,7 +74,7 @@ def world(tmp_path_factory):
                                                  "skyeye.git_commit": rev, "skyeye.model_dir": f"/m/{name}"})
             log_data_input(run_id, instructions, input_md5 if name == "stage2" and input_md5 else md5, rev)
             client.log_metric(run_id, "loss", 0.5)
-            client.log_metric(run_id, "heldout/dior_rsvg_test/acc_at_0.5", 0.25)
+            client.log_metric(run_id, "validation/dior_rsvg_val/acc_at_0.5", 0.25)
             client.set_terminated(run_id, "FINISHED")
             ids[name] = run_id
         client.set_terminated(parent, "FINISHED")
@@ -138,7 +138,7 @@ def test_production_audit_follows_the_whole_chain(world):
     assert audit.tuning_job.run_id == job1["job"] and audit.tuning_job.kind == "tuning-job"
     assert {r.label: r.run_id for r in audit.training_runs} == {
         "backbones": job1["backbones"], "stage1": job1["stage1"], "stage2": job1["stage2"]}
-    assert all(r.status == "FINISHED" and r.metrics["heldout/dior_rsvg_test/acc_at_0.5"] == 0.25
+    assert all(r.status == "FINISHED" and r.metrics["validation/dior_rsvg_val/acc_at_0.5"] == 0.25
                for r in audit.training_runs)
     assert all(r.dataset_digests == [v1.md5] for r in audit.training_runs)
     assert audit.data_md5 == v1.md5

@@ -112,7 +112,7 @@ def test_builder_leaves_the_bad_object_out_and_the_card_says_so(tmp_path):
 
 
 def test_a_card_without_box_defects_keeps_its_old_keys(tmp_path):
-    """A corpus with no box off its image (SkyEye-Synth) builds the card it built before."""
+    """A corpus with no box off its image (SkyEye-Synth) builds a card without the box keys."""
     root = tmp_path / "corpus" / "dior_rsvg"
     write_voc(root / "Annotations" / "00001.xml", [("ship", (10, 20, 110, 90), "the ship")], size=(W, H))
     write_image(root / "JPEGImages" / "00001.jpg", (W, H))
@@ -120,5 +120,5 @@ def test_a_card_without_box_defects_keeps_its_old_keys(tmp_path):
     (root / "test.txt").write_text("")
     build(tmp_path / "corpus", tmp_path / "out")
     saved = json.loads((tmp_path / "out" / "card.json").read_text())
-    assert list(saved) == ["stage1", "stage2", "eval", "skipped"] and saved["skipped"] == {}
+    assert list(saved) == ["stage1", "stage2", "eval", "skipped", "validation"] and saved["skipped"] == {}
     assert "Boxes and the image edge" not in (tmp_path / "out" / "DATA_CARD.md").read_text()

@@ -250,7 +250,7 @@ def _stage1_runs(stack: Stack, since_ms: int) -> list:
 
 def test_mlflow_server_away_during_a_stage_loses_no_metric(stack):
     config = _stage_config(stack, "stage1-timed", max_steps=100000, time_budget_s=60, checkpoint_every=20,
-                           log_every=2, held_out={"samples": 2, "every_steps": 100000})
+                           log_every=2, validation={"samples": 2, "every_steps": 100000})
     env = {k: v for k, v in stack.env.items() if k != "SKYEYE_RAY_STORAGE"}  # --local: one process, local folder
     since = int(time.time() * 1000)
     log = stack.folder / "mlflow-away.log"
@@ -317,7 +317,7 @@ def test_object_store_unreachable_at_a_checkpoint_fails_naming_it(stack, monkeyp
 
 def test_worker_node_lost_during_stage1_resumes_on_the_survivor(stack):
     config = _stage_config(stack, "stage1-long", max_steps=60, checkpoint_every=6, log_every=2,
-                           held_out={"samples": 2, "every_steps": 60})
+                           validation={"samples": 2, "every_steps": 60})
     since = int(time.time() * 1000)
     log = stack.folder / "node-lost.log"
     proc = subprocess.Popen([str(BIN / "skyeye"), "train", "--stage", "1", "--model", "configs/model/test.yaml",

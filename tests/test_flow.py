@@ -96,7 +96,7 @@ def test_retrain_flow_trains_both_stages_after_the_gate(project):
     for n, data in ((1, "stage1.json"), (2, "stage2.json")):
         (project / f"configs/stage{n}.yaml").write_text(yaml.safe_dump(
             {"stage": n, "data": data, "max_steps": 4, "warmup_steps": 1, "batch_size": 4, "log_every": 2,
-             "checkpoint_every": 4, "held_out": {"samples": 4, "every_steps": 4}}))
+             "checkpoint_every": 4, "validation": {"samples": 4, "every_steps": 4}}))
     kwargs = {"model_file": "configs/model/test.yaml", "stage1_file": "configs/stage1.yaml",
               "stage2_file": "configs/stage2.yaml", "num_workers": 1, "eval_limit": 3}
     client = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlruns/mlflow.db'}")

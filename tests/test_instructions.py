@@ -12,7 +12,7 @@ import pytest
 
 from skyeye.data.instructions import build
 from skyeye.data.readers import read_benchmark
-from skyeye.formats.benchmarks import SCORED_SPLITS
+from skyeye.formats.benchmarks import HOLDOUT_MODULUS, SCORED_SPLITS, VALIDATION_KEYS
 from skyeye.formats.boxes import BOX_RE, first_box_pixels, iou, parse_boxes, to_grid
 from skyeye.formats.prompts import IMAGE_PLACEHOLDER, PHRASINGS, STAGE1_TASKS, TASK_IDENTIFIERS
 from skyeye.synth.video import EVENTS
@@ -113,11 +113,44 @@ def test_one_evaluation_file_per_scored_split(tiny_synth, tiny_instructions):
     assert all(len(r["references"]) == 5 for r in ucm["samples"])
 
 
-def test_no_evaluation_image_is_trained_on(tiny_instructions):
+def test_one_validation_file_per_unscored_val_split(tiny_synth, tiny_instructions):
+    """Training's curves read these; RSVG's val is a scored (sealed) split, so it has none."""
+    files = {p.stem for p in (tiny_instructions / "validation").glob("*.json")}
+    assert files == set(VALIDATION_KEYS) and "rsvg_val" not in files and len(files) == 7
+    dior = _load(tiny_instructions / "validation", "dior_rsvg_val.json")
+    truth, _ = read_benchmark("dior_rsvg", tiny_synth / "dior_rsvg", ["val"])
+    assert dior["held_out_of"] == "val" and [r["box"] for r in dior["samples"]] == [list(s.box) for s in truth]
+    card = _load(tiny_instructions, "card.json")
+    assert card["validation"]["dior_rsvg_val"] == {"samples": len(truth), "held_out_of": "val"}
+
+
+def test_a_release_without_a_val_split_holds_part_of_train_out(tiny_synth, tmp_path):
+    """CapERA as released has no val split: 1 in 10 train clips (crc32 of the file name) is
+    held out as its validation split, and is in no instruction."""
+    import zlib
+    root = tmp_path / "corpus"
+    shutil.copytree(tiny_synth / "capera", root / "capera")
+    captions = root / "capera" / "captions.json"
+    ann = json.loads(captions.read_text())
+    ann["clips"] = [c | {"split": "train"} if c["split"] == "val" else c for c in ann["clips"]]
+    captions.write_text(json.dumps(ann))
+    train, _ = read_benchmark("capera", root / "capera", ["train"])
+    held = {s.image.name for s in train if zlib.crc32(s.image.name.encode()) % HOLDOUT_MODULUS == 0}
+    assert held and len(held) < len(train)
+    card = build(root, tmp_path / "out")
+    val = _load(tmp_path / "out" / "validation", "capera_val.json")
+    assert val["held_out_of"] == "train" and {Path(r["video"]).name for r in val["samples"]} == held
+    assert card["validation"]["capera_val"] == {"samples": len(held), "held_out_of": "train"}
+    trained = {Path(s["video"]).name for name in ("stage1.json", "stage2.json")
+               for s in _load(tmp_path / "out", name) if "video" in s}
+    assert trained and not trained & held
+
+
+def test_no_evaluation_or_validation_image_is_trained_on(tiny_instructions):
     train = {(s["source"], (tiny_instructions / (s.get("image") or s.get("video"))).resolve())
              for name in ("stage1.json", "stage2.json") for s in _load(tiny_instructions, name)}
     assert len(train) > 50
-    for path in (tiny_instructions / "eval").glob("*.json"):
+    for path in [*(tiny_instructions / "eval").glob("*.json"), *(tiny_instructions / "validation").glob("*.json")]:
         ev = json.loads(path.read_text())
         for row in ev["samples"]:
             media = row.get("image") or row.get("video")

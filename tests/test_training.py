@@ -3,17 +3,18 @@ MLflow parent/child runs checked through the MLflow client, refusals before comp
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 
 from skyeye.config import Settings
-from skyeye.formats.benchmarks import HELDOUT, primary_metric
+from skyeye.formats.benchmarks import VALIDATION, primary_metric
 from skyeye.model.config import LoRAConfig, ModelConfig, VisionConfig
 from skyeye.model.skyeyegpt import load_model
 from skyeye.model.tiny import BackbonesConfig, TinyLLMSpec, TinyVisionSpec
-from skyeye.tracking.names import TAG_MODEL_DIR, TUNING_EXPERIMENT
+from skyeye.tracking.names import TAG_MODEL_DIR, TAG_TEST_SPLITS_READ, TUNING_EXPERIMENT
 from skyeye.training.stage_config import StageConfig
 
 TINY = ModelConfig(vision=VisionConfig(image_size=64), lora=LoRAConfig(r=8, alpha=16),
@@ -29,9 +30,9 @@ def _stage(n: int, data: str) -> StageConfig:
     # stage 1 with the tiny-model training aids, so their path through DDP (no_sync, eager attention) runs
     aids = {"pointing_weight": 1.0, "coordinate_sigma": 1.5, "length_groups": 2,
             "sampling": {"dior_rsvg": 0.6, "rsvqa_lr": 0.2, "ucm_captions": 0.2}} if n == 1 else {}
+    conversation = "validation/dior_rsvg_val.json" if n == 2 else None
     return StageConfig(stage=n, data=data, max_steps=6, warmup_steps=2, batch_size=4, log_every=2, **replay, **aids,
-                       checkpoint_every=4, held_out={"samples": 4, "every_steps": 6,
-                                                     "conversation": "eval/dior_rsvg_test.json" if n == 2 else None})
+                       checkpoint_every=4, validation={"samples": 4, "every_steps": 6, "conversation": conversation})
 
 
 @pytest.fixture(scope="module")
@@ -115,8 +116,8 @@ def test_two_stages_on_two_ray_workers_tracked_in_mlflow(settings, backbones, ti
         assert run.data.tags[TAG_MODEL_DIR] == result.model_dir
         steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss")]
         assert steps == sorted(set(steps)) and steps[-1] == 6  # only rank 0 logged, once per step
-        assert HELDOUT + primary_metric("dior_rsvg_test") in run.data.metrics
-        assert HELDOUT + primary_metric("rsvqa_lr_test") in run.data.metrics
+        assert VALIDATION + primary_metric("dior_rsvg_val") in run.data.metrics
+        assert VALIDATION + primary_metric("rsvqa_lr_val") in run.data.metrics
         assert any(k.startswith("loss/") for k in run.data.metrics)  # per-task loss
         assert run.data.params["stage.batch_size"] == "4" and run.data.params["model.lora.r"] == "8"
         assert run.inputs.dataset_inputs[0].dataset.name == "skyeye-instructions"
@@ -125,7 +126,7 @@ def test_two_stages_on_two_ray_workers_tracked_in_mlflow(settings, backbones, ti
     assert "loss/pointing" in client.get_run(s1.run_id).data.metrics  # the grounding attention loss ran
     assert client.get_run(s2.run_id).data.tags["skyeye.init_run"] == s1.run_id  # where stage 2 started from
     stage2_metrics = client.get_run(s2.run_id).data.metrics
-    assert "heldout/conversation/turn3_acc_at_0.5" in stage2_metrics
+    assert "validation/conversation/turn3_acc_at_0.5" in stage2_metrics
     # stage 2 replays stage-1 samples (half of each batch) next to its conversations
     assert "loss/conversation" in stage2_metrics
     assert any(k.startswith("loss/") and k != "loss/conversation" for k in stage2_metrics)
@@ -140,8 +141,8 @@ def test_refusals_before_any_compute(settings, backbones, tiny_instructions, tmp
     # checkpoints and held-out scores happen at report steps only: step 25 would never be checkpointed
     with pytest.raises(ValueError, match=r"checkpoint_every \(25\) must be a positive multiple of log_every \(10\)"):
         StageConfig(stage=1, data="stage1.json", log_every=10, checkpoint_every=25)
-    with pytest.raises(ValueError, match=r"held_out.every_steps \(15\)"):
-        StageConfig(stage=1, data="stage1.json", log_every=10, checkpoint_every=20, held_out={"every_steps": 15})
+    with pytest.raises(ValueError, match=r"validation.every_steps \(15\)"):
+        StageConfig(stage=1, data="stage1.json", log_every=10, checkpoint_every=20, validation={"every_steps": 15})
     with pytest.raises(ValueError, match="stage 2 needs a stage-1 result"):
         train_stage(2, TINY, _stage(2, "stage2.json"), backbones, instructions=tiny_instructions, local=True,
                     settings=settings)
@@ -173,9 +174,81 @@ def test_chat_answers_from_a_saved_stage(settings, backbones, tiny_instructions,
     out = CliRunner().invoke(app, ["chat", "--model", result.model_dir, "--image", str(image),
                                    "[refer] the white airplane at the top left"])
     assert out.exit_code == 0, out.output
+    tags = MlflowClient(settings.tracking_uri).get_run(result.run_id).data.tags
+    assert tags[TAG_TEST_SPLITS_READ] == "none"  # the loop ran sealed
     assert out.output.strip()  # an answer (a dim-64 model trained 6 steps says little, but says it)
     missing = CliRunner().invoke(app, ["chat", "--model", result.model_dir, "--image", "nope.jpg", "[vqa] hi"])
     assert missing.exit_code == 2 and "nope.jpg" in missing.output
+
+
+def test_a_stage_reads_validation_splits_never_a_test_split(backbones, tiny_instructions, tmp_path):
+    """File access while a stage trains (the loop, from building the model to the last
+    checkpoint), recorded by an audit hook of the test's own: the validation files are read
+    (the curves), nothing under eval/ (the sealed test splits)."""
+    import sys
+
+    from skyeye.training.loop import run_stage
+    from skyeye.training.ray_train import FitConfig, fit_local
+    opened: list[str] = []
+    recording = [True]
+
+    def record(event: str, args: tuple) -> None:
+        if recording[0] and event == "open" and isinstance(args[0], (str, os.PathLike)):
+            opened.append(os.path.abspath(os.fspath(args[0])))
+    config = {"stage": _stage(2, "stage2.json").model_dump(mode="json"), "model": TINY.model_dump(mode="json"),
+              "instructions": str(tiny_instructions.resolve()), "backbones": backbones, "init": None}
+    sys.addaudithook(record)  # stays installed (hooks cannot be removed); `recording` turns it off
+    try:
+        result = fit_local(run_stage, config, FitConfig(num_workers=1, storage_path=str(tmp_path), run_name="sealed"))
+    finally:
+        recording[0] = False
+    root = str(tiny_instructions.resolve())
+    assert result.checkpoint_dir is not None and "validation/conversation/turn3_acc_at_0.5" in result.metrics
+    assert any(p.startswith(os.path.join(root, "validation", "")) for p in opened)
+    assert not [p for p in opened if p.startswith(os.path.join(root, "eval", ""))]
+
+
+def test_a_test_split_cannot_be_opened_while_a_stage_trains(tmp_path):
+    from skyeye.training.sealed import sealed_folder
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "validation").mkdir()
+    test_file, val_file = tmp_path / "eval" / "rsvg_test.json", tmp_path / "validation" / "rsvg_val.json"
+    test_file.write_text("[]")
+    val_file.write_text("[]")
+    with sealed_folder(tmp_path / "eval"):
+        assert val_file.read_text() == "[]"
+        with pytest.raises(PermissionError, match="rsvg_test.json: a test split is sealed"):
+            test_file.read_text()
+        with pytest.raises(PermissionError):  # a relative path and os.open are caught too
+            os.open(os.path.relpath(test_file), os.O_RDONLY)
+    assert test_file.read_text() == "[]"  # after the stage, the evaluation reads it
+
+
+@pytest.mark.parametrize("field, value", [
+    ("validation: {caption: eval/ucm_captions_test.json}", "eval/ucm_captions_test.json"),
+    ("validation: {grounding: eval/rsvg_val.json}", "eval/rsvg_val.json"),  # RSVG's val is a scored split
+    ("validation: {conversation: validation/../eval/dior_rsvg_test.json}", "dior_rsvg_test.json"),
+    ("replay: eval/rsvqa_hr_test_phili.json", "eval/rsvqa_hr_test_phili.json"),
+    ("data: rsvqa_lr_test.json", "rsvqa_lr_test.json")])
+def test_a_stage_config_naming_a_test_split_is_refused(tmp_path, field, value):
+    """Refused when the config is read, before any compute, naming the file and the field."""
+    from skyeye.training.stage_config import load_stage_config
+    config = tmp_path / "stage1.yaml"
+    config.write_text("stage: 1\ndata: stage1.json\n" + field + "\n")
+    name = "validation." + field.split("{")[1].split(":")[0] if field.startswith("validation") else field.split(":")[0]
+    with pytest.raises(ValueError) as err:
+        load_stage_config(config)
+    said = str(err.value)
+    assert str(config) in said and name in said and value in said and "sealed" in said
+
+
+def test_the_shipped_stage_configs_read_validation_splits_only():
+    from skyeye.training.stage_config import load_stage_config
+    root = Path(__file__).resolve().parents[1]
+    for name in ("stage1", "stage2"):
+        v = load_stage_config(root / "configs" / "train" / f"{name}.yaml").validation
+        files = [f for f in (v.grounding, v.vqa, v.caption, v.conversation) if f]
+        assert files and all(f.startswith("validation/") and f.endswith("_val.json") for f in files)
 
 
 def test_stage_resumes_from_its_last_checkpoint(settings, backbones, tiny_instructions, tmp_path):

@@ -17,7 +17,7 @@ from mlflow.exceptions import MlflowException
 
 from ..config import Settings, get_settings
 from ..datagate.versioning import DVC_FILE, VersioningError, dvc_file_at, git, parse_dvc_file
-from ..formats.benchmarks import HELDOUT, primary_metric
+from ..formats.benchmarks import VALIDATION, primary_metric
 from ..tracking import runs
 from ..tracking.names import (
     TAG_DVC_MD5,
@@ -32,10 +32,10 @@ from ..tracking.names import (
 )
 from .records import GitRevision, RunSummary, Validation, md5_key, missing
 
-# What a training run is judged by at a glance: its loss, the held-out scores of the stage
-# configs' held-out sets, its wall time.
-KEY_METRICS = ("loss", *(HELDOUT + primary_metric(k) for k in ("dior_rsvg_test", "rsvqa_lr_test",
-                                                               "ucm_captions_test")), "wall_s")
+# What a training run is judged by at a glance: its loss, the scores of the stage configs'
+# validation sets, its wall time.
+KEY_METRICS = ("loss", *(VALIDATION + primary_metric(k) for k in ("dior_rsvg_val", "rsvqa_lr_val",
+                                                                  "ucm_captions_val")), "wall_s")
 
 
 def md5_variants(md5: str) -> list[str]:

@@ -4,8 +4,11 @@ Stage 1: single-task instructions from the train splits (captions, video caption
 VQA, scene classification as `[vqa]`, `[refer]`, `[identify]`, `[detection]`).
 Stage 2: multi-task conversations, several turns about one image that mix tasks and
 granularity (scene, region, object), as the paper's *-Conversa sets do.
-Evaluation: one normalised file per scored split, with all references, question
-types and pixel boxes. Formats: docs/data.md. Output is deterministic.
+Evaluation: one normalised file per scored split (`eval/`, sealed: the evaluation alone
+reads it), with all references, question types and pixel boxes; validation: one file of
+the same form per benchmark that has a validation split (`validation/`, what training may
+read; `formats.benchmarks.VALIDATION_KEYS` says which and why). Formats: docs/data.md.
+Output is deterministic.
 """
 from __future__ import annotations
 
@@ -21,7 +24,15 @@ from PIL import Image
 from pycocoevalcap.cider.cider import Cider
 
 from ..formats import prompts
-from ..formats.benchmarks import BENCHMARKS, SCORED_SPLITS, TASK
+from ..formats.benchmarks import (
+    BENCHMARKS,
+    EVAL_DIR,
+    HOLDOUT_MODULUS,
+    SCORED_SPLITS,
+    TASK,
+    VALIDATION_DIR,
+    VALIDATION_KEYS,
+)
 from ..formats.boxes import box_text, boxes_text
 from ..formats.files import folder_in_place
 from .readers import detect_benchmark, read_benchmark
@@ -231,10 +242,19 @@ def count_phrase(cls: str, n: int) -> str:
 
 
 # ---------------------------------------------------------------- evaluation files
-def eval_samples(b: Builder, samples: list[Sample]) -> list[dict]:
+def validation_holdout(samples: list[Sample]) -> tuple[list[Sample], list[Sample]]:
+    """(train, validation) for a release without a val split: the images whose file name's
+    crc32 is 0 modulo HOLDOUT_MODULUS (1 in 10) are held out of training, all their samples
+    together, so no image is on both sides; the same files on every build and machine."""
+    def held(s: Sample) -> bool:
+        return zlib.crc32(s.image.name.encode()) % HOLDOUT_MODULUS == 0
+    return [s for s in samples if not held(s)], [s for s in samples if held(s)]
+
+
+def eval_samples(b: Builder, samples: list[Sample], folder: str = EVAL_DIR) -> list[dict]:
     out = []
     for s in samples:
-        row = {"id": s.id, **b.media(s, b.out / "eval")}
+        row = {"id": s.id, **b.media(s, b.out / folder)}
         if isinstance(s, CaptionSample):
             if not s.is_video:
                 row["image_size"] = list(b.size(s.image))
@@ -275,13 +295,30 @@ def build(root: Path, out: Path, extra: dict[str, Path] | None = None) -> dict:
     sources = find_sources(Path(root), extra)
     reports: list[ReadReport] = []
     eval_counts: dict[str, int] = {}
+    validation: dict[str, dict] = {}  # bench_val -> samples and where they were held out of
     # the temporary folder sits beside `out` (same depth), so paths relative to it stay right
     with folder_in_place(Path(out)) as tmp:
-        (tmp / "eval").mkdir()
+        (tmp / EVAL_DIR).mkdir()
+        (tmp / VALIDATION_DIR).mkdir()
         b = Builder(tmp)
         for name, folder in sources.items():
             train, report = read_benchmark(name, folder.resolve(), ["train"])
             reports.append(report)
+            if f"{name}_val" in VALIDATION_KEYS:
+                try:
+                    val, rep = read_benchmark(name, folder.resolve(), ["val"])
+                    reports.append(rep)
+                except FileNotFoundError:  # a release without a val split file (DIOR-style val.txt)
+                    val = []
+                held_from = "val"
+                if not val:  # the release has no val split: hold part of train out
+                    train, val = validation_holdout(train)
+                    held_from = "train"
+                if val:  # a tiny corpus may have none
+                    _write_json(tmp / VALIDATION_DIR / f"{name}_val.json",
+                                {"benchmark": name, "split": "val", "task": TASK[name], "held_out_of": held_from,
+                                 "samples": eval_samples(b, val, VALIDATION_DIR)})
+                validation[f"{name}_val"] = {"samples": len(val), "held_out_of": held_from}
             if TASK[name] == "caption":
                 train = consensus_first(train)
                 b.captions(train)
@@ -297,12 +334,12 @@ def build(root: Path, out: Path, extra: dict[str, Path] | None = None) -> dict:
                 reports.append(rep)
                 rows = eval_samples(b, test)
                 key = f"{name}_{split}"
-                _write_json(tmp / "eval" / f"{key}.json",
+                _write_json(tmp / EVAL_DIR / f"{key}.json",
                             {"benchmark": name, "split": split, "task": TASK[name], "samples": rows})
                 eval_counts[key] = len(rows)
         _write_json(tmp / "stage1.json", b.stage1)
         _write_json(tmp / "stage2.json", b.stage2)
-        card = data_card(b, eval_counts, reports)
+        card = data_card(b, eval_counts, reports) | {"validation": validation}
         _write_json(tmp / "card.json", card)
         (tmp / "DATA_CARD.md").write_text(render_card(card), encoding="utf-8")
     card["reports"] = [r.summary() for r in reports]
@@ -360,6 +397,9 @@ def render_card(card: dict) -> str:
         lines.append("")
     lines += ["## Evaluation files", "", "| benchmark split | samples |", "|---|---|"]
     lines += [f"| {k} | {n} |" for k, n in card["eval"].items()]
+    lines += ["", "## Validation files (what training may read; the evaluation files above are sealed)", "",
+              "| benchmark split | samples | held out of |", "|---|---|---|"]
+    lines += [f"| {k} | {v['samples']} | {v['held_out_of']} split |" for k, v in card.get("validation", {}).items()]
     if card["skipped"]:
         lines += ["", "## Rows left out by the readers", "", "| benchmark | reason | rows |", "|---|---|---|"]
         for bench, reasons in card["skipped"].items():

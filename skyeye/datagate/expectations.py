@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
-from ..formats.benchmarks import SCORED_FILE_KEYS
+from ..formats.benchmarks import SCORED_FILE_KEYS, VALIDATION_FILE_KEYS
 from ..formats.prompts import STAGE_TASKS, TASK_IDENTIFIERS, TASK_TO_IDENTIFIER
 from .tables import build_tables
 
@@ -74,8 +74,8 @@ def expectations(lim: Limits = LIMITS) -> list[Spec]:
         _e("files", IN_SET, "stage1.json and stage2.json are present", column="exists", value_set=[True]),
         _e("files", NULL, "file parses as JSON", column="parse_error"),
         _e("files", NULL, "file's top-level layout follows docs/data.md", column="schema_error"),
-        _e("files", IN_SET, "eval file is a scored benchmark/split/task", column="eval_key",
-           value_set=SCORED_FILE_KEYS),
+        _e("files", IN_SET, "eval file is a scored (or validation) benchmark/split/task", column="eval_key",
+           value_set=SCORED_FILE_KEYS + VALIDATION_FILE_KEYS),
         _e("files", BETWEEN, "file holds at least one sample", column="n_records", min_value=1),
 
         _e("samples", NULL, "sample has the required keys and types", column="schema_error"),

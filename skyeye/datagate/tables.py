@@ -1,6 +1,7 @@
 """Flatten the instruction and evaluation files into the tables the GX gate checks.
 
-`build_tables(instructions_dir)` reads `stage1.json`, `stage2.json` and `eval/*.json`
+`build_tables(instructions_dir)` reads `stage1.json`, `stage2.json`, `eval/*.json` and
+`validation/*.json` (the latter two alike: eval sample rows, checked for leakage into training)
 (layouts in docs/data.md) and returns plain pandas DataFrames, one row per file,
 sample, turn, box, referenced image/video, eval sample, eval image and VQA question type.
 It judges nothing: every problem becomes a column value (a parse or schema error
@@ -22,7 +23,7 @@ from typing import Any
 import pandas as pd
 from PIL import Image, ImageFile
 
-from ..formats.benchmarks import TASKS
+from ..formats.benchmarks import EVAL_DIR, TASKS, VALIDATION_DIR
 from ..formats.boxes import BOX_LIKE_RE, BOX_RE
 from ..formats.prompts import IMAGE_PLACEHOLDER
 
@@ -294,7 +295,8 @@ def build_tables(instructions_dir: Path, workers: int | None = None) -> Tables:
     """Read every instruction and eval file under `instructions_dir` into tables."""
     root = Path(instructions_dir)
     col = _Collector(root)
-    paths = [root / "stage1.json", root / "stage2.json", *sorted((root / "eval").glob("*.json"))]
+    paths = [root / "stage1.json", root / "stage2.json", *sorted((root / EVAL_DIR).glob("*.json")),
+             *sorted((root / VALIDATION_DIR).glob("*.json"))]
     for path in paths:
         file = path.relative_to(root).as_posix()
         is_eval = path.parent != root

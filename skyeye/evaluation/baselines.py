@@ -1,5 +1,5 @@
 """The trivial baselines that give every score its context, one implementation each,
-used by the 8-benchmark evaluation and by training's held-out scores alike:
+used by the 8-benchmark evaluation and by training's validation scores alike:
 
 - `majority_answer` (VQA): each question type's most frequent answer, counted on the
   test file itself, an upper bound on what answering blindly can score;

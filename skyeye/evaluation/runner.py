@@ -24,12 +24,14 @@ from ..data.records import DataFormatError, read_json
 from ..datagate.gate import data_version_of
 from ..formats.benchmarks import (
     BENCHMARK_OF,
+    EVAL_KEYS,
     PRIMARY,
     PRIMARY_SCORE,
     SPLIT_OF,
     TASK_OF,
     ci_bounds,
     delta_metric,
+    folder_of,
     metric,
     primary_metric,
     select,
@@ -40,7 +42,10 @@ from ..registry.references import load
 from ..tracking import runs
 from ..tracking.names import (
     EVALUATION_EXPERIMENT,
+    EVALUATION_ON_VALIDATION_EXPERIMENT,
     KIND_EVALUATION,
+    KIND_EVALUATION_ON_VALIDATION,
+    NO_TEST_SPLITS,
     TAG_DVC_MD5,
     TAG_EVAL_BENCHMARKS,
     TAG_EVAL_TRAINING_RUN,
@@ -49,6 +54,7 @@ from ..tracking.names import (
     TAG_KIND,
     TAG_MODEL_DIR,
     TAG_PARENT,
+    TAG_TEST_SPLITS_READ,
     TAG_TUNING_JOB,
     UNCOMMITTED,
     UNVERSIONED,
@@ -112,8 +118,8 @@ class EvalResult:
 
 
 def load_eval_file(instructions: Path, key: str) -> dict:
-    """One evaluation file, checked against the benchmark it claims to be."""
-    path = Path(instructions) / "eval" / f"{key}.json"
+    """One evaluation (or validation) file, checked against the benchmark it claims to be."""
+    path = Path(instructions) / folder_of(key) / f"{key}.json"
     if not path.exists():
         raise FileNotFoundError(f"{path}: evaluation file not found (run `skyeye data build`)")
     ev = read_json(path)
@@ -183,7 +189,7 @@ class _Split:
 def _score_split(key: str, rows: list[dict], root: Path, train: list, cfg: EvalConfig, ours: ModelPredictor,
                  untuned: ModelPredictor | None, scorer: CaptionScorer | None, bar) -> _Split:
     """The model, the untuned model (on a spread subset) and the task's trivial baseline on one split."""
-    task, eval_dir = TASK_OF[key], root / "eval"
+    task, eval_dir = TASK_OF[key], root / folder_of(key)
     answers = ours.answer(eval_dir, rows, [r["prompt"] for r in rows], cfg.max_new_tokens[task], bar)
     stats = {MODEL: score_items(key, rows, answers, scorer)}
     base: dict[str, dict[str, str]] = {}  # baseline -> row id -> answer
@@ -210,9 +216,11 @@ def _score_split(key: str, rows: list[dict], root: Path, train: list, cfg: EvalC
 
 def _run_tags(root: Path, keys: list[str], model_ref: str, tags: dict | None, s: Settings) -> dict[str, str]:
     md5, rev = data_version_of(root, s)
-    return {TAG_KIND: KIND_EVALUATION, TAG_MODEL_DIR: model_ref, TAG_DVC_MD5: md5 or UNVERSIONED,
-            TAG_GIT_REV: rev or UNCOMMITTED, TAG_GIT_COMMIT: git_revision(s.project_root) or "none",
-            TAG_EVAL_BENCHMARKS: ",".join(keys), TAG_EVAL_TRAINING_RUN: "", **(tags or {})}
+    tests = [k for k in keys if k in EVAL_KEYS]
+    return {TAG_KIND: KIND_EVALUATION if tests else KIND_EVALUATION_ON_VALIDATION, TAG_MODEL_DIR: model_ref,
+            TAG_DVC_MD5: md5 or UNVERSIONED, TAG_GIT_REV: rev or UNCOMMITTED,
+            TAG_GIT_COMMIT: git_revision(s.project_root) or "none", TAG_EVAL_BENCHMARKS: ",".join(keys),
+            TAG_TEST_SPLITS_READ: ",".join(tests) or NO_TEST_SPLITS, TAG_EVAL_TRAINING_RUN: "", **(tags or {})}
 
 
 def _finish(run_id: str, keys: list[str], metrics: dict[str, float], splits: dict[str, _Split],
@@ -225,13 +233,13 @@ def _finish(run_id: str, keys: list[str], metrics: dict[str, float], splits: dic
     _log_tables(run_id, predictions, s)
     save_item_stats(run_id, {k: split.stats for k, split in splits.items()}, s)
     with tempfile.TemporaryDirectory() as tmp:
-        write_report(Path(tmp), metrics, predictions, root / "eval", cfg.examples, title=model_ref)
+        write_report(Path(tmp), metrics, predictions, root / folder_of(keys[0]), cfg.examples, title=model_ref)
         runs.client(s).log_artifacts(run_id, tmp, "report")
 
 
 def evaluate(model, keys: list[str] | str = "all", *, cfg: EvalConfig | None = None, untuned=None,
              instructions: Path | None = None, model_ref: str = "", tags: dict | None = None,
-             settings: Settings | None = None, progress: bool = True) -> EvalResult:
+             settings: Settings | None = None, progress: bool = True, on: str = "test") -> EvalResult:
     """Score `model` (a SkyEyeGPT) and the baselines on the chosen bench splits; log one run.
 
     `untuned` is the same architecture before tuning (same backbones, fresh alignment layer
@@ -243,20 +251,22 @@ def evaluate(model, keys: list[str] | str = "all", *, cfg: EvalConfig | None = N
     before = ModelPredictor(untuned, "untuned", cfg.batch_size, cache) \
         if untuned is not None and "untuned" in cfg.baselines else None
     return evaluate_with(ours, before, keys, cfg=cfg, instructions=instructions, model_ref=model_ref, tags=tags,
-                         settings=settings, progress=progress)
+                         settings=settings, progress=progress, on=on)
 
 
 def evaluate_with(ours: ModelPredictor | ShardedPredictor, before: ModelPredictor | ShardedPredictor | None,
                   keys: list[str] | str = "all", *, cfg: EvalConfig | None = None, instructions: Path | None = None,
                   model_ref: str = "", tags: dict | None = None, settings: Settings | None = None,
-                  progress: bool = True) -> EvalResult:
+                  progress: bool = True, on: str = "test") -> EvalResult:
     """`evaluate` with the answers coming from `ours` (and `before`, the untuned model): a model
-    in this process, or Ray workers (`sharding`); scoring and the run are the same either way."""
+    in this process, or Ray workers (`sharding`); scoring and the run are the same either way.
+    `on`: the split set, `test` (the scored splits; a registry candidate's run) or `validation`
+    (recipe checks, logged to their own experiment)."""
     from tqdm import tqdm
 
     s = settings or get_settings()
     cfg = cfg or EvalConfig()
-    keys = select(keys)
+    keys = select(keys, on)
     unknown = [b for b in cfg.baselines if b not in BASELINES]
     if unknown:
         raise ValueError(f"baselines: unknown {unknown}; known: {', '.join(BASELINES)}")
@@ -266,7 +276,8 @@ def evaluate_with(ours: ModelPredictor | ShardedPredictor, before: ModelPredicto
     metrics: dict[str, float] = {}
     splits: dict[str, _Split] = {}
     name = f"evaluate-{Path(model_ref).name or 'model'}"
-    with runs.tracked_run(EVALUATION_EXPERIMENT, name, _run_tags(root, keys, model_ref, tags, s), settings=s) as run_id:
+    experiment = EVALUATION_EXPERIMENT if on == "test" else EVALUATION_ON_VALIDATION_EXPERIMENT
+    with runs.tracked_run(experiment, name, _run_tags(root, keys, model_ref, tags, s), settings=s) as run_id:
         runs.client(s).log_param(run_id, "eval_config", cfg.model_dump_json())
         started = time.perf_counter()
         scorer = CaptionScorer() if any(TASK_OF[k] == "caption" for k in keys) else None
@@ -274,7 +285,7 @@ def evaluate_with(ours: ModelPredictor | ShardedPredictor, before: ModelPredicto
             rows_of = {k: spread(f["samples"], cfg.limit) for k, f in files.items()}
             workers = {"num_workers": "1"}
             if isinstance(ours, ShardedPredictor):  # every split queued now: scoring overlaps the workers
-                shards = ours.prefetch(root / "eval", [(rows, cfg.max_new_tokens[TASK_OF[k]])
+                shards = ours.prefetch(root / folder_of(keys[0]), [(rows, cfg.max_new_tokens[TASK_OF[k]])
                                                        for k, rows in rows_of.items()], before, cfg.untuned_limit)
                 workers = {"num_workers": str(ours.pool.size), "eval_shards": str(shards)}
             for param, value in workers.items():
@@ -348,13 +359,13 @@ def untuned_like(model):
 def run_evaluation(ref: str, benchmarks: str | list[str] = "all", *, limit: int | None = None,
                    baselines: bool = True, instructions: Path | None = None, settings: Settings | None = None,
                    progress: bool = True, num_workers: int = 1, batch_size: int | None = None,
-                   gpus_per_worker: float = 0) -> EvalResult:
+                   gpus_per_worker: float = 0, on: str = "test") -> EvalResult:
     """`skyeye evaluate`: resolve the model, check the benchmarks and files, then evaluate:
     in this process (`num_workers` 1), or on `num_workers` Ray workers that each load the
     model from the same reference (`sharding`; `gpus_per_worker` > 0 puts each on a GPU)."""
     s = settings or get_settings()
     check_num_workers(num_workers)
-    keys = select(benchmarks)  # a bad name fails before the model loads
+    keys = select(benchmarks, on)  # a bad name fails before the model loads
     for key in keys:
         load_eval_file(Path(instructions or s.instructions_dir), key)
     cfg = EvalConfig(limit=limit, baselines=BASELINES if baselines else (),
@@ -365,11 +376,11 @@ def run_evaluation(ref: str, benchmarks: str | list[str] = "all", *, limit: int 
                          gpus_per_worker=gpus_per_worker) as pool:
             return evaluate_with(ShardedPredictor(pool), ShardedPredictor(pool, "untuned") if baselines else None,
                                  keys, cfg=cfg, instructions=instructions, model_ref=model.source,
-                                 tags=_lineage_tags(model.training_run, s), settings=s, progress=progress)
+                                 tags=_lineage_tags(model.training_run, s), settings=s, progress=progress, on=on)
     loaded = load(ref)
     untuned = untuned_like(loaded.model) if baselines else None
     return evaluate(loaded.model, keys, cfg=cfg, untuned=untuned, instructions=instructions, model_ref=loaded.source,
-                    tags=_lineage_tags(loaded.training_run, s), settings=s, progress=progress)
+                    tags=_lineage_tags(loaded.training_run, s), settings=s, progress=progress, on=on)
 
 
 def _lineage_tags(training_run: str, s: Settings) -> dict[str, str]:

@@ -2,7 +2,7 @@
 scale: VQA exact match after normalisation with the average of per-type accuracies (AA)
 and overall accuracy (OA); grounding Acc@0.5 from the first parsed box (unparseable =
 miss); captioning with the COCO caption evaluation (pycocoevalcap: PTB tokenizer,
-BLEU-1..4, METEOR, ROUGE-L, CIDEr-D). The evaluation and training's held-out scores
+BLEU-1..4, METEOR, ROUGE-L, CIDEr-D). The evaluation and training's validation scores
 both call these, so a metric name means one thing everywhere. Each scorer has an `*_items`
 twin that returns, from the same pass, each item's statistics beside the scores: an `ItemStats`
 for the bootstrap intervals of `skyeye.evaluation.intervals`.
@@ -80,7 +80,7 @@ class CaptionScorer:
                                "run `java` (not found on PATH); install a JRE, e.g. `apt-get install "
                                "default-jre-headless`")
         self._meteor = None
-        if meteor:  # its Java process takes ~15 s to start; CIDEr alone (held-out scores) needs none
+        if meteor:  # its Java process takes ~15 s to start; CIDEr alone (validation scores) needs none
             from pycocoevalcap.meteor.meteor import Meteor
             self._meteor = Meteor()  # starts loading now; the other scorers are pure Python
 

@@ -14,12 +14,15 @@ import json
 # experiments
 TUNING_EXPERIMENT = "skyeye-tuning"  # tuning jobs (parent runs) with their backbones / stage runs
 EVALUATION_EXPERIMENT = "skyeye-evaluation"
+# the same scoring on the validation splits (recipe checks); never a registry candidate
+EVALUATION_ON_VALIDATION_EXPERIMENT = "skyeye-evaluation-on-validation"
 VALIDATION_EXPERIMENT = "skyeye-data-validation"
 
 # what a run is
 TAG_KIND = "skyeye.kind"
 KIND_TUNING_JOB, KIND_TUNING_STAGE = "tuning-job", "tuning-stage"
 KIND_BACKBONES, KIND_EVALUATION = "backbones", "evaluation"
+KIND_EVALUATION_ON_VALIDATION = "evaluation-on-validation"
 TAG_PARENT = "mlflow.parentRunId"  # MLflow's own: a stage run's tuning job
 
 # the data a run saw, and the code that ran
@@ -27,6 +30,10 @@ TAG_DVC_MD5 = "skyeye.data.dvc_md5"
 TAG_GIT_REV = "skyeye.data.git_rev"  # the commit of data.dvc holding that md5
 TAG_GIT_COMMIT = "skyeye.git_commit"  # the project's HEAD when the run started
 UNVERSIONED, UNCOMMITTED = "unversioned", "uncommitted"
+# which test splits (`eval/` files) a run read: the bench splits on an evaluation run, `none` on a
+# tuning run (observed: `skyeye.training.sealed` refuses to open them while a stage trains)
+TAG_TEST_SPLITS_READ = "skyeye.test_splits_read"
+NO_TEST_SPLITS = "none"
 DATASET_NAME = "skyeye-instructions"  # the instruction data as a run's dataset input (digest: DVC md5)
 
 # tuning runs

@@ -36,7 +36,7 @@ from ..tracking.names import (
     UNVERSIONED,
 )
 from .data import load_items
-from .stage_config import HeldOutConfig, StageConfig, load_stage_config
+from .stage_config import StageConfig, ValidationConfig, load_stage_config
 
 RECIPES = ("two_stage", "one_stage", "single")
 Recipe = Literal["two_stage", "one_stage", "single"]
@@ -132,12 +132,12 @@ def plan(cfg: AblationConfig, stage1: StageConfig, stage2: StageConfig, counts: 
         # All the instruction data in one stage without writing a merged file into the
         # DVC-tracked instruction folder: stage 1's config with stage2.json as its `replay`,
         # drawn at stage 2's share of all items (each file sampled as its own stage says);
-        # max_length fits the conversations; held-out scores include them as stage 2's do.
+        # max_length fits the conversations; validation scores include them as stage 2's do.
         n1, n2 = sum(counts["stage1"].values()), sum(counts["stage2"].values())
         mix = {"replay": stage2.data, "replay_share": n2 / (n1 + n2), "replay_sampling": stage2.sampling} \
             if n2 else {"replay": None, "replay_share": 0.0, "replay_sampling": {}}
-        held_out = stage1.held_out.model_copy(update={"conversation": stage2.held_out.conversation})
-        out["one_stage"] = [Job("stage1", 1, _scaled(stage1, total, time_total, cfg.seed, **mix, held_out=held_out,
+        validation = stage1.validation.model_copy(update={"conversation": stage2.validation.conversation})
+        out["one_stage"] = [Job("stage1", 1, _scaled(stage1, total, time_total, cfg.seed, **mix, validation=validation,
                                                      max_length=max(stage1.max_length, stage2.max_length)),
                                 keys=EVAL_KEYS)]
     if "single" in cfg.recipes:
@@ -146,7 +146,7 @@ def plan(cfg: AblationConfig, stage1: StageConfig, stage2: StageConfig, counts: 
                              "single-task models one")
         out["single"] = [Job(task, 1, _scaled(stage1, steps, share(steps), cfg.seed,
                                               sampling=_task_sampling(task, stage1, counts["stage1"]),
-                                              held_out=_task_held_out(task, stage1.held_out)),
+                                              validation=_task_validation(task, stage1.validation)),
                              keys=tuple(k for k in EVAL_KEYS if TASK_OF[k] == task))
                          for task, steps in zip(TASKS, split_steps(total, len(TASKS)), strict=True)]
     return out
@@ -164,10 +164,10 @@ def _task_sampling(task: str, stage1: StageConfig, counts: Counter) -> dict[str,
     return ratios
 
 
-def _task_held_out(task: str, held_out: HeldOutConfig) -> HeldOutConfig:
+def _task_validation(task: str, validation: ValidationConfig) -> ValidationConfig:
     """Learning curves of the model's own task only (the others are not trained)."""
-    return held_out.model_copy(update={t: getattr(held_out, t) if t == task else None for t in TASKS}
-                               | {"conversation": None})
+    return validation.model_copy(update={t: getattr(validation, t) if t == task else None for t in TASKS}
+                                 | {"conversation": None})
 
 
 def _path(rel: str, s: Settings) -> Path:

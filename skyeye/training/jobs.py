@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 from ..config import Settings, get_settings, git_revision
 from ..datagate.expectations import validate
 from ..datagate.gate import data_version_of, validation_outcome
-from ..formats.benchmarks import EVAL_KEYS, HELDOUT, PRIMARY, TASK_OF, metric, primary_metric
+from ..formats.benchmarks import PRIMARY, TASK_OF, VALIDATION, VALIDATION_KEYS, metric, primary_metric
 from ..model.config import ModelConfig, load_model_config
 from ..model.skyeyegpt import ALIGNMENT_FILE, META_FILE
 from ..registry.references import model_folder, training_run_of
@@ -33,6 +33,7 @@ from ..tracking.names import (
     KIND_BACKBONES,
     KIND_TUNING_JOB,
     KIND_TUNING_STAGE,
+    NO_TEST_SPLITS,
     TAG_BACKBONES_DIR,
     TAG_BACKBONES_KEY,
     TAG_DVC_MD5,
@@ -42,6 +43,7 @@ from ..tracking.names import (
     TAG_KIND,
     TAG_MODEL_DIR,
     TAG_STAGE,
+    TAG_TEST_SPLITS_READ,
     TUNING_EXPERIMENT,
     UNCOMMITTED,
     UNVERSIONED,
@@ -124,7 +126,7 @@ def log_data_input(run_id: str, instructions: Path, md5: str | None, rev: str | 
 
 
 def loss_curve_png(run_id: str, out: Path) -> Path:
-    """Loss, per-task loss and held-out primary scores (with their trivial baselines) against step."""
+    """Loss, per-task loss and validation primary scores (with their trivial baselines) against step."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -138,17 +140,17 @@ def loss_curve_png(run_id: str, out: Path) -> Path:
         ax1.plot([m.step for m in hist], [m.value for m in hist], label=key, lw=2 if key == "loss" else 1)
     ax1.set(xlabel="step", ylabel="answer-token loss", title="training loss", yscale="log")
     ax1.legend(fontsize=7)
-    for key in EVAL_KEYS:
-        name = HELDOUT + primary_metric(key)
+    for key in VALIDATION_KEYS:
+        name = VALIDATION + primary_metric(key)
         if name not in keys:
             continue
         hist = client.get_metric_history(run_id, name)
         line, = ax2.plot([m.step for m in hist], [m.value for m in hist], marker="o", label=primary_metric(key))
         trivial = TRIVIAL[TASK_OF[key]]
-        base = client.get_metric_history(run_id, HELDOUT + metric(key, PRIMARY[TASK_OF[key]], trivial))
+        base = client.get_metric_history(run_id, VALIDATION + metric(key, PRIMARY[TASK_OF[key]], trivial))
         if base:
             ax2.axhline(base[-1].value, ls="--", color=line.get_color(), lw=1, label=f"{trivial} {key}")
-    ax2.set(xlabel="step", ylabel="x100", title="held-out test samples (dashed: trivial baselines)")
+    ax2.set(xlabel="step", ylabel="x100", title="validation samples (dashed: trivial baselines)")
     ax2.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
@@ -175,8 +177,8 @@ def progress_bar(run_id: str, cfg: StageConfig, desc: str):
                 continue
             bar.n = min(max((m.step for m in history), default=0), cfg.max_steps)
             shown = {"loss": round(metrics["loss"], 3)} if "loss" in metrics else {}
-            shown |= {key: round(metrics[HELDOUT + primary_metric(key)], 1) for key in EVAL_KEYS
-                      if HELDOUT + primary_metric(key) in metrics}
+            shown |= {key: round(metrics[VALIDATION + primary_metric(key)], 1) for key in VALIDATION_KEYS
+                      if VALIDATION + primary_metric(key) in metrics}
             bar.set_postfix(shown, refresh=False)
             bar.refresh()
     thread = threading.Thread(target=poll, daemon=True)
@@ -257,6 +259,8 @@ def train_stage(stage: int, model_cfg: ModelConfig | str | Path, stage_cfg: Stag
             raise RuntimeError(f"stage {stage}: training ended without a checkpoint")
         model_dir = str(result.checkpoint_dir)
         _log_result(run_id, model_dir, loop_config, time.perf_counter() - started, result)
+        # the loop ran with the test splits sealed (loop.run_stage): none could be opened
+        runs.client(s).set_tag(run_id, TAG_TEST_SPLITS_READ, NO_TEST_SPLITS)
     return StageResult(run_id, model_dir, result.metrics)
 
 

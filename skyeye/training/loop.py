@@ -2,8 +2,9 @@
 
 Frozen vision encoder (its tokens computed once per image when `cache_features`),
 trained alignment layer + LoRA; AdamW, linear warm-up then cosine decay, gradient
-clipping; loss on answers only, logged per task; held-back test samples scored every
-`held_out.every_steps` so per-task learning curves show in MLflow. Checkpoints hold
+clipping; loss on answers only, logged per task; validation samples scored every
+`validation.every_steps` so per-task learning curves show in MLflow, while the test splits
+stay sealed (`sealed.py`: no file under `eval/` can be opened). Checkpoints hold
 the trained parts (a loadable SkyEyeGPT folder) plus optimizer, scheduler and step.
 Each batch may run as length-sorted groups (less padding, same gradient); the tiny
 model's training aids, soft coordinate targets and the pointing loss (pointing.py),
@@ -22,14 +23,16 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from ..formats.benchmarks import EVAL_DIR
 from ..model.config import ModelConfig
 from ..model.skyeyegpt import SkyEyeGPT, build_model
 from ..model.template import IGNORE, collate, encode_conversation
 from ..model.tokenizer import grid_lookup
 from .data import PixelCache, SourceSampler, load_items, normalise
-from .held_out import HeldOut
 from .pointing import PointingTargets, pointing_loss
+from .sealed import sealed_folder
 from .stage_config import StageConfig
+from .validation import Validation
 
 TRAINER_STATE = "trainer_state.pt"
 
@@ -144,7 +147,7 @@ class StageRun:
         self.n_vis = self.model.visual_tokens_per_image()
         self._data(root, mcfg)
         self._aids(mcfg)
-        self.held_out = HeldOut(cfg.held_out, root, self.model, self.features) if ctx.is_main else None
+        self.validation = Validation(cfg.validation, root, self.model, self.features) if ctx.is_main else None
         self.params = [{"params": [p for p in self.model.alignment_layer.parameters() if p.requires_grad],
                         "lr_scale": cfg.alignment_lr_scale},
                        {"params": [p for n, p in self.model.named_parameters() if p.requires_grad and
@@ -264,19 +267,25 @@ class StageRun:
         self.window.clear()
         return metrics
 
-    def held_out_scores(self) -> dict[str, float]:
-        if self.held_out is None:  # rank 0 alone scores
+    def validation_scores(self) -> dict[str, float]:
+        if self.validation is None:  # rank 0 alone scores
             return {}
         self.model.eval()
         try:
-            return self.held_out.score()
+            return self.validation.score()
         finally:
             self.model.train()
 
 
 def run_stage(ctx, config: dict) -> dict:
     """`config`: model (ModelConfig dict), stage (StageConfig dict), instructions (folder),
-    backbones {vision, llm, tokenizer}, init (folder of a saved SkyEyeGPT to start from, or None)."""
+    backbones {vision, llm, tokenizer}, init (folder of a saved SkyEyeGPT to start from, or None).
+    The instruction folder's test splits are sealed throughout."""
+    with sealed_folder(Path(config["instructions"]) / EVAL_DIR):
+        return _train(ctx, config)
+
+
+def _train(ctx, config: dict) -> dict:
     run = StageRun(ctx, config)
     cfg = run.cfg
     last_metrics: dict[str, float] = {}
@@ -291,14 +300,14 @@ def run_stage(ctx, config: dict) -> dict:
         last = run.step >= cfg.max_steps
         if run.step % cfg.log_every == 0 or last:
             metrics = run.window_metrics(lr)
-            if run.step % cfg.held_out.every_steps == 0 or last:
-                metrics |= run.held_out_scores()
+            if run.step % cfg.validation.every_steps == 0 or last:
+                metrics |= run.validation_scores()
             want_ckpt = run.step % cfg.checkpoint_every == 0 or last
             ctx.report(metrics, run.step, run.write_checkpoint if want_ckpt else None)
             last_ckpt = run.step if want_ckpt else last_ckpt
             last_metrics = metrics
     if last_ckpt != run.step:  # a time-budget stop still ends on a complete checkpoint and a scored model
-        metrics = {"elapsed_s": run.elapsed()} | run.held_out_scores()
+        metrics = {"elapsed_s": run.elapsed()} | run.validation_scores()
         ctx.report(metrics, run.step, run.write_checkpoint)
         last_metrics |= metrics
     return {**last_metrics, "step": run.step, "resumed_from": run.resumed_from}

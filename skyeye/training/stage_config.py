@@ -1,5 +1,6 @@
 """A tuning stage as a config file (configs/train/stage1.yaml, stage2.yaml): schedule,
-batch, accumulation, per-source sampling ratios, max length, precision, evaluation."""
+batch, accumulation, per-source sampling ratios, max length, precision, the validation
+samples scored as it trains (never a test split: a config that names one is refused)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,17 +9,32 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..config import load_yaml_config
+from ..formats.benchmarks import VALIDATION_DIR, sealed
 
 
-class HeldOutConfig(BaseModel):
-    """Held-back test samples scored during training (per-task learning curves)."""
+def _not_sealed(field: str, value: str | None) -> str | None:
+    """A training-time file must not be a test split: those are read by the evaluation alone."""
+    if value and sealed(value):
+        raise ValueError(f"{field}: {value} is a test split, sealed until the evaluation; training reads "
+                         f"{VALIDATION_DIR}/<bench>_val.json for its curves (docs/data.md, 'Validation splits')")
+    return value
+
+
+class ValidationConfig(BaseModel):
+    """Validation samples scored during training (per-task learning curves); never a test split."""
     model_config = ConfigDict(extra="forbid")
-    grounding: str | None = "eval/dior_rsvg_test.json"
-    vqa: str | None = "eval/rsvqa_lr_test.json"
-    caption: str | None = "eval/ucm_captions_test.json"
-    conversation: str | None = None  # grounding eval file whose images become 3-turn conversations
+    grounding: str | None = f"{VALIDATION_DIR}/dior_rsvg_val.json"
+    vqa: str | None = f"{VALIDATION_DIR}/rsvqa_lr_val.json"
+    caption: str | None = f"{VALIDATION_DIR}/ucm_captions_val.json"
+    conversation: str | None = None  # grounding validation file whose images become 3-turn conversations
     samples: int = Field(64, description="Per task, per evaluation.")
     every_steps: int = Field(200, description="Score every this many steps; a multiple of the stage's log_every.")
+
+    @model_validator(mode="after")
+    def _sealed(self) -> "ValidationConfig":
+        for task in ("grounding", "vqa", "caption", "conversation"):
+            _not_sealed(f"validation.{task}", getattr(self, task))
+        return self
 
 
 class StageConfig(BaseModel):
@@ -62,7 +78,7 @@ class StageConfig(BaseModel):
     log_every: int = Field(10, ge=1, description="Report (MLflow metrics) every this many steps.")
     checkpoint_every: int = Field(200, description="Checkpoint every this many steps; a multiple of log_every.")
     seed: int = 0
-    held_out: HeldOutConfig = HeldOutConfig()
+    validation: ValidationConfig = ValidationConfig()
 
     @model_validator(mode="after")
     def _check(self) -> "StageConfig":
@@ -70,12 +86,14 @@ class StageConfig(BaseModel):
             raise ValueError(f"warmup_steps ({self.warmup_steps}) must be below max_steps ({self.max_steps})")
         if self.batch_size < 1 or self.grad_accum < 1:
             raise ValueError("batch_size and grad_accum must be >= 1")
+        _not_sealed("data", self.data)
+        _not_sealed("replay", self.replay)
         if self.replay_share > 0 and not self.replay:
             raise ValueError("replay_share > 0 needs `replay` (an instruction file, e.g. stage1.json)")
-        # The loop writes checkpoints and scores the held-out samples only at report steps
+        # The loop writes checkpoints and scores the validation samples only at report steps
         # (every `log_every`): any other cadence would silently skip some of them.
-        for name, every in (("checkpoint_every", self.checkpoint_every), ("held_out.every_steps",
-                                                                          self.held_out.every_steps)):
+        for name, every in (("checkpoint_every", self.checkpoint_every), ("validation.every_steps",
+                                                                          self.validation.every_steps)):
             if every < 1 or every % self.log_every:
                 raise ValueError(f"{name} ({every}) must be a positive multiple of log_every ({self.log_every}): "
                                  f"the loop checkpoints and scores only at report steps, so it would skip some")

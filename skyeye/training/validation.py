@@ -1,11 +1,13 @@
-"""Held-back test samples scored during training, next to the trivial baselines, so the
+"""Validation samples scored during training, next to the trivial baselines, so the
 per-task learning curves (and whether the model beats answering blindly) show in MLflow.
 
-Scored with the evaluation's metrics and baselines (`skyeye.formats.metrics`,
-`skyeye.evaluation.baselines`) and named like the evaluation's metrics behind the prefix
-`heldout/`: `heldout/dior_rsvg_test/acc_at_0.5`,
-`heldout/baseline.centred_box/dior_rsvg_test/acc_at_0.5`. Captions are scored by CIDEr
-without METEOR (its Java process takes ~15 s to start).
+Read from the instruction folder's `validation/` files only: the test splits under `eval/`
+are sealed until the evaluation (`StageConfig` refuses a config that names one, and
+`skyeye.training.sealed` refuses to open one while a stage trains). Scored with the
+evaluation's metrics and baselines (`skyeye.formats.metrics`, `skyeye.evaluation.baselines`)
+and named like the evaluation's metrics behind the prefix `validation/`:
+`validation/dior_rsvg_val/acc_at_0.5`, `validation/baseline.centred_box/dior_rsvg_val/acc_at_0.5`.
+Captions are scored by CIDEr without METEOR (its Java process takes ~15 s to start).
 """
 from __future__ import annotations
 
@@ -18,11 +20,11 @@ import torch
 from ..data.instructions import class_words, count_phrase
 from ..evaluation.baselines import TRIVIAL, centred_boxes, majority_answers, trivial_answers
 from ..formats import prompts
-from ..formats.benchmarks import ACC_AT_05, CIDER, HELDOUT, metric, spread
+from ..formats.benchmarks import ACC_AT_05, CIDER, VALIDATION, metric, spread
 from ..formats.metrics import caption_scores, grounding_scores, normalise_answer, vqa_scores
 from ..synth.scene import CATEGORIES
 from .data import Item, load_items
-from .stage_config import HeldOutConfig
+from .stage_config import ValidationConfig
 
 CONVERSATION = "conversation"  # the key of the stage-2 three-turn conversations in metric names
 
@@ -35,8 +37,8 @@ def _score(task: str, rows: list[dict], answers: list[str]) -> dict[str, float]:
     return caption_scores(answers, [r["references"] for r in rows], meteor=False)
 
 
-class HeldOut:
-    def __init__(self, cfg: HeldOutConfig, root: Path, model, features):
+class Validation:
+    def __init__(self, cfg: ValidationConfig, root: Path, model, features):
         self.cfg, self.root, self.model, self.features = cfg, Path(root), model, features
         self.sets: dict[str, tuple[str, dict, list]] = {}  # task -> (bench split, eval file, rows)
         for task in ("grounding", "vqa", "caption"):
@@ -50,7 +52,7 @@ class HeldOut:
         self.baselines = self._baselines()
 
     def _media(self, rel_file: str, row: dict) -> tuple[str, int]:
-        # eval paths are relative to the eval file's folder; make them relative to the instruction root
+        # sample paths are relative to their file's folder; make them relative to the instruction root
         media = str(Path(rel_file).parent / (row.get("image") or row["video"]))
         return media, int(row.get("frames", 1)) if "video" in row else 1
 
@@ -59,7 +61,7 @@ class HeldOut:
         for task, (key, ev, rows) in self.sets.items():
             eval_root = self.root / Path(getattr(self.cfg, task)).parent
             name, answers = trivial_answers(task, rows, eval_root, self.train, self.root, ev["benchmark"])
-            out |= {HELDOUT + metric(key, m, name): v for m, v in _score(task, rows, answers).items()}
+            out |= {VALIDATION + metric(key, m, name): v for m, v in _score(task, rows, answers).items()}
         return out
 
     def answers(self, task: str, batch: int = 32) -> list[str]:
@@ -76,7 +78,7 @@ class HeldOut:
 
     # ------------------------------------------------------------ stage 2: three-turn conversations
     def _conversations(self) -> list[dict]:
-        """Per test image: the object list (derived from its annotations), a [vqa] count, a [refer]."""
+        """Per validation image: the object list (derived from its annotations), a [vqa] count, a [refer]."""
         ev = json.loads((self.root / self.cfg.conversation).read_text())
         by_image: dict[str, list[dict]] = defaultdict(list)
         for r in ev["samples"]:
@@ -122,7 +124,7 @@ class HeldOut:
             return 100 * hits / len(convs)
 
         def name(what: str, baseline: str | None = None) -> str:
-            return HELDOUT + metric(CONVERSATION, what, baseline)
+            return VALIDATION + metric(CONVERSATION, what, baseline)
 
         refs = [[c["answer"]] for c in lists]
         return {name(f"turn1_{CIDER}"): caption_scores([a[0] for a in answers], refs, meteor=False)[CIDER],
@@ -137,7 +139,7 @@ class HeldOut:
     def score(self) -> dict[str, float]:
         m: dict[str, float] = dict(self.baselines)
         for task, (key, _, rows) in self.sets.items():
-            m |= {HELDOUT + metric(key, name): v for name, v in _score(task, rows, self.answers(task)).items()}
+            m |= {VALIDATION + metric(key, name): v for name, v in _score(task, rows, self.answers(task)).items()}
         if self.cfg.conversation and (self.root / self.cfg.conversation).exists():
             m |= self.conversation_scores()
         return m
