@@ -33,7 +33,8 @@ def imported_names(tree: ast.AST, package: str) -> set[str]:
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:  # from ..a import b: up level - 1 packages from `package`
-                parts = package.split(".")[:len(package.split(".")) - node.level + 1]
+                parts = package.split(".")
+                parts = parts[:len(parts) - node.level + 1]
                 base = ".".join([*parts, base] if base else parts)
             names = [base] + [f"{base}.{alias.name}" for alias in node.names]
         else:
