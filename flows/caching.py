@@ -1,11 +1,17 @@
 """When a `retrain` step is reused, and when it retries.
 
-A step's cache key is what determines its output: the inputs named for it (the data
-version, upstream results such as the stage-1 folder), the content of its config files,
-and the code of its task and of the `skyeye` packages it runs. Prefect's default key holds
-the flow run id, so a new run never hits it; this one does not. Results are persisted
-under the project (`PREFECT_HOME` is `.skyeye/prefect`), so a new process, a new flow run
-and the deployment runner all find them.
+A step's cache key is what determines its output:
+- the inputs named for it (the data version, upstream results such as the stage-1 folder)
+  and the content of the config files and input folders it reads;
+- its code: the task's source and every project module it may run, found by reading
+  import statements (`skyeye.tracking.codehash`): what its body imports, what its module
+  imports under a name the body uses, and all these import in turn (`skyeye` and `flows`
+  alike, inside functions too), however far; no hand-kept list of packages to forget;
+- what else it reads at run time, where a step says so: `promote` judges a version against
+  the production holder, so that holder and its scores are in its key.
+Prefect's default key holds the flow run id, so a new run never hits it; this one does not.
+Results are persisted under the project (`PREFECT_HOME` is `.skyeye/prefect`), so a new
+process, a new flow run and the deployment runner all find them.
 
 A cached result can dangle: its checkpoint folder deleted, its MLflow run purged. Each
 step says how to check its result is still there; a dangling one is recomputed under a
@@ -13,11 +19,15 @@ successor key (never returned), and that key is found again by later runs.
 """
 from __future__ import annotations
 
+import ast
 import hashlib
 import inspect
+import json
 import sqlite3
+import textwrap
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -25,20 +35,26 @@ from prefect.cache_policies import CachePolicy
 from prefect.utilities.hashing import hash_objects
 
 from skyeye.config import get_settings
+from skyeye.tracking.codehash import code_digest, imported_names
 
-PACKAGE = Path(__file__).resolve().parents[1] / "skyeye"
 
-
-def code_digest(packages: tuple[str, ...]) -> str:
-    """The source of these `skyeye` subpackages (or modules), as one hash."""
-    h = hashlib.sha256()
-    for name in sorted(packages):
-        base = PACKAGE / name
-        files = sorted(base.rglob("*.py")) if base.is_dir() else [base.with_suffix(".py")]
-        for path in files:
-            h.update(path.relative_to(PACKAGE).as_posix().encode())
-            h.update(path.read_bytes())
-    return h.hexdigest()
+@cache  # a task's source does not change under a running process
+def task_code(task_fn: Callable) -> tuple[frozenset[str], Path]:
+    """Where a task's code digest starts: the modules its body imports and those its own module
+    imports at the top under a name the body uses (not the decorator's: how a step is cached
+    is not what it computes); with the folder its modules are found in."""
+    module = inspect.getmodule(task_fn)
+    name = module.__spec__.name if module.__spec__ else module.__name__  # flows.retrain, also run as __main__
+    file = Path(module.__file__).resolve()
+    is_package = file.name == "__init__.py"
+    fn = ast.parse(textwrap.dedent(inspect.getsource(task_fn))).body[0]
+    fn.decorator_list = []
+    used = {node.id for node in ast.walk(fn) if isinstance(node, ast.Name)}
+    top = [node for node in ast.parse(file.read_bytes()).body if isinstance(node, (ast.Import, ast.ImportFrom))
+           and any((alias.asname or alias.name).split(".")[0] in used for alias in node.names)]
+    modules = imported_names(ast.Module(body=[fn, *top], type_ignores=[]),
+                             name if is_package else name.rpartition(".")[0])
+    return frozenset(modules), file.parents[name.count(".") + is_package]
 
 
 def file_digest(path: str | Path) -> str:
@@ -68,7 +84,8 @@ class StepKey(CachePolicy):
     inputs: tuple[str, ...] = ()  # parameters whose values identify the result
     configs: tuple[str, ...] = ()  # parameters that name config files: their content counts
     folders: tuple[str, ...] = ()  # parameters that name input folders: their content stamp counts
-    code: tuple[str, ...] = ()  # skyeye subpackages the step runs
+    # what the result also depends on outside its inputs, read when the key is computed
+    reads: Callable[[dict[str, Any]], Any] | None = field(default=None, compare=False)
     still_there: Callable[[Any], bool] | None = field(default=None, compare=False)
 
     def base_key(self, task_fn: Callable, inputs: dict[str, Any]) -> str:
@@ -79,7 +96,8 @@ class StepKey(CachePolicy):
             "inputs": {k: inputs.get(k) for k in self.inputs},
             "configs": {k: file_digest(inputs[k]) for k in self.configs if inputs.get(k)},
             "folders": {k: _stamps(inputs[k]) for k in self.folders if inputs.get(k)},
-            "code": code_digest(self.code)})
+            "code": code_digest(*task_code(task_fn)),
+            "reads": self.reads(inputs) if self.reads else None})
 
     def compute_key(self, task_ctx, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs) -> str:
         key = self.base_key(task_ctx.task.fn, inputs)
@@ -125,6 +143,33 @@ def version_there(version: int) -> bool:
     except MlflowException:
         return False
     return True
+
+
+# ---------------------------------------------------------------- what promote reads
+
+def production_holder(inputs: dict[str, Any]) -> dict[str, str]:
+    """The production version `inputs["version"]` is judged against, and a digest of its scores:
+    promote's decision turns on them. When the version holds production itself, that is the one
+    it replaced (its promotion record), so a promotion does not undo its own cache entry."""
+    from mlflow.exceptions import MlflowException
+
+    from skyeye.registry.references import RegistryError, model_name, production_version
+    from skyeye.registry.store import eval_metrics
+    from skyeye.tracking import runs
+    from skyeye.tracking.names import PROMOTION, read_records
+    client, name, holder = runs.client(), model_name(), production_version()
+    if holder == int(inputs["version"]):
+        tags = client.get_model_version(name, str(holder)).tags
+        previous = read_records(tags, PROMOTION).get("production", {}).get("previous", "none")
+        holder = None if previous == "none" else int(previous)
+    if holder is None:
+        return {"production": "none"}
+    try:
+        scores, _ = eval_metrics(client, name, holder)
+        digest = hashlib.sha256(json.dumps(scores, sort_keys=True).encode()).hexdigest()
+    except (RegistryError, MlflowException):
+        digest = "unreadable"  # promote cannot compare with it: a state of its own
+    return {"production": str(holder), "scores": digest}
 
 
 # ---------------------------------------------------------------- which failures retry

@@ -20,7 +20,15 @@ from prefect import flow, get_run_logger, task  # noqa: E402
 from prefect.cache_policies import NONE  # noqa: E402
 
 from flows import reports  # noqa: E402
-from flows.caching import StepKey, folder_there, paths_there, retry_transient, run_there, version_there  # noqa: E402
+from flows.caching import (  # noqa: E402
+    StepKey,
+    folder_there,
+    paths_there,
+    production_holder,
+    retry_transient,
+    run_there,
+    version_there,
+)
 
 # transient failures (a busy SQLite store, a Ray start-up timeout) retry; a failed gate, a
 # refused promotion or a bug does not (flows/caching.py: transient)
@@ -32,7 +40,7 @@ def step(name: str, key: StepKey | None):
     return task(name=name, cache_policy=key or NONE, persist_result=key is not None, **RETRY)
 
 
-@step("synth", StepKey(inputs=("scale", "seed"), code=("synth",), still_there=folder_there))
+@step("synth", StepKey(inputs=("scale", "seed"), still_there=folder_there))
 def synth_task(scale: str, seed: int) -> str:
     from skyeye.synth.corpus import synthesize
     out = get_settings().synth_dir
@@ -41,8 +49,7 @@ def synth_task(scale: str, seed: int) -> str:
     return str(out)
 
 
-@step("build", StepKey(inputs=("root", "sources"), folders=("root", "sources"), code=("data", "formats"),
-                       still_there=folder_there))
+@step("build", StepKey(inputs=("root", "sources"), folders=("root", "sources"), still_there=folder_there))
 def build_task(root: str, sources: dict[str, str]) -> str:
     from skyeye.data.instructions import build
     out = get_settings().instructions_dir
@@ -61,7 +68,7 @@ def version_task(instructions: str, commit: bool) -> str:
     return report.md5
 
 
-@step("validate", StepKey(inputs=("md5",), code=("datagate", "formats"), still_there=run_there))
+@step("validate", StepKey(inputs=("md5",), still_there=run_there))
 def validate_task(instructions: str, md5: str) -> str:
     from skyeye.datagate.gate import GateFailed, run_gate
     result, run_id = run_gate(Path(instructions))
@@ -72,18 +79,14 @@ def validate_task(instructions: str, md5: str) -> str:
     return run_id
 
 
-@step("backbones", StepKey(inputs=("md5",), configs=("model_config",), code=("model", "training"),
-                           still_there=paths_there))
+@step("backbones", StepKey(inputs=("md5",), configs=("model_config",), still_there=paths_there))
 def backbones_task(model_config: str, md5: str, parent_run: str) -> dict:
     from skyeye.training.jobs import prepare_backbones
     return prepare_backbones(get_settings().project_root / model_config, parent_id=parent_run)
 
 
-TRAINING = ("model", "training", "data", "formats")
-
-
 @step("stage1", StepKey(inputs=("md5", "backbones", "num_workers"), configs=("model_config", "stage_config"),
-                        code=TRAINING, still_there=folder_there))
+                        still_there=folder_there))
 def stage1_task(model_config: str, stage_config: str, backbones: dict, md5: str, parent_run: str,
                 num_workers: int) -> str:
     from skyeye.training.jobs import train_stage
@@ -96,7 +99,7 @@ def stage1_task(model_config: str, stage_config: str, backbones: dict, md5: str,
 
 
 @step("stage2", StepKey(inputs=("md5", "backbones", "stage1_dir", "num_workers"),
-                        configs=("model_config", "stage_config"), code=TRAINING, still_there=folder_there))
+                        configs=("model_config", "stage_config"), still_there=folder_there))
 def stage2_task(model_config: str, stage_config: str, backbones: dict, stage1_dir: str, md5: str, parent_run: str,
                 num_workers: int) -> str:
     from skyeye.training.jobs import train_stage
@@ -108,8 +111,7 @@ def stage2_task(model_config: str, stage_config: str, backbones: dict, stage1_di
     return result.model_dir
 
 
-@step("evaluate", StepKey(inputs=("model_dir", "md5", "limit"), code=("evaluation", "formats", "model"),
-                          still_there=run_there))
+@step("evaluate", StepKey(inputs=("model_dir", "md5", "limit"), still_there=run_there))
 def evaluate_task(model_dir: str, md5: str, limit: int | None, num_workers: int = 1) -> str:
     # num_workers is not in the key: sharded or not, the scores are the same
     from skyeye.evaluation.runner import run_evaluation
@@ -118,7 +120,7 @@ def evaluate_task(model_dir: str, md5: str, limit: int | None, num_workers: int 
     return result.run_id
 
 
-@step("register", StepKey(inputs=("model_dir", "eval_run"), code=("registry",), still_there=version_there))
+@step("register", StepKey(inputs=("model_dir", "eval_run"), still_there=version_there))
 def register_task(model_dir: str, eval_run: str) -> int:
     from skyeye.registry.references import model_name
     from skyeye.registry.store import register
@@ -130,7 +132,7 @@ def register_task(model_dir: str, eval_run: str) -> int:
     return version
 
 
-@step("promote", StepKey(inputs=("version",), configs=("policy_file",), code=("registry",)))
+@step("promote", StepKey(inputs=("version",), configs=("policy_file",), reads=production_holder))
 def promote_task(version: int, policy_file: str) -> dict:
     """Staging, then production; a refusal is an outcome (the model stays where it got to), not a failure."""
     from skyeye.registry.promotion import PromotionRefused, load_policy, promote

@@ -1,2 +1,3 @@
 """MLflow bookkeeping: the names SkyEye writes (`names`, free of MLflow) and the store,
-clients and run lifecycle (`runs`)."""
+clients and run lifecycle (`runs`); and the digest of the project code a result comes
+from (`codehash`), which cached results are keyed on."""

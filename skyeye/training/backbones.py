@@ -20,8 +20,9 @@ Objectives (and why):
   and answers, no image), so it knows the answer language and the box format before
   stage 1; the coordinate tokens `<0>`..`<100>` start from ordered (sinusoidal)
   embeddings so that neighbouring values are neighbours.
-Results are cached by the instruction data's content hash and the config, and logged
-to MLflow. What each objective changed: docs/experiments/.
+Results are cached by the instruction data's content hash, the config and the code
+that pretrains them (`skyeye.tracking.codehash`), and logged to MLflow. What each
+objective changed: docs/experiments/.
 """
 from __future__ import annotations
 
@@ -44,17 +45,17 @@ from ..data.readers import read_benchmark
 from ..model.template import encode_conversation
 from ..model.tiny import BackbonesConfig, new_llm, new_vision_tower
 from ..model.tokenizer import GRID_TOKENS, instruction_texts, train_tokenizer
+from ..tracking.codehash import code_digest
 from .data import PixelCache, load_items, normalise
 
 COLOUR_WORDS = ("white", "red", "blue", "yellow", "grey", "green")
 MEAN, STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 
 
-RECIPE_VERSION = 5  # bump when the pretraining code changes what it produces: old cache entries no longer fit
-
-
 def cache_key(instructions: Path, cfg: BackbonesConfig) -> str:
-    h = hashlib.sha256(f"{RECIPE_VERSION}:{cfg.model_dump_json()}".encode())
+    # the pretraining code (this module and all it imports) is in the key: a change to it
+    # makes new backbones, with no version number to remember to bump
+    h = hashlib.sha256(f"{code_digest([__name__])}:{cfg.model_dump_json()}".encode())
     for name in ("stage1.json", "stage2.json"):
         h.update((Path(instructions) / name).read_bytes())
     return h.hexdigest()[:16]

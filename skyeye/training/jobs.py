@@ -268,7 +268,7 @@ def prepare_backbones(model_cfg: ModelConfig | str | Path, *, instructions: Path
                       synth: Path | None = None, parent_id: str | None = None,
                       settings: Settings | None = None) -> dict[str, str]:
     """Backbone folders for this model config: the real ones it names, or the tiny ones
-    pretrained here (cached by data and config; a fresh pretraining is an MLflow run)."""
+    pretrained here (cached by data, config and code; a fresh pretraining is an MLflow run)."""
     from .backbones import build_backbones, cache_key
     s = settings or get_settings()
     mcfg = model_cfg if isinstance(model_cfg, ModelConfig) else load_model_config(model_cfg)
