@@ -145,6 +145,15 @@ def version_there(version: int) -> bool:
     return True
 
 
+def production_agrees(value: dict) -> bool:
+    """A cached promotion stands while the registry still says what it decided: the version holds
+    production if it reached it, and does not if it did not (a rollback or a forced move since)."""
+    from skyeye.registry.references import production_version
+    if "version" not in value:  # a result cached before the version was kept in it
+        return False
+    return (production_version() == value["version"]) == (value["alias"] == "production")
+
+
 # ---------------------------------------------------------------- what promote reads
 
 def production_holder(inputs: dict[str, Any]) -> dict[str, str]:

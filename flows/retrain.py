@@ -24,6 +24,7 @@ from flows.caching import (  # noqa: E402
     StepKey,
     folder_there,
     paths_there,
+    production_agrees,
     production_holder,
     retry_transient,
     run_there,
@@ -132,7 +133,8 @@ def register_task(model_dir: str, eval_run: str) -> int:
     return version
 
 
-@step("promote", StepKey(inputs=("version",), configs=("policy_file",), reads=production_holder))
+@step("promote", StepKey(inputs=("version",), configs=("policy_file",), reads=production_holder,
+                         still_there=production_agrees))
 def promote_task(version: int, policy_file: str) -> dict:
     """Staging, then production; a refusal is an outcome (the model stays where it got to), not a failure."""
     from skyeye.registry.promotion import PromotionRefused, load_policy, promote
@@ -148,7 +150,7 @@ def promote_task(version: int, policy_file: str) -> dict:
             decisions.append(f"not promoted to {alias}:\n{refused}")
             logger.warning("version %d %s", version, decisions[-1])
             break
-    return {"alias": reached, "decisions": decisions}
+    return {"alias": reached, "version": version, "decisions": decisions}
 
 
 WHERE_TO_LOOK = {

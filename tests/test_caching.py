@@ -199,3 +199,10 @@ def test_promote_is_keyed_on_the_production_it_is_judged_against(registry, tmp_p
     rescored = key()
     registry.set_registered_model_alias("skyeyegpt", "production", "3")
     assert key() == rescored
+    # a cached decision stands while the registry still says it; a rollback since makes it recompute
+    from flows.caching import production_agrees
+    assert production_agrees({"alias": "production", "version": 3})
+    assert not production_agrees({"alias": "staging", "version": 3})
+    registry.set_registered_model_alias("skyeyegpt", "production", "2")  # rolled back by hand
+    assert not production_agrees({"alias": "production", "version": 3})
+    assert production_agrees({"alias": "staging", "version": 3}) and not production_agrees({"alias": "none"})
