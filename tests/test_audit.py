@@ -71,7 +71,8 @@ def world(tmp_path_factory):
                            ("stage1", {"skyeye.kind": "tuning-stage", "skyeye.stage": "1"}),
                            ("stage2", {"skyeye.kind": "tuning-stage", "skyeye.stage": "2"})):
             run_id = child_run(parent, name, s, {**tags, "skyeye.data.dvc_md5": md5, "skyeye.data.git_rev": rev,
-                                                 "skyeye.git_commit": rev, "skyeye.model_dir": f"/m/{name}"})
+                                                 "skyeye.git_commit": rev, "skyeye.model_dir": f"/m/{name}",
+                                                 **({"skyeye.test_splits_read": "none"} if "stage" in name else {})})
             log_data_input(run_id, instructions, input_md5 if name == "stage2" and input_md5 else md5, rev)
             client.log_metric(run_id, "loss", 0.5)
             client.log_metric(run_id, "validation/dior_rsvg_val/acc_at_0.5", 0.25)
@@ -88,7 +89,8 @@ def world(tmp_path_factory):
     with mlflow.start_run(experiment_id=eval_exp, tags={
             "skyeye.kind": "evaluation", "skyeye.model_dir": "/m/stage2", "skyeye.eval.training_run": job1["stage2"],
             "skyeye.data.dvc_md5": v1.md5, "skyeye.data.git_rev": v1.git_rev,
-            "skyeye.eval.benchmarks": "rsvg_test,rsvqa_lr_test"}) as run:
+            "skyeye.eval.benchmarks": "rsvg_test,rsvqa_lr_test",
+            "skyeye.test_splits_read": "rsvg_test,rsvqa_lr_test"}) as run:
         mlflow.log_metrics({"primary_score": 41.5, "rsvg_test/acc_at_0.5": 33.0, "rsvqa_lr_test/aa": 50.0,
                             "rsvqa_lr_test/oa": 52.0, "baseline.centred_box/rsvg_test/acc_at_0.5": 4.0})
         eval_run = run.info.run_id
@@ -155,6 +157,12 @@ def test_production_audit_follows_the_whole_chain(world):
     for needle in (job1["job"], job1["stage1"], job1["stage2"], job1["backbones"], v1.md5, v1.git_rev,
                    "PASSED", world["validation"], world["eval_run"], "by alice", "production", "missing links: none"):
         assert needle in text, needle
+    # the stage runs read no test split, the evaluation the ones it scored
+    stage_lines = [line for line in text.splitlines()
+                   if "FINISHED" in line and (job1["stage1"] in line or job1["stage2"] in line)]
+    assert stage_lines and all("test splits read: none" in line for line in stage_lines)
+    assert "test splits read: rsvg_test,rsvqa_lr_test" in next(line for line in text.splitlines()
+                                                               if world["eval_run"] in line)
     back = json.loads(json.dumps(audit.to_dict()))
     assert back["data_revisions"][0]["rev"] == v1.git_rev and back["validation"]["outcome"] == "passed"
 

@@ -17,7 +17,7 @@ from skyeye.data.records import DataFormatError
 from skyeye.evaluation.baselines import centred_boxes, majority_answers, nearest_captions
 from skyeye.evaluation.comparison import load_item_stats
 from skyeye.evaluation.runner import EvalConfig, evaluate, load_eval_file, score, untuned_like
-from skyeye.formats.benchmarks import EVAL_KEYS, TASK_OF, primary_metric, primary_of, select
+from skyeye.formats.benchmarks import EVAL_KEYS, TASK_OF, VALIDATION_KEYS, primary_metric, primary_of, select
 from skyeye.formats.boxes import first_box_pixels
 from skyeye.model.config import LoRAConfig, ModelConfig, VisionConfig
 from skyeye.model.skyeyegpt import build_model
@@ -45,6 +45,7 @@ def test_one_run_holds_every_benchmark_baselines_tables_and_report(model, settin
     client = MlflowClient(settings.tracking_uri)
     run = client.get_run(result.run_id)
     assert run.info.status == "FINISHED" and run.data.tags["skyeye.kind"] == "evaluation"
+    assert run.data.tags["skyeye.test_splits_read"] == ",".join(EVAL_KEYS)  # the test splits it read, recorded
     metrics = run.data.metrics
     assert sorted(primary_of(metrics)) == sorted(EVAL_KEYS)
     for key in EVAL_KEYS:  # the untuned model and the task's trivial answer, scored the same way
@@ -80,6 +81,24 @@ def test_one_run_holds_every_benchmark_baselines_tables_and_report(model, settin
     assert len(rows) == 3
     assert score("dior_rsvg_test", rows, [r["prediction"] for r in rows])["acc_at_0.5"] == \
         metrics["dior_rsvg_test/acc_at_0.5"]
+
+
+def test_a_recipe_is_checked_on_the_validation_splits_in_a_run_of_its_own(model, settings, tiny_instructions):
+    """`--on validation`: the same scoring on validation/*.json, no test split read, logged where
+    no registry candidate is looked for."""
+    result = evaluate(model, "all", cfg=EvalConfig(limit=2, batch_size=2, baselines=("majority_answer", "centred_box",
+                                                                                       "nearest_caption")),
+                      instructions=tiny_instructions, model_ref="tiny-test-model", settings=settings, progress=False,
+                      on="validation")
+    client = MlflowClient(settings.tracking_uri)
+    run = client.get_run(result.run_id)
+    tags = run.data.tags
+    assert tags["skyeye.kind"] == "evaluation-on-validation" and tags["skyeye.test_splits_read"] == "none"
+    assert client.get_experiment(run.info.experiment_id).name == "skyeye-evaluation-on-validation"
+    assert sorted(primary_of(run.data.metrics)) == sorted(VALIDATION_KEYS) and "rsvg_val" not in VALIDATION_KEYS
+    assert primary_metric("dior_rsvg_val") + "_delta_vs_centred_box" in run.data.metrics
+    with pytest.raises(ValueError, match="unknown validation benchmark or split 'rsvg_test'"):
+        select("rsvg_test", "validation")
 
 
 def test_trivial_baselines(tiny_instructions):

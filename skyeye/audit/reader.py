@@ -28,6 +28,7 @@ from ..tracking.names import (
     TAG_OUTCOME,
     TAG_PARENT,
     TAG_STAGE,
+    TAG_TEST_SPLITS_READ,
     VALIDATION_EXPERIMENT,
 )
 from .records import GitRevision, RunSummary, Validation, md5_key, missing
@@ -84,7 +85,8 @@ class Reader:
             metrics={k: values[k] for k in (values if metrics is None else metrics) if k in values},
             data_md5=tags.get(TAG_DVC_MD5), data_git_rev=tags.get(TAG_GIT_REV),
             dataset_digests=[d.dataset.digest for d in (run.inputs.dataset_inputs if run.inputs else [])],
-            git_commit=tags.get(TAG_GIT_COMMIT), model_dir=tags.get(TAG_MODEL_DIR))
+            git_commit=tags.get(TAG_GIT_COMMIT), model_dir=tags.get(TAG_MODEL_DIR),
+            test_splits_read=tags.get(TAG_TEST_SPLITS_READ))
 
     def children(self, parent_id: str, experiment_id: str) -> list[Any]:
         return list(self.client.search_runs([experiment_id], filter_string=f"tags.`{TAG_PARENT}` = '{parent_id}'",

@@ -53,6 +53,7 @@ class RunSummary:
     dataset_digests: list[str] = field(default_factory=list)  # digest = DVC md5 of each logged dataset input
     git_commit: str | None = None
     model_dir: str | None = None
+    test_splits_read: str | None = None  # `none` on a tuning stage; the bench splits on an evaluation
 
     @property
     def label(self) -> str:
@@ -67,6 +68,8 @@ class RunSummary:
         if self.deleted:
             bits.append("DELETED")
         bits.append(note)
+        if self.test_splits_read:
+            bits.append(f"test splits read: {self.test_splits_read}")
         if self.metrics:
             bits.append(", ".join(f"{k} {v:.4g}" for k, v in self.metrics.items()))
         return "  ".join(b for b in bits if b)

@@ -21,7 +21,7 @@ import numpy as np  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from ..formats.benchmarks import EVAL_KEYS, PAPER_VQA_TYPES, PRIMARY, TASK_OF  # noqa: E402
+from ..formats.benchmarks import ALL_KEYS, PAPER_VQA_TYPES, PRIMARY, TASK_OF  # noqa: E402
 from ..formats.boxes import first_box_pixels, iou  # noqa: E402
 from ..formats.metrics import normalise_answer  # noqa: E402
 from .intervals import verdict  # noqa: E402
@@ -64,7 +64,7 @@ def benchmark_chart(ours: dict[str, float], baselines: dict[str, dict[str, float
     fig, axes = plt.subplots(1, len(PANELS), figsize=(16, 4.8))
     for ax, (task, title) in zip(axes, PANELS, strict=True):
         metric = PRIMARY[task]
-        keys = [k for k in EVAL_KEYS if TASK_OF[k] == task  # the splits we (or a baseline) evaluated
+        keys = [k for k in ALL_KEYS if TASK_OF[k] == task  # the splits we (or a baseline) evaluated
                 and any(f"{k}/{metric}" in scores for _, scores in series[:-1])]
         shown = [(i, label, scores) for i, (label, scores) in enumerate(series)
                  if any(f"{k}/{metric}" in scores for k in keys)]
@@ -184,7 +184,7 @@ def metrics_table(ours: dict[str, float], baselines: dict[str, dict[str, float]]
     paper = _nested(paper)
     head = ["metric", OURS_LABEL, *(f"baseline: {n}" for n in baselines), PAPER_LABEL]
     lines = ["<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr>"]
-    order = {key: i for i, key in enumerate(EVAL_KEYS)}  # the paper's order, then anything else
+    order = {key: i for i, key in enumerate(ALL_KEYS)}  # the paper's order, then anything else
     for name in sorted((k for k in ours if not _derived(k)), key=lambda k: (order.get(k.split("/")[0], len(order)), k)):
         key, _, metric = name.partition("/")
         cells = [_with_interval(ours, name), *(_with_interval(b, name) for b in baselines.values()),
@@ -198,7 +198,7 @@ def comparison_table(ours: dict[str, float]) -> str:
     to each baseline on the same test items, its 95% interval and what it means."""
     lines = ["<table><tr><th>bench split</th><th>metric</th><th>against</th><th>difference [95% interval]</th>"
              "<th>verdict</th></tr>"]
-    for key in EVAL_KEYS:
+    for key in ALL_KEYS:
         metric = PRIMARY[TASK_OF[key]]
         prefix = f"{key}/{metric}_delta_vs_"
         for name in sorted(n for n in ours if n.startswith(prefix) and not _derived(n.removeprefix(prefix))):

@@ -40,6 +40,7 @@ TASK_OF: dict[str, str] = {key: TASK[b] for key, b in BENCHMARK_OF.items()}
 # (`skyeye.data.instructions.validation_holdout`).
 VALIDATION_KEYS: tuple[str, ...] = tuple(f"{b}_val" for b in BENCHMARKS if "val" not in SCORED_SPLITS[b])
 HOLDOUT_MODULUS = 10
+ALL_KEYS: tuple[str, ...] = (*EVAL_KEYS, *VALIDATION_KEYS)  # what an evaluation can score
 BENCHMARK_OF |= {f"{b}_val": b for b in BENCHMARKS if f"{b}_val" in VALIDATION_KEYS}
 SPLIT_OF |= {key: "val" for key in VALIDATION_KEYS}
 TASK_OF |= {key: TASK[BENCHMARK_OF[key]] for key in VALIDATION_KEYS}
@@ -84,7 +85,7 @@ def primary_metric(key: str) -> str:
 def primary_of(metrics: dict[str, float], prefix: str = "") -> dict[str, float]:
     """The primary metric of each bench split present in a flat `<prefix><key>/<metric>` dict."""
     out = {}
-    for key in (*EVAL_KEYS, *VALIDATION_KEYS):
+    for key in ALL_KEYS:
         name = prefix + primary_metric(key)
         if name in metrics:
             out[key] = metrics[name]
