@@ -37,8 +37,14 @@ def verify_task(deployed: dict) -> str:
     image, expression = deploy.sample_question()
     out = deploy.verify(deployed["url"], image, expression, deployed["version"],
                         api_key=os.environ.get(deployed["api_key_env"]))
+    logger = get_run_logger()
+    if "error" in out:  # refused: the server refuses tasks the version is not approved for
+        logger.warning("[refer] %s -> refused: %s", expression, out["error"]["message"])
+        return out["error"]["message"]
     answer = out["choices"][0]["message"]["content"]
-    get_run_logger().info("[refer] %s -> %s", expression, answer)
+    logger.info("[refer] %s -> %s", expression, answer)
+    if out["skyeye"].get("warning"):
+        logger.warning("%s", out["skyeye"]["warning"])
     return answer
 
 

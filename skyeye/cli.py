@@ -311,14 +311,19 @@ def models(
     from .registry.promotion import scoreboard
     from .registry.references import RegistryError, aliases, model_name, resolve_version
     from .tracking import runs
+    from .tracking.names import read_approved
     try:
         v = resolve_version(version)
         production = aliases(runs.client(), model_name()).get("production")
         rows = scoreboard(v, production if production != v else None)
+        approved = read_approved(runs.client().get_model_version(model_name(), str(v)).tags)
     except RegistryError as err:
         fail(str(err))
     say(f"{model_name()} version {v}" + (f" against production (version {production})" if production not in (None, v)
                                          else "") + "; [95% interval], paired differences on the same test items")
+    say("approved for: " + ("not recorded (registered before approvals were recorded)" if approved is None
+                            else ", ".join(approved) or "no task")
+        + " (a task: better than its trivial baseline on every split of the task)")
     cols = [c for c in ("benchmark", "metric", "candidate", "trivial baseline", "vs trivial", "production",
                         "vs production") if any(c in r for r in rows)]
     width = {c: max(len(c), *(len(str(r.get(c) or "")) for r in rows)) for c in cols}

@@ -1,6 +1,7 @@
 """A throwaway SkyEye project for tests that run whole flows against real servers: tiny
-synthetic corpus, a dim-64 model, short stages, floors at zero (the tiny model scores about
-0 and the promotion path must run to the end), its own git repository."""
+synthetic corpus, a dim-64 model, short stages, floors at zero and no approved task needed
+(the tiny model scores about 0, below its trivial baselines, and the promotion path must run
+to the end), its own git repository."""
 from __future__ import annotations
 
 import shutil
@@ -26,7 +27,8 @@ def write_project(root: Path, max_steps: int = 4, checkpoint_every: int = 4, sch
             {"stage": n, "data": data, "max_steps": max_steps, "warmup_steps": 1, "batch_size": 4, "log_every": 2,
              "checkpoint_every": checkpoint_every, "validation": {"samples": 4, "every_steps": max_steps}}))
     (root / "configs/promotion.yaml").write_text(yaml.safe_dump(
-        {"staging": {"floor": 0.0, "task_floors": {"caption": 0.0, "vqa": 0.0, "grounding": 0.0}}}))
+        {"staging": {"floor": 0.0, "task_floors": {"caption": 0.0, "vqa": 0.0, "grounding": 0.0},
+                     "require_approved_task": False}}))
     if schedule is not None:
         (root / "configs/schedule.yaml").write_text(yaml.safe_dump(schedule))
     shutil.copy(REPO / ".gitignore", root / ".gitignore")

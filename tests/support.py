@@ -9,7 +9,8 @@ import torch
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
-from skyeye.formats.benchmarks import EVAL_KEYS, PRIMARY, TASK_OF
+from skyeye.evaluation.baselines import TRIVIAL
+from skyeye.formats.benchmarks import EVAL_KEYS, PRIMARY, TASK_OF, ci_bounds, delta_metric
 from skyeye.model.config import LoRAConfig, ModelConfig, VisionConfig
 from skyeye.model.skyeyegpt import build_model
 from skyeye.model.template import collate, encode_conversation
@@ -26,9 +27,27 @@ def scores(caption: float, vqa: float, grounding: float, **override: float) -> d
     return {key: override.get(key, by_task[TASK_OF[key]]) for key in EVAL_KEYS}
 
 
+# intervals of a paired difference to a baseline, and what `intervals.verdict` calls them
+BETTER, NOT_SIGNIFICANT, WORSE = (1.0, 9.0), (-2.0, 3.0), (-4.0, -0.5)
+
+
+def vs_trivial(keys, by: dict[str, tuple[float, float]] | None = None) -> dict[str, float]:
+    """The paired difference of each split's primary metric to its task's trivial baseline, with its
+    interval, named as the evaluation logs it: `by` bench split or task (default BETTER)."""
+    out = {}
+    for key in keys:
+        task = TASK_OF[key]
+        low, high = (by or {}).get(key, (by or {}).get(task, BETTER))
+        d = delta_metric(key, PRIMARY[task], TRIVIAL[task])
+        out |= dict(zip((d, *ci_bounds(d)), ((low + high) / 2, low, high), strict=True))
+    return out
+
+
 def eval_run(model_dir: Path, primaries: dict[str, float], md5: str = "md5-good", status: str = "FINISHED",
-             kind: str = "evaluation", training_run: str = "") -> str:
-    """An evaluation run as skyeye/evaluation/runner.py writes it (the contract's tags and metric names)."""
+             kind: str = "evaluation", training_run: str = "", trivial: dict[str, tuple[float, float]] | None = None
+             ) -> str:
+    """An evaluation run as skyeye/evaluation/runner.py writes it (the contract's tags and metric names);
+    `trivial`: the intervals of the differences to the trivial baselines (`vs_trivial`)."""
     client = MlflowClient()
     tags = {"skyeye.kind": kind, "skyeye.model_dir": str(model_dir), "skyeye.eval.training_run": training_run,
             "skyeye.data.dvc_md5": md5, "skyeye.data.git_rev": "rev-" + md5, "skyeye.eval.benchmarks":
@@ -37,6 +56,7 @@ def eval_run(model_dir: Path, primaries: dict[str, float], md5: str = "md5-good"
     metrics = {f"{k}/{PRIMARY[TASK_OF[k]]}": v for k, v in primaries.items()}
     if primaries:
         metrics["primary_score"] = sum(primaries.values()) / len(primaries)
+    metrics |= vs_trivial(primaries, trivial)
     now = int(time.time() * 1000)
     client.log_batch(run.info.run_id, metrics=[Metric(k, v, now, 0) for k, v in metrics.items()])
     client.set_terminated(run.info.run_id, status)

@@ -112,7 +112,8 @@ def world(tmp_path_factory):
                 "skyeye.promotion.production.previous": ""}
     version1 = register({"skyeye.eval_run": eval_run, "skyeye.training_run": job1["stage2"],
                          "skyeye.tuning_job": job1["job"], "skyeye.data.dvc_md5": v1.md5,
-                         "skyeye.data.git_rev": v1.git_rev, **promoted})
+                         "skyeye.data.git_rev": v1.git_rev, "skyeye.approved_tasks": json.dumps(["grounding"]),
+                         **promoted})
     client.set_registered_model_alias(MODEL, "production", version1)
     version2 = register({"skyeye.training_run": job2["stage2"], "skyeye.tuning_job": job2["job"],
                          "skyeye.data.dvc_md5": v2.md5, "skyeye.data.git_rev": v2.git_rev})
@@ -153,7 +154,9 @@ def test_production_audit_follows_the_whole_chain(world):
     assert promo["to"] == "production" and promo["by"] == "alice" and promo["from"] == "staging"
     assert promo["deltas"] == {"rsvg_test": 2.5} and promo["reason"] == "beats v0 on every benchmark"
 
+    assert audit.approved_tasks == ["grounding"]
     text = audit.render()
+    assert "approved for: grounding (" in text
     for needle in (job1["job"], job1["stage1"], job1["stage2"], job1["backbones"], v1.md5, v1.git_rev,
                    "PASSED", world["validation"], world["eval_run"], "by alice", "production", "missing links: none"):
         assert needle in text, needle
@@ -189,6 +192,7 @@ def test_broken_links_are_reported_not_skipped(world):
     assert audit.disagreements == [f"stage2 run dataset input records data {world['v1'].md5}, not {v2.md5}"]
     text = audit.render()
     assert "missing: training run (tag skyeye.training_run)" in text and "DISAGREEMENTS: 1" in text
+    assert audit.approved_tasks is None and "approved for: not recorded" in text  # no tag: served as approved for none
     json.dumps(audit.to_dict())
 
     bare = audit_model(world["versions"][2])  # nothing recorded but an md5 no commit holds

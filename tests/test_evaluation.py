@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from skyeye.config import Settings
 from skyeye.data.records import DataFormatError
-from skyeye.evaluation.baselines import centred_boxes, majority_answers, nearest_captions
+from skyeye.evaluation.baselines import approved_tasks, centred_boxes, majority_answers, nearest_captions
 from skyeye.evaluation.comparison import load_item_stats
 from skyeye.evaluation.runner import EvalConfig, evaluate, load_eval_file, score, untuned_like
 from skyeye.formats.benchmarks import EVAL_KEYS, TASK_OF, VALIDATION_KEYS, primary_metric, primary_of, select
@@ -69,12 +69,16 @@ def test_one_run_holds_every_benchmark_baselines_tables_and_report(model, settin
     assert kept["dior_rsvg_test"]["model"].scores["acc_at_0.5"] == metrics["dior_rsvg_test/acc_at_0.5"]
     assert {"model", "baseline.untuned", "baseline.centred_box"} == set(kept["dior_rsvg_test"])
     assert "interval_seconds" in metrics and "[" in result.render()
+    approved = ", ".join(approved_tasks(metrics)) or "none"
+    assert f"approved tasks (better than the trivial baseline on every split): {approved}" in result.render()
 
     artifacts = {f.path for f in client.list_artifacts(result.run_id, "predictions")}
     assert artifacts == {f"predictions/{k}.json" for k in EVAL_KEYS}
     report = {f.path for f in client.list_artifacts(result.run_id, "report")}
     assert {"report/report.html", "report/benchmarks.png", "report/grounding_dior_rsvg_test.png",
             "report/vqa_confusion_rsvqa_lr_test.png"} <= report
+    assert f"<b>Approved tasks: {approved}</b>" in Path(client.download_artifacts(result.run_id,
+                                                                                 "report/report.html")).read_text()
     # the logged table is what was scored: rescoring it gives the logged metric
     table = json.loads(Path(client.download_artifacts(result.run_id, "predictions/dior_rsvg_test.json")).read_text())
     rows = [dict(zip(table["columns"], r, strict=True)) for r in table["data"]]

@@ -88,9 +88,11 @@ def test_retrain_flow_trains_both_stages_after_the_gate(project):
             "backbones": {"vision": {"image_size": 64, "patch_size": 16, "hidden_size": 64, "layers": 1, "heads": 2},
                           "llm": {"hidden_size": 64, "layers": 2, "heads": 2, "intermediate_size": 128},
                           "vocab_size": 400, "vision_seconds": 2, "llm_seconds": 2, "vision_batch": 8, "llm_batch": 8}}
-    # floors at zero: the dim-64 model trained a few steps scores ~0, and the promotion path must run to the end
+    # floors at zero and no approved task needed: the dim-64 model trained a few steps scores ~0 (below its
+    # trivial baselines), and the promotion path must run to the end
     (project / "configs/promotion.yaml").write_text(yaml.safe_dump(
-        {"staging": {"floor": 0.0, "task_floors": {"caption": 0.0, "vqa": 0.0, "grounding": 0.0}}}))
+        {"staging": {"floor": 0.0, "task_floors": {"caption": 0.0, "vqa": 0.0, "grounding": 0.0},
+                     "require_approved_task": False}}))
     (project / "configs/model").mkdir()
     (project / "configs/model/test.yaml").write_text(yaml.safe_dump(tiny))
     for n, data in ((1, "stage1.json"), (2, "stage2.json")):

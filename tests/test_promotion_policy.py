@@ -1,13 +1,16 @@
 """The production gate decides on intervals: constructed prediction tables whose right
 decision is known (a large real gain, a small noisy one, a real regression hidden behind a
 better average, a fall on a small noisy split), scored by the metric code, compared item by
-item and judged by `policy_failures`."""
+item and judged by `policy_failures`. Likewise the approval of a task: the model against
+its trivial baseline on every split of the task, scored and compared as the evaluation does."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from skyeye.evaluation.comparison import compare_stats
+from skyeye.evaluation.baselines import TRIVIAL, approved_tasks, trivial_verdicts
+from skyeye.evaluation.comparison import MODEL, compare_stats
+from skyeye.evaluation.runner import EvalConfig, with_intervals
 from skyeye.formats.benchmarks import EVAL_KEYS, PRIMARY, TASK_OF
 from skyeye.formats.metrics import grounding_items, vqa_items
 from skyeye.registry.promotion import PromotionPolicy, policy_failures
@@ -16,7 +19,9 @@ from skyeye.registry.promotion import PromotionPolicy, policy_failures
 KEYS = [k for k in EVAL_KEYS if TASK_OF[k] in ("vqa", "grounding")]
 N = 400
 BOX, SIZE = (10, 10, 50, 50), (100, 100)
-POLICY = PromotionPolicy.model_validate({"staging": {"require_all_benchmarks": False, "require_validation": False},
+# the comparison with production on its own (the approval has its own tests, at the end)
+POLICY = PromotionPolicy.model_validate({"staging": {"require_all_benchmarks": False, "require_validation": False,
+                                                     "require_approved_task": False},
                                          "production": {"tolerances": {"vqa": 3.0, "grounding": 3.0}}})
 
 
@@ -116,3 +121,57 @@ def test_identical_predictions_are_no_difference(production):
     record = comparison.record()
     assert record["primary_score"]["verdict"] == "no significant difference" and set(KEYS) <= {
         k.split("/")[0] for k in record}
+
+
+# ------------------------------------------------------------------ approval against the trivial baselines
+def evaluated(shares: dict[str, tuple[float, float]]) -> dict[str, float]:
+    """An evaluation run's metrics: per bench split (the model's, the trivial baseline's) share of
+    right answers, scored with intervals and compared item by item as the evaluation does."""
+    metrics = {}
+    for i, (key, (ours, theirs)) in enumerate(shares.items()):
+        stats = {MODEL: predictions(key, right_share(ours, i)),
+                 f"baseline.{TRIVIAL[TASK_OF[key]]}": predictions(key, right_share(theirs, 100 + i))}
+        metrics |= with_intervals(key, stats, EvalConfig())
+    return metrics
+
+
+CLEAR = (0.8, 0.5)  # 30 points above the baseline on 400 items: significantly better
+
+
+@pytest.mark.parametrize("dior, verdict, approved", [
+    (CLEAR, "better", ["vqa", "grounding"]),
+    ((0.52, 0.5), "no significant difference", ["vqa"]),  # n.s. on one grounding split
+    ((0.3, 0.5), "worse", ["vqa"]),  # below the centred box on one grounding split
+])
+def test_a_task_is_approved_only_when_every_split_is_significantly_better(dior, verdict, approved):
+    run = evaluated({k: dior if k == "dior_rsvg_test" else CLEAR for k in KEYS})
+    verdicts = trivial_verdicts(run)
+    assert verdicts["grounding"] == {"rsvg_val": "better", "rsvg_test": "better", "dior_rsvg_test": verdict}
+    assert set(verdicts["vqa"].values()) == {"better"} and set(verdicts["caption"].values()) == {"not evaluated"}
+    assert approved_tasks(run) == approved  # captioning was not evaluated: never approved
+
+
+def test_a_split_without_its_baseline_approves_nothing():
+    run = evaluated({k: CLEAR for k in KEYS if k != "rsvqa_hr_test_phili"})
+    assert trivial_verdicts(run)["vqa"]["rsvqa_hr_test_phili"] == "not evaluated"
+    assert approved_tasks(run) == ["grounding"]
+
+
+APPROVING = PromotionPolicy.model_validate({"staging": {"require_all_benchmarks": False,
+                                                        "require_validation": False}})
+
+
+def test_staging_needs_one_approved_task():
+    worse_vqa = {k: (0.3, 0.5) if k == "rsvqa_lr_test" else CLEAR for k in KEYS if TASK_OF[k] == "vqa"}
+    none = evaluated(worse_vqa | {k: (0.52, 0.5) if k == "rsvg_val" else CLEAR for k in KEYS
+                                  if TASK_OF[k] == "grounding"})
+    assert approved_tasks(none) == []
+    (failure,) = policy_failures("staging", none, APPROVING, None, None)
+    assert failure.startswith("approved for no task (caption: ucm_captions_test not evaluated")
+    assert "vqa: rsvqa_lr_test worse;" in failure and "grounding: rsvg_val no significant difference)" in failure
+    # production checks it too, with or without a holder
+    assert failure in policy_failures("production", none, APPROVING, None, None)
+    # the switch turns it off
+    assert policy_failures("staging", none, POLICY, None, None) == []
+    one = evaluated({k: CLEAR for k in KEYS if TASK_OF[k] == "grounding"})
+    assert approved_tasks(one) == ["grounding"] and policy_failures("staging", one, APPROVING, None, None) == []

@@ -33,7 +33,7 @@ from skyeye.registry.promotion import PromotionPolicy, PromotionRefused
 from skyeye.registry.references import RegistryError
 from skyeye.tracking import names, runs
 from skyeye.tracking.names import PROMOTION, ROLLBACK, read_records, record_tag
-from tests.support import eval_run, scores
+from tests.support import NOT_SIGNIFICANT, WORSE, eval_run, scores, vs_trivial
 
 REPO = Path(__file__).resolve().parents[1]
 CFG = ModelConfig(vision=VisionConfig(image_size=64), lora=LoRAConfig(r=8, alpha=16), max_new_tokens=4)
@@ -270,7 +270,7 @@ def test_better_version_promoted_with_deltas(client, versions):
 
 def test_primary_score_must_be_strictly_better():
     policy = PromotionPolicy()
-    same = {f"{k}/{PRIMARY[TASK_OF[k]]}": 60.0 for k in EVAL_KEYS} | {"primary_score": 60.0}
+    same = {f"{k}/{PRIMARY[TASK_OF[k]]}": 60.0 for k in EVAL_KEYS} | {"primary_score": 60.0} | vs_trivial(EVAL_KEYS)
     fails = promotion.policy_failures("production", same, policy, "passed", "md5", 1, dict(same))
     assert fails == [("primary_score 60.00 <= production 60.00 (+0.00): production needs a strictly better "
                       "primary score")]
@@ -516,3 +516,48 @@ def test_production_decides_on_intervals_and_records_one_decision(client, versio
     result = promotion.promote(other, "production")
     assert result.comparison and not any(d["paired"] for d in result.comparison.values())
     assert all(d["verdict"] == "better" for d in result.comparison.values())
+
+
+# ------------------------------------------------------------------ approval against the trivial baselines
+def test_registration_records_the_approved_tasks_and_staging_needs_one(client, versions, model_dir):
+    from typer.testing import CliRunner
+
+    from skyeye.cli import app
+
+    def approved(version: int) -> list[str]:
+        return json.loads(client.get_model_version(NAME, str(version)).tags[names.TAG_APPROVED_TASKS])
+
+    assert approved(versions["v"]["good"]) == ["caption", "vqa", "grounding"]  # better than each baseline everywhere
+    # grounding below the centred box, and one VQA split not significantly above the majority answer
+    one = registry.register(model_dir, eval_run(model_dir, scores(150, 75, 0), trivial={
+        "grounding": WORSE, "rsvqa_hr_test_phili": NOT_SIGNIFICANT}))
+    none = registry.register(model_dir, eval_run(model_dir, scores(150, 75, 0), trivial={
+        "ucm_captions_test": NOT_SIGNIFICANT, "vqa": WORSE, "dior_rsvg_test": WORSE}))
+    assert approved(one) == ["caption"] and approved(none) == []
+
+    with pytest.raises(PromotionRefused) as refused:  # the floors pass; no task is approved
+        promotion.promote(none, "staging")
+    (failure,) = refused.value.failures
+    assert failure.startswith("approved for no task (caption: ucm_captions_test no significant difference; vqa: ")
+    assert "grounding: dior_rsvg_test worse)" in failure
+    refusal = read_records(client.get_model_version(NAME, str(none)).tags, names.REFUSAL)["staging"]
+    assert refusal["failures"] == [failure]
+    with pytest.raises(PromotionRefused, match="approved for no task"):
+        promotion.promote(none, "production")
+    assert promotion.promote(one, "staging").alias == "staging"
+    assert int(client.get_model_version_by_alias(NAME, "staging").version) == one
+
+    listing = CliRunner().invoke(app, ["models"])
+    assert listing.exit_code == 0, listing.output
+    column = listing.output.splitlines()[0].index("approved for")
+    shown = {line.split()[0]: line[column:].split()[0] for line in listing.output.splitlines()[1:]}
+    assert (shown[str(one)], shown[str(none)], shown[str(versions["v"]["good"])]) == (
+        "caption", "none", "caption,vqa,grounding")
+    detail = CliRunner().invoke(app, ["models", str(one)])
+    assert detail.exit_code == 0 and "approved for: caption (" in detail.output, detail.output
+
+    # a version registered before approvals were recorded: none shown; promotion records it
+    client.delete_model_version_tag(NAME, str(one), names.TAG_APPROVED_TASKS)
+    assert "approved for: not recorded" in CliRunner().invoke(app, ["models", str(one)]).output
+    promotion.promote(one, "production")
+    assert approved(one) == ["caption"]

@@ -9,7 +9,16 @@ import pytest
 from PIL import Image, ImageDraw
 
 from skyeye.evaluation.paper import SKYEYEGPT, flat
-from skyeye.evaluation.report import benchmark_chart, grounding_examples, metrics_table, report_html, vqa_confusion
+from skyeye.evaluation.report import (
+    approval,
+    benchmark_chart,
+    grounding_examples,
+    metrics_table,
+    report_html,
+    vqa_confusion,
+)
+from skyeye.formats.benchmarks import EVAL_KEYS
+from tests.support import NOT_SIGNIFICANT, WORSE, vs_trivial
 
 OURS = {"ucm_captions_test/cider": 41.0, "ucm_captions_test/bleu_1": 55.0, "rsvqa_lr_test/aa": 71.0,
         "rsvqa_hr_test/aa": 64.0, "dior_rsvg_test/acc_at_0.5": 43.0, "rsvg_test/acc_at_0.5": 38.0}
@@ -78,3 +87,11 @@ def test_report_html_embeds_every_image(charts):
     embedded = re.findall(r'src="data:image/png;base64,([^"]+)"', text)
     assert [base64.b64decode(e) for e in embedded] == [p.read_bytes() for p in images]
     assert "<table>" in text and 'src="http' not in text and "src=\"/" not in text
+
+
+def test_the_report_says_which_tasks_are_approved():
+    run = vs_trivial(EVAL_KEYS, {"grounding": WORSE, "rsvqa_hr_test_phili": NOT_SIGNIFICANT})
+    assert approval(run).startswith("<p><b>Approved tasks: caption</b>; not approved: vqa (vs majority_answer), "
+                                    "grounding (vs centred_box).")
+    assert approval(vs_trivial(EVAL_KEYS)).startswith("<p><b>Approved tasks: caption, vqa, grounding</b>. ")
+    assert approval({}).startswith("<p><b>Approved tasks: none</b>; not approved: caption")

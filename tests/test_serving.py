@@ -1,7 +1,8 @@
 """The served model on a real Ray Serve (a local Ray started here) with registered dim-64
 models taught to answer a test question: the official `openai` client, plain and
 streaming; every limit answered with its status and OpenAI's error body; the API key; a
-rollout to a new version while requests are in flight."""
+rollout to a new version while requests are in flight; the warning (or refusal) of a
+question whose task the served version is not approved for."""
 from __future__ import annotations
 
 import base64
@@ -19,12 +20,16 @@ import pytest
 from PIL import Image
 
 from skyeye.serving.config import ServeConfig
-from tests.support import eval_run, fitted_model, scores
+from tests.support import WORSE, eval_run, fitted_model, scores
 
 pytestmark = pytest.mark.slow  # a Ray Serve app with real replicas: ~2 minutes for the module
 
 QUESTION = "[refer] the red ship"
 ANSWERS = {1: "{<10><20><30><40>}", 2: "{<50><55><90><95>}"}  # what version 1 and 2 were taught
+# version 1 is approved for every task; version 2 is below the centred box on the grounding splits
+TRIVIAL = {1: None, 2: {"grounding": WORSE}}
+UNAPPROVED = ("version 2 is not approved for grounding: its acc_at_0.5 is not significantly above the centred_box "
+              "baseline on every grounding split (approved for: caption, vqa)")
 
 
 def _free_port() -> int:
@@ -50,7 +55,7 @@ def _messages(text: str = QUESTION, urls: list[str] | None = None) -> list[dict]
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, tiny_backbones):
-    """Versions 1 and 2 registered in a throw-away project; version 1 served."""
+    """Versions 1 and 2 registered in a throw-away project (2 not approved for grounding); version 1 served."""
     from skyeye.config import get_settings
     from skyeye.serving import deploy
     from skyeye.tracking import runs
@@ -68,7 +73,7 @@ def served(tmp_path_factory, tiny_backbones):
         image = Image.open(io.BytesIO(_png()))
         for version, answer in ANSWERS.items():
             folder = fitted_model(tiny_backbones, [(QUESTION, answer)], [image]).save(root / f"model{version}")
-            assert register(folder, eval_run(folder, scores(10, 50, 1))) == version
+            assert register(folder, eval_run(folder, scores(10, 50, 1), trivial=TRIVIAL[version])) == version
         cfg = ServeConfig(port=_free_port(), queue_limit=2, max_body_bytes=300_000, max_image_pixels=100 * 100,
                           max_tokens_limit=200, request_timeout_s=30, api_key_env="SKYEYE_TEST_API_KEY",
                           allowed_local_media_path=root)
@@ -98,6 +103,9 @@ def test_the_openai_client_round_trip_plain_and_streaming(served):
     extra = reply.model_extra["skyeye"]
     assert extra["boxes"] == [{"phrase": None, "grid": [10, 20, 30, 40], "pixels": [6.4, 12.8, 19.2, 25.6]}]
     assert extra["lineage"]["version"] == 1 and extra["lineage"]["data_dvc_md5"] == "md5-good"
+    assert extra["lineage"]["approved_tasks"] == ["caption", "vqa", "grounding"] and "warning" not in extra
+    raw = _post(served["url"], {"model": "skyeyegpt", "messages": _messages(), "max_tokens": 16})
+    assert raw.status_code == 200 and "x-skyeye-warning" not in raw.headers  # approved for grounding: no warning
     stream = client.chat.completions.create(model="skyeyegpt/1", messages=_messages(), max_tokens=16, stream=True,
                                             stream_options={"include_usage": True})
     chunks = list(stream)
@@ -278,6 +286,47 @@ def test_a_rollout_answers_every_request_in_flight_and_records_it(served):
     assert TAG_SERVED_UNTIL in client.get_model_version("skyeyegpt", "1").tags
 
 
+def _events(r: httpx.Response) -> list[dict]:
+    return [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: {")]
+
+
+def test_a_question_of_an_unapproved_task_is_answered_with_a_warning_or_refused(served):
+    """Version 2 (served since the rollout) is not approved for grounding: a [refer] question is
+    answered with the warning in `skyeye` and the header, plain and streamed; under
+    `unapproved_tasks: refuse` it gets 422 naming the task, while [vqa] is answered as ever."""
+    from ray import serve
+    deploy, cfg, url = served["deploy"], served["cfg"], served["url"]
+    assert httpx.get(f"{url}/v1/models").json()["data"][0]["skyeye"]["approved_tasks"] == ["caption", "vqa"]
+    r = _post(url, {"model": "skyeyegpt", "messages": _messages(), "max_tokens": 16})
+    assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == ANSWERS[2]
+    assert r.json()["skyeye"]["warning"] == UNAPPROVED and r.headers["x-skyeye-warning"] == UNAPPROVED
+    streamed = _post(url, {"model": "skyeyegpt", "messages": _messages(), "max_tokens": 16, "stream": True})
+    assert streamed.status_code == 200 and streamed.headers["x-skyeye-warning"] == UNAPPROVED
+    assert [e["skyeye"]["warning"] for e in _events(streamed) if "skyeye" in e] == [UNAPPROVED]
+    for text in ("[vqa] is there a ship?", "is there a ship?"):  # an approved task, and free text
+        ok = _post(url, {"model": "skyeyegpt", "messages": _messages(text), "max_tokens": 4})
+        assert ok.status_code == 200 and "warning" not in ok.json()["skyeye"] and "x-skyeye-warning" not in ok.headers
+    uri = "models:/skyeyegpt/2"
+    try:
+        serve.run(deploy.application(uri, cfg.model_copy(update={"unapproved_tasks": "refuse"})), name=cfg.app_name,
+                  route_prefix="/")
+        for body in ({"messages": _messages()}, {"messages": _messages(), "stream": True},
+                     {"messages": _messages("[identify] {<10><20><30><40>}")}):
+            refused = _post(url, {"model": "skyeyegpt", "max_tokens": 16, **body})
+            assert refused.status_code == 422, refused.text
+            error = refused.json()["error"]
+            assert error["code"] == "unapproved_task" and error["param"] == "messages"
+            assert error["message"].startswith(UNAPPROVED) and "unapproved_tasks: refuse" in error["message"]
+        assert _post(url, {"model": "skyeyegpt", "messages": _messages("[vqa] is there a ship?"),
+                           "max_tokens": 4}).status_code == 200
+        # the deployment check takes the refusal of its [refer] question for an answer of this server
+        out = deploy.verify(url, served["root"] / "scene.png", "the red ship", 2)
+        assert out["error"]["code"] == "unapproved_task"
+    finally:
+        serve.run(deploy.application(uri, cfg), name=cfg.app_name, route_prefix="/")
+    assert _post(url, {"model": "skyeyegpt", "messages": _messages()}).status_code == 200
+
+
 def _browser():
     """Headless Chromium (Debian's chromium and chromium-driver packages)."""
     import shutil
@@ -296,7 +345,8 @@ def _browser():
 
 def test_the_web_demo_draws_the_box_and_names_a_brushed_region(served, tmp_path):
     """In a real browser: upload an image, ask a [refer] question, see the box drawn with its
-    phrase; brush over a region, ask [identify], get an answer about that region."""
+    phrase, and the warning that the served version 2 is not approved for grounding; brush over
+    a region, ask [identify], get an answer about that region."""
     from selenium.common.exceptions import TimeoutException
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
@@ -328,7 +378,9 @@ def test_the_web_demo_draws_the_box_and_names_a_brushed_region(served, tmp_path)
             page = driver.find_element(By.TAG_NAME, "body").text
             raise AssertionError(f"no answer; the page shows: {page}") from None
         version = int(answer(driver).split(":")[0].rsplit(" ", 1)[1])
-        assert answer(driver).endswith(ANSWERS[version])
+        assert version == 2 and answer(driver).endswith(ANSWERS[version])
+        # beside the answer: the served version is not approved for grounding
+        wait.until(lambda d: UNAPPROVED in d.find_element(By.ID, "skyeye-warning").text)
         # the box is drawn on the image, labelled with the question it answers
         wait.until(lambda d: QUESTION in d.find_element(By.ID, "skyeye-boxes").text)
         boxes = driver.find_element(By.ID, "skyeye-boxes")

@@ -38,6 +38,7 @@ from ..tracking.names import (
     TAG_TUNING_JOB,
     TUNING_EXPERIMENT,
     VALIDATION_EXPERIMENT,
+    read_approved,
     read_records,
 )
 from .reader import Reader, md5_variants, when
@@ -229,7 +230,8 @@ def audit_model(ref: str | int, settings: Settings | None = None) -> ModelAudit:
         training_run=training.run_id, tuning_job=training.job, training_runs=training.runs,
         data_md5=data_md5, data_sources=sources, data_git_rev_tag=tags.get(TAG_GIT_REV),
         data_revisions=revisions, validation=validation, validations=n_validations, evaluation=evaluation,
-        promotions=promotions, rollbacks=rollbacks, missing=found.gaps, disagreements=found.clashes)
+        promotions=promotions, rollbacks=rollbacks, approved_tasks=read_approved(tags), missing=found.gaps,
+        disagreements=found.clashes)
 
 
 # ---------------------------------------------------------------- data version -> models

@@ -116,6 +116,7 @@ class ModelAudit:
     evaluation: RunSummary | str
     promotions: list[dict[str, Any]]
     rollbacks: list[dict[str, Any]]
+    approved_tasks: list[str] | None = None  # None: the version has no approval tag
     missing: list[str] = field(default_factory=list)
     disagreements: list[str] = field(default_factory=list)
 
@@ -124,8 +125,11 @@ class ModelAudit:
 
     def render(self) -> str:
         aliases = f"  [{', '.join(self.aliases)}]" if self.aliases else "  (no alias)"
+        approved = ("not recorded (no approval tag: served as approved for no task)" if self.approved_tasks is None
+                    else ", ".join(self.approved_tasks) or "no task")
         lines = [f"model {self.model} version {self.version}{aliases}",
-                 f"  created {self.created or '?'} from {self.source or '?'} (run {self.source_run or '-'})"]
+                 f"  created {self.created or '?'} from {self.source or '?'} (run {self.source_run or '-'})",
+                 f"  approved for: {approved} (significantly above the trivial baseline on every split of the task)"]
         lines.append("  promotions")
         if not self.promotions and not self.rollbacks:
             lines.append("    none recorded")

@@ -10,6 +10,10 @@ used by the 8-benchmark evaluation and by training's validation scores alike:
 
 Each takes the rows of one evaluation file and returns one answer string per row, so the
 baselines are scored by the same metric code as the model.
+
+A version is approved for a task only where it beats the task's trivial baseline
+(`approved_tasks`): the registry records the approval on the version, promotion needs one
+approved task, the server warns on (or refuses) questions of the others.
 """
 from __future__ import annotations
 
@@ -19,12 +23,33 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ..formats.benchmarks import EVAL_KEYS, PRIMARY, TASK_OF, TASKS, ci_bounds, delta_metric
 from ..formats.boxes import box_text, parse_boxes
-from .predictors import load_frames, media_of
+from .intervals import verdict
 
 BASELINES = ("untuned", "majority_answer", "centred_box", "nearest_caption")
 # which trivial baseline applies to which task (the untuned model answers everything)
 TRIVIAL = {"vqa": "majority_answer", "grounding": "centred_box", "caption": "nearest_caption"}
+
+
+def trivial_verdicts(metrics: dict[str, float]) -> dict[str, dict[str, str]]:
+    """Per task, per scored bench split: what the paired interval of the primary metric's
+    difference to the task's trivial baseline says (`intervals.verdict`: better, no
+    significant difference, worse), "not evaluated" where the evaluation run holds none."""
+    out: dict[str, dict[str, str]] = {task: {} for task in TASKS}
+    for key in EVAL_KEYS:
+        task = TASK_OF[key]
+        low, high = (metrics.get(b) for b in ci_bounds(delta_metric(key, PRIMARY[task], TRIVIAL[task])))
+        out[task][key] = "not evaluated" if low is None or high is None else verdict(low, high)
+    return out
+
+
+def approved_tasks(metrics: dict[str, float]) -> list[str]:
+    """The tasks an evaluation run approves: those whose primary metric is significantly above
+    the task's trivial baseline (the whole paired interval of the difference above 0) on every
+    scored split of the task. A split left out or scored without the baseline approves nothing."""
+    return [task for task, splits in trivial_verdicts(metrics).items()
+            if all(v == "better" for v in splits.values())]
 
 
 def majority_answers(rows: list[dict]) -> list[str]:
@@ -52,6 +77,7 @@ def centred_boxes(rows: list[dict], train: list, source: str) -> list[str]:
 
 def _thumb(path: Path, frames: int) -> np.ndarray:
     """An 8x8 colour thumbnail: what a 'nearest image' can know without learning."""
+    from .predictors import load_frames  # torch: not loaded where only the approval is read
     im = load_frames(path, frames)[0]
     return np.asarray(im.resize((8, 8), Image.BILINEAR), dtype=np.float32).ravel() / 255
 
@@ -61,6 +87,7 @@ def nearest_captions(rows: list[dict], eval_root: Path, train: list, train_root:
     nearest-neighbour captioning baseline, here with no learned features at all. It
     returns the caption the model is trained to give for that image (stage 1's answer to
     the captioning prompt: the image's most consensual reference), so both answer alike."""
+    from .predictors import media_of
     caps: dict[tuple[str, int], str] = {}
     for it in train:
         if it.source == source and it.task in ("caption", "video_caption") and (it.media, it.frames) not in caps:

@@ -21,9 +21,10 @@ import numpy as np  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from ..formats.benchmarks import ALL_KEYS, PAPER_VQA_TYPES, PRIMARY, TASK_OF  # noqa: E402
+from ..formats.benchmarks import ALL_KEYS, PAPER_VQA_TYPES, PRIMARY, TASK_OF, TASKS  # noqa: E402
 from ..formats.boxes import first_box_pixels, iou  # noqa: E402
 from ..formats.metrics import normalise_answer  # noqa: E402
+from .baselines import TRIVIAL, approved_tasks  # noqa: E402
 from .intervals import verdict  # noqa: E402
 
 OURS_LABEL = "ours (SkyEye-Synth, synthetic)"
@@ -208,6 +209,18 @@ def comparison_table(ours: dict[str, float]) -> str:
             lines.append(f"<tr><td>{key}</td><td>{metric}</td><td>{html.escape(name.removeprefix(prefix))}</td>"
                          f"<td>{ours[name]:+.1f} [{low:+.1f}, {high:+.1f}]</td><td>{verdict(low, high)}</td></tr>")
     return "\n".join(lines + ["</table>"])
+
+
+def approval(ours: dict[str, float]) -> str:
+    """An HTML line: the tasks the run approves (significantly above the task's trivial baseline
+    on every split of the task, `baselines.approved_tasks`) and those it does not."""
+    tasks = approved_tasks(ours)
+    rest = [f"{t} (vs {TRIVIAL[t]})" for t in TASKS if t not in tasks]
+    return (f"<p><b>Approved tasks: {html.escape(', '.join(tasks) or 'none')}</b>"
+            + (f"; not approved: {html.escape(', '.join(rest))}" if rest else "")
+            + ". A task is approved when its primary metric is significantly better than its trivial baseline "
+              "on every split of the task (the verdicts below); a version is served with a warning, or refused, "
+              "on the others.</p>")
 
 
 def _number(value: float | None) -> str:

@@ -60,7 +60,7 @@ from ..tracking.names import (
     UNVERSIONED,
 )
 from ..training.data import load_items
-from .baselines import BASELINES, TRIVIAL, trivial_answers
+from .baselines import BASELINES, TRIVIAL, approved_tasks, trivial_answers
 from .comparison import MODEL, save_item_stats
 from .intervals import ItemStats, bootstrap, compare, verdict
 from .predictors import ModelPredictor
@@ -114,6 +114,8 @@ class EvalResult:
                     against.append(f"{b} {m[metric(key, name, b)]:.1f}: {m[d]:+.1f} [{dl:+.1f}, {dh:+.1f}] {said}")
             lines.append(f"{key:22s} {name:10s} {shown:>22s}  " + "; ".join(against))
         lines.append(f"{PRIMARY_SCORE} {m[PRIMARY_SCORE]:.2f}")
+        lines.append(f"approved tasks (better than the trivial baseline on every split): "
+                     f"{', '.join(approved_tasks(m)) or 'none'}")
         return "\n".join(lines)
 
 
@@ -334,7 +336,7 @@ def write_report(out: Path, metrics: dict[str, float], predictions: dict[str, li
         ("Scores (x100; SkyEye-Synth is synthetic stand-in data) with 95% bootstrap intervals over the test items",
          report.metrics_table(ours, baselines, SKYEYEGPT)),
         ("The model against each baseline on the same test items (paired bootstrap of the difference)",
-         report.comparison_table(ours))]
+         report.approval(ours) + report.comparison_table(ours))]
     for key, rows in predictions.items():
         task = TASK_OF[key]
         if task == "grounding":

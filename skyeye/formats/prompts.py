@@ -14,6 +14,9 @@ TASK_IDENTIFIERS = ("[caption]", "[vqa]", "[refer]", "[identify]", "[detection]"
 # task (the instruction file's `task` field) -> task identifier
 TASK_TO_IDENTIFIER = {"caption": "[caption]", "video_caption": "[caption]", "vqa": "[vqa]", "scene_vqa": "[vqa]",
                       "refer": "[refer]", "identify": "[identify]", "detection": "[detection]"}
+# the bench task (`benchmarks.TASKS`) whose scores stand behind each identifier's answers
+IDENTIFIER_TASK = {"[caption]": "caption", "[vqa]": "vqa", "[refer]": "grounding", "[identify]": "grounding",
+                   "[detection]": "grounding"}
 STAGE1_TASKS = tuple(TASK_TO_IDENTIFIER)
 STAGE2_TASKS = ("conversation",)
 STAGE_TASKS = {"stage1": STAGE1_TASKS, "stage2": STAGE2_TASKS}  # the instruction file's tasks per stage
@@ -36,6 +39,13 @@ PHRASINGS = {
     "identify": ["{box}", "what object is in {box}?", "describe the object in {box}"],
     "detection": ["{phrase}", "find every {singular} in the image", "where are the {phrase}?"],
 }
+
+
+def task_of(question: str) -> str | None:
+    """The bench task a question asks for: that of its first task identifier (the tokenizer
+    reads an identifier wherever it stands); None for free text without one."""
+    found = sorted((question.find(i), i) for i in TASK_IDENTIFIERS if i in question)
+    return IDENTIFIER_TASK[found[0][1]] if found else None
 
 
 def pick(task: str, key: str) -> str:

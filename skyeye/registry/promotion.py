@@ -16,6 +16,10 @@ evaluations are compared item by item (a paired bootstrap on the same test items
 lies below minus its tolerance; the primary score must be significantly better (or, where
 the policy says so, not significantly worse). Versions evaluated before per-item statistics
 were kept are compared on their point scores, as the record says.
+
+Both aliases need a version approved for at least one task (`baselines.approved_tasks`: its
+primary metric significantly above the task's trivial baseline on every split of the task),
+so a model worse than guessing never ships; which tasks, the version's tag says.
 """
 from __future__ import annotations
 
@@ -29,12 +33,14 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ..config import get_settings, load_yaml_config
 from ..datagate.gate import validation_outcome
+from ..evaluation.baselines import TRIVIAL, approved_tasks, trivial_verdicts
 from ..evaluation.intervals import verdict
 from ..formats.benchmarks import (
     EVAL_KEYS,
     PRIMARY,
     PRIMARY_SCORE,
     TASK_OF,
+    TASKS,
     ci_bounds,
     delta_metric,
     primary_metric,
@@ -45,6 +51,7 @@ from ..tracking.names import (
     PROMOTION,
     REFUSAL,
     ROLLBACK,
+    TAG_APPROVED_TASKS,
     TAG_DVC_MD5,
     TAG_EVAL_RUN,
     UNVERSIONED,
@@ -77,6 +84,8 @@ class StagingPolicy(BaseModel):
     model_config = ConfigDict(extra="forbid")
     require_validation: bool = True
     require_all_benchmarks: bool = True
+    # at least one task approved: significantly above its trivial baseline on every split of the task
+    require_approved_task: bool = True
     floor: float = 0.0
     task_floors: dict[str, float] = {}
     floors: dict[str, float] = {}
@@ -158,6 +167,8 @@ def policy_failures(alias: str, metrics: dict[str, float], policy: PromotionPoli
         bar = st.floor_of(key)
         if prim[key] < bar:
             out.append(f"{primary_metric(key)} {prim[key]:.1f} < floor {bar:.1f} ({prim[key] - bar:+.1f})")
+    if st.require_approved_task and not approved_tasks(metrics):
+        out.append(_no_approved_task(metrics))
     if alias != "production" or holder is None:
         return out
     if holder_metrics is None:
@@ -168,6 +179,15 @@ def policy_failures(alias: str, metrics: dict[str, float], policy: PromotionPoli
     if comparison is None:
         return out + _point_failures(prim, metrics, holder_metrics, policy.production)
     return out + _interval_failures(comparison, holder, policy.production)
+
+
+def _no_approved_task(metrics: dict[str, float]) -> str:
+    """The refusal of a version approved for no task, naming each task's splits that fall short."""
+    short = "; ".join(f"{task}: " + ", ".join(f"{key} {v}" for key, v in splits.items() if v != "better")
+                      for task, splits in trivial_verdicts(metrics).items())
+    return (f"approved for no task ({short}): a task is approved when its primary metric is significantly above "
+            f"its trivial baseline ({', '.join(f'{t} {TRIVIAL[t]}' for t in TASKS)}) on every split "
+            f"(rule: staging.require_approved_task)")
 
 
 def _interval_failures(comparison: RunComparison, holder: int, pt: ProductionPolicy) -> list[str]:
@@ -229,7 +249,6 @@ def scoreboard(version: int, against: int | None, policy: PromotionPolicy | None
     """Per bench split: the primary metric of `version` with its interval, its paired difference
     to the split's trivial baseline and to `against` (the production it would replace), each
     with its interval and verdict: the table a retrain run and `skyeye models VERSION` show."""
-    from ..evaluation.baselines import TRIVIAL
     client, name = runs.client(), model_name()
     pt = (policy or load_policy()).production
     ours, mv = eval_metrics(client, name, version)
@@ -342,6 +361,8 @@ def promote(version: int | str, to: str, force: bool = False, reason: str | None
                   "reason": reason, "policy": how, "comparison": compared, "overridden": failures}
         # the record first: the alias never points at an unrecorded version
         client.set_model_version_tag(name, str(v), record_tag(PROMOTION, to), json.dumps(record))
+        if TAG_APPROVED_TASKS not in mv.tags:  # registered before approvals were recorded: what serving reads
+            client.set_model_version_tag(name, str(v), TAG_APPROVED_TASKS, json.dumps(approved_tasks(metrics)))
         client.set_registered_model_alias(name, to, str(v))
     return result
 

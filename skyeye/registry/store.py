@@ -4,7 +4,8 @@ version listing. The aliases `staging` / `production` are moved by `promotion`
 (configs/promotion.yaml), which builds on the helpers here; this module never imports it.
 
 Links live in MLflow only (no side ledger): a version's tags name its evaluation run,
-training run, tuning job and data version; the evaluation run is tagged with the version.
+training run, tuning job and data version, and the tasks its evaluation approves it for;
+the evaluation run is tagged with the version.
 Registrations and promotions are serialized by a lock: on a tracking server, a lock entry
 in its registry that every machine sees; on the embedded store, a file under the state folder.
 """
@@ -25,10 +26,12 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from ..config import get_settings
+from ..evaluation.baselines import approved_tasks
 from ..formats.benchmarks import PRIMARY_SCORE, primary_metric, primary_of
 from ..tracking import runs
 from ..tracking.names import (
     KIND_EVALUATION,
+    TAG_APPROVED_TASKS,
     TAG_BACKBONES,
     TAG_DVC_MD5,
     TAG_EVAL_RUN,
@@ -42,6 +45,7 @@ from ..tracking.names import (
     TAG_TUNING_JOB,
     UNCOMMITTED,
     UNVERSIONED,
+    read_approved,
 )
 from .packaging import PackagingError, SkyEyeGPTModel, input_example, model_signature, requirements, stage_artifacts
 from .references import RegistryError, aliases, model_name
@@ -215,7 +219,7 @@ def _register(client, name, model_dir, eval_run_id, training_run_id, tuning_job,
     version_tags = {TAG_EVAL_RUN: eval_run_id, TAG_TRAINING_RUN: training_run_id or "",
                     TAG_TUNING_JOB: tuning_job or "", TAG_DVC_MD5: tags.get(TAG_DVC_MD5, UNVERSIONED),
                     TAG_GIT_REV: tags.get(TAG_GIT_REV, UNCOMMITTED), TAG_MODEL_DIR: str(model_dir.resolve()),
-                    TAG_BACKBONES: json.dumps(origin)}
+                    TAG_BACKBONES: json.dumps(origin), TAG_APPROVED_TASKS: json.dumps(approved_tasks(run.data.metrics))}
     # one call with the tags: a version is never visible without its lineage
     mv = client.create_model_version(name, source=info.model_uri, run_id=source_run, tags=version_tags,
                                      model_id=info.model_id)
@@ -252,6 +256,7 @@ class VersionRow:
     scores: dict[str, float | None]
     data_md5: str
     eval_run: str
+    approved: list[str] | None = None  # its approved tasks; None: registered before they were recorded
 
 
 def list_versions() -> list[VersionRow]:
@@ -270,16 +275,20 @@ def list_versions() -> list[VersionRow]:
         rows.append(VersionRow(int(mv.version), sorted(a for a, v in held.items() if v == int(mv.version)),
                                datetime.fromtimestamp(mv.creation_timestamp / 1000, UTC),
                                primary_score(metrics), {k: metrics.get(k) for k in KEY_SCORES},
-                               mv.tags.get(TAG_DVC_MD5, UNVERSIONED)[:8], run_id))
+                               mv.tags.get(TAG_DVC_MD5, UNVERSIONED)[:8], run_id, read_approved(mv.tags)))
     return sorted(rows, key=lambda r: -r.version)
 
 
 def render_versions(rows: list[VersionRow]) -> str:
     def num(x: float | None) -> str:
         return "-" if x is None else f"{x:.1f}"
-    head = ["version", "aliases", "created (UTC)", "primary", "dior@0.5", "lr aa", "ucm cider", "data", "eval run"]
+    def tasks(approved: list[str] | None) -> str:
+        return "not recorded" if approved is None else ",".join(approved) or "none"
+    head = ["version", "aliases", "created (UTC)", "primary", "dior@0.5", "lr aa", "ucm cider", "approved for", "data",
+            "eval run"]
     body = [[str(r.version), ",".join(r.aliases) or "-", r.created.strftime("%Y-%m-%d %H:%M"), num(r.primary_score),
-             *(num(r.scores.get(k)) for k in KEY_SCORES), r.data_md5, r.eval_run[:12] or "-"] for r in rows]
+             *(num(r.scores.get(k)) for k in KEY_SCORES), tasks(r.approved), r.data_md5, r.eval_run[:12] or "-"]
+            for r in rows]
     if not body:
         return f"no versions of {model_name()} registered"
     widths = [max(len(x) for x in col) for col in zip(head, *body, strict=True)]

@@ -8,6 +8,9 @@ OpenAI chat-completions contract.
 - Limits (configs/serve.yaml): the API key, the body size (413), admission beyond
   `queue_limit` requests per replica (429 with Retry-After), a request timeout (504), and
   the request checks of `protocol` and `media` (400). Errors have OpenAI's error body.
+- Approval: a question of a task the served version is not approved for (the registry tag
+  `skyeye.approved_tasks`, read at load) is answered with a warning (`skyeye.warning` and
+  the X-SkyEye-Warning header), or refused with 422 under `unapproved_tasks: refuse`.
 - The limits and batching reach the replicas as the deployment's `user_config`
   (`reconfigure`). A deploy under the same app name, of a new version or new limits, rolls
   the replicas: the old ones answer until the new ones are ready (`max_surge_percent`).
@@ -16,6 +19,7 @@ OpenAI chat-completions contract.
 import asyncio
 import hmac
 import json
+import logging
 import os
 import re
 import time
@@ -30,10 +34,17 @@ from pydantic import BaseModel, ValidationError
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..evaluation.baselines import TRIVIAL
+from ..formats.benchmarks import PRIMARY
+from ..formats.prompts import task_of
+from ..tracking.names import TAG_APPROVED_TASKS, read_approved
 from .config import ServeConfig
 from .engine import Engine
 from .media import load_image
 from .protocol import APIError, ChatCompletionRequest, Conversation, chunks, completion, conversation
+
+WARNING_HEADER = "X-SkyEye-Warning"
+logger = logging.getLogger("ray.serve")
 
 
 class ErrorBody(BaseModel):
@@ -50,8 +61,9 @@ class ErrorResponse(BaseModel):
 
 ERRORS = {status: {"model": ErrorResponse, "description": what} for status, what in (
     (400, "a malformed or refused request; `param` names the field"), (401, "missing or wrong API key"),
-    (413, "body over the size limit"), (429, "queue full; see Retry-After"), (500, "internal error"),
-    (503, "no model loaded"), (504, "no answer in time"))}
+    (413, "body over the size limit"), (422, "a task the served version is not approved for (unapproved_tasks)"),
+    (429, "queue full; see Retry-After"), (500, "internal error"), (503, "no model loaded"),
+    (504, "no answer in time"))}
 
 
 def _error(err: APIError) -> JSONResponse:
@@ -160,8 +172,13 @@ class SkyEyeServer:
         loaded = load(model_uri)
         name = model_name()
         tags = runs.client().get_model_version(name, str(loaded.version)).tags if loaded.version else {}
+        approved = read_approved(tags)
+        if approved is None:  # a model folder, or a version registered before approvals were recorded
+            logger.warning("%s has no %s tag: approved for no task, every task question gets a warning (or is "
+                           "refused)", model_uri, TAG_APPROVED_TASKS)
         lineage = {"model": name, "version": loaded.version, "uri": model_uri, "data_dvc_md5": tags.get(TAG_DVC_MD5),
-                   "eval_run": tags.get(TAG_EVAL_RUN), "training_run": loaded.training_run or None}
+                   "eval_run": tags.get(TAG_EVAL_RUN), "training_run": loaded.training_run or None,
+                   "approved_tasks": approved}
         self.engine = Engine(loaded.model, lineage)
         self.served = {name} | ({f"{name}/{loaded.version}"} if loaded.version else set())
         self.in_flight, self.created = 0, int(time.time())
@@ -199,6 +216,18 @@ class SkyEyeServer:
         if key and not hmac.compare_digest(sent.encode(), f"Bearer {key}".encode()):
             raise APIError(401, "missing or wrong API key: send Authorization: Bearer <key>",
                            type="authentication_error", code="invalid_api_key")
+
+    def unapproved(self, question: str) -> str | None:
+        """The warning a question earns when its task is one the served version is not approved for."""
+        task, lineage = task_of(question), self.engine.lineage
+        approved = lineage["approved_tasks"]
+        if task is None or task in (approved or ()):
+            return None
+        served = f"version {lineage['version']}" if lineage["version"] else lineage["uri"]
+        if approved is None:
+            return f"{served} is not approved for {task}: it carries no approval (no {TAG_APPROVED_TASKS} tag)"
+        return (f"{served} is not approved for {task}: its {PRIMARY[task]} is not significantly above the "
+                f"{TRIVIAL[task]} baseline on every {task} split (approved for: {', '.join(approved) or 'no task'})")
 
     async def _body(self, request: Request) -> ChatCompletionRequest:
         """The request body, read only once the size allows it, parsed and typed."""
@@ -239,6 +268,10 @@ class SkyEyeServer:
         try:
             # decoding images and counting tokens in a thread: the event loop keeps taking requests
             conv = await asyncio.get_running_loop().run_in_executor(None, self._conversation, body)
+            warning = self.unapproved(conv.question)
+            if warning and cfg.unapproved_tasks == "refuse":
+                raise APIError(422, f"{warning}; this server refuses such questions (unapproved_tasks: refuse)",
+                               param="messages", code="unapproved_task")
             try:
                 answer = await asyncio.wait_for(self._answer(conv), timeout=cfg.request_timeout_s)
             except TimeoutError:
@@ -249,11 +282,15 @@ class SkyEyeServer:
             self.metrics["in_flight"].set(self.in_flight)
         self.metrics["latency"].observe(time.perf_counter() - started)
         self.metrics["tokens"].inc(answer.completion_tokens)
+        headers = {WARNING_HEADER: warning} if warning else {}
+        if warning:
+            answer.skyeye["warning"] = warning
         if conv.stream:
             pieces = re.findall(r"\s*\S+", answer.text) or [answer.text]
             events = [f"data: {json.dumps(c)}\n\n" for c in chunks(conv, answer, body.model, pieces)]
-            return StreamingResponse(iter(events + ["data: [DONE]\n\n"]), media_type="text/event-stream")
-        return JSONResponse(completion(conv, answer, body.model))
+            return StreamingResponse(iter(events + ["data: [DONE]\n\n"]), media_type="text/event-stream",
+                                     headers=headers)
+        return JSONResponse(completion(conv, answer, body.model), headers=headers)
 
     def _conversation(self, body: ChatCompletionRequest) -> Conversation:
         cfg = self.config

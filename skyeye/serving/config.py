@@ -3,6 +3,7 @@ listens, in one typed place (`configs/serve.yaml`; every field has a default her
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -35,6 +36,10 @@ class ServeConfig(BaseModel):
     max_messages: int = Field(32, ge=1)
     allowed_local_media_path: Path | None = Field(
         None, description="Folder whose files requests may name as image URLs (file:// or a path); none: no files.")
+    unapproved_tasks: Literal["warn", "refuse"] = Field(
+        "warn", description="A question of a task the served version is not approved for (its registry tag "
+                            "`skyeye.approved_tasks`): `warn` answers with a warning (the response's `skyeye.warning` "
+                            "and the X-SkyEye-Warning header), `refuse` answers 422.")
     api_key_env: str = Field("SKYEYE_API_KEY", description="Environment variable whose value, when set, "
                                                             "requests must send as `Authorization: Bearer ...`.")
 

@@ -6,7 +6,8 @@ answers, and recording the deployment on the version.
   Serve application `skyeye`; deploying again under the same name rolls the replicas to
   the new version while the old ones keep answering (no request fails).
 - `verify`: the health check, then a real `[refer]` question about a test image whose
-  answer must hold a box.
+  answer must hold a box (or, where the server refuses unapproved tasks and the version is
+  not approved for grounding, be refused as such).
 - `record`: tags on the version (served since, endpoint, the version it replaced).
 """
 from __future__ import annotations
@@ -134,7 +135,9 @@ def sample_question(settings: Settings | None = None) -> tuple[Path, str]:
 def verify(url: str, image: Path, expression: str, version: int, api_key: str | None = None,
            timeout_s: float = 180) -> dict:
     """Wait for the health check, then ask `[refer] expression` about `image`: the answer must
-    come from `version` and hold a box. Returns the response; RuntimeError says what failed."""
+    come from `version` and hold a box, or be the 422 of a server that refuses questions of
+    unapproved tasks (its error body is returned). Returns the response; RuntimeError says
+    what failed."""
     deadline, last = time.time() + timeout_s, "no answer"
     while time.time() < deadline:
         try:
@@ -155,6 +158,8 @@ def verify(url: str, image: Path, expression: str, version: int, api_key: str | 
         if r.status_code != 429:
             break
         time.sleep(float(r.headers.get("retry-after", 1)))
+    if r.status_code == 422 and r.json()["error"]["code"] == "unapproved_task":
+        return r.json()  # unapproved_tasks: refuse, and the version is not approved for grounding
     if r.status_code != 200:
         raise RuntimeError(f"{url}: a test question got {r.status_code}: {r.text[:300]}")
     out = r.json()

@@ -4,9 +4,12 @@ a region to ask what is there (`[identify]` with that region's box), as the demo
 MiniGPT-v2 and GeoChat do. Gradio, mounted on the API's FastAPI app.
 
 The demo asks the same `/v1/chat/completions` the API serves (through the server it was
-loaded from), so its answers pass the same batching and limits as any client's.
+loaded from), so its answers pass the same batching and limits as any client's, and the
+same approval: the warning an answer carries (a task the served version is not approved
+for) is shown beside it; a refusal is shown as an error.
 """
 import base64
+import html
 import io
 
 import gradio as gr
@@ -92,7 +95,9 @@ def _ask(editor: dict | None, task: str, text: str, api_key: str, chat: list, re
                       answer))
     chat = chat + [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
     version = body["skyeye"]["lineage"].get("version")
-    return (image, boxes), chat, f"skyeyegpt version {version}: {answer}"
+    warning = body["skyeye"].get("warning")
+    shown = f'<p style="color:#b45309"><b>Warning:</b> {html.escape(warning)}</p>' if warning else ""
+    return (image, boxes), chat, f"skyeyegpt version {version}: {answer}", shown
 
 
 def build() -> gr.Blocks:
@@ -111,10 +116,12 @@ def build() -> gr.Blocks:
             with gr.Column():
                 drawn = gr.AnnotatedImage(label="boxes", elem_id="skyeye-boxes")
                 answer = gr.Textbox(label="answer", elem_id="skyeye-answer", interactive=False)
+                warning = gr.HTML(elem_id="skyeye-warning")  # a task the served version is not approved for
                 chat = gr.Chatbot(label="conversation", elem_id="skyeye-chat", height=260)
         task.change(lambda t: gr.update(placeholder=HINT[t]), task, text)
-        editor.upload(lambda: ([], None, ""), None, [chat, drawn, answer])  # a new image, a new conversation
-        ask.click(_ask, [editor, task, text, api_key, chat], [drawn, chat, answer])
+        # a new image, a new conversation
+        editor.upload(lambda: ([], None, "", ""), None, [chat, drawn, answer, warning])
+        ask.click(_ask, [editor, task, text, api_key, chat], [drawn, chat, answer, warning])
     return demo
 
 

@@ -56,6 +56,9 @@ TAG_EVAL_RUN = "skyeye.eval_run"
 TAG_TRAINING_RUN = "skyeye.training_run"
 TAG_TUNING_JOB = "skyeye.tuning_job"  # also on evaluation runs
 TAG_BACKBONES = "skyeye.backbones"  # where each backbone comes from (artifact, folder or hub id), JSON
+# the tasks the version is approved for (JSON list, e.g. ["caption", "vqa"]): those whose primary metric is
+# significantly above the task's trivial baseline on every split (skyeye.evaluation.baselines.approved_tasks)
+TAG_APPROVED_TASKS = "skyeye.approved_tasks"
 # one record per decision, a JSON tag on the version: `skyeye.promotion.<alias>` (the last move of
 # the alias to it), `skyeye.refusal.<alias>` (the last refusal), `skyeye.rollback.<alias>`
 PROMOTION, REFUSAL, ROLLBACK = "skyeye.promotion", "skyeye.refusal", "skyeye.rollback"
@@ -90,3 +93,12 @@ def read_records(tags: dict[str, str], kind: str) -> dict[str, dict]:
             alias, field = rest.rsplit(".", 1)
             out.setdefault(alias, {})[field] = decoded
     return out
+
+
+def read_approved(tags: dict[str, str]) -> list[str] | None:
+    """A version's approved tasks (its TAG_APPROVED_TASKS); None when it has no readable tag."""
+    try:
+        tasks = json.loads(tags[TAG_APPROVED_TASKS])
+    except (KeyError, ValueError, TypeError):
+        return None
+    return [str(t) for t in tasks] if isinstance(tasks, list) else None
