@@ -56,9 +56,12 @@ def ablation(config_file: str = "configs/ablation.yaml", budget: float | None = 
     from skyeye.tracking.names import TAG_DVC_MD5
     from skyeye.training.ablation import load_ablation_config, log_config, plan_for
     from skyeye.training.jobs import tuning_job
+    from skyeye.training.stage_config import load_stage_config
     settings = get_settings()
     cfg = load_ablation_config(settings.project_root / config_file, budget=budget, recipes=recipes,
                                limit=eval_limit, num_workers=num_workers)
+    for stage_file in (cfg.stage1, cfg.stage2):  # a stage config naming a test split is refused before any step
+        load_stage_config(settings.project_root / stage_file)
     data = retrain(data_config=data_config, scale=scale, train=False)  # the same data version for every recipe
     plan_for(cfg)  # a budget too small for a recipe fails before any compute
     config = cfg.model_dump(mode="json")

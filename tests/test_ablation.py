@@ -112,6 +112,17 @@ def project(tmp_path, monkeypatch):
     yield from enter_project(root, monkeypatch)
 
 
+def test_an_ablation_whose_stage_names_a_test_split_is_refused_before_any_step(project):
+    """The stage configs are read before the data steps: nothing is synthesized, built or trained."""
+    from flows.ablation import ablation
+    stage2 = project / "configs/stage2.yaml"
+    raw = yaml.safe_load(stage2.read_text())
+    stage2.write_text(yaml.safe_dump(raw | {"validation": raw["validation"] | {"vqa": "eval/rsvqa_lr_test.json"}}))
+    with pytest.raises(ValueError, match=rf"(?s){stage2}.*validation.vqa: eval/rsvqa_lr_test.json is a test split"):
+        ablation.fn()  # the flow's body: the refusal comes before any task or subflow
+    assert not (project / "data").exists()
+
+
 def _children(client: MlflowClient, experiment: str, parent: str) -> list:
     exp = client.get_experiment_by_name(experiment)
     return client.search_runs([exp.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent}'")
