@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from ..config import Settings
-from ..formats.benchmarks import EVAL_KEYS, PRIMARY, TASK_OF
+from ..formats.benchmarks import ALL_KEYS, PRIMARY, TASK_OF
 from ..tracking import runs
 from .intervals import Delta, ItemStats, compare, resampled_pair
 
@@ -90,7 +90,7 @@ def compare_stats(ours: dict[str, ItemStats], theirs: dict[str, ItemStats], resa
     (the splits' test items are independent, so each split gets its own resample seed)."""
     splits: dict[str, SplitComparison] = {}
     draws = []
-    for i, key in enumerate(k for k in EVAL_KEYS if k in ours and k in theirs):
+    for i, key in enumerate(k for k in ALL_KEYS if k in ours and k in theirs):
         name = PRIMARY[TASK_OF[key]]
         delta = compare(ours[key], theirs[key], resamples, seed + i, level)[name]
         splits[key] = SplitComparison(key, name, ours[key].scores[name], theirs[key].scores[name], delta)
