@@ -47,6 +47,20 @@ def compare_task(results: dict, config: dict, parent_run: str) -> dict:
     return out
 
 
+def load_configs(config_file: str, budget: float | None, recipes: list[str] | None, eval_limit: int | None,
+                 num_workers: int | None):
+    """The ablation config with its overrides, and both stage configs it names: a bad value, or a
+    stage config naming a test split, is a ValueError naming the file, before any step."""
+    from skyeye.training.ablation import load_ablation_config
+    from skyeye.training.stage_config import load_stage_config
+    root = get_settings().project_root
+    cfg = load_ablation_config(root / config_file, budget=budget, recipes=recipes, limit=eval_limit,
+                               num_workers=num_workers)
+    for stage_file in (cfg.stage1, cfg.stage2):
+        load_stage_config(root / stage_file)
+    return cfg
+
+
 @flow(name="ablation", log_prints=True)
 def ablation(config_file: str = "configs/ablation.yaml", budget: float | None = None,
              recipes: list[str] | None = None, eval_limit: int | None = None, scale: str | None = None,
@@ -54,14 +68,9 @@ def ablation(config_file: str = "configs/ablation.yaml", budget: float | None = 
     """The data steps (reused when unchanged), then the backbones, each recipe and the comparison
     under one MLflow parent run; the overrides replace the config file's values."""
     from skyeye.tracking.names import TAG_DVC_MD5
-    from skyeye.training.ablation import load_ablation_config, log_config, plan_for
+    from skyeye.training.ablation import log_config, plan_for
     from skyeye.training.jobs import tuning_job
-    from skyeye.training.stage_config import load_stage_config
-    settings = get_settings()
-    cfg = load_ablation_config(settings.project_root / config_file, budget=budget, recipes=recipes,
-                               limit=eval_limit, num_workers=num_workers)
-    for stage_file in (cfg.stage1, cfg.stage2):  # a stage config naming a test split is refused before any step
-        load_stage_config(settings.project_root / stage_file)
+    cfg = load_configs(config_file, budget, recipes, eval_limit, num_workers)
     data = retrain(data_config=data_config, scale=scale, train=False)  # the same data version for every recipe
     plan_for(cfg)  # a budget too small for a recipe fails before any compute
     config = cfg.model_dump(mode="json")
@@ -84,5 +93,8 @@ if __name__ == "__main__":
     parser.add_argument("--scale", choices=["tiny", "demo", "full"], help="override the data config's scale")
     parser.add_argument("--num-workers", type=int, help="Ray Train workers per stage (default: the config's)")
     args = parser.parse_args()
-    print(ablation(config_file=args.config, budget=args.budget, recipes=args.recipes, eval_limit=args.eval_limit,
-                   scale=args.scale, num_workers=args.num_workers)["markdown"])
+    from skyeye.commands.errors import exit_on_error
+    with exit_on_error():  # a failure in a line or two, as `skyeye` reports it (SKYEYE_DEBUG=1: the traceback)
+        load_configs(args.config, args.budget, args.recipes, args.eval_limit, args.num_workers)  # before Prefect
+        print(ablation(config_file=args.config, budget=args.budget, recipes=args.recipes, eval_limit=args.eval_limit,
+                       scale=args.scale, num_workers=args.num_workers)["markdown"])

@@ -231,6 +231,19 @@ def retrain(data_config: str = "configs/data.yaml", scale: str | None = None, tr
     return out
 
 
+def check_configs(data_config: str, model_file: str | None, stage_files: tuple[str, ...] = ()) -> None:
+    """Load the configs the steps will read, before the flow starts: a bad one is a ValueError
+    naming its file, ahead of Prefect's server and every step."""
+    from skyeye.model.config import load_model_config
+    from skyeye.training.stage_config import load_stage_config
+    root = get_settings().project_root
+    load_yaml_config(root / data_config, DataConfig)
+    if model_file:
+        load_model_config(root / model_file)
+    for stage_file in stage_files:
+        load_stage_config(root / stage_file)
+
+
 def summary(out: dict) -> str:
     """What a run produced and where to look, for the person who started it."""
     from skyeye.registry.references import model_name
@@ -270,8 +283,12 @@ if __name__ == "__main__":
     parser.add_argument("--force", action="store_true", help="recompute every step, reusing nothing")
     parser.add_argument("--no-rollout", action="store_true", help="do not serve a new production at the end")
     args = parser.parse_args()
-    print(summary(retrain(data_config=args.data_config, scale=args.scale, train=not args.data_only,
-                          model_file=args.model_config, stage1_file=args.stage1_config,
-                          stage2_file=args.stage2_config, num_workers=args.num_workers,
-                          eval_limit=args.eval_limit, promote=not args.no_promote, force=args.force,
-                          rollout=not args.no_rollout, eval_workers=args.eval_workers)))
+    from skyeye.commands.errors import exit_on_error
+    with exit_on_error():  # a failure in a line or two, as `skyeye` reports it (SKYEYE_DEBUG=1: the traceback)
+        check_configs(args.data_config, None if args.data_only else args.model_config,
+                      () if args.data_only else (args.stage1_config, args.stage2_config))
+        print(summary(retrain(data_config=args.data_config, scale=args.scale, train=not args.data_only,
+                              model_file=args.model_config, stage1_file=args.stage1_config,
+                              stage2_file=args.stage2_config, num_workers=args.num_workers,
+                              eval_limit=args.eval_limit, promote=not args.no_promote, force=args.force,
+                              rollout=not args.no_rollout, eval_workers=args.eval_workers)))

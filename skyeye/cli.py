@@ -19,13 +19,19 @@ import typer
 from .commands.ablation import ablation
 from .commands.console import console, fail, interrupt, say
 from .commands.doctor import doctor
+from .commands.errors import DEBUG_ENV, HandledGroup
+from .commands.inputs import PORT, existing_file, existing_folder, free_port, image_file, in_range, writable_folder
 from .commands.schedule import schedule_app, server_app
 from .config import configure_environment, get_settings
 
 # rich_markup_mode=None: help texts hold task identifiers such as [refer], which rich
-# markup would swallow as tags
-app = typer.Typer(help="SkyEye: train, evaluate, ship and retrain SkyEyeGPT, a remote-sensing multimodal LLM.",
-                  no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False, rich_markup_mode=None)
+# markup would swallow as tags. HandledGroup: every command's errors end as commands/errors.py says.
+app = typer.Typer(help="SkyEye: train, evaluate, ship and retrain SkyEyeGPT, a remote-sensing multimodal LLM.\n\n"
+                       f"An error is reported in a line or two naming the input at fault; --debug (or {DEBUG_ENV}=1) "
+                       "shows the full Python traceback instead, and an unexpected error's traceback is also "
+                       "written under .skyeye/logs/.",
+                  cls=HandledGroup, no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
+                  rich_markup_mode=None)
 data_app = typer.Typer(help="The data layer: SkyEye-Synth, readers, instruction builder, DVC versions, the data gate.",
                        no_args_is_help=True, rich_markup_mode=None)
 app.add_typer(data_app, name="data")
@@ -33,8 +39,12 @@ app.add_typer(schedule_app, name="schedule")
 app.add_typer(server_app, name="server")
 app.command("doctor")(doctor)
 app.command("ablation")(ablation)
+
+
 @app.callback()
-def _main() -> None:
+def _main(debug: Annotated[bool, typer.Option(
+        "--debug", help=f"Show the full Python traceback of an error (as {DEBUG_ENV}=1 does).")] = False) -> None:
+    # --debug is read by HandledGroup (commands/errors.py), around every command
     configure_environment()
     # deprecation notices of the pinned libraries say nothing to someone asking a question
     warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
@@ -46,11 +56,14 @@ def synth(
     scale: Annotated[str, typer.Option(
         help="tiny (seconds, tests) | demo (the demo corpus) | full (about the real sets' sizes).")] = "demo",
     seed: Annotated[int, typer.Option(help="Same seed and scale give byte-identical files.")] = 0,
-    workers: Annotated[Optional[int], typer.Option(help="Processes (default: all cores).")] = None,
+    workers: Annotated[Optional[int], typer.Option(
+        callback=in_range(1), help="Processes (default: all cores).")] = None,
 ) -> None:
     """Write SkyEye-Synth: procedural RS scenes in the 8 benchmarks' native layouts (synthetic, not real imagery)."""
-    from .synth.corpus import synthesize
-    out = out or get_settings().synth_dir
+    from .synth.corpus import SCALES, synthesize
+    if scale not in SCALES:
+        fail(f"--scale {scale}: choose one of {', '.join(SCALES)}")
+    out = writable_folder(out or get_settings().synth_dir, "--out")
     start = time.perf_counter()
     try:
         summary = synthesize(out, scale=scale, seed=seed, workers=workers)
@@ -67,6 +80,8 @@ def _sources(values: list[str]) -> dict[str, Path]:
         if "=" not in v:
             fail(f"--source {v!r}: expected NAME=PATH, e.g. rsvqa_hr=/data/RSVQA-HR")
         name, path = v.split("=", 1)
+        if not Path(path).expanduser().is_dir():
+            fail(f"--source {v}: no such folder")
         out[name.strip()] = Path(path).expanduser()
     return out
 
@@ -83,13 +98,14 @@ def build(
     from .data.instructions import build as build_instructions
     from .data.records import DataFormatError
     s = get_settings()
+    root, out = existing_folder(root or s.synth_dir, "--root"), writable_folder(out or s.instructions_dir, "--out")
     start = time.perf_counter()
     try:
-        card = build_instructions(root or s.synth_dir, out or s.instructions_dir, _sources(source or []))
+        card = build_instructions(root, out, _sources(source or []))
     except (ValueError, DataFormatError, FileNotFoundError) as err:
         fail(str(err))
     console.print(f"built in {time.perf_counter() - start:.1f} s: stage1={card['stage1']['total']} "
-                  f"stage2={card['stage2']['total']} eval files={len(card['eval'])} -> {out or s.instructions_dir}")
+                  f"stage2={card['stage2']['total']} eval files={len(card['eval'])} -> {out}")
     for line in card["reports"]:
         if "skipped" in line or "clipped" in line:
             say(f"  {line}")
@@ -101,6 +117,7 @@ def inspect(folder: Path, name: Annotated[Optional[str], typer.Option(
     """Read one benchmark folder (real download or SkyEye-Synth) and report what was kept and skipped."""
     from .data.readers import detect_benchmark, read_benchmark
     from .data.records import DataFormatError
+    existing_folder(folder, "FOLDER")
     name = name or detect_benchmark(folder)
     if not name:
         fail(f"{folder}: not a known benchmark layout; pass --name")
@@ -132,7 +149,8 @@ def version(
 
 
 @data_app.command("history")
-def history(limit: Annotated[int, typer.Option(help="Most recent versions to list.")] = 50) -> None:
+def history(limit: Annotated[int, typer.Option(
+        callback=in_range(1), help="Most recent versions to list.")] = 50) -> None:
     """List data versions: git revision, DVC hash, sample counts, validation outcome."""
     from .datagate.gate import validation_outcome
     from .datagate.versioning import VersioningError, render_history
@@ -163,8 +181,7 @@ def validate(
 ) -> None:
     """Run the Great Expectations gate; exits 1 if any expectation fails."""
     from .datagate.gate import run_gate
-    s = get_settings()
-    result, run_id = run_gate(data or s.instructions_dir, record=record)
+    result, run_id = run_gate(existing_folder(data or get_settings().instructions_dir, "--data"), record=record)
     if json_out:
         print(json.dumps(result.to_dict(), indent=1, default=str))
     else:
@@ -182,6 +199,7 @@ MODEL_OPT = Annotated[Path, typer.Option("--model", help="Model config (configs/
 def backbones(model: MODEL_OPT = Path("configs/model/tiny.yaml")) -> None:
     """Pretrain (or reuse from the cache) the tiny offline backbones the model config asks for."""
     from .training.jobs import prepare_backbones
+    existing_file(model, "--model")
     try:
         paths = prepare_backbones(model)
     except ValueError as err:
@@ -197,16 +215,31 @@ def train(
     config: Annotated[Optional[Path], typer.Option(help="Stage config (default configs/train/stage<N>.yaml).")] = None,
     init: Annotated[Optional[str], typer.Option(
         help="Stage-1 result (stage 2): model folder, tuning-stage run id or models:/ URI.")] = None,
-    num_workers: Annotated[int, typer.Option(help="Ray Train workers (DDP: gloo on CPU, NCCL on GPU).")] = 2,
+    num_workers: Annotated[int, typer.Option(
+        callback=in_range(1), help="Ray Train workers (DDP: gloo on CPU, NCCL on GPU).")] = 2,
     gpu: Annotated[bool, typer.Option("--gpu", help="One GPU per worker, NCCL.")] = False,
     local: Annotated[bool, typer.Option("--local", help="Plain single process, no Ray.")] = False,
 ) -> None:
     """Run one tuning stage on Ray Train (local Ray, or RAY_ADDRESS), tracked in MLflow."""
     from .formats.benchmarks import VALIDATION
+    from .registry.references import model_folder
     from .training.jobs import prepare_backbones, train_stage
+    from .training.stage_config import load_stage_config
     if stage not in (1, 2):
         fail(f"--stage {stage}: must be 1 or 2")
-    config = config or Path(f"configs/train/stage{stage}.yaml")
+    config = existing_file(config or Path(f"configs/train/stage{stage}.yaml"), "--config")
+    existing_file(model, "--model")
+    # what needs no compute, before the backbones (which may be pretrained here); a config's
+    # ValueError names its file and reaches the user through commands/errors.py
+    if (declared := load_stage_config(config).stage) != stage:
+        fail(f"--config {config}: a stage-{declared} config, but --stage is {stage}")
+    if stage == 2 and not init:
+        fail("--init: stage 2 needs a stage-1 result (a model folder, tuning-stage run id or models:/ URI)")
+    if init:
+        try:
+            model_folder(init)
+        except ValueError as err:
+            fail(f"--init {err}")
     try:
         paths = prepare_backbones(model)
         result = train_stage(stage, model, config, paths, init=init, num_workers=num_workers, use_gpu=gpu,
@@ -225,7 +258,7 @@ def evaluate(
     benchmarks: Annotated[str, typer.Option(
         help="all, or a comma list of benchmarks / bench splits (e.g. rsvg_val).")] = "all",
     limit: Annotated[Optional[int], typer.Option(
-        help="At most N samples per bench split (spread over the file).")] = None,
+        callback=in_range(1), help="At most N samples per bench split (spread over the file).")] = None,
     baselines: Annotated[bool, typer.Option(help="Also score the untuned model and the trivial answers.")] = True,
     data: Annotated[Optional[Path], typer.Option(help="Instruction folder (default: data/instructions).")] = None,
     num_workers: Annotated[int, typer.Option(
@@ -241,6 +274,8 @@ def evaluate(
     from .registry.references import RegistryError
     if num_workers < 1:
         fail(f"--num-workers {num_workers}: must be 1 (in this process) or more (that many Ray workers)")
+    if data:
+        existing_folder(data, "--data")
     try:
         result = run_evaluation(model, benchmarks, limit=limit, baselines=baselines, instructions=data,
                                 num_workers=num_workers, on=on)
@@ -260,6 +295,8 @@ def register(
     """Log the evaluated SkyEyeGPT as one pyfunc model and register it (`skyeyegpt`)."""
     from .registry.references import model_name
     from .registry.store import register as register_model
+    if model_dir:
+        existing_folder(model_dir, "--model-dir")
     try:
         version = register_model(model_dir, eval_run)
     except ValueError as err:
@@ -362,8 +399,7 @@ def chat(
 ) -> None:
     """Ask SkyEyeGPT one question about one image and print the answer."""
     from .registry.references import load, production_uri
-    if not image.exists():
-        fail(f"--image {image}: no such file")
+    image_file(image, "--image")  # before the model loads
     try:
         m = load(model or production_uri()).model
     except ValueError as err:
@@ -384,8 +420,10 @@ def serve(
         "--model", help="Registry reference to serve (default: models:/skyeyegpt@production, followed as it moves).")
     ] = None,
     host: Annotated[Optional[str], typer.Option(help="Interface to listen on (default: configs/serve.yaml).")] = None,
-    port: Annotated[Optional[int], typer.Option(help="Port (default: configs/serve.yaml, 8000).")] = None,
-    follow_every: Annotated[float, typer.Option(help="Seconds between checks of the production alias.")] = 10.0,
+    port: Annotated[Optional[int], typer.Option(
+        callback=PORT, help="Port (default: configs/serve.yaml, 8000).")] = None,
+    follow_every: Annotated[float, typer.Option(
+        callback=in_range(0.1), help="Seconds between checks of the production alias.")] = 10.0,
 ) -> None:
     """Serve a registered SkyEyeGPT on Ray Serve: the OpenAI API at http://HOST:PORT/v1.
 
@@ -394,11 +432,19 @@ def serve(
     promotion or `skyeye rollback` rolls the served version within --follow-every seconds."""
     import signal
 
-    from flows.serve import serve as serve_flow
-
-    from .registry.references import production_uri, resolve_version
+    from .registry.references import RegistryError, production_uri, resolve_version
     from .serving import deploy
     from .serving.config import load_serve_config
+    # before Prefect's temporary server and Ray start: the config, the port, the model
+    cfg = load_serve_config()
+    if not os.environ.get("RAY_ADDRESS"):  # a local server: the port must be free here
+        free_port(host or cfg.host, port or cfg.port)
+    try:
+        resolve_version(model or production_uri())
+    except RegistryError as err:
+        fail(f"--model {err}")
+
+    from flows.serve import serve as serve_flow
     try:
         out = serve_flow(model=model, host=host, port=port)
     except (ValueError, FileNotFoundError, RuntimeError) as err:

@@ -14,7 +14,7 @@ from functools import lru_cache
 from pathlib import Path
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -110,9 +110,14 @@ def load_yaml_config(path: Path, model: type[BaseModel]) -> BaseModel:
         return model.model_validate(raw)
     except FileNotFoundError:
         raise ValueError(f"{path}: config file not found") from None
-    except yaml.YAMLError as err:
-        raise ValueError(f"{path}: not valid YAML: {err}") from None
-    except Exception as err:  # pydantic.ValidationError names each field
+    except yaml.YAMLError as err:  # one line: where, and what the parser expected
+        mark = getattr(err, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        raise ValueError(f"{path}: not valid YAML{where}: {getattr(err, 'problem', None) or err}") from None
+    except ValidationError as err:  # one line: each field at fault and why
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}".removeprefix(": ") for e in err.errors())
+        raise ValueError(f"{path}: {problems}") from None
+    except Exception as err:
         raise ValueError(f"{path}: {err}") from None
 
 

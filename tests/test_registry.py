@@ -428,7 +428,7 @@ def test_chat_answers_with_the_production_model_by_default(client, versions, pro
     assert out.stdout.strip()  # an answer (a dim-64 model says little, but says it)
     assert list(elsewhere.iterdir()) == []  # no stray mlflow.db or mlruns/ where the command ran
     bad = _chat(project, elsewhere, "--image", str(image), "--model", "models:/skyeyegpt@canary", "[vqa] hi")
-    assert bad.returncode == 2 and "--model" in bad.stdout and "canary" in bad.stdout
+    assert bad.returncode == 2 and "--model" in bad.stderr and "canary" in bad.stderr  # errors go to stderr
 
 
 def test_a_run_ends_finished_or_failed_with_its_block(project):

@@ -10,6 +10,7 @@ from typing import Annotated, Optional
 import typer
 
 from .console import fail, say
+from .inputs import in_range
 
 
 def ablation(
@@ -19,8 +20,10 @@ def ablation(
         help="Scale of the budget: (stage1.max_steps + stage2.max_steps) x this, steps per recipe.")] = None,
     recipes: Annotated[Optional[str], typer.Option(
         help="Comma list of two_stage, one_stage, single (default: the config's).")] = None,
-    eval_limit: Annotated[Optional[int], typer.Option(help="At most N samples per bench split.")] = None,
-    num_workers: Annotated[Optional[int], typer.Option(help="Ray Train workers per stage.")] = None,
+    eval_limit: Annotated[Optional[int], typer.Option(
+        callback=in_range(1), help="At most N samples per bench split.")] = None,
+    num_workers: Annotated[Optional[int], typer.Option(callback=in_range(1), help="Ray Train workers per stage.")
+                           ] = None,
     local: Annotated[Optional[bool], typer.Option("--local", help="Train in this process, no Ray.")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the comparison rows as JSON.")] = False,
 ) -> None:

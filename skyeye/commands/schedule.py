@@ -11,6 +11,7 @@ import typer
 
 from ..config import get_settings
 from .console import fail, interrupt, say
+from .inputs import PORT
 
 schedule_app = typer.Typer(help="Retraining that runs itself: Prefect deployments, schedules and triggers "
                                 "(configs/schedule.yaml), on the Prefect server at PREFECT_API_URL.",
@@ -22,8 +23,9 @@ server_app = typer.Typer(help="The Prefect server and the MLflow UI on this mach
 @server_app.command("up")
 def server_up(
     host: Annotated[str, typer.Option(help="Interface (loopback by default).")] = "127.0.0.1",
-    prefect_port: Annotated[int, typer.Option(help="Port of the Prefect server and its UI.")] = 4200,
-    mlflow_port: Annotated[int, typer.Option(help="Port of the MLflow UI.")] = 5000,
+    prefect_port: Annotated[int, typer.Option(callback=PORT, help="Port of the Prefect server and its UI.")
+                            ] = 4200,
+    mlflow_port: Annotated[int, typer.Option(callback=PORT, help="Port of the MLflow UI.")] = 5000,
 ) -> None:
     """Start the Prefect server (state under .skyeye/prefect) and the MLflow UI beside it, print
     their URLs, and keep them up until Ctrl-C."""
