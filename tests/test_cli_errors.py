@@ -119,17 +119,12 @@ def test_bad_input_is_refused_in_a_few_lines(project, args, code, named):
     assert "ray" not in sys.modules or not sys.modules["ray"].is_initialized()
 
 
-@pytest.mark.parametrize("out", [
-    pytest.param("locked/synth", marks=pytest.mark.skipif(os.geteuid() == 0, reason="root writes anywhere")),
-    pytest.param("/proc/skyeye-synth", marks=pytest.mark.skipif(not Path("/proc/self").exists(), reason="no /proc")),
-])
-def test_an_unwritable_output_folder_is_named(project, out):
-    locked = project / "locked"
-    locked.mkdir()
-    locked.chmod(0o555)
+def test_an_unwritable_output_folder_is_named(project):
+    """/proc refuses new folders even to root (CI runs as root, so a chmod-ed folder would not do)."""
+    out = "/proc/skyeye-synth"
     r = runner.invoke(app, ["data", "synth", "--scale", "tiny", "--out", out])
     assert_refused(r.output, r.exit_code, 2, "--out", out, "cannot write")
-    assert list(locked.iterdir()) == [] and not Path(out).exists()
+    assert not Path(out).exists()
 
 
 def test_an_unexpected_error_is_one_line_with_its_log(project, monkeypatch):
