@@ -5,6 +5,10 @@ SHELL := /bin/bash
 PY ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 STAMP := $(VENV)/.installed-stamp
+# torch==2.13.0 comes from pip's configured indexes: the CPU build where pip is set up to find it
+# (our machines), else PyPI's CUDA build (several GB). TORCH_INDEX=<PyTorch's CPU wheel index> asks
+# pip to look there too, where it finds the smaller CPU build.
+TORCH_INDEX ?=
 # pip's offline index locations that are absent on some machines only add noise
 PIPQUIET := { grep -v "is ignored: it is neither a file nor a directory" || true; }
 
@@ -13,7 +17,7 @@ PIPQUIET := { grep -v "is ignored: it is neither a file nor a directory" || true
 $(STAMP): pyproject.toml
 	@test -x $(VENV)/bin/python || $(PY) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install -q --upgrade pip 2>&1 | $(PIPQUIET)
-	$(VENV)/bin/python -m pip install -q -e '.[test]' 2>&1 | $(PIPQUIET)
+	$(VENV)/bin/python -m pip install -q $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX)) -e '.[test]' 2>&1 | $(PIPQUIET)
 	@touch $(STAMP)
 
 venv: $(STAMP)
