@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
@@ -38,14 +41,38 @@ def write_project(root: Path, max_steps: int = 4, checkpoint_every: int = 4, sch
     return root
 
 
+@contextmanager
+def project_environment(root: Path, monkeypatch: pytest.MonkeyPatch | None = None, *, store: bool = False,
+                        chdir: bool = False) -> Iterator[Path]:
+    """Work in project `root` inside the block: SKYEYE_PROJECT_ROOT set; no tracking URI, DVC
+    remote, state folder or model name from the outside; with `store`, its own SQLite MLflow
+    store (root/mlflow.db, else the project's default, root/mlruns); with `chdir`, root as cwd.
+    Settings are read afresh on entry and exit, and MLflow's tracking URI reset on exit (a
+    registry lookup exports it). `monkeypatch`: the test's own (its undo restores the
+    environment); without it, one for the block (module-scoped fixtures)."""
+    from skyeye.config import get_settings
+    mp = monkeypatch or pytest.MonkeyPatch()
+    try:
+        if chdir:
+            mp.chdir(root)
+        mp.setenv("SKYEYE_PROJECT_ROOT", str(root))
+        for var in ("MLFLOW_TRACKING_URI", "SKYEYE_MLFLOW_TRACKING_URI", "SKYEYE_DVC_REMOTE_URL", "SKYEYE_STATE_DIR",
+                    "SKYEYE_REGISTERED_MODEL"):
+            mp.delenv(var, raising=False)
+        if store:
+            mp.setenv("SKYEYE_MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+        get_settings.cache_clear()
+        yield root
+    finally:
+        import mlflow
+        mlflow.set_tracking_uri(None)
+        get_settings.cache_clear()
+        if monkeypatch is None:
+            mp.undo()
+
+
 def enter_project(root: Path, monkeypatch):
     """Work in project `root` (cwd, SKYEYE_PROJECT_ROOT, its own MLflow store and DVC remote)
     until the generator resumes: a fixture's `yield from enter_project(...)`."""
-    monkeypatch.chdir(root)
-    monkeypatch.setenv("SKYEYE_PROJECT_ROOT", str(root))
-    monkeypatch.delenv("SKYEYE_DVC_REMOTE_URL", raising=False)
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    from skyeye.config import get_settings
-    get_settings.cache_clear()
-    yield root
-    get_settings.cache_clear()
+    with project_environment(root, monkeypatch, chdir=True):
+        yield root

@@ -103,17 +103,24 @@ class Service:
         return self.log.read_text(errors="replace")[-n:] if self.log.exists() else ""
 
 
+def pg_installed() -> bool:
+    return (PG_BIN / "initdb").exists()
+
+
 class Postgres:
     """A PostgreSQL 15 cluster in its own temporary folder, owned by an unprivileged user when
-    the tests run as root, listening on 127.0.0.1 only, trusting local connections."""
+    the tests run as root, trusting local connections: on 127.0.0.1 and on a Unix socket in
+    the folder, or (tcp=False) on the socket only. Every test's PostgreSQL is one of these."""
 
     user = "skyeye"
 
-    def __init__(self, port: int | None = None) -> None:
-        if not (PG_BIN / "initdb").exists():
+    def __init__(self, port: int | None = None, tcp: bool = True) -> None:
+        if not pg_installed():
             raise AssertionError(f"PostgreSQL 15 is not installed at {PG_BIN} (Debian: apt-get install postgresql-15)")
         self.port = port or free_port()
-        # its own folder under /tmp: pytest's are root-only, and the server must reach it
+        self.tcp = tcp
+        # tempfile's folder, not pytest's: pytest's are root-only (the server runs as `postgres`
+        # under root) and deep, while the socket's path must stay under ~100 characters
         self.folder = Path(tempfile.mkdtemp(prefix="skyeye-pg-"))
         self.run_as = "postgres" if os.geteuid() == 0 else None
         if self.run_as:
@@ -129,7 +136,8 @@ class Postgres:
         return out
 
     def start(self) -> "Postgres":
-        options = f"-p {self.port} -c listen_addresses=127.0.0.1 -k {self.folder} -c fsync=off"
+        listen = "127.0.0.1" if self.tcp else "''"
+        options = f"-p {self.port} -c listen_addresses={listen} -k {self.folder} -c fsync=off"
         self._pg("pg_ctl", "-D", str(self.data), "-l", str(self.folder / "server.log"), "-o", options, "-w",
                  "-t", "60", "start")
         return self

@@ -176,8 +176,12 @@ def test_the_ablation_flow_trains_three_recipes_on_one_budget_and_compares_them(
             assert row[f"{recipe}.low"] - 1e-9 <= row[recipe] <= row[f"{recipe}.high"] + 1e-9, (row, recipe)
             assert parent.data.metrics[f"{recipe}/{primary_metric(row['split'])}"] == pytest.approx(row[recipe])
         for other in ("one_stage", "single"):
-            assert row[f"two_stage-{other}.verdict"] in {"better", "worse", "no significant difference"}
-            assert row[f"two_stage-{other}"] == pytest.approx(row["two_stage"] - row[other])
+            d = f"two_stage-{other}"
+            assert row[d] == pytest.approx(row["two_stage"] - row[other])
+            assert row[f"{d}.low"] - 1e-9 <= row[d] <= row[f"{d}.high"] + 1e-9, (row, d)
+            # the verdict is what the paired interval of the difference says about 0
+            said = "better" if row[f"{d}.low"] > 0 else "worse" if row[f"{d}.high"] < 0 else "no significant difference"
+            assert row[f"{d}.verdict"] == said, (row, d)
         assert row["trivial baseline"] is not None  # each task's trivial baseline, for context
     ucm = next(row for row in rows if row["split"] == "ucm_captions_test")
     assert (ucm["paper.two_stage"], ucm["paper.one_stage"]) == (236.75, 220.36)

@@ -10,6 +10,7 @@ from pathlib import Path
 import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
+from projects import project_environment
 
 from skyeye.audit.chain import audit_data, audit_model
 from skyeye.audit.records import is_missing
@@ -30,25 +31,28 @@ class Trivial(mlflow.pyfunc.PythonModel):
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
+def project(tmp_path_factory):
+    """The project folder (not made yet), with its own SQLite store and DVC's own config folders."""
+    tmp = tmp_path_factory.mktemp("audit")
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in {"DVC_NO_ANALYTICS": "1", "DVC_GLOBAL_CONFIG_DIR": str(tmp / "dvc-global"),
+                           "DVC_SYSTEM_CONFIG_DIR": str(tmp / "dvc-system"),
+                           "DVC_SITE_CACHE_DIR": str(tmp / "dvc-site")}.items():
+            mp.setenv(key, value)
+        with project_environment(tmp / "project", mp, store=True) as root:
+            yield root
+
+
+@pytest.fixture(scope="module")
+def world(project):
     """Two data versions in git/DVC; v1 validated and trained on by a complete tuning job,
     evaluated, registered as version 1 and promoted to production; v2 never validated,
     its stage-2 run deleted, registered as version 2; version 3 has no records at all."""
-    from skyeye.config import Settings, get_settings
+    from skyeye.config import Settings
     from skyeye.datagate.versioning import ensure_dvc, version_data
     from skyeye.training.jobs import child_run, log_data_input, parent_run
 
-    tmp = tmp_path_factory.mktemp("audit")
-    mp = pytest.MonkeyPatch()
-    root = tmp / "project"
-    for key, value in {"DVC_NO_ANALYTICS": "1", "DVC_GLOBAL_CONFIG_DIR": str(tmp / "dvc-global"),
-                       "DVC_SYSTEM_CONFIG_DIR": str(tmp / "dvc-system"), "DVC_SITE_CACHE_DIR": str(tmp / "dvc-site"),
-                       "SKYEYE_PROJECT_ROOT": str(root),
-                       "SKYEYE_MLFLOW_TRACKING_URI": f"sqlite:///{tmp / 'mlflow.db'}"}.items():
-        mp.setenv(key, value)
-    for key in ("SKYEYE_DVC_REMOTE_URL", "MLFLOW_TRACKING_URI", "SKYEYE_REGISTERED_MODEL"):
-        mp.delenv(key, raising=False)
-    get_settings.cache_clear()
+    root = project
     (root / "data/instructions").mkdir(parents=True)
     git(root, "init", "-q")
     git(root, "config", "commit.gpgsign", "false")
@@ -58,7 +62,7 @@ def world(tmp_path_factory):
     (root / "data/instructions/stage1.json").write_text('[{"id": "s1-0"}, {"id": "s1-1"}]')
     v2 = version_data(root, commit=True, message="data v2")
 
-    s = Settings(project_root=root, mlflow_tracking_uri=f"sqlite:///{tmp / 'mlflow.db'}")
+    s = Settings(project_root=root, mlflow_tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
     runs.setup(s)
     client = MlflowClient(s.tracking_uri)
     passed = log_validation(ValidationResult(success=True, n_records=2, seconds=0.1), v1.md5, v1.git_rev, s)
@@ -123,8 +127,6 @@ def world(tmp_path_factory):
 
     yield {"settings": s, "root": root, "v1": v1, "v2": v2, "job1": job1, "job2": job2, "eval_run": eval_run,
            "validation": passed, "versions": (version1, version2, version3)}
-    mp.undo()
-    get_settings.cache_clear()
 
 
 def test_the_world_holds_two_committed_data_versions(world):

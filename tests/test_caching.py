@@ -4,6 +4,7 @@ import sqlite3
 from pathlib import Path
 
 import pytest
+from projects import project_environment
 
 from flows.caching import StepKey, transient
 from skyeye.datagate.expectations import ValidationResult
@@ -158,19 +159,10 @@ def test_a_step_reruns_when_code_two_imports_away_changes_and_only_then(tmp_path
 @pytest.fixture
 def registry(tmp_path, monkeypatch):
     """An empty project with a SQLite MLflow store."""
-    import mlflow
-
-    from skyeye.config import get_settings
     from skyeye.tracking import runs
-    monkeypatch.setenv("SKYEYE_PROJECT_ROOT", str(tmp_path))
-    monkeypatch.setenv("SKYEYE_MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    for var in ("MLFLOW_TRACKING_URI", "SKYEYE_REGISTERED_MODEL"):
-        monkeypatch.delenv(var, raising=False)
-    get_settings.cache_clear()
-    runs.setup()
-    yield runs.client()
-    mlflow.set_tracking_uri(None)
-    get_settings.cache_clear()
+    with project_environment(tmp_path, monkeypatch, store=True):
+        runs.setup()
+        yield runs.client()
 
 
 def test_promote_is_keyed_on_the_production_it_is_judged_against(registry, tmp_path):

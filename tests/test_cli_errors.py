@@ -30,9 +30,7 @@ def project(tmp_path, monkeypatch):
     Image.new("RGB", (32, 32), (30, 120, 60)).save(root / "scene.png")
     (root / "broken.yaml").write_text("stage: [1\n")
     monkeypatch.delenv("PREFECT_API_URL", raising=False)
-    yield from enter_project(root, monkeypatch)
-    import mlflow
-    mlflow.set_tracking_uri(None)  # a registry lookup exported MLFLOW_TRACKING_URI; later tests must not see it
+    yield from enter_project(root, monkeypatch)  # which also resets MLflow's tracking URI after
 
 
 def files(root: Path) -> dict[str, bytes]:

@@ -123,8 +123,8 @@ def _boto_keys() -> dict:
 
 @pytest.fixture(scope="module")
 def stack():
-    # a short folder of its own: Ray's socket paths have a length limit
-    folder = Path(tempfile.mkdtemp(prefix="skyeye-stack-", dir="/tmp"))
+    # tempfile's folder, not pytest's deep one: Ray's socket paths have a length limit
+    folder = Path(tempfile.mkdtemp(prefix="skyeye-stack-"))
     try:
         built = Stack(folder)
         try:

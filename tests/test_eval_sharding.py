@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
+from projects import project_environment
 from typer.testing import CliRunner
 
 from skyeye.evaluation.runner import load_eval_file, run_evaluation
@@ -27,18 +28,11 @@ def project(tmp_path_factory, tiny_backbones):
     """A throw-away tracking store, in the environment so the driver and its workers share it,
     and a saved (untrained, so babbling: every row gets its own answer) model folder."""
     from skyeye.config import get_settings
-    root = tmp_path_factory.mktemp("sharding")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("SKYEYE_MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
-        mp.setenv("SKYEYE_PROJECT_ROOT", str(root))
-        get_settings.cache_clear()
+    with project_environment(tmp_path_factory.mktemp("sharding"), store=True) as root:
         torch.manual_seed(3)
         b = tiny_backbones
         folder = build_model(CFG, b["vision"], b["llm"], b["tokenizer"]).save(root / "model")
-        try:
-            yield get_settings(), folder
-        finally:
-            get_settings.cache_clear()
+        yield get_settings(), folder
 
 
 def test_shards_are_contiguous_batch_aligned_and_cover_every_row():

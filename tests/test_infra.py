@@ -28,13 +28,13 @@ import shlex
 import shutil
 import subprocess
 import sys
-import tempfile
 import tomllib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import yaml
+from services import Postgres, pg_installed
 
 ROOT = Path(__file__).resolve().parents[1]
 INFRA = ROOT / "infra"
@@ -417,40 +417,24 @@ def test_the_bucket_job_creates_the_three_buckets_once():
         assert {b["Name"] for b in s3.list_buckets()["Buckets"]} == {"mlflow", "dvc", "ray"}
 
 
-PG_BIN = Path(os.environ.get("SKYEYE_TEST_PG_BIN", "/usr/lib/postgresql/15/bin"))
-
-
-@pytest.mark.skipif(not (PG_BIN / "initdb").exists() or not shutil.which("psql"),
+@pytest.mark.skipif(not pg_installed() or not shutil.which("psql"),
                     reason="PostgreSQL 15 is not installed (Debian: apt-get install postgresql-15)")
 def test_the_postgres_init_script_makes_both_databases_and_can_run_again():
     """On a real PostgreSQL 15, on a socket in a temporary folder (no TCP), as the image runs it."""
-    run_as = "postgres" if os.geteuid() == 0 else None  # initdb refuses root
-    folder = Path(tempfile.mkdtemp(prefix="skyeye-infra-pg-"))
+    pg = Postgres(tcp=False).start()
     try:
-        if run_as:
-            shutil.chown(folder, run_as, run_as)
-
-        def pg(tool: str, *args: str) -> None:
-            out = subprocess.run([str(PG_BIN / tool), *args], user=run_as, capture_output=True, text=True, timeout=120)
+        env = {**os.environ, "PGHOST": str(pg.folder), "PGPORT": str(pg.port), "POSTGRES_USER": pg.user,
+               "POSTGRES_DB": "postgres"}
+        for _ in range(2):
+            out = subprocess.run(["bash", str(INFRA / "postgres-init.sh")], env=env, capture_output=True,
+                                 text=True, timeout=60)
             assert out.returncode == 0, out.stdout + out.stderr
-        pg("initdb", "-D", str(folder / "data"), "-U", "skyeye", "-A", "trust", "--no-sync")
-        pg("pg_ctl", "-D", str(folder / "data"), "-l", str(folder / "log"), "-w", "-t", "60", "-o",
-           f"-c listen_addresses='' -k {folder} -p 5432 -c fsync=off", "start")
-        try:
-            env = {**os.environ, "PGHOST": str(folder), "PGPORT": "5432", "POSTGRES_USER": "skyeye",
-                   "POSTGRES_DB": "postgres"}
-            for _ in range(2):
-                out = subprocess.run(["bash", str(INFRA / "postgres-init.sh")], env=env, capture_output=True,
-                                     text=True, timeout=60)
-                assert out.returncode == 0, out.stdout + out.stderr
-            listed = subprocess.run(["psql", "-U", "skyeye", "-d", "postgres", "-Atc",
-                                     "select datname || ' ' || pg_get_userbyid(datdba) from pg_database"],
-                                    env=env, capture_output=True, text=True, timeout=60).stdout.split("\n")
-            assert {"mlflow skyeye", "prefect skyeye"} <= set(listed)
-        finally:
-            pg("pg_ctl", "-D", str(folder / "data"), "-m", "immediate", "-w", "stop")
+        listed = subprocess.run(["psql", "-U", pg.user, "-d", "postgres", "-Atc",
+                                 "select datname || ' ' || pg_get_userbyid(datdba) from pg_database"],
+                                env=env, capture_output=True, text=True, timeout=60).stdout.split("\n")
+        assert {"mlflow skyeye", "prefect skyeye"} <= set(listed)
     finally:
-        shutil.rmtree(folder, ignore_errors=True)
+        pg.remove()
 
 
 # ------------------------------------------------------------------ Kubernetes

@@ -22,6 +22,7 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 from PIL import Image
+from projects import project_environment
 
 from skyeye.datagate.gate import log_validation
 from skyeye.formats.benchmarks import EVAL_KEYS, PRIMARY, TASK_OF
@@ -43,18 +44,9 @@ NAME = "skyeyegpt"
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
     """An isolated project root and SQLite store; the environment is restored afterwards."""
-    from skyeye.config import get_settings
-    root = tmp_path_factory.mktemp("registry_project")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("SKYEYE_PROJECT_ROOT", str(root))
-        mp.setenv("SKYEYE_MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
-        for var in ("MLFLOW_TRACKING_URI", "SKYEYE_STATE_DIR", "SKYEYE_REGISTERED_MODEL"):
-            mp.delenv(var, raising=False)
-        get_settings.cache_clear()
+    with project_environment(tmp_path_factory.mktemp("registry_project"), store=True) as root:
         runs.setup()
         yield root
-        mlflow.set_tracking_uri(None)  # it also exported MLFLOW_TRACKING_URI; later modules must not see our store
-        get_settings.cache_clear()
 
 
 @pytest.fixture(scope="module")

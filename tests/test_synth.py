@@ -13,7 +13,7 @@ from skyeye.data.readers import detect_benchmark, read_benchmark
 from skyeye.formats.benchmarks import BENCHMARKS, SPLITS
 from skyeye.synth.corpus import synthesize
 from skyeye.synth.language import captions, questions, referring_expression, region
-from skyeye.synth.render import render
+from skyeye.synth.render import draw_objects, render
 from skyeye.synth.scene import Scene, SceneObject, outline, sample_scene
 from skyeye.synth.video import EVENTS, FRAMES, event_scene, read_frames, write_clip
 
@@ -96,23 +96,48 @@ def test_referring_expressions_single_out_one_object():
         text = referring_expression(twins[0], scene, rng)
         assert text is not None and text not in ("the red airplane", "the airplane")
         assert "top left" in text or "leftmost" in text
-    # Two objects that nothing tells apart get no expression at all.
-    same = [SceneObject("vehicle", "red", (0.1, 0.1, 0.15, 0.13), 0.0, 0.05, 0.03),
-            SceneObject("vehicle", "red", (0.2, 0.1, 0.25, 0.13), 0.0, 0.05, 0.03)]
-    assert referring_expression(same[0], Scene("parking lot", "default", same), rng) in (None, "the leftmost vehicle")
+    # Two objects that nothing tells apart get no expression at all: same kind, colour, size
+    # and region (top left), centres 0.06 apart (less than the 0.1 "leftmost" asks), no road.
+    same = [SceneObject("vehicle", "red", (0.10, 0.1, 0.15, 0.13), 0.0, 0.05, 0.03),
+            SceneObject("vehicle", "red", (0.16, 0.1, 0.21, 0.13), 0.0, 0.05, 0.03)]
+    assert referring_expression(same[0], Scene("parking lot", "default", same), rng) is None
+    # 0.2 apart, still both top left: only "leftmost" tells the left one, and nothing the other.
+    apart = [SceneObject("vehicle", "red", (0.025, 0.1, 0.075, 0.13), 0.0, 0.05, 0.03),
+             SceneObject("vehicle", "red", (0.225, 0.1, 0.275, 0.13), 0.0, 0.05, 0.03)]
+    scene = Scene("parking lot", "default", apart)
+    assert referring_expression(apart[0], scene, rng) == "the leftmost vehicle"
+    assert referring_expression(apart[1], scene, rng) is None
 
 
-def test_grounding_boxes_cover_the_drawn_object():
-    rng = np.random.default_rng(3)
-    scene = sample_scene(rng, land_use="airport")
+def _polygon_area_and_perimeter(points: list[tuple[float, float]]) -> tuple[float, float]:
+    x, y = np.array(points).T
+    area = 0.5 * abs(np.dot(x, np.roll(y, 1)) - np.dot(y, np.roll(x, 1)))  # shoelace
+    return area, float(np.hypot(x - np.roll(x, 1), y - np.roll(y, 1)).sum())
+
+
+@pytest.mark.parametrize("seed,land_use", [(3, "airport"), (1, "harbour"), (4, "industrial")])
+def test_grounding_boxes_cover_the_drawn_object(seed, land_use):
+    scene = sample_scene(np.random.default_rng(seed), land_use=land_use)
+    assert scene.objects
     img = np.asarray(render(scene, 128), dtype=np.float32)
-    empty = Scene(scene.land_use, scene.style, [], scene.water, scene.roads, scene.texture_seed)
-    ground = np.asarray(render(empty, 128), dtype=np.float32)
-    changed = np.abs(img - ground).sum(-1) > 60
+    work = 256  # render draws at twice the size of a 128-px image, then downsamples
     for obj in scene.objects:
-        x1, y1, x2, y2 = (int(v * 128) for v in obj.box)
-        inside = changed[y1:y2 + 1, x1:x2 + 1].sum()
-        assert inside > 0.3 * (x2 - x1) * (y2 - y1) * 0.3, obj  # the object is drawn where its box says
+        # The object alone, drawn on black (its shadow darkens nothing there): its footprint.
+        drawn = draw_objects(np.zeros((work, work, 3), np.float32), scene, [obj])
+        ys, xs = np.nonzero(np.asarray(drawn).sum(-1) > 0)
+        extent = np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1])
+        # The box is the drawing's extent: each side within 1.5 work pixels (under one pixel of
+        # the image), the polygon's one-pixel outline included.
+        assert np.abs(extent - np.array(obj.box) * work).max() <= 1.5, obj
+        # Filled: the footprint is the polygon's area, plus at most its one-pixel outline.
+        area, perimeter = _polygon_area_and_perimeter([(x * work, y * work) for x, y in obj.polygon()])
+        assert area <= len(xs) <= area + perimeter, obj
+        # And seen in the image: most of the footprint differs from the scene without the object.
+        without = Scene(scene.land_use, scene.style, [o for o in scene.objects if o is not obj], scene.water,
+                        scene.roads, scene.texture_seed)
+        changed = np.abs(img - np.asarray(render(without, 128), dtype=np.float32)).sum(-1) > 60
+        footprint = np.asarray(drawn.resize((128, 128))).sum(-1) > 0
+        assert (changed & footprint).sum() >= 0.75 * footprint.sum(), obj
 
 
 def test_captions_are_five_and_say_what_is_there():

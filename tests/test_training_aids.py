@@ -161,19 +161,36 @@ def test_per_sample_loss_does_not_depend_on_padding(tiny_backbones):
 
 def test_grounding_probe_reports_each_layer_and_the_attention_on_the_object(tiny_backbones, tiny_instructions,
                                                                           tmp_path):
-    """bench/grounding_probe.py on a dim-64 model: one attention mass and one hidden-state probe
-    per layer, masses that are fractions, and a uniform reference that follows the grouping."""
+    """bench/grounding_probe.py on a dim-64 model: the samples asked for, one attention mass and
+    one hidden-state probe per layer, masses that are fractions, a uniform reference that
+    follows the grouping, and ceilings that count whole test samples."""
+    import json
+
+    from skyeye.formats.boxes import to_grid
     probe = _bench("grounding_probe")
     model = _model(tiny_backbones)
     model.save(tmp_path / "m")
     res = probe.probe(str(tmp_path / "m"), tiny_instructions, n_train=12, n_test=4)
     layers = model.llm.config.num_hidden_layers
-    assert res["visual_tokens"] == 4 and res["n_test"] > 0
-    assert len(res["attention_on_object"]) == layers and all(0 <= a <= 1 for a in res["attention_on_object"])
+    # The tiny corpus has more than 12 DIOR-RSVG refer samples in stage 1 and 4 in its test file.
+    stage1 = json.loads((tiny_instructions / "stage1.json").read_text())
+    assert sum(s["task"] == "refer" and s["source"] == "dior_rsvg" for s in stage1) >= 12
+    test = json.loads((tiny_instructions / "eval/dior_rsvg_test.json").read_text())["samples"]
+    assert len(test) >= 4 and (res["n_train"], res["n_test"]) == (12, 4)
+    assert res["visual_tokens"] == 4 and res["alignment_group"] == 4
+    assert len(res["attention_on_object"]) == layers and all(0 < a < 1 for a in res["attention_on_object"])
     assert {k for k in res if k.startswith("probe_hidden_L")} == {f"probe_hidden_L{k}" for k in range(layers + 1)}
-    assert 0 < res["attention_uniform"] <= 1 and len(res["mae_teacher_forced"]) == 4
+    assert len(res["mae_teacher_forced"]) == 4
+    # Uniform attention: 64 px / 16 px patches make a 4 x 4 grid, 4 patches per token, so token k
+    # is grid row k, the strip 25k-25(k+1) of the grid's 0-100; the share of the 4 strips each
+    # test box (the probe's samples: every len // 4-th) reaches, averaged.
+    chosen = test[:: max(1, len(test) // 4)][:4]
+    strips = [sum(25 * k < y2 and 25 * (k + 1) > y1 for k in range(4)) / 4
+              for _, y1, _, y2 in (to_grid(r["box"], *r["image_size"]) for r in chosen)]
+    assert res["attention_uniform"] == round(sum(strips) / 4, 3)
     assert res["ceiling_group1"]["visual_tokens"] == 16 and res["ceiling_group4"]["visual_tokens"] == 4
-    assert all(0 <= res[f"ceiling_group{g}"]["acc_at_0.5"] <= 1 for g in (1, 4))
+    for g in (1, 4):  # a share of the 4 test samples
+        assert res[f"ceiling_group{g}"]["acc_at_0.5"] in (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
 def test_grounding_ceiling_reads_boxes_that_the_patches_hold_and_not_from_noise():

@@ -126,14 +126,7 @@ def read_voc(
     benchmark: str, root: Path, splits: Sequence[str] | None = None
 ) -> tuple[list[GroundingSample], ReadReport]:
     """Read the asked splits (default: all whose split files exist); samples by split, then index."""
-    xml_files = sorted((root / "Annotations").glob("*.xml"), key=lambda p: p.name)
-    if not xml_files:
-        raise DataFormatError(root / "Annotations", "*.xml", "no annotation files")
-    # the running index spans every object of every XML, so all are parsed whatever the split
-    flat: list[tuple[Path, VocAnnotation, int]] = []
-    for xml in xml_files:
-        ann = parse_annotation(xml)
-        flat.extend((xml, ann, k) for k in range(len(ann.objects)))
+    flat = _all_objects(root)
     indices = load_split_indices(root, n_objects=len(flat))
     if splits is None:
         splits = tuple(indices)
@@ -148,34 +141,54 @@ def read_voc(
         kept = 0
         for index in sorted(indices[split]):
             xml, ann, k = flat[index]
-            obj = ann.objects[k]
-            x1, y1, x2, y2 = obj.box
-            if not (x1 < x2 and y1 < y2):
-                report.skip("degenerate box")
-                continue
-            fit = fit_box(obj.box, ann.size)
-            where = f"{xml.relative_to(root).as_posix()} object[{k}]/bndbox"
-            if fit.status == "outside":
-                report.skip(BOX_OUTSIDE, example=f"{where}: {fit.detail}")
-                continue
-            if not obj.description:
-                report.skip("object without description")
-                continue
-            image = _image_path(root, xml, ann)
-            if image is None:
-                report.skip("missing image file")
-                continue
-            if fit.status == "clipped":  # counted once the object is kept
-                report.clip(BOX_CLIPPED, example=f"{where}: {fit.detail}")
-            samples.append(
-                GroundingSample(
-                    benchmark, split, f"{xml.stem}_{k}", image,
-                    expression=obj.description, box=fit.box or obj.box, image_size=ann.size, category=obj.name,
-                )
-            )
-            kept += 1
+            sample = _object_sample(benchmark, split, root, xml, ann, k, report)
+            if sample is not None:
+                samples.append(sample)
+                kept += 1
         report.kept[split] += kept
     return samples, report
+
+
+def _all_objects(root: Path) -> list[tuple[Path, VocAnnotation, int]]:
+    """Every object of every XML (file, its annotation, the object's position in it), in the
+    order the split files' running index counts them: XML files by name, objects in file order.
+    All are parsed whatever the splits asked."""
+    xml_files = sorted((root / "Annotations").glob("*.xml"), key=lambda p: p.name)
+    if not xml_files:
+        raise DataFormatError(root / "Annotations", "*.xml", "no annotation files")
+    flat: list[tuple[Path, VocAnnotation, int]] = []
+    for xml in xml_files:
+        ann = parse_annotation(xml)
+        flat.extend((xml, ann, k) for k in range(len(ann.objects)))
+    return flat
+
+
+def _object_sample(benchmark: str, split: str, root: Path, xml: Path, ann: VocAnnotation, k: int,
+                   report: ReadReport) -> GroundingSample | None:
+    """Object `k` of `xml` as a sample; None, counted in `report` as a skip, when its box is
+    degenerate or outside the image, it has no description or its image is missing. A box
+    clipped to the image is counted too."""
+    obj = ann.objects[k]
+    x1, y1, x2, y2 = obj.box
+    if not (x1 < x2 and y1 < y2):
+        report.skip("degenerate box")
+        return None
+    fit = fit_box(obj.box, ann.size)
+    where = f"{xml.relative_to(root).as_posix()} object[{k}]/bndbox"
+    if fit.status == "outside":
+        report.skip(BOX_OUTSIDE, example=f"{where}: {fit.detail}")
+        return None
+    if not obj.description:
+        report.skip("object without description")
+        return None
+    image = _image_path(root, xml, ann)
+    if image is None:
+        report.skip("missing image file")
+        return None
+    if fit.status == "clipped":  # counted once the object is kept
+        report.clip(BOX_CLIPPED, example=f"{where}: {fit.detail}")
+    return GroundingSample(benchmark, split, f"{xml.stem}_{k}", image, expression=obj.description,
+                           box=fit.box or obj.box, image_size=ann.size, category=obj.name)
 
 
 def _image_path(root: Path, xml: Path, ann: VocAnnotation) -> Path | None:

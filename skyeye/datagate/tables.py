@@ -298,53 +298,71 @@ def build_tables(instructions_dir: Path, workers: int | None = None) -> Tables:
     paths = [root / "stage1.json", root / "stage2.json", *sorted((root / EVAL_DIR).glob("*.json")),
              *sorted((root / VALIDATION_DIR).glob("*.json"))]
     for path in paths:
-        file = path.relative_to(root).as_posix()
-        is_eval = path.parent != root
-        frow: dict[str, Any] = {"file": file, "kind": "eval" if is_eval else path.stem,
-                                "exists": path.is_file()}
-        col.rows["files"].append(frow)
-        if not frow["exists"]:
-            continue
-        try:
-            data = json.loads(path.read_bytes())
-        except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
-            frow["parse_error"] = f"{type(exc).__name__}: {exc}"[:300]
-            continue
-        if is_eval:
-            col.eval_file(data, path, file, frow)
-        else:
-            col.instruction_file(data, file, path.stem, frow)
+        _read_file(col, path)
+    probes = _probe_all(col.media, workers)
+    col.rows["images"] = [{**col.media[k], **probes[k]} for k in col.media]
+    for row in col.rows["eval_samples"]:
+        probe = probes.get(row["media"]) or {}
+        row.update(actual_width=probe.get("width"), actual_height=probe.get("height"))
+    col.rows["leakage"] = _leakage_rows(col.rows["eval_samples"], col.train_media)
+    col.rows["vqa_types"] = _vqa_type_rows(col.rows["eval_samples"])
+    frames = {name: _frame(name, rows) for name, rows in col.rows.items()}
+    return Tables(frames, n_instructions=len(col.rows["samples"]), n_eval=len(col.rows["eval_samples"]))
 
-    keys = list(col.media)
+
+def _read_file(col: _Collector, path: Path) -> None:
+    """One instruction or eval file into `col`: its row in `files` (missing, unparsable or
+    its record count), its records into the other tables."""
+    root = col.root
+    file = path.relative_to(root).as_posix()
+    is_eval = path.parent != root
+    frow: dict[str, Any] = {"file": file, "kind": "eval" if is_eval else path.stem, "exists": path.is_file()}
+    col.rows["files"].append(frow)
+    if not frow["exists"]:
+        return
+    try:
+        data = json.loads(path.read_bytes())
+    except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
+        frow["parse_error"] = f"{type(exc).__name__}: {exc}"[:300]
+        return
+    if is_eval:
+        col.eval_file(data, path, file, frow)
+    else:
+        col.instruction_file(data, file, path.stem, frow)
+
+
+def _probe_all(media: dict[str, dict[str, Any]], workers: int | None) -> dict[str, dict[str, Any]]:
+    """`probe_media` of every referenced file (path -> its probe), in a thread pool."""
+    keys = list(media)
     # Training code often sets LOAD_TRUNCATED_IMAGES, which would let cut files pass here.
     lenient, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, False
     try:
         with ThreadPoolExecutor(max_workers=workers or min(8, (os.cpu_count() or 1) + 2)) as pool:
-            probes = dict(zip(keys, pool.map(lambda k: probe_media(k, col.media[k]["kind"]), keys), strict=True))
+            return dict(zip(keys, pool.map(lambda k: probe_media(k, media[k]["kind"]), keys), strict=True))
     finally:
         ImageFile.LOAD_TRUNCATED_IMAGES = lenient
-    col.rows["images"] = [{**col.media[k], **probes[k]} for k in keys]
 
-    seen: set[tuple[str, str]] = set()
-    for row in col.rows["eval_samples"]:
-        probe = probes.get(row["media"]) or {}
-        row.update(actual_width=probe.get("width"), actual_height=probe.get("height"))
+
+def _leakage_rows(eval_rows: list[dict[str, Any]], train_media: dict[str, tuple[str, str]]) -> list[dict[str, Any]]:
+    """One row per eval image and file, naming the training sample that uses the same file (if any)."""
+    rows, seen = [], set()
+    for row in eval_rows:
         if row["media"] is None or (row["file"], row["media"]) in seen:
-            continue  # one leakage row per eval image and file
+            continue
         seen.add((row["file"], row["media"]))
         # Any training use counts, whatever its `source`: paths are normalised, so a match
         # is the same file (in practice always one of the eval file's own benchmark).
-        train_id, train_source = col.train_media.get(row["media"], (None, None))
-        col.rows["leakage"].append({"file": row["file"], "index": row["index"], "id": row["id"],
-                                    "benchmark": row["benchmark"], "path": row["path"],
-                                    "train_id": train_id, "train_source": train_source})
+        train_id, train_source = train_media.get(row["media"], (None, None))
+        rows.append({"file": row["file"], "index": row["index"], "id": row["id"], "benchmark": row["benchmark"],
+                     "path": row["path"], "train_id": train_id, "train_source": train_source})
+    return rows
 
+
+def _vqa_type_rows(eval_rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per VQA eval file, each question type's count and share of the file's typed questions."""
     per_file: dict[str, Counter] = {}
-    for row in col.rows["eval_samples"]:
+    for row in eval_rows:
         if row["task"] == "vqa" and isinstance(row["question_type"], str):
             per_file.setdefault(row["file"], Counter())[row["question_type"]] += 1
-    col.rows["vqa_types"] = [{"file": f, "question_type": t, "count": n, "share": n / sum(c.values())}
-                             for f, c in per_file.items() for t, n in sorted(c.items())]
-
-    frames = {name: _frame(name, rows) for name, rows in col.rows.items()}
-    return Tables(frames, n_instructions=len(col.rows["samples"]), n_eval=len(col.rows["eval_samples"]))
+    return [{"file": f, "question_type": t, "count": n, "share": n / sum(c.values())}
+            for f, c in per_file.items() for t, n in sorted(c.items())]

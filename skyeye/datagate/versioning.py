@@ -386,44 +386,25 @@ def checkout_data(root: Path | None = None, rev: str = "HEAD", *, force: bool = 
     fetching from the remote what the cache lacks. Without `force`, DVC refuses to drop
     edits in data/ that were never versioned; nothing is changed then."""
     root = _root(root)
-    resolved = git(root, "rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}", check=False)
-    if resolved.returncode != 0:
-        raise VersioningError(f"unknown git revision '{rev}' in {root}")
-    sha = resolved.stdout.strip()
-    text = dvc_file_at(root, sha)
-    if text is None:
-        raise VersioningError(f"revision '{rev}' ({sha[:12]}) has no {DVC_FILE}")
+    sha, text = _dvc_file_at_revision(root, rev)
     target = parse_dvc_file(text, f"{DVC_FILE} at {rev}")
     path = root / DVC_FILE
     current = path.read_text() if path.exists() else None
 
     with _dvc(root, f"checkout of data at '{rev}'") as repo:
         remote = repo.config["core"].get("remote")
-        # Refill the cache with the version we leave (if the workspace holds it), so DVC's
-        # "unsaved files" guard only trips on edits that really were never versioned.
-        if current and _missing_from_cache(repo, parse_dvc_file(current, str(path))["md5"]):
-            try:
-                repo.fetch(targets=[str(root / DVC_FILE)])
-            except Exception:  # best effort: the guard below still protects the workspace
-                pass
+        if current:
+            _refill_cache(repo, root, parse_dvc_file(current, str(path))["md5"])
         atomic_write_text(path, text)
         try:
-            fetched = 0
-            if _missing_from_cache(repo, target["md5"]):
-                fetched = repo.fetch(targets=[str(root / DVC_FILE)])
-                if _missing_from_cache(repo, target["md5"]):
-                    raise VersioningError(f"data of revision '{rev}' ({target['md5']}) is neither in the "
-                                          f"cache nor on remote '{remote}'; data/ left unchanged")
-            changes = repo.checkout(targets=[str(root / DVC_FILE)], force=force)
-        except BaseException as exc:
+            fetched = _fetch_version(repo, root, target["md5"], rev, remote)
+            changes = _dvc_checkout(repo, root, rev, force)
+        except BaseException:
             # Put data.dvc back so it still describes data/ (DVC checks before it writes).
             if current is None:
                 path.unlink(missing_ok=True)
             else:
                 atomic_write_text(path, current)
-            if "unsaved files" in str(exc):
-                raise VersioningError(f"checkout of data at '{rev}' would discard edits in data/ that were "
-                                      f"never versioned: {exc}\n(version them first, or pass force=True)") from exc
             raise
     stats = changes.get("stats", {})
     source = f"{fetched} file(s) fetched from remote '{remote}'" if fetched else "from the local cache"
@@ -431,3 +412,54 @@ def checkout_data(root: Path | None = None, rev: str = "HEAD", *, force: bool = 
     note = (f"restored data/ to {target['md5']} from revision {rev} ({sha[:12]}), {source}; "
             f"{stats.get('added', 0)} added, {stats.get('modified', 0)} modified, {stats.get('deleted', 0)} deleted")
     return DataVersion(target["md5"], sha, dirty, target.get("nfiles"), target.get("size"), note)
+
+
+def _dvc_file_at_revision(root: Path, rev: str) -> tuple[str, str]:
+    """The commit `rev` names and the text of its data.dvc."""
+    resolved = git(root, "rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}", check=False)
+    if resolved.returncode != 0:
+        raise VersioningError(f"unknown git revision '{rev}' in {root}")
+    sha = resolved.stdout.strip()
+    text = dvc_file_at(root, sha)
+    if text is None:
+        raise VersioningError(f"revision '{rev}' ({sha[:12]}) has no {DVC_FILE}")
+    return sha, text
+
+
+def _refill_cache(repo: Any, root: Path, md5: str) -> None:
+    """Refill the cache with the version we leave (if the workspace holds it), so DVC's
+    "unsaved files" guard only trips on edits that really were never versioned."""
+    if _missing_from_cache(repo, md5):
+        try:
+            repo.fetch(targets=[str(root / DVC_FILE)])
+        except Exception:  # best effort: the guard in _dvc_checkout still protects the workspace
+            pass
+
+
+def _fetch_version(repo: Any, root: Path, md5: str, rev: str, remote: str | None) -> int:
+    """Fetch the version data.dvc now names, unless the cache holds it; the files fetched."""
+    if not _missing_from_cache(repo, md5):
+        return 0
+    fetched = repo.fetch(targets=[str(root / DVC_FILE)])
+    if _missing_from_cache(repo, md5):
+        raise VersioningError(f"data of revision '{rev}' ({md5}) is neither in the "
+                              f"cache nor on remote '{remote}'; data/ left unchanged")
+    return fetched
+
+
+def _dvc_checkout(repo: Any, root: Path, rev: str, force: bool) -> dict[str, Any]:
+    """DVC's checkout of data.dvc; its changes. Without `force`, DVC first refuses to delete
+    workspace files its cache lacks (edits never versioned). DVC 3 raises that refusal as a
+    bare DvcException, with no subclass of its own (dvc/repo/checkout.py, _check_can_delete),
+    while its other checkout failures have theirs (CheckoutError, CheckoutErrorSuggestGit,
+    LockError...); an output's own guard raises ConfirmRemoveError. Those types, not the
+    message's text, say it was the refusal."""
+    from dvc.exceptions import ConfirmRemoveError, DvcException
+
+    try:
+        return repo.checkout(targets=[str(root / DVC_FILE)], force=force)
+    except DvcException as exc:
+        if force or not (type(exc) is DvcException or isinstance(exc, ConfirmRemoveError)):
+            raise
+        raise VersioningError(f"checkout of data at '{rev}' would discard edits in data/ that were "
+                              f"never versioned: {exc}\n(version them first, or pass force=True)") from exc

@@ -21,6 +21,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import mlflow
+from mlflow.entities import Run
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
@@ -170,20 +171,47 @@ def register(model_dir: str | Path | None, eval_run_id: str, training_run_id: st
     same evaluation again returns the version it already produced."""
     client, name = runs.client(), model_name()
     with lock(name, "registration"):  # a retried task waits for, then finds, the version it is retrying
-        return _register(client, name, model_dir, eval_run_id, training_run_id, tuning_job, example_image,
-                         copy_backbones)
+        run = check_eval_run(client, eval_run_id)
+        done = _version_of(client, name, run)
+        if done is not None:
+            return done
+        lineage = _lineage(client, run, model_dir, training_run_id, tuning_job)
+        info, origin = _log_pyfunc(lineage, example_image, copy_backbones)
+        return _create_version(client, name, lineage, info, origin)
 
 
-def _register(client, name, model_dir, eval_run_id, training_run_id, tuning_job, example_image, copy_backbones):
-    run = check_eval_run(client, eval_run_id)
-    tags = run.data.tags
-    done = tags.get(TAG_MODEL_VERSION)
+@dataclass(frozen=True)
+class _Lineage:
+    """What a new version stands on: its evaluation run, the folder that run scored, the
+    training run and tuning job behind it (when known)."""
+    eval_run: Run
+    model_dir: Path
+    training_run_id: str | None
+    tuning_job: str | None
+
+    @property
+    def source_run(self) -> str:
+        """The run the model is logged into: the training run, else the evaluation run."""
+        return self.training_run_id or self.eval_run.info.run_id
+
+
+def _version_of(client: MlflowClient, name: str, run: Run) -> int | None:
+    """The version this evaluation run already registered, if it still exists."""
+    done = run.data.tags.get(TAG_MODEL_VERSION)
     if done:
         try:
-            if client.get_model_version(name, done).tags.get(TAG_EVAL_RUN) == eval_run_id:
+            if client.get_model_version(name, done).tags.get(TAG_EVAL_RUN) == run.info.run_id:
                 return int(done)
         except MlflowException:
             pass  # that version was deleted: register again
+    return None
+
+
+def _lineage(client: MlflowClient, run: Run, model_dir: str | Path | None, training_run_id: str | None,
+             tuning_job: str | None) -> _Lineage:
+    """Check the folder against the one the evaluation scored, and find the training run (the
+    evaluation's, unless given; it must be FINISHED) and its tuning job (unless given)."""
+    eval_run_id, tags = run.info.run_id, run.data.tags
     scored = tags.get(TAG_MODEL_DIR)
     if not (model_dir or scored):
         raise RegistryError(f"evaluation run {eval_run_id} names no model folder ({TAG_MODEL_DIR}): pass model_dir")
@@ -196,13 +224,18 @@ def _register(client, name, model_dir, eval_run_id, training_run_id, tuning_job,
         if training.info.status != "FINISHED":
             raise RegistryError(f"training run {training_run_id} is {training.info.status}, not FINISHED")
         tuning_job = tuning_job or training.data.tags.get(TAG_PARENT)
-    source_run = training_run_id or eval_run_id
+    return _Lineage(run, model_dir, training_run_id, tuning_job)
+
+
+def _log_pyfunc(lineage: _Lineage, example_image: str | Path | None, copy_backbones: bool):
+    """Log the folder as a pyfunc model into the source run; (MLflow's model info, where the
+    backbones came from)."""
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            artifacts, origin, meta = stage_artifacts(model_dir, Path(tmp), copy_backbones)
+            artifacts, origin, meta = stage_artifacts(lineage.model_dir, Path(tmp), copy_backbones)
             # code_paths: the model carries the skyeye package it runs (the folder above this one);
             # SkyEyeGPTModel is pickled by reference, skyeye.registry.packaging.SkyEyeGPTModel
-            with _in_run(source_run):
+            with _in_run(lineage.source_run):
                 info = mlflow.pyfunc.log_model(
                     name=ARTIFACT_NAME, python_model=SkyEyeGPTModel(), artifacts=artifacts,
                     signature=model_signature(meta["config"].get("max_new_tokens", 48)),
@@ -210,18 +243,26 @@ def _register(client, name, model_dir, eval_run_id, training_run_id, tuning_job,
                     code_paths=[str(Path(__file__).resolve().parents[1])])
     except PackagingError as err:  # a folder or example image that cannot be packaged: refused as before
         raise RegistryError(str(err)) from None
+    return info, origin
+
+
+def _create_version(client: MlflowClient, name: str, lineage: _Lineage, info, origin) -> int:
+    """The registered version of the logged model, with its lineage tags; the evaluation run
+    is tagged with it."""
     try:
         client.create_registered_model(name, description="SkyEyeGPT, remote-sensing multimodal LLM (pyfunc: "
                                                          "image + prompt -> answer)")
     except MlflowException as err:
         if err.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
-    version_tags = {TAG_EVAL_RUN: eval_run_id, TAG_TRAINING_RUN: training_run_id or "",
-                    TAG_TUNING_JOB: tuning_job or "", TAG_DVC_MD5: tags.get(TAG_DVC_MD5, UNVERSIONED),
-                    TAG_GIT_REV: tags.get(TAG_GIT_REV, UNCOMMITTED), TAG_MODEL_DIR: str(model_dir.resolve()),
+    run = lineage.eval_run
+    eval_run_id, tags = run.info.run_id, run.data.tags
+    version_tags = {TAG_EVAL_RUN: eval_run_id, TAG_TRAINING_RUN: lineage.training_run_id or "",
+                    TAG_TUNING_JOB: lineage.tuning_job or "", TAG_DVC_MD5: tags.get(TAG_DVC_MD5, UNVERSIONED),
+                    TAG_GIT_REV: tags.get(TAG_GIT_REV, UNCOMMITTED), TAG_MODEL_DIR: str(lineage.model_dir.resolve()),
                     TAG_BACKBONES: json.dumps(origin), TAG_APPROVED_TASKS: json.dumps(approved_tasks(run.data.metrics))}
     # one call with the tags: a version is never visible without its lineage
-    mv = client.create_model_version(name, source=info.model_uri, run_id=source_run, tags=version_tags,
+    mv = client.create_model_version(name, source=info.model_uri, run_id=lineage.source_run, tags=version_tags,
                                      model_id=info.model_id)
     client.set_tag(eval_run_id, TAG_MODEL_VERSION, mv.version)
     return int(mv.version)

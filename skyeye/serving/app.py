@@ -99,6 +99,16 @@ def build_app(server: "SkyEyeServer") -> FastAPI:
     `__serve_build_asgi_app__`), so the routes reach the replica's state directly."""
     app = FastAPI(title="SkyEyeGPT", version="1",
                   description="SkyEyeGPT, remote-sensing multimodal LLM, behind the OpenAI chat-completions API.")
+    _add_error_handlers(app)
+    _add_routes(app, server)
+    app.openapi = lambda: _openapi_schema(app)
+    from . import web  # gradio is heavy: only replicas load it
+    web.mount(app)
+    return app
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Every error, ours, FastAPI's or an unexpected one, as an OpenAI-shaped error body."""
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, err: APIError) -> JSONResponse:
@@ -116,6 +126,10 @@ def build_app(server: "SkyEyeServer") -> FastAPI:
     @app.exception_handler(Exception)
     async def unexpected(request: Request, err: Exception) -> JSONResponse:
         return _error(APIError(500, f"internal error: {type(err).__name__}", type="server_error"))
+
+
+def _add_routes(app: FastAPI, server: "SkyEyeServer") -> None:
+    """The API: health, models, Prometheus metrics and chat completions (/ leads to the web demo)."""
 
     @app.get("/", include_in_schema=False)
     async def home():
@@ -139,25 +153,21 @@ def build_app(server: "SkyEyeServer") -> FastAPI:
     async def chat(request: Request):
         return await server.chat(request)
 
-    def schema() -> dict[str, Any]:
-        """FastAPI's schema, with the chat request's body documented (the handler reads the body
-        itself, to check its size and the API key first)."""
-        if app.openapi_schema:
-            return app.openapi_schema
-        out = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
-        body = ChatCompletionRequest.model_json_schema(ref_template="#/components/schemas/{model}")
-        components = out.setdefault("components", {}).setdefault("schemas", {})
-        components.update(body.pop("$defs", {}))
-        components["ChatCompletionRequest"] = body
-        out["paths"]["/v1/chat/completions"]["post"]["requestBody"] = {"required": True, "content": {
-            "application/json": {"schema": {"$ref": "#/components/schemas/ChatCompletionRequest"}}}}
-        app.openapi_schema = out
-        return out
 
-    app.openapi = schema
-    from . import web  # gradio is heavy: only replicas load it
-    web.mount(app)
-    return app
+def _openapi_schema(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's schema, with the chat request's body documented (the handler reads the body
+    itself, to check its size and the API key first); built once."""
+    if app.openapi_schema:
+        return app.openapi_schema
+    out = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+    body = ChatCompletionRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+    components = out.setdefault("components", {}).setdefault("schemas", {})
+    components.update(body.pop("$defs", {}))
+    components["ChatCompletionRequest"] = body
+    out["paths"]["/v1/chat/completions"]["post"]["requestBody"] = {"required": True, "content": {
+        "application/json": {"schema": {"$ref": "#/components/schemas/ChatCompletionRequest"}}}}
+    app.openapi_schema = out
+    return out
 
 
 @serve.deployment(name="SkyEyeGPT", max_surge_percent=100)

@@ -131,58 +131,89 @@ def sample_scene(rng: np.random.Generator, land_use: str | None = None, style: s
     """Draw one scene: land use, water and roads, then non-overlapping objects placed
     where they belong (ships on water, everything else on land)."""
     land_use = land_use or str(rng.choice(list(LAND_USES)))
-    spec = LAND_USES[land_use]
     water = _water_layout(land_use, rng)
-    roads: list[tuple[str, float]] = []
-    if land_use in ("residential", "industrial", "parking lot", "airport") or rng.random() < 0.25:
-        if not water:
-            roads.append((str(rng.choice(["h", "v"])), float(rng.uniform(0.25, 0.75))))
-    objects: list[SceneObject] = []
-    boxes: list[tuple[float, float, float, float]] = []
+    roads = _road_layout(land_use, water, rng)
     road_boxes = [(0.0, p - 0.04, 1.0, p + 0.04) if d == "h" else (p - 0.04, 0.0, p + 0.04, 1.0) for d, p in roads]
-    for category, (lo, hi) in spec["objects"].items():
+    objects: list[SceneObject] = []
+    for category, (lo, hi) in LAND_USES[land_use]["objects"].items():
         for _ in range(int(rng.integers(lo, hi + 1))):
             if len(objects) >= max_objects:
                 break
-            for _attempt in range(30):
-                side = rng.uniform(*SIZE_RANGE[category])
-                if category == "bridge":
-                    if not water:
-                        break
-                    x1, y1, x2, y2 = water[0]
-                    across_h = (x2 - x1) >= 0.99  # horizontal river: the bridge runs vertically
-                    angle = 90.0 if across_h else 0.0
-                    length, width = (y2 - y1 if across_h else x2 - x1) + 0.12, side * 0.45
-                    cx = rng.uniform(0.2, 0.8) if across_h else (x1 + x2) / 2
-                    cy = (y1 + y2) / 2 if across_h else rng.uniform(0.2, 0.8)
-                else:
-                    aspect = {"airplane": 1.0, "ship": 0.3, "vehicle": 0.5, "storage tank": 1.0,
-                              "building": rng.uniform(0.6, 1.0), "tennis court": 0.5}[category]
-                    angle = float(rng.choice([0, 90])) if category in ("building", "tennis court", "storage tank") \
-                        else float(rng.uniform(0, 360))
-                    length, width = side, side * aspect
-                pts = outline(category, length, width, angle)
-                xs, ys = [p[0] for p in pts], [p[1] for p in pts]
-                if category != "bridge":
-                    cx = rng.uniform(0.02 - min(xs), 0.98 - max(xs))
-                    cy = rng.uniform(0.02 - min(ys), 0.98 - max(ys))
-                box = (cx + min(xs), cy + min(ys), cx + max(xs), cy + max(ys))
-                if category == "bridge":
-                    box = tuple(min(max(v, 0.0), 1.0) for v in box)
-                if category != "bridge":
-                    wet = _in_water(cx, cy, water)
-                    if wet != (category in WATER_CATEGORIES):
-                        continue
-                    corners = ((box[0], box[1]), (box[2], box[3]), (box[0], box[3]), (box[2], box[1]))
-                    if category not in WATER_CATEGORIES and any(_in_water(x, y, water) for x, y in corners):
-                        continue
-                    if category != "vehicle" and _overlaps(box, road_boxes, margin=0.0):
-                        continue
-                if _overlaps(box, boxes):
-                    continue
-                colour = str(rng.choice(CATEGORY_COLOURS[category]))
-                objects.append(SceneObject(category, colour, tuple(float(v) for v in box), float(angle),
-                                           float(length), float(width)))
-                boxes.append(box)
-                break
+            place = _place_bridge if category == "bridge" else _place_on_ground
+            obj = place(category, rng, water, road_boxes, [o.box for o in objects])
+            if obj is not None:
+                objects.append(obj)
     return Scene(land_use, style, objects, water, roads, texture_seed=int(rng.integers(0, 2**31 - 1)))
+
+
+def _road_layout(land_use: str, water, rng: np.random.Generator) -> list[tuple[str, float]]:
+    """At most one straight road, never in a scene with water."""
+    if land_use in ("residential", "industrial", "parking lot", "airport") or rng.random() < 0.25:
+        if not water:
+            return [(str(rng.choice(["h", "v"])), float(rng.uniform(0.25, 0.75)))]
+    return []
+
+
+_PLACEMENT_ATTEMPTS = 30  # tries per object before it is left out
+
+
+def _box_of(pts: list[tuple[float, float]], cx: float, cy: float) -> tuple[float, float, float, float]:
+    xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+    return (cx + min(xs), cy + min(ys), cx + max(xs), cy + max(ys))
+
+
+def _new_object(category: str, rng: np.random.Generator, box, angle: float, length: float,
+                width: float) -> SceneObject:
+    colour = str(rng.choice(CATEGORY_COLOURS[category]))
+    return SceneObject(category, colour, tuple(float(v) for v in box), float(angle), float(length), float(width))
+
+
+def _place_bridge(category: str, rng: np.random.Generator, water, road_boxes, taken) -> SceneObject | None:
+    """A bridge spans the first water body (its box clipped to the image); None without water
+    or when every try overlaps an object already placed."""
+    if not water:
+        rng.uniform(*SIZE_RANGE[category])  # the draw a try makes first: later scenes depend on it
+        return None
+    x1, y1, x2, y2 = water[0]
+    across_h = (x2 - x1) >= 0.99  # horizontal river: the bridge runs vertically
+    angle = 90.0 if across_h else 0.0
+    for _attempt in range(_PLACEMENT_ATTEMPTS):
+        side = rng.uniform(*SIZE_RANGE[category])
+        length, width = (y2 - y1 if across_h else x2 - x1) + 0.12, side * 0.45
+        cx = rng.uniform(0.2, 0.8) if across_h else (x1 + x2) / 2
+        cy = (y1 + y2) / 2 if across_h else rng.uniform(0.2, 0.8)
+        box = tuple(min(max(v, 0.0), 1.0) for v in _box_of(outline(category, length, width, angle), cx, cy))
+        if not _overlaps(box, taken):
+            return _new_object(category, rng, box, angle, length, width)
+    return None
+
+
+_ASPECT = {"airplane": 1.0, "ship": 0.3, "vehicle": 0.5, "storage tank": 1.0, "tennis court": 0.5}  # width/length
+_AXIS_ALIGNED = ("building", "tennis court", "storage tank")  # headings 0 or 90 only
+
+
+def _place_on_ground(category: str, rng: np.random.Generator, water, road_boxes, taken) -> SceneObject | None:
+    """Any other object, inside the image: ships with their centre on water, the rest wholly on
+    land, off the roads (vehicles excepted) and clear of the objects placed; None when every
+    try fails."""
+    for _attempt in range(_PLACEMENT_ATTEMPTS):
+        side = rng.uniform(*SIZE_RANGE[category])
+        building_aspect = rng.uniform(0.6, 1.0)  # drawn for every category: later draws depend on it
+        aspect = building_aspect if category == "building" else _ASPECT[category]
+        angle = float(rng.choice([0, 90])) if category in _AXIS_ALIGNED else float(rng.uniform(0, 360))
+        length, width = side, side * aspect
+        pts = outline(category, length, width, angle)
+        xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+        cx = rng.uniform(0.02 - min(xs), 0.98 - max(xs))
+        cy = rng.uniform(0.02 - min(ys), 0.98 - max(ys))
+        box = _box_of(pts, cx, cy)
+        if _in_water(cx, cy, water) != (category in WATER_CATEGORIES):
+            continue
+        corners = ((box[0], box[1]), (box[2], box[3]), (box[0], box[3]), (box[2], box[1]))
+        if category not in WATER_CATEGORIES and any(_in_water(x, y, water) for x, y in corners):
+            continue
+        if category != "vehicle" and _overlaps(box, road_boxes, margin=0.0):
+            continue
+        if not _overlaps(box, taken):
+            return _new_object(category, rng, box, angle, length, width)
+    return None

@@ -33,6 +33,7 @@ import os
 import shutil
 import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -201,8 +202,25 @@ def _dense_targets(samples, side: int, patch: int, classes: list[str]):
     return targets
 
 
-def pretrain_vision(synth: Path, cfg: BackbonesConfig, out: Path, log) -> dict[str, float]:
-    torch.manual_seed(cfg.seed)
+# The dense losses' weights, each against the class loss's 1: the box's L1 on normalised
+# coordinates is small next to the cross-entropies, so it is scaled up; its 0-100 bins say the
+# same thing again, coarser, so they weigh half.
+BOX_L1_WEIGHT = 5
+BOX_BINS_WEIGHT = 0.5
+
+
+@dataclass
+class _GroundingTargets:
+    """The grounding train images (uint8) and each one's per-patch class (0: background),
+    colour (-100: unknown) and box targets."""
+    classes: list[str]
+    u8: torch.Tensor
+    cls: torch.Tensor
+    colour: torch.Tensor
+    box: torch.Tensor
+
+
+def _grounding_targets(synth: Path, spec) -> _GroundingTargets:
     samples = []
     for name in ("dior_rsvg", "rsvg"):
         if (synth / name).exists():
@@ -210,70 +228,100 @@ def pretrain_vision(synth: Path, cfg: BackbonesConfig, out: Path, log) -> dict[s
     if not samples:
         raise ValueError(f"{synth}: no DIOR-RSVG/RSVG train split to pretrain the vision encoder on")
     classes = sorted({s.category for s in samples})
-    spec = cfg.vision
     targets = _dense_targets(samples, spec.image_size, spec.patch_size, classes)
     images = sorted(targets)
     pixels = PixelCache(Path("/"), spec.image_size)
-    u8 = torch.stack([pixels.get(str(p)) for p in images])
-    cls_t = torch.from_numpy(np.stack([targets[p][0] for p in images]))
-    col_t = torch.from_numpy(np.stack([targets[p][1] for p in images]))
-    box_t = torch.from_numpy(np.stack([targets[p][2] for p in images]))
+    return _GroundingTargets(classes, torch.stack([pixels.get(str(p)) for p in images]),
+                             *(torch.from_numpy(np.stack([targets[p][i] for p in images])) for i in range(3)))
+
+
+class _VisionObjective:
+    """The loss of one pretraining batch (`step`): the dense per-patch losses on grounding
+    images, plus the scene and count losses when their batches are on (`cfg.scene_batch`,
+    `cfg.count_batch`). Batches are drawn from a generator seeded with `cfg.seed`."""
+
+    def __init__(self, cfg: BackbonesConfig, tower, heads: DenseHeads, grounding: _GroundingTargets,
+                 scenes: tuple[torch.Tensor | None, torch.Tensor], counts: tuple[torch.Tensor | None, torch.Tensor]):
+        self.cfg, self.tower, self.heads, self.data = cfg, tower, heads, grounding
+        (self.scene_u8, self.scene_t), (self.count_u8, self.count_t) = scenes, counts
+        self.rng = np.random.default_rng(cfg.seed)
+        g = cfg.vision.image_size // cfg.vision.patch_size
+        self.rows, self.cols = torch.arange(g * g) // g, torch.arange(g * g) % g
+
+    def step(self) -> tuple[torch.Tensor, dict[str, float]]:
+        cfg, heads = self.cfg, self.heads
+        idx = torch.from_numpy(self.rng.integers(0, len(self.data.u8), cfg.vision_batch))
+        x = normalise(self.data.u8[idx], MEAN, STD)
+        j = torch.from_numpy(self.rng.integers(0, len(self.scene_t), cfg.scene_batch)) if len(self.scene_t) else None
+        k = torch.from_numpy(self.rng.integers(0, len(self.count_t), cfg.count_batch)) if len(self.count_t) else None
+        tokens, scene_tokens, count_tokens = self._encode(x, j, k)
+        dense = self._dense_losses(tokens, x, idx)
+        loss = dense["cls"] + dense["colour"] + BOX_L1_WEIGHT * dense["box"] + BOX_BINS_WEIGHT * dense["box_bins"] \
+            + dense["rgb"] + dense["position"]
+        extra = {}
+        if j is not None:  # every patch names the class, so every visual token the LLM reads carries it
+            loss_scene = F.cross_entropy(heads.scene(scene_tokens).flatten(0, 1),
+                                         self.scene_t[j].repeat_interleave(scene_tokens.shape[1]))
+            loss = loss + cfg.scene_weight * loss_scene
+            extra["vision/loss_scene"] = loss_scene.item()
+        if k is not None:  # a count is a sum of what each patch holds: the LLM can add visual tokens up
+            predicted = F.softplus(heads.count(count_tokens)).sum(1)  # (B, C)
+            loss_count = F.smooth_l1_loss(predicted, self.count_t[k])
+            loss = loss + cfg.count_weight * loss_count
+            extra["vision/loss_count"] = loss_count.item()
+        return loss, {**extra, "vision/loss": loss.item(), "vision/loss_cls": dense["cls"].item(),
+                      "vision/loss_box": dense["box"].item(), "vision/loss_box_bins": dense["box_bins"].item(),
+                      "vision/loss_colour": dense["colour"].item(), "vision/loss_position": dense["position"].item()}
+
+    def _encode(self, x: torch.Tensor, j: torch.Tensor | None, k: torch.Tensor | None):
+        """One forward pass over the grounding, scene and count images together; their patch
+        tokens (CLS dropped), each (B, N, D)."""
+        parts = [x] + ([] if j is None else [normalise(self.scene_u8[j], MEAN, STD)]) \
+            + ([] if k is None else [normalise(self.count_u8[k], MEAN, STD)])
+        tokens = self.tower(pixel_values=torch.cat(parts)).last_hidden_state[:, 1:]
+        n, n_scene = len(x), 0 if j is None else len(j)
+        return tokens[:n], tokens[n:n + n_scene], tokens[n + n_scene:]
+
+    def _dense_losses(self, tokens: torch.Tensor, x: torch.Tensor, idx: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per patch: the covering object's class, colour and box (as coordinates and as 0-100
+        bins), the patch's mean colour, and its own row and column."""
+        heads, cls_t, col_t, box_t = self.heads, self.data.cls[idx], self.data.colour[idx], self.data.box[idx]
+        patch_rgb = F.avg_pool2d(x, self.cfg.vision.patch_size).flatten(2).transpose(1, 2)  # (B, N, 3)
+        fg = cls_t > 0
+        out = {"cls": F.cross_entropy(heads.cls(tokens).flatten(0, 1), cls_t.flatten())}
+        out["colour"] = F.cross_entropy(heads.colour(tokens).flatten(0, 1), col_t.flatten(), ignore_index=-100) \
+            if (col_t >= 0).any() else tokens.sum() * 0
+        if fg.any():
+            out["box"] = F.l1_loss(torch.sigmoid(heads.box(tokens))[fg], box_t[fg])
+            bins = (box_t[fg] * 100).long().clamp(0, 100)  # (F, 4)
+            out["box_bins"] = F.cross_entropy(heads.box_bins(tokens)[fg].view(-1, 101), bins.view(-1))
+        else:
+            out["box"] = out["box_bins"] = tokens.sum() * 0
+        out["rgb"] = F.mse_loss(heads.rgb(tokens), patch_rgb)
+        out["position"] = F.cross_entropy(heads.row(tokens).flatten(0, 1), self.rows.repeat(len(idx))) + \
+            F.cross_entropy(heads.col(tokens).flatten(0, 1), self.cols.repeat(len(idx)))
+        return out
+
+
+def pretrain_vision(synth: Path, cfg: BackbonesConfig, out: Path, log) -> dict[str, float]:
+    """Pretrain the vision tower on `synth`'s train images (see the module's docstring) and
+    save it, with what it learnt to name (skyeye_pretraining.json), to `out`."""
+    torch.manual_seed(cfg.seed)
+    spec = cfg.vision
+    grounding = _grounding_targets(synth, spec)
     tower = new_vision_tower(spec)
     g = spec.image_size // spec.patch_size
     scene_u8, scene_t, scenes = scene_frames(synth, spec.image_size, VIDEO_FRAMES) if cfg.scene_batch else \
         (None, torch.zeros(0, dtype=torch.long), [])
     count_u8, count_t, counted = count_images(synth, spec.image_size) if cfg.count_batch else \
         (None, torch.zeros(0, 0), [])
-    heads = DenseHeads(spec.hidden_size, len(classes), g, len(scenes), len(counted))
-    rng = np.random.default_rng(cfg.seed)
-    rows, cols = torch.arange(g * g) // g, torch.arange(g * g) % g
-
-    def step():
-        idx = torch.from_numpy(rng.integers(0, len(images), cfg.vision_batch))
-        x = normalise(u8[idx], MEAN, STD)
-        j = torch.from_numpy(rng.integers(0, len(scene_t), cfg.scene_batch)) if len(scene_t) else None
-        k = torch.from_numpy(rng.integers(0, len(count_t), cfg.count_batch)) if len(count_t) else None
-        parts = [x] + ([] if j is None else [normalise(scene_u8[j], MEAN, STD)]) \
-            + ([] if k is None else [normalise(count_u8[k], MEAN, STD)])
-        tokens = tower(pixel_values=torch.cat(parts)).last_hidden_state[:, 1:]  # (B, N, D), CLS dropped
-        n_scene = 0 if j is None else len(j)
-        tokens, scene_tokens, count_tokens = (tokens[:len(idx)], tokens[len(idx):len(idx) + n_scene],
-                                              tokens[len(idx) + n_scene:])
-        patch_rgb = F.avg_pool2d(x, spec.patch_size).flatten(2).transpose(1, 2)  # (B, N, 3)
-        fg = cls_t[idx] > 0
-        loss_cls = F.cross_entropy(heads.cls(tokens).flatten(0, 1), cls_t[idx].flatten())
-        loss_col = F.cross_entropy(heads.colour(tokens).flatten(0, 1), col_t[idx].flatten(), ignore_index=-100) \
-            if (col_t[idx] >= 0).any() else tokens.sum() * 0
-        if fg.any():
-            loss_box = F.l1_loss(torch.sigmoid(heads.box(tokens))[fg], box_t[idx][fg])
-            bins = (box_t[idx][fg] * 100).long().clamp(0, 100)  # (F, 4)
-            loss_bins = F.cross_entropy(heads.box_bins(tokens)[fg].view(-1, 101), bins.view(-1))
-        else:
-            loss_box = loss_bins = tokens.sum() * 0
-        loss_rgb = F.mse_loss(heads.rgb(tokens), patch_rgb)
-        loss_pos = F.cross_entropy(heads.row(tokens).flatten(0, 1), rows.repeat(len(idx))) + \
-            F.cross_entropy(heads.col(tokens).flatten(0, 1), cols.repeat(len(idx)))
-        loss = loss_cls + loss_col + 5 * loss_box + 0.5 * loss_bins + loss_rgb + loss_pos
-        extra = {}
-        if j is not None:  # every patch names the class, so every visual token the LLM reads carries it
-            loss_scene = F.cross_entropy(heads.scene(scene_tokens).flatten(0, 1),
-                                         scene_t[j].repeat_interleave(scene_tokens.shape[1]))
-            loss = loss + cfg.scene_weight * loss_scene
-            extra["vision/loss_scene"] = loss_scene.item()
-        if k is not None:  # a count is a sum of what each patch holds: the LLM can add visual tokens up
-            predicted = F.softplus(heads.count(count_tokens)).sum(1)  # (B, C)
-            loss_count = F.smooth_l1_loss(predicted, count_t[k])
-            loss = loss + cfg.count_weight * loss_count
-            extra["vision/loss_count"] = loss_count.item()
-        return loss, {**extra, "vision/loss": loss.item(), "vision/loss_cls": loss_cls.item(),
-                      "vision/loss_box": loss_box.item(), "vision/loss_box_bins": loss_bins.item(),
-                      "vision/loss_colour": loss_col.item(), "vision/loss_position": loss_pos.item()}
-
+    heads = DenseHeads(spec.hidden_size, len(grounding.classes), g, len(scenes), len(counted))
+    objective = _VisionObjective(cfg, tower, heads, grounding, (scene_u8, scene_t), (count_u8, count_t))
     params = list(tower.parameters()) + list(heads.parameters())
     metrics = _train_for(cfg.vision_steps, cfg.vision_seconds, cfg.vision_lr, params, "backbones: vision encoder",
-                         step, log, "vision")
+                         objective.step, log, "vision")
     tower.save_pretrained(out)
-    summary = {"classes": classes, "scene_classes": scenes, "counted": counted, "grid": g, **metrics}
+    summary = {"classes": grounding.classes, "scene_classes": scenes, "counted": counted, "grid": g, **metrics}
     (out / "skyeye_pretraining.json").write_text(json.dumps(summary, indent=1))
     return metrics
 

@@ -425,13 +425,11 @@ def start_local_ray(num_cpus: int, num_gpus: int | None = 0, verbose: bool = Fal
 def fit(loop_fn: Callable[[TrainContext, dict], dict | None], loop_config: dict, cfg: FitConfig) -> FitResult:
     """Run `loop_fn` on `cfg.num_workers` Ray Train workers; a local Ray unless RAY_ADDRESS is set."""
     t0 = time.time()
-    try:
-        import pyarrow.fs
+    try:  # what _trainer and _fit_result use, checked before any Ray starts
+        import pyarrow.fs  # noqa: F401
         import ray
-        from ray import cloudpickle
-        from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-        from ray.train.torch import TorchConfig, TorchTrainer
-        from ray.train.v2.api.config import LoggingConfig
+        import ray.train.torch  # noqa: F401
+        import ray.train.v2.api.config  # noqa: F401
     except ImportError as err:
         raise RuntimeError(f"Ray Train is not importable ({err}); install it: pip install 'ray[train]>=2.60'") from err
     if not isinstance(cfg, FitConfig):
@@ -449,27 +447,7 @@ def fit(loop_fn: Callable[[TrainContext, dict], dict | None], loop_config: dict,
                             None if cfg.use_gpu else 0, cfg.verbose)
     token = uuid.uuid4().hex
     try:
-        trainer = TorchTrainer(
-            _ray_worker,
-            # Pickled here so the controller, which lacks the workers' env (PYTHONPATH), never unpickles it.
-            train_loop_config={"payload": cloudpickle.dumps((loop_fn, loop_config)), "fit_token": token,
-                               "tracking_uri": cfg.resolved_tracking_uri() if cfg.mlflow_run_id else None,
-                               "run_id": cfg.mlflow_run_id, "storage": cfg.resolved_storage()},
-            torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
-            # SPREAD: one worker per node where there are enough nodes (a lost node costs one
-            # worker, and the restart packs onto the others); on one machine it is the same as PACK
-            scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
-                                         resources_per_worker={"CPU": cfg.cpus_per_worker},
-                                         placement_strategy="SPREAD"),
-            run_config=RunConfig(
-                name=cfg.run_name,
-                storage_path=cfg.resolved_storage(),
-                failure_config=FailureConfig(max_failures=cfg.max_failures),
-                checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoints_to_keep),
-                worker_runtime_env={"env_vars": dict(cfg.env)} if cfg.env else None,
-                logging_config=LoggingConfig(log_level="INFO" if cfg.verbose else "WARNING"),
-            ),
-        )
+        trainer = _trainer(loop_fn, loop_config, cfg, token)
         try:
             result = trainer.fit()
         except Exception as err:  # Ray's error holds the workers' tracebacks; say where first
@@ -480,8 +458,42 @@ def fit(loop_fn: Callable[[TrainContext, dict], dict | None], loop_config: dict,
             ray.shutdown()
         if user_interval is None:
             os.environ.pop(_HEALTH_CHECK_ENV, None)
-    seconds = time.time() - t0
+    return _fit_result(result, token, t0, time.time() - t0)
 
+
+def _trainer(loop_fn: Callable[[TrainContext, dict], dict | None], loop_config: dict, cfg: FitConfig, token: str):
+    """The TorchTrainer that runs `loop_fn` in `_ray_worker` on cfg's workers and storage."""
+    from ray import cloudpickle
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.v2.api.config import LoggingConfig
+    return TorchTrainer(
+        _ray_worker,
+        # Pickled here so the controller, which lacks the workers' env (PYTHONPATH), never unpickles it.
+        train_loop_config={"payload": cloudpickle.dumps((loop_fn, loop_config)), "fit_token": token,
+                           "tracking_uri": cfg.resolved_tracking_uri() if cfg.mlflow_run_id else None,
+                           "run_id": cfg.mlflow_run_id, "storage": cfg.resolved_storage()},
+        torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
+        # SPREAD: one worker per node where there are enough nodes (a lost node costs one
+        # worker, and the restart packs onto the others); on one machine it is the same as PACK
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
+                                     resources_per_worker={"CPU": cfg.cpus_per_worker},
+                                     placement_strategy="SPREAD"),
+        run_config=RunConfig(
+            name=cfg.run_name,
+            storage_path=cfg.resolved_storage(),
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoints_to_keep),
+            worker_runtime_env={"env_vars": dict(cfg.env)} if cfg.env else None,
+            logging_config=LoggingConfig(log_level="INFO" if cfg.verbose else "WARNING"),
+        ),
+    )
+
+
+def _fit_result(result: Any, token: str, t0: float, seconds: float) -> FitResult:
+    """What a finished Ray Train run returned: the workers' metrics and output, its last
+    checkpoint (downloaded when remote), and the restarts and nodes its attempts recorded."""
+    import pyarrow.fs
     returned = result.return_value or {}
     checkpoint_dir = None
     if result.checkpoint is not None:
