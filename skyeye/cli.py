@@ -222,7 +222,7 @@ def train(
 ) -> None:
     """Run one tuning stage on Ray Train (local Ray, or RAY_ADDRESS), tracked in MLflow."""
     from .formats.benchmarks import VALIDATION
-    from .registry.references import model_folder
+    from .model.references import model_folder
     from .training.jobs import prepare_backbones, train_stage
     from .training.stage_config import load_stage_config
     if stage not in (1, 2):
@@ -271,7 +271,7 @@ def evaluate(
 ) -> None:
     """Score a model on the 8 benchmarks (paper prompts and metrics), with baselines, in one MLflow run."""
     from .evaluation.runner import run_evaluation
-    from .registry.references import RegistryError
+    from .model.references import RegistryError
     if num_workers < 1:
         fail(f"--num-workers {num_workers}: must be 1 (in this process) or more (that many Ray workers)")
     if data:
@@ -293,7 +293,7 @@ def register(
         help="Model folder (default: the one the evaluation run scored).")] = None,
 ) -> None:
     """Log the evaluated SkyEyeGPT as one pyfunc model and register it (`skyeyegpt`)."""
-    from .registry.references import model_name
+    from .model.references import model_name
     from .registry.store import register as register_model
     if model_dir:
         existing_folder(model_dir, "--model-dir")
@@ -325,8 +325,8 @@ def rollback(
     reason: Annotated[Optional[str], typer.Option(help="Why (recorded on the version).")] = None,
 ) -> None:
     """Put the previous production (or other alias) version back, in one command."""
+    from .model.references import model_name
     from .registry.promotion import rollback as rollback_alias
-    from .registry.references import model_name
     try:
         before, after = rollback_alias(alias, reason)
     except ValueError as err:
@@ -345,8 +345,8 @@ def models(
     if version is None:
         say(render_versions(list_versions()))
         return
+    from .model.references import RegistryError, aliases, model_name, resolve_version
     from .registry.promotion import scoreboard
-    from .registry.references import RegistryError, aliases, model_name, resolve_version
     from .tracking import runs
     from .tracking.names import read_approved
     try:
@@ -398,7 +398,7 @@ def chat(
                         "(default: models:/skyeyegpt@production).")] = None,
 ) -> None:
     """Ask SkyEyeGPT one question about one image and print the answer."""
-    from .registry.references import load, production_uri
+    from .model.references import load, production_uri
     image_file(image, "--image")  # before the model loads
     try:
         m = load(model or production_uri()).model
@@ -432,7 +432,7 @@ def serve(
     promotion or `skyeye rollback` rolls the served version within --follow-every seconds."""
     import signal
 
-    from .registry.references import RegistryError, production_uri, resolve_version
+    from .model.references import RegistryError, production_uri, resolve_version
     from .serving import deploy
     from .serving.config import load_serve_config
     # before Prefect's temporary server and Ray start: the config, the port, the model

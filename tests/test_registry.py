@@ -25,12 +25,13 @@ from PIL import Image
 
 from skyeye.datagate.gate import log_validation
 from skyeye.formats.benchmarks import EVAL_KEYS, PRIMARY, TASK_OF
+from skyeye.model import references
 from skyeye.model.config import LoRAConfig, ModelConfig, VisionConfig
+from skyeye.model.references import RegistryError
 from skyeye.model.skyeyegpt import build_model
-from skyeye.registry import packaging, promotion, references
+from skyeye.registry import packaging, promotion
 from skyeye.registry import store as registry
 from skyeye.registry.promotion import PromotionPolicy, PromotionRefused
-from skyeye.registry.references import RegistryError
 from skyeye.tracking import names, runs
 from skyeye.tracking.names import PROMOTION, ROLLBACK, read_records, record_tag
 from tests.support import NOT_SIGNIFICANT, WORSE, eval_run, scores, vs_trivial
@@ -448,7 +449,7 @@ def _split_stats(right_share: float, seed: int, worse: dict[str, float] | None =
     (a bench split named in `worse` gets that share instead): constructed prediction tables."""
     import numpy as np
 
-    from skyeye.formats.metrics import caption_items, grounding_items, vqa_items
+    from skyeye.evaluation.metrics import caption_items, grounding_items, vqa_items
     out = {}
     for i, key in enumerate(EVAL_KEYS):
         n = 60 if TASK_OF[key] == "caption" else 300

@@ -20,6 +20,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..config import Settings, get_settings, git_revision
+from ..data.items import load_items
 from ..data.records import DataFormatError, read_json
 from ..datagate.gate import data_version_of
 from ..formats.benchmarks import (
@@ -37,8 +38,8 @@ from ..formats.benchmarks import (
     select,
     spread,
 )
-from ..formats.metrics import CaptionScorer, caption_items, grounding_items, vqa_items
-from ..registry.references import load
+from ..model.references import load
+from ..model.skyeyegpt import untuned_like
 from ..tracking import runs
 from ..tracking.names import (
     EVALUATION_EXPERIMENT,
@@ -59,10 +60,10 @@ from ..tracking.names import (
     UNCOMMITTED,
     UNVERSIONED,
 )
-from ..training.data import load_items
 from .baselines import BASELINES, TRIVIAL, approved_tasks, trivial_answers
 from .comparison import MODEL, save_item_stats
 from .intervals import ItemStats, bootstrap, compare, verdict
+from .metrics import CaptionScorer, caption_items, grounding_items, vqa_items
 from .predictors import ModelPredictor
 from .sharding import ShardedPredictor, check_num_workers, resolve_ref, worker_pool
 
@@ -347,15 +348,6 @@ def write_report(out: Path, metrics: dict[str, float], predictions: dict[str, li
             sections.append((f"{key}: answers per question type",
                              report.vqa_confusion(rows, out / f"vqa_confusion_{key}.png")))
     return report.report_html(f"SkyEyeGPT evaluation: {title}", sections, out / "report.html")
-
-
-def untuned_like(model):
-    """The same architecture before tuning: its backbones, a fresh alignment layer and adapter."""
-    import torch
-
-    from ..model.skyeyegpt import build_model
-    torch.manual_seed(0)  # a fixed 'before' model, so reruns give the same baseline
-    return build_model(model.cfg, model.paths["vision"], model.paths["llm"], model.paths["tokenizer"]).eval()
 
 
 def run_evaluation(ref: str, benchmarks: str | list[str] = "all", *, limit: int | None = None,

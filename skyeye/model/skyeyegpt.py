@@ -208,6 +208,13 @@ def build_model(cfg: ModelConfig, vision_path: str | None = None, llm_path: str 
     return apply_trainable(model).to(device)
 
 
+
+def untuned_like(model: SkyEyeGPT) -> SkyEyeGPT:
+    """The same architecture before tuning: its backbones, a fresh alignment layer and adapter
+    (the evaluation's `untuned` baseline)."""
+    torch.manual_seed(0)  # a fixed 'before' model, so reruns give the same baseline
+    return build_model(model.cfg, model.paths["vision"], model.paths["llm"], model.paths["tokenizer"]).eval()
+
 def load_model(folder: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> SkyEyeGPT:
     """A saved SkyEyeGPT (see `SkyEyeGPT.save`): backbones by reference, trained parts from the folder."""
     folder = Path(folder)

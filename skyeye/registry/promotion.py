@@ -3,7 +3,7 @@ model registry (configs/promotion.yaml), and the moves themselves: `promote` (ch
 against the policy, or forced with a recorded reason) and `rollback`.
 
 Apart from `store` because the policy and its records are a component of their own; this
-module reads versions, aliases and evaluation runs through `store` and `references`
+module reads versions, aliases and evaluation runs through `store` and `model.references`
 (which never import it). Every decision is one record (a JSON tag) on the version it
 concerns: a promotion's written before the alias moves, a refusal's or a rollback's likewise,
 under the registry's lock (`store.lock`: on a tracking server one that every machine sees):
@@ -46,6 +46,7 @@ from ..formats.benchmarks import (
     primary_metric,
     primary_of,
 )
+from ..model.references import RegistryError, aliases, model_name, resolve_version, version_exists
 from ..tracking import runs
 from ..tracking.names import (
     PROMOTION,
@@ -58,7 +59,6 @@ from ..tracking.names import (
     read_records,
     record_tag,
 )
-from .references import RegistryError, aliases, model_name, resolve_version, version_exists
 from .store import ALIASES, eval_metrics, lock, now, primary_score, user
 
 if TYPE_CHECKING:

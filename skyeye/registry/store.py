@@ -28,6 +28,7 @@ from mlflow.tracking import MlflowClient
 from ..config import get_settings
 from ..evaluation.baselines import approved_tasks
 from ..formats.benchmarks import PRIMARY_SCORE, primary_metric, primary_of
+from ..model.references import RegistryError, aliases, model_name
 from ..tracking import runs
 from ..tracking.names import (
     KIND_EVALUATION,
@@ -48,7 +49,6 @@ from ..tracking.names import (
     read_approved,
 )
 from .packaging import PackagingError, SkyEyeGPTModel, input_example, model_signature, requirements, stage_artifacts
-from .references import RegistryError, aliases, model_name
 
 ALIASES = ("staging", "production")
 ARTIFACT_NAME = "skyeyegpt"

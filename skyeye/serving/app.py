@@ -166,7 +166,7 @@ class SkyEyeServer:
     """One replica: the model of `model_uri`, loaded before the replica takes traffic."""
 
     def __init__(self, model_uri: str):
-        from ..registry.references import load, model_name
+        from ..model.references import load, model_name
         from ..tracking import runs
         from ..tracking.names import TAG_DVC_MD5, TAG_EVAL_RUN
         loaded = load(model_uri)

@@ -22,6 +22,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ..config import Settings, get_settings, load_yaml_config
+from ..data.items import load_items
 from ..formats.benchmarks import EVAL_KEYS, PRIMARY, TASK, TASK_OF, TASKS, metric, primary_metric
 from ..model.config import load_model_config
 from ..tracking import runs
@@ -35,7 +36,6 @@ from ..tracking.names import (
     TUNING_EXPERIMENT,
     UNVERSIONED,
 )
-from .data import load_items
 from .stage_config import StageConfig, ValidationConfig, load_stage_config
 
 RECIPES = ("two_stage", "one_stage", "single")
@@ -192,7 +192,7 @@ def run_recipe(recipe: str, jobs: list[Job], cfg: AblationConfig, backbones: dic
     returns what the comparison needs (JSON: a flow passes it between tasks)."""
     from ..evaluation.baselines import TRIVIAL
     from ..evaluation.runner import EvalConfig, evaluate
-    from ..registry.references import load
+    from ..model.references import load
     from .jobs import flatten, train_stage
     s = settings or get_settings()
     instructions = Path(instructions or s.instructions_dir)

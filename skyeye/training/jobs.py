@@ -22,8 +22,8 @@ from ..datagate.expectations import validate
 from ..datagate.gate import data_version_of, validation_outcome
 from ..formats.benchmarks import PRIMARY, TASK_OF, VALIDATION, VALIDATION_KEYS, metric, primary_metric
 from ..model.config import ModelConfig, load_model_config
+from ..model.references import model_folder, training_run_of
 from ..model.skyeyegpt import ALIGNMENT_FILE, META_FILE
-from ..registry.references import model_folder, training_run_of
 from ..tracking import runs
 
 if TYPE_CHECKING:  # ray_train imports torch and Ray; jobs imports it where it trains

@@ -160,7 +160,7 @@ def load(ref: str) -> LoadedModel:
             mv = runs.client().get_model_version(name, str(version))
             model = mlflow.pyfunc.load_model(f"{URI_PREFIX}{name}/{version}").unwrap_python_model().model
             return LoadedModel(model.eval(), text, mv.tags.get(TAG_TRAINING_RUN, ""), version)
-        from ..model.skyeyegpt import load_model
+        from .skyeyegpt import load_model
         folder = model_folder(text)
         run = text if folder != text else (training_run_of(folder) or "")
         return LoadedModel(load_model(folder).eval(), folder, run)
