@@ -414,7 +414,7 @@ def _chat(project: Path, cwd: Path, *args: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     env |= {"SKYEYE_PROJECT_ROOT": str(project), "SKYEYE_MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}",
             "PYTHONPATH": str(REPO)}
-    return subprocess.run([sys.executable, "-m", "skyeye.cli", "chat", *args], cwd=cwd, env=env,
+    return subprocess.run([sys.executable, "-m", "flows.cli", "chat", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=300)
 
 
