@@ -23,9 +23,15 @@ from .commands.doctor import doctor
 from .commands.errors import DEBUG_ENV, HandledGroup
 from .commands.inputs import existing_file, existing_folder, image_file, in_range, writable_folder
 from .config import configure_environment, get_settings
+from .formats.benchmarks import VALIDATION
+from .tracking.names import read_approved
 
-if TYPE_CHECKING:  # GitPython and DVC's helpers: loaded by the data commands only
+if TYPE_CHECKING:
     from .datagate.versioning import VersionReport
+
+# The commands import the rest of the library inside their bodies: each part costs tens of
+# milliseconds to seconds (torch, MLflow, Ray, DVC, Great Expectations, PIL), which `skyeye --help`
+# and a command that needs none of it should not wait for. What costs nothing is imported above.
 
 # rich_markup_mode=None: help texts hold task identifiers such as [refer], which rich
 # markup would swallow as tags. HandledGroup: every command's errors end as commands/errors.py says.
@@ -226,7 +232,6 @@ def train(
     local: Annotated[bool, typer.Option("--local", help="Plain single process, no Ray.")] = False,
 ) -> None:
     """Run one tuning stage on Ray Train (local Ray, or RAY_ADDRESS), tracked in MLflow."""
-    from .formats.benchmarks import VALIDATION
     from .model.references import model_folder
     from .training.jobs import prepare_backbones, train_stage
     from .training.stage_config import load_stage_config
@@ -353,7 +358,6 @@ def models(
     from .model.references import RegistryError, aliases, model_name, resolve_version
     from .registry.promotion import scoreboard
     from .tracking import runs
-    from .tracking.names import read_approved
     try:
         v = resolve_version(version)
         production = aliases(runs.client(), model_name()).get("production")

@@ -9,6 +9,7 @@ for the bootstrap intervals of `skyeye.evaluation.intervals`.
 """
 from __future__ import annotations
 
+# imports inside functions: pycocoevalcap (0.4 s to import) loads only when captions are scored
 import re
 import shutil
 from collections import defaultdict

@@ -12,12 +12,15 @@ was scored, so the registry never sees a half evaluation.
 """
 from __future__ import annotations
 
+# imports inside functions: report brings matplotlib: loaded only when a report is written
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field
+from tqdm import tqdm
 
 from ..config import Settings, get_settings, git_revision
 from ..data.items import load_items
@@ -64,6 +67,7 @@ from .baselines import BASELINES, TRIVIAL, approved_tasks, trivial_answers
 from .comparison import MODEL, save_item_stats
 from .intervals import ItemStats, bootstrap, compare, verdict
 from .metrics import CaptionScorer, caption_items, grounding_items, vqa_items
+from .paper import SKYEYEGPT
 from .predictors import ModelPredictor
 from .sharding import ShardedPredictor, check_num_workers, resolve_ref, worker_pool
 
@@ -265,8 +269,6 @@ def evaluate_with(ours: ModelPredictor | ShardedPredictor, before: ModelPredicto
     in this process, or Ray workers (`sharding`); scoring and the run are the same either way.
     `on`: the split set, `test` (the scored splits; a registry candidate's run) or `validation`
     (recipe checks, logged to their own experiment)."""
-    from tqdm import tqdm
-
     s = settings or get_settings()
     cfg = cfg or EvalConfig()
     keys = select(keys, on)
@@ -312,7 +314,6 @@ def evaluate_with(ours: ModelPredictor | ShardedPredictor, before: ModelPredicto
 
 def _log_tables(run_id: str, predictions: dict[str, list[dict]], s: Settings) -> None:
     """One predictions table per bench split (the MLflow UI's artifact view compares them)."""
-    import pandas as pd
     client = runs.client(s)
     for key, rows in predictions.items():
         client.log_table(run_id, pd.DataFrame(rows), artifact_file=f"predictions/{key}.json")
@@ -323,7 +324,6 @@ def write_report(out: Path, metrics: dict[str, float], predictions: dict[str, li
     """The charts (ours vs baselines vs the paper), grounding boxes drawn, VQA confusion
     per type, and one HTML page holding them and the score table."""
     from . import report
-    from .paper import SKYEYEGPT
     ours = {k: v for k, v in metrics.items() if not k.startswith("baseline.")}
     baselines: dict[str, dict[str, float]] = {}
     for k, v in metrics.items():

@@ -13,12 +13,14 @@ default in the working directory.
 """
 from __future__ import annotations
 
+# imports inside functions: the model (torch, transformers) loads only when a reference is loaded, not resolved
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
@@ -154,7 +156,6 @@ def load(ref: str) -> LoadedModel:
     text = str(ref).strip()
     try:
         if text.startswith(URI_PREFIX):  # the registered pyfunc, unwrapped to the SkyEyeGPT inside
-            import mlflow
             version = resolve_version(text)
             name = model_name()
             mv = runs.client().get_model_version(name, str(version))

@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 from mlflow.exceptions import MlflowException
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -34,6 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from ..config import get_settings, load_yaml_config
 from ..datagate.gate import validation_outcome
 from ..evaluation.baselines import TRIVIAL, approved_tasks, trivial_verdicts
+from ..evaluation.comparison import RunComparison, compare_runs
 from ..evaluation.intervals import verdict
 from ..formats.benchmarks import (
     EVAL_KEYS,
@@ -60,9 +61,6 @@ from ..tracking.names import (
     record_tag,
 )
 from .store import ALIASES, eval_metrics, lock, now, primary_score, user
-
-if TYPE_CHECKING:
-    from ..evaluation.comparison import RunComparison
 
 
 class PromotionRefused(RegistryError):
@@ -311,7 +309,6 @@ def _check_alias(alias: str) -> None:
 
 
 def _compare_with_holder(mv, holder_mv, pt: ProductionPolicy) -> RunComparison | None:
-    from ..evaluation.comparison import compare_runs
     ours, theirs = mv.tags.get(TAG_EVAL_RUN), holder_mv.tags.get(TAG_EVAL_RUN)
     if not ours or not theirs:
         return None

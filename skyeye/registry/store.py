@@ -21,6 +21,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import mlflow
+from filelock import FileLock, Timeout
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
@@ -110,7 +111,6 @@ def lock(name: str, what: str = "promotion"):
         with _registry_lock(name, what):
             yield
         return
-    from filelock import FileLock, Timeout
     path = get_settings().state / f"registry-{name}-{what}.lock"
     path.parent.mkdir(parents=True, exist_ok=True)
     lock = FileLock(str(path), timeout=LOCK_TIMEOUT_S)

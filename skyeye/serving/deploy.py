@@ -13,8 +13,10 @@ answers, and recording the deployment on the version.
 """
 from __future__ import annotations
 
+# imports inside functions: Ray Serve, the server app and PIL load only when something is deployed or asked
 import base64
 import io
+import json
 import os
 import time
 from dataclasses import dataclass
@@ -109,7 +111,6 @@ def _png_data_url(path: Path) -> str:
 
 def sample_question(settings: Settings | None = None) -> tuple[Path, str]:
     """A test image and a referring expression from the grounding benchmark's evaluation file."""
-    import json
     s = settings or get_settings()
     path = s.instructions_dir / "eval" / "dior_rsvg_test.json"
     if not path.exists():
@@ -181,7 +182,6 @@ def _state_file(settings: Settings | None = None) -> Path:
 
 def write_state(url: str, version: int, follows: str | None, settings: Settings | None = None) -> None:
     """What a local `skyeye serve` serves, for the commands and flows that look for it."""
-    import json
     path = _state_file(settings)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps({"pid": os.getpid(), "url": url, "version": version, "follows": follows}))
@@ -189,7 +189,6 @@ def write_state(url: str, version: int, follows: str | None, settings: Settings 
 
 def read_state(settings: Settings | None = None) -> dict | None:
     """The local server's state, None when there is none (or its process is gone)."""
-    import json
     path = _state_file(settings)
     try:
         state = json.loads(path.read_text())

@@ -20,6 +20,7 @@ Decisions worth knowing:
 """
 from __future__ import annotations
 
+# imports inside functions: Ray and pyarrow load only where a worker group runs; MLflow only on rank 0, which logs
 import json
 import math
 import os
@@ -35,6 +36,7 @@ from typing import Any, Callable
 import torch
 
 from ..cluster import ray_session
+from ..config import get_settings
 
 COMPLETE = "COMPLETE"  # marker file, written last: a checkpoint without it is ignored
 _ATTEMPTS_DIR = ".skyeye_attempts"  # one file per worker-group start, to count restarts
@@ -73,7 +75,6 @@ class FitConfig:
 
     def resolved_storage(self) -> str:
         if self.storage_path is None:
-            from ..config import get_settings
             return get_settings().checkpoint_storage
         if "://" in self.storage_path:
             return self.storage_path
@@ -82,7 +83,6 @@ class FitConfig:
     def resolved_tracking_uri(self) -> str:
         if self.mlflow_tracking_uri:
             return self.mlflow_tracking_uri
-        from ..config import get_settings
         return get_settings().tracking_uri  # explicit, so workers need not share the driver's setup
 
 
