@@ -102,9 +102,9 @@ def main() -> None:
 
 def scoring_costs(result, instructions: Path, limit: int) -> dict[str, float]:
     """The driver's scoring of these answers again, in seconds per item by task (scorer started)."""
+    from skyeye.evaluation.metrics import CaptionScorer
     from skyeye.evaluation.runner import load_eval_file, score
     from skyeye.formats.benchmarks import TASK_OF, spread
-    from skyeye.formats.metrics import CaptionScorer
     rows_of = {k: spread(load_eval_file(instructions, k)["samples"], limit) for k in result.predictions}
     answers = {k: [r["prediction"] for r in p] for k, p in result.predictions.items()}
     took: dict[str, list[tuple[float, int]]] = {}
@@ -127,7 +127,7 @@ def run(ref: str, s, limit: int, batch_size: int, repeats: int) -> dict:
     from skyeye.evaluation.runner import EvalConfig, evaluate_with
     from skyeye.evaluation.sharding import ShardedPredictor, resolve_ref, worker_pool
     from skyeye.formats.benchmarks import TASK_OF
-    from skyeye.registry.references import load
+    from skyeye.model.references import load
 
     cfg = EvalConfig(limit=limit, batch_size=batch_size, baselines=())
     task_of_budget = {b: t for t, b in cfg.max_new_tokens.items()}

@@ -21,7 +21,7 @@ from skyeye.config import configure_environment, get_settings
 from skyeye.evaluation.predictors import ModelPredictor
 from skyeye.evaluation.runner import EvalConfig, load_eval_file, run_evaluation
 from skyeye.formats.benchmarks import TASK_OF
-from skyeye.registry.references import load
+from skyeye.model.references import load
 
 
 def prompts_mix(instructions: Path, per_task: int) -> list[tuple[str, dict, int]]:

@@ -32,11 +32,11 @@ import numpy as np
 import torch
 from PIL import Image
 
+from skyeye.data.items import load_items
 from skyeye.formats.boxes import GRID, box_text, iou
 from skyeye.model.skyeyegpt import load_model
 from skyeye.model.template import collate, encode_conversation
 from skyeye.model.tokenizer import grid_lookup
-from skyeye.training.data import load_items
 from skyeye.training.pointing import PointingTargets, overlapping, token_regions
 
 

@@ -36,10 +36,11 @@ def step_flops(model_file: Path, backbones: dict, instructions: Path, batch: int
     """FLOPs of one training step (forward + backward), counted by torch."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    from skyeye.data.items import load_items
     from skyeye.model.config import load_model_config
     from skyeye.model.skyeyegpt import build_model
     from skyeye.model.template import collate, encode_conversation
-    from skyeye.training.data import PixelCache, load_items
+    from skyeye.training.data import PixelCache
     from skyeye.training.loop import VisualFeatures, per_sample_loss
     cfg = load_model_config(model_file)
     model = build_model(cfg, backbones["vision"], backbones["llm"], backbones["tokenizer"])

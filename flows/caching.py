@@ -136,7 +136,7 @@ def run_there(run_id: str) -> bool:
 def version_there(version: int) -> bool:
     from mlflow.exceptions import MlflowException
 
-    from skyeye.registry.references import model_name
+    from skyeye.model.references import model_name
     from skyeye.tracking import runs
     try:
         runs.client().get_model_version(model_name(), str(version))
@@ -148,7 +148,7 @@ def version_there(version: int) -> bool:
 def production_agrees(value: dict) -> bool:
     """A cached promotion stands while the registry still says what it decided: the version holds
     production if it reached it, and does not if it did not (a rollback or a forced move since)."""
-    from skyeye.registry.references import production_version
+    from skyeye.model.references import production_version
     if "version" not in value:  # a result cached before the version was kept in it
         return False
     return (production_version() == value["version"]) == (value["alias"] == "production")
@@ -162,7 +162,7 @@ def production_holder(inputs: dict[str, Any]) -> dict[str, str]:
     it replaced (its promotion record), so a promotion does not undo its own cache entry."""
     from mlflow.exceptions import MlflowException
 
-    from skyeye.registry.references import RegistryError, model_name, production_version
+    from skyeye.model.references import RegistryError, model_name, production_version
     from skyeye.registry.store import eval_metrics
     from skyeye.tracking import runs
     from skyeye.tracking.names import PROMOTION, read_records

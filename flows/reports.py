@@ -37,7 +37,7 @@ def scoreboard_artifact(version: int, production: int | None) -> list[dict]:
 
 
 def promotion_artifact(out: dict, decisions: list[str]) -> None:
-    from skyeye.registry.references import model_name
+    from skyeye.model.references import model_name
     from skyeye.tracking.names import TAG_EVAL_TRAINING_RUN, TAG_INIT_RUN
     client, name = runs.client(), model_name()
     stage2 = client.get_run(out["eval_run"]).data.tags.get(TAG_EVAL_TRAINING_RUN)

@@ -123,7 +123,7 @@ def evaluate_task(model_dir: str, md5: str, limit: int | None, num_workers: int 
 
 @step("register", StepKey(inputs=("model_dir", "eval_run"), still_there=version_there))
 def register_task(model_dir: str, eval_run: str) -> int:
-    from skyeye.registry.references import model_name
+    from skyeye.model.references import model_name
     from skyeye.registry.store import register
     from skyeye.tracking import runs
     from skyeye.tracking.names import TAG_EVAL_TRAINING_RUN, TAG_TUNING_JOB
@@ -218,7 +218,7 @@ def retrain(data_config: str = "configs/data.yaml", scale: str | None = None, tr
             runs.client().delete_run(parent)  # nothing ran in it: the job that trained this model is the one
             out["tuning_run"] = runs.client().get_run(eval_run).data.tags.get(TAG_TUNING_JOB, parent)
         version = run_step(steps, force, register_task, stage2, eval_run)  # only reached when evaluation finished
-        from skyeye.registry.references import production_version
+        from skyeye.model.references import production_version
         production_before = production_version()
         reports.scoreboard_artifact(version, production_before)
         decision = run_step(steps, force, promote_task, version, str(settings.promotion_policy)) if promote \
@@ -246,7 +246,7 @@ def check_configs(data_config: str, model_file: str | None, stage_files: tuple[s
 
 def summary(out: dict) -> str:
     """What a run produced and where to look, for the person who started it."""
-    from skyeye.registry.references import model_name
+    from skyeye.model.references import model_name
     lines = ["", "retrain finished",
              f"  data version      {out['data_md5']} (gate passed: MLflow run {out['validation_run']})"]
     if "tuning_run" in out:

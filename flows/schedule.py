@@ -107,7 +107,7 @@ def watch_production() -> int | None:
     from prefect.events import emit_event
     from prefect.variables import Variable
 
-    from skyeye.registry.references import model_name, production_version
+    from skyeye.model.references import model_name, production_version
     current = production_version()
     seen = Variable.get(SEEN_VARIABLE, default=None)
     if current is not None and seen != current:

@@ -18,7 +18,7 @@ from typing import Any
 
 
 def build(args: dict[str, Any]):
-    from skyeye.registry.references import model_name, production_uri, resolve_version
+    from skyeye.model.references import model_name, production_uri, resolve_version
     from skyeye.serving.config import ServeConfig, load_serve_config
     from skyeye.serving.deploy import application
 

@@ -1,4 +1,6 @@
-"""The `skyeye` command. Thin: parses arguments, calls the library, prints results.
+"""The library's commands of `skyeye`. Thin: parse arguments, call the library, print results.
+The console script is `flows/cli.py`, which adds the commands that drive Prefect (serve,
+schedule, server) to this app; nothing here imports the flows.
 
 Every command works on the embedded defaults (paths under the project, SQLite MLflow
 under mlruns/, the committed local DVC remote); SKYEYE_* and the services' own
@@ -7,22 +9,29 @@ environment variables point it elsewhere.
 from __future__ import annotations
 
 import json
-import os
-import sys
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
 from .commands.ablation import ablation
-from .commands.console import console, fail, interrupt, say
+from .commands.console import console, fail, say
 from .commands.doctor import doctor
 from .commands.errors import DEBUG_ENV, HandledGroup
-from .commands.inputs import PORT, existing_file, existing_folder, free_port, image_file, in_range, writable_folder
-from .commands.schedule import schedule_app, server_app
+from .commands.inputs import existing_file, existing_folder, image_file, in_range, writable_folder
 from .config import configure_environment, get_settings
+from .formats.benchmarks import VALIDATION
+from .tracking.names import read_approved
+
+if TYPE_CHECKING:
+    from .datagate.versioning import VersionReport
+
+# The commands import the rest of the library inside their bodies: each part costs tens of
+# milliseconds to seconds (torch, MLflow, Ray, DVC, Great Expectations, PIL), which `skyeye --help`
+# and a command that needs none of it should not wait for. What costs nothing is imported above.
 
 # rich_markup_mode=None: help texts hold task identifiers such as [refer], which rich
 # markup would swallow as tags. HandledGroup: every command's errors end as commands/errors.py says.
@@ -35,8 +44,10 @@ app = typer.Typer(help="SkyEye: train, evaluate, ship and retrain SkyEyeGPT, a r
 data_app = typer.Typer(help="The data layer: SkyEye-Synth, readers, instruction builder, DVC versions, the data gate.",
                        no_args_is_help=True, rich_markup_mode=None)
 app.add_typer(data_app, name="data")
-app.add_typer(schedule_app, name="schedule")
-app.add_typer(server_app, name="server")
+# Called with the VersionReport of a committed `data version`; each returns a line to print or
+# None. The orchestration side (flows/cli.py) adds the "data versioned" event that a scheduled
+# retrain starts on.
+on_data_committed: list[Callable[[VersionReport], str | None]] = []
 app.command("doctor")(doctor)
 app.command("ablation")(ablation)
 
@@ -143,9 +154,9 @@ def version(
         fail(str(err))
     say(report.render())
     if commit:
-        from flows.schedule import DATA_EVENT, emit_data_versioned
-        if emit_data_versioned(report.md5, report.git_rev):
-            say(f"announced {DATA_EVENT} for {report.md5} (a scheduled retrain starts on it)")
+        for announce in on_data_committed:
+            if line := announce(report):
+                say(line)
 
 
 @data_app.command("history")
@@ -221,8 +232,7 @@ def train(
     local: Annotated[bool, typer.Option("--local", help="Plain single process, no Ray.")] = False,
 ) -> None:
     """Run one tuning stage on Ray Train (local Ray, or RAY_ADDRESS), tracked in MLflow."""
-    from .formats.benchmarks import VALIDATION
-    from .registry.references import model_folder
+    from .model.references import model_folder
     from .training.jobs import prepare_backbones, train_stage
     from .training.stage_config import load_stage_config
     if stage not in (1, 2):
@@ -271,7 +281,7 @@ def evaluate(
 ) -> None:
     """Score a model on the 8 benchmarks (paper prompts and metrics), with baselines, in one MLflow run."""
     from .evaluation.runner import run_evaluation
-    from .registry.references import RegistryError
+    from .model.references import RegistryError
     if num_workers < 1:
         fail(f"--num-workers {num_workers}: must be 1 (in this process) or more (that many Ray workers)")
     if data:
@@ -293,7 +303,7 @@ def register(
         help="Model folder (default: the one the evaluation run scored).")] = None,
 ) -> None:
     """Log the evaluated SkyEyeGPT as one pyfunc model and register it (`skyeyegpt`)."""
-    from .registry.references import model_name
+    from .model.references import model_name
     from .registry.store import register as register_model
     if model_dir:
         existing_folder(model_dir, "--model-dir")
@@ -325,8 +335,8 @@ def rollback(
     reason: Annotated[Optional[str], typer.Option(help="Why (recorded on the version).")] = None,
 ) -> None:
     """Put the previous production (or other alias) version back, in one command."""
+    from .model.references import model_name
     from .registry.promotion import rollback as rollback_alias
-    from .registry.references import model_name
     try:
         before, after = rollback_alias(alias, reason)
     except ValueError as err:
@@ -345,10 +355,9 @@ def models(
     if version is None:
         say(render_versions(list_versions()))
         return
+    from .model.references import RegistryError, aliases, model_name, resolve_version
     from .registry.promotion import scoreboard
-    from .registry.references import RegistryError, aliases, model_name, resolve_version
     from .tracking import runs
-    from .tracking.names import read_approved
     try:
         v = resolve_version(version)
         production = aliases(runs.client(), model_name()).get("production")
@@ -398,7 +407,7 @@ def chat(
                         "(default: models:/skyeyegpt@production).")] = None,
 ) -> None:
     """Ask SkyEyeGPT one question about one image and print the answer."""
-    from .registry.references import load, production_uri
+    from .model.references import load, production_uri
     image_file(image, "--image")  # before the model loads
     try:
         m = load(model or production_uri()).model
@@ -412,68 +421,3 @@ def chat(
         frames = [Image.open(image)]
     answer = m.ask([question], [len(frames)], m.preprocess(frames))[0]
     say(answer)
-
-
-@app.command("serve")
-def serve(
-    model: Annotated[Optional[str], typer.Option(
-        "--model", help="Registry reference to serve (default: models:/skyeyegpt@production, followed as it moves).")
-    ] = None,
-    host: Annotated[Optional[str], typer.Option(help="Interface to listen on (default: configs/serve.yaml).")] = None,
-    port: Annotated[Optional[int], typer.Option(
-        callback=PORT, help="Port (default: configs/serve.yaml, 8000).")] = None,
-    follow_every: Annotated[float, typer.Option(
-        callback=in_range(0.1), help="Seconds between checks of the production alias.")] = 10.0,
-) -> None:
-    """Serve a registered SkyEyeGPT on Ray Serve: the OpenAI API at http://HOST:PORT/v1.
-
-    With RAY_ADDRESS, deploys to that cluster and returns. Otherwise runs a local server in
-    the foreground until Ctrl-C; without --model it follows the production alias, so a
-    promotion or `skyeye rollback` rolls the served version within --follow-every seconds."""
-    import signal
-
-    from .registry.references import RegistryError, production_uri, resolve_version
-    from .serving import deploy
-    from .serving.config import load_serve_config
-    # before Prefect's temporary server and Ray start: the config, the port, the model
-    cfg = load_serve_config()
-    if not os.environ.get("RAY_ADDRESS"):  # a local server: the port must be free here
-        free_port(host or cfg.host, port or cfg.port)
-    try:
-        resolve_version(model or production_uri())
-    except RegistryError as err:
-        fail(f"--model {err}")
-
-    from flows.serve import serve as serve_flow
-    try:
-        out = serve_flow(model=model, host=host, port=port)
-    except (ValueError, FileNotFoundError, RuntimeError) as err:
-        fail(str(err))
-    say(f"serving skyeyegpt version {out['version']} at {out['url']}/v1 (health: {out['url']}/health)")
-    if os.environ.get("RAY_ADDRESS"):
-        return
-    deploy.write_state(out["url"], out["version"], None if model else "production")
-    signal.signal(signal.SIGTERM, interrupt)  # `kill` stops it as cleanly as Ctrl-C
-    try:
-        while True:
-            time.sleep(follow_every)
-            if model is None and (wanted := resolve_version(production_uri())) != out["version"]:
-                out = serve_flow(model=str(wanted), host=host, port=port)
-                deploy.write_state(out["url"], out["version"], "production")
-                say(f"production moved: now serving version {out['version']}")
-    except KeyboardInterrupt:
-        say("stopping")
-    finally:
-        key = os.environ.get(load_serve_config().api_key_env)
-        serving = deploy.served_version(out["url"], key) or out["version"]  # a rollout may have been cut short
-        deploy.remove_state()
-        deploy.shutdown(started_ray=True)
-        deploy.record_stop(serving)
-
-
-def main() -> None:  # pragma: no cover - console entry point
-    app(prog_name="skyeye")
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

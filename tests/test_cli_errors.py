@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from skyeye.cli import app
+from flows.cli import app  # the whole `skyeye` command: the library's commands and the orchestration ones
 from tests.processes import free_port
 from tests.projects import REPO, enter_project, write_project
 
@@ -137,7 +137,7 @@ def test_an_unexpected_error_is_one_line_with_its_log(project, monkeypatch):
     assert str(log) in " ".join(r.output.split()) and "Traceback" in log.read_text() and "broken" in log.read_text()
 
 
-def skyeye(project: Path, *args: str, env: dict | None = None, module: str = "skyeye.cli"
+def skyeye(project: Path, *args: str, env: dict | None = None, module: str = "flows.cli"
            ) -> subprocess.CompletedProcess:
     """The command as a user runs it: a new process in the project, Ray's files under the project."""
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "SKYEYE_", "RAY_", "PREFECT_"))}

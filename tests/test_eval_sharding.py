@@ -88,7 +88,7 @@ def test_two_workers_score_exactly_as_one_process(project, tiny_instructions):
 
 def test_a_bad_worker_count_or_model_is_refused_before_ray_starts(project, tiny_instructions, tmp_path):
     from skyeye.cli import app
-    from skyeye.registry.references import RegistryError
+    from skyeye.model.references import RegistryError
     s, folder = project
     zero = CliRunner().invoke(app, ["evaluate", "--model", str(folder), "--num-workers", "0",
                                     "--data", str(tiny_instructions)])

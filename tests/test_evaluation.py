@@ -13,15 +13,15 @@ from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
 from skyeye.config import Settings
+from skyeye.data.items import load_items
 from skyeye.data.records import DataFormatError
 from skyeye.evaluation.baselines import approved_tasks, centred_boxes, majority_answers, nearest_captions
 from skyeye.evaluation.comparison import load_item_stats
-from skyeye.evaluation.runner import EvalConfig, evaluate, load_eval_file, score, untuned_like
+from skyeye.evaluation.runner import EvalConfig, evaluate, load_eval_file, score
 from skyeye.formats.benchmarks import EVAL_KEYS, TASK_OF, VALIDATION_KEYS, primary_metric, primary_of, select
 from skyeye.formats.boxes import first_box_pixels
 from skyeye.model.config import LoRAConfig, ModelConfig, VisionConfig
-from skyeye.model.skyeyegpt import build_model
-from skyeye.training.data import load_items
+from skyeye.model.skyeyegpt import build_model, untuned_like
 
 CFG = ModelConfig(vision=VisionConfig(image_size=64), lora=LoRAConfig(r=8, alpha=16))
 

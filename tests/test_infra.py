@@ -754,7 +754,7 @@ def test_the_rayservice_builder_builds_the_application_skyeye_serve_deploys(mani
     from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
     from ray.serve.deployment import Application
 
-    import skyeye.registry.references as references
+    import skyeye.model.references as references
     monkeypatch.setattr(references, "resolve_version", lambda ref: 7 if ref == "models:/skyeyegpt@production" else 0)
     service = next(d for _, d in manifests if d["kind"] == "RayService")
     app_config = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"][0]

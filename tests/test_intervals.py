@@ -20,8 +20,8 @@ from skyeye.evaluation.intervals import (
     metric_values,
     resample_weights,
 )
+from skyeye.evaluation.metrics import CaptionScorer, grounding_items, grounding_scores, tokenised, vqa_items, vqa_scores
 from skyeye.formats.benchmarks import CAPTION_METRICS
-from skyeye.formats.metrics import CaptionScorer, grounding_items, grounding_scores, tokenised, vqa_items, vqa_scores
 
 # ---- a small synthetic captioning set ------------------------------------------------------
 

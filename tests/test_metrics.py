@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 
+from skyeye.evaluation.metrics import CaptionScorer, caption_scores, grounding_scores, vqa_scores
 from skyeye.evaluation.paper import MINIGPT_V2, SKYEYEGPT, flat
 from skyeye.formats.benchmarks import CAPTION_METRICS, EVAL_KEYS, PRIMARY, TASK_OF
 from skyeye.formats.boxes import iou
-from skyeye.formats.metrics import CaptionScorer, caption_scores, grounding_scores, vqa_scores
 
 # five images, 2-5 references each, predictions from exact to unrelated (punctuation and case
 # included, so the PTB tokenizer has work to do)

@@ -10,9 +10,9 @@ import pytest
 
 from skyeye.evaluation.baselines import TRIVIAL, approved_tasks, trivial_verdicts
 from skyeye.evaluation.comparison import MODEL, compare_stats
+from skyeye.evaluation.metrics import grounding_items, vqa_items
 from skyeye.evaluation.runner import EvalConfig, with_intervals
 from skyeye.formats.benchmarks import EVAL_KEYS, PRIMARY, TASK_OF
-from skyeye.formats.metrics import grounding_items, vqa_items
 from skyeye.registry.promotion import PromotionPolicy, policy_failures
 
 # VQA and grounding splits: their metrics need no Java, and they cover both kinds of primary metric

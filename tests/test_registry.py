@@ -26,12 +26,13 @@ from projects import project_environment
 
 from skyeye.datagate.gate import log_validation
 from skyeye.formats.benchmarks import EVAL_KEYS, PRIMARY, TASK_OF
+from skyeye.model import references
 from skyeye.model.config import LoRAConfig, ModelConfig, VisionConfig
+from skyeye.model.references import RegistryError
 from skyeye.model.skyeyegpt import build_model
-from skyeye.registry import packaging, promotion, references
+from skyeye.registry import packaging, promotion
 from skyeye.registry import store as registry
 from skyeye.registry.promotion import PromotionPolicy, PromotionRefused
-from skyeye.registry.references import RegistryError
 from skyeye.tracking import names, runs
 from skyeye.tracking.names import PROMOTION, ROLLBACK, read_records, record_tag
 from tests.support import NOT_SIGNIFICANT, WORSE, eval_run, scores, vs_trivial
@@ -405,7 +406,7 @@ def _chat(project: Path, cwd: Path, *args: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     env |= {"SKYEYE_PROJECT_ROOT": str(project), "SKYEYE_MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}",
             "PYTHONPATH": str(REPO)}
-    return subprocess.run([sys.executable, "-m", "skyeye.cli", "chat", *args], cwd=cwd, env=env,
+    return subprocess.run([sys.executable, "-m", "flows.cli", "chat", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=300)
 
 
@@ -440,7 +441,7 @@ def _split_stats(right_share: float, seed: int, worse: dict[str, float] | None =
     (a bench split named in `worse` gets that share instead): constructed prediction tables."""
     import numpy as np
 
-    from skyeye.formats.metrics import caption_items, grounding_items, vqa_items
+    from skyeye.evaluation.metrics import caption_items, grounding_items, vqa_items
     out = {}
     for i, key in enumerate(EVAL_KEYS):
         n = 60 if TASK_OF[key] == "caption" else 300

@@ -459,7 +459,7 @@ def test_skyeye_serve_follows_production_and_stops_cleanly(served, tmp_path):
     env |= {"SKYEYE_PROJECT_ROOT": str(root), "SKYEYE_MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}",
             "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "PREFECT_HOME": str(tmp_path / "prefect")}
     log = (tmp_path / "serve.log").open("w")
-    proc = subprocess.Popen([sys.executable, "-m", "skyeye.cli", "serve", "--port", str(port), "--follow-every", "2"],
+    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", "--port", str(port), "--follow-every", "2"],
                             cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:

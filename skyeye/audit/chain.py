@@ -21,7 +21,7 @@ from mlflow.exceptions import MlflowException
 from ..config import Settings
 from ..datagate.versioning import DVC_FILE, VersioningError, dvc_file_at, git, parse_dvc_file
 from ..formats.benchmarks import PRIMARY_SCORE, primary_of
-from ..registry.references import model_name, parse_model_uri
+from ..model.references import model_name, parse_model_uri
 from ..tracking.names import (
     EVALUATION_EXPERIMENT,
     KIND_TUNING_JOB,

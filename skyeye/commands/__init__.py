@@ -1,2 +1,2 @@
-"""Parts of the `skyeye` command (skyeye/cli.py): how it prints, and the commands of the
-schedule and the local servers."""
+"""Parts of the `skyeye` command (skyeye/cli.py): how it prints, reads its inputs and reports
+errors, and the doctor and ablation commands."""

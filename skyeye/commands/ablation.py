@@ -3,6 +3,7 @@ per task, on the data already built (`skyeye.training.ablation`; flows/ablation.
 same with the data steps first)."""
 from __future__ import annotations
 
+# imports inside functions: training.ablation brings MLflow: loaded when the command runs, not at `skyeye --help`
 import json
 from pathlib import Path
 from typing import Annotated, Optional

@@ -1,6 +1,8 @@
 """`skyeye doctor`: the backend of each part, whether it answers, and what to set when not."""
 from __future__ import annotations
 
+# imports inside functions: doctor.checks (httpx, the backends' clients) and rich's tables load when the
+# command runs, not at `skyeye --help`
 import json
 from typing import Annotated
 

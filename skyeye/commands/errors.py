@@ -22,6 +22,7 @@ from pathlib import Path
 import typer
 from typer.core import TyperGroup
 
+from ..config import get_settings
 from .console import err_console
 
 DEBUG_ENV = "SKYEYE_DEBUG"
@@ -51,7 +52,6 @@ def _log_traceback(err: BaseException) -> Path:
     text = "".join(traceback.format_exception(err))
     name = f"error-{datetime.now():%Y%m%d-%H%M%S}-{os.getpid()}.log"
     try:
-        from ..config import get_settings
         folder = get_settings().state / "logs"
         folder.mkdir(parents=True, exist_ok=True)
         (folder / name).write_text(text)

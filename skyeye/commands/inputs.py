@@ -2,6 +2,7 @@
 flow run, a write): each refusal names the option and the value (`fail`, exit 2)."""
 from __future__ import annotations
 
+# imports inside functions: PIL and PyAV load only when an image or a clip is checked, not at `skyeye --help`
 import socket
 import tempfile
 from pathlib import Path

@@ -10,6 +10,7 @@ orchestrator, so a Prefect task or the CLI can call it as it is.
 """
 from __future__ import annotations
 
+# imports inside functions: Great Expectations (seconds to import) loads only when a gate runs
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path

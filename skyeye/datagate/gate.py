@@ -13,6 +13,7 @@ from ..config import Settings, get_settings
 from ..tracking import runs
 from ..tracking.names import TAG_DVC_MD5, TAG_GIT_REV, TAG_OUTCOME, UNCOMMITTED, UNVERSIONED, VALIDATION_EXPERIMENT
 from .expectations import ValidationResult, validate
+from .versioning import current_version
 
 
 class GateFailed(RuntimeError):
@@ -25,7 +26,6 @@ class GateFailed(RuntimeError):
 
 def data_version_of(folder: Path, settings: Settings | None = None) -> tuple[str | None, str | None]:
     """(DVC md5, git rev) of data.dvc when `folder` lies in the tracked data/; else (None, None)."""
-    from .versioning import current_version
     s = settings or get_settings()
     folder = Path(folder).resolve()
     if not (s.project_root / "data.dvc").exists() or s.data not in (folder, *folder.parents):

@@ -11,6 +11,7 @@ Git runs as `git` subprocesses. Every function takes `root`, the repository root
 """
 from __future__ import annotations
 
+# imports inside functions: DVC (about a second to import) loads only in the functions that talk to it
 import json
 import logging
 import os

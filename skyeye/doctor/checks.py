@@ -10,6 +10,7 @@ lookup) so the command answers in seconds even when something is down.
 """
 from __future__ import annotations
 
+# imports inside functions: sqlalchemy and boto3 load only for the backend that is configured
 import os
 import socket
 import sqlite3

@@ -17,6 +17,7 @@ approved task, the server warns on (or refuses) questions of the others.
 """
 from __future__ import annotations
 
+# imports inside functions: predictors brings torch: not loaded where only the approval is read
 from collections import Counter, defaultdict
 from pathlib import Path
 

@@ -1,7 +1,7 @@
 """Bootstrap confidence intervals for every evaluation metric, and paired bootstrap comparisons
 of two systems (pure numpy: no torch, no MLflow).
 
-A scorer of `skyeye.formats.metrics` returns an `ItemStats`: per-item additive statistics
+A scorer of `skyeye.evaluation.metrics` returns an `ItemStats`: per-item additive statistics
 (`columns`) beside the exact scores. A bootstrap resample is a weight vector (how many times
 each item was drawn), so every statistic of B resamples is one product `W @ column` with W of
 shape (B, n), and the metrics are recomputed from those weighted sums: no Python loop over

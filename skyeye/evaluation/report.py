@@ -23,9 +23,9 @@ from PIL import Image  # noqa: E402
 
 from ..formats.benchmarks import ALL_KEYS, PAPER_VQA_TYPES, PRIMARY, TASK_OF, TASKS  # noqa: E402
 from ..formats.boxes import first_box_pixels, iou  # noqa: E402
-from ..formats.metrics import normalise_answer  # noqa: E402
 from .baselines import TRIVIAL, approved_tasks  # noqa: E402
 from .intervals import verdict  # noqa: E402
+from .metrics import normalise_answer  # noqa: E402
 
 OURS_LABEL = "ours (SkyEye-Synth, synthetic)"
 PAPER_LABEL = "paper (real data, 7B)"

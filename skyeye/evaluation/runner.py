@@ -12,14 +12,18 @@ was scored, so the registry never sees a half evaluation.
 """
 from __future__ import annotations
 
+# imports inside functions: report brings matplotlib: loaded only when a report is written
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field
+from tqdm import tqdm
 
 from ..config import Settings, get_settings, git_revision
+from ..data.items import load_items
 from ..data.records import DataFormatError, read_json
 from ..datagate.gate import data_version_of
 from ..formats.benchmarks import (
@@ -37,8 +41,8 @@ from ..formats.benchmarks import (
     select,
     spread,
 )
-from ..formats.metrics import CaptionScorer, caption_items, grounding_items, vqa_items
-from ..registry.references import load
+from ..model.references import load
+from ..model.skyeyegpt import untuned_like
 from ..tracking import runs
 from ..tracking.names import (
     EVALUATION_EXPERIMENT,
@@ -59,10 +63,11 @@ from ..tracking.names import (
     UNCOMMITTED,
     UNVERSIONED,
 )
-from ..training.data import load_items
 from .baselines import BASELINES, TRIVIAL, approved_tasks, trivial_answers
 from .comparison import MODEL, save_item_stats
 from .intervals import ItemStats, bootstrap, compare, verdict
+from .metrics import CaptionScorer, caption_items, grounding_items, vqa_items
+from .paper import SKYEYEGPT
 from .predictors import ModelPredictor
 from .sharding import ShardedPredictor, check_num_workers, resolve_ref, worker_pool
 
@@ -264,8 +269,6 @@ def evaluate_with(ours: ModelPredictor | ShardedPredictor, before: ModelPredicto
     in this process, or Ray workers (`sharding`); scoring and the run are the same either way.
     `on`: the split set, `test` (the scored splits; a registry candidate's run) or `validation`
     (recipe checks, logged to their own experiment)."""
-    from tqdm import tqdm
-
     s = settings or get_settings()
     cfg = cfg or EvalConfig()
     keys = select(keys, on)
@@ -311,7 +314,6 @@ def evaluate_with(ours: ModelPredictor | ShardedPredictor, before: ModelPredicto
 
 def _log_tables(run_id: str, predictions: dict[str, list[dict]], s: Settings) -> None:
     """One predictions table per bench split (the MLflow UI's artifact view compares them)."""
-    import pandas as pd
     client = runs.client(s)
     for key, rows in predictions.items():
         client.log_table(run_id, pd.DataFrame(rows), artifact_file=f"predictions/{key}.json")
@@ -322,7 +324,6 @@ def write_report(out: Path, metrics: dict[str, float], predictions: dict[str, li
     """The charts (ours vs baselines vs the paper), grounding boxes drawn, VQA confusion
     per type, and one HTML page holding them and the score table."""
     from . import report
-    from .paper import SKYEYEGPT
     ours = {k: v for k, v in metrics.items() if not k.startswith("baseline.")}
     baselines: dict[str, dict[str, float]] = {}
     for k, v in metrics.items():
@@ -347,15 +348,6 @@ def write_report(out: Path, metrics: dict[str, float], predictions: dict[str, li
             sections.append((f"{key}: answers per question type",
                              report.vqa_confusion(rows, out / f"vqa_confusion_{key}.png")))
     return report.report_html(f"SkyEyeGPT evaluation: {title}", sections, out / "report.html")
-
-
-def untuned_like(model):
-    """The same architecture before tuning: its backbones, a fresh alignment layer and adapter."""
-    import torch
-
-    from ..model.skyeyegpt import build_model
-    torch.manual_seed(0)  # a fixed 'before' model, so reruns give the same baseline
-    return build_model(model.cfg, model.paths["vision"], model.paths["llm"], model.paths["tokenizer"]).eval()
 
 
 def run_evaluation(ref: str, benchmarks: str | list[str] = "all", *, limit: int | None = None,

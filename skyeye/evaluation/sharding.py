@@ -5,7 +5,7 @@ them and logs the one MLflow run exactly as the in-process evaluation does.
 
 - Workers never receive a live model: each loads it once from the reference the driver
   resolved (a model folder as an absolute path, or a registry URI pinned to its version,
-  so an alias moving mid-evaluation changes nothing), through `registry.references.load`,
+  so an alias moving mid-evaluation changes nothing), through `model.references.load`,
   the loader the in-process path uses; the untuned baseline is rebuilt there the same way.
 - Shards start on batch boundaries (multiples of the batch size), so every worker feeds
   the model exactly the batches one process would: greedy answers, hence the scores, are
@@ -13,9 +13,13 @@ them and logs the one MLflow run exactly as the in-process evaluation does.
 - Every split's shards are queued at once (in chunks of a few batches, in the in-process
   order: the model's answers, then the untuned model's, split by split), so the driver's
   scoring of one split overlaps the workers' answering of the next.
-- Ray: the cluster RAY_ADDRESS names (plain `ray.init()`), else SkyEye's own local Ray
-  (`start_local_ray`, never a stray cluster); shut down only when started here. Workers
-  get the driver's settings (tracking URI, project root, registered model name) as env vars.
+- Ray: `cluster.ray_session.connect` (the cluster RAY_ADDRESS names, else SkyEye's own
+  local Ray, never a stray cluster); shut down only when started here. Workers get the
+  driver's settings (tracking URI, project root, registered model name) as env vars
+  (`ray_session.worker_env`).
+
+`ray` is imported inside the functions that start workers (a second of import time that
+the in-process evaluation, which imports this module too, never needs).
 """
 from __future__ import annotations
 
@@ -26,16 +30,27 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
+from ..cluster import ray_session
 from ..config import Settings
+from ..formats.benchmarks import spread
+from ..model.references import (
+    URI_PREFIX,
+    RegistryError,
+    load,
+    model_folder,
+    model_name,
+    resolve_version,
+    training_run_of,
+)
+from ..model.skyeyegpt import META_FILE, untuned_like
+from ..tracking import runs
+from ..tracking.names import TAG_TRAINING_RUN
 from .predictors import ModelPredictor, media_of
 
 # a worker call answers this many batches: the progress bar moves once per call
 CHUNK_BATCHES = 8
-# forwarded to the workers when set here, as the serving replicas get them; no secrets (runtime
-# envs are readable through Ray's state API): a cluster's nodes carry their own credentials, and
-# a local Ray's workers inherit this process's environment
-_FORWARDED_ENV = ("HF_HUB_OFFLINE", "SKYEYE_HUB_ONLINE", "SKYEYE_STATE_DIR", "SKYEYE_DATA_DIR",
-                  "TOKENIZERS_PARALLELISM", "TRANSFORMERS_VERBOSITY", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3")
 
 
 def check_num_workers(num_workers) -> int:
@@ -67,17 +82,7 @@ class ModelRef:
 
 
 def resolve_ref(ref: str) -> ModelRef:
-    """What `registry.references.load` would load, resolved on the driver without loading it."""
-    from ..registry.references import (
-        URI_PREFIX,
-        RegistryError,
-        model_folder,
-        model_name,
-        resolve_version,
-        training_run_of,
-    )
-    from ..tracking import runs
-    from ..tracking.names import TAG_TRAINING_RUN
+    """What `model.references.load` would load, resolved on the driver without loading it."""
     text = str(ref).strip()
     try:
         if text.startswith(URI_PREFIX):
@@ -85,7 +90,6 @@ def resolve_ref(ref: str) -> ModelRef:
             mv = runs.client().get_model_version(model_name(), str(version))
             return ModelRef(f"{URI_PREFIX}{model_name()}/{version}", text, mv.tags.get(TAG_TRAINING_RUN, ""))
         folder = model_folder(text)
-        from ..model.skyeyegpt import META_FILE
         if not (Path(folder) / META_FILE).exists():
             raise FileNotFoundError(f"{folder}: not a saved SkyEyeGPT (no {META_FILE})")
         run = text if folder != text else (training_run_of(folder) or "")
@@ -94,26 +98,10 @@ def resolve_ref(ref: str) -> ModelRef:
         raise RegistryError(f"{text}: does not load: {err}") from None
 
 
-def worker_env(s: Settings) -> dict[str, str]:
-    """What a worker must know that the driver knows: the same store, project and names."""
-    from ..registry.references import model_name
-    env = {"SKYEYE_PROJECT_ROOT": str(s.project_root), "SKYEYE_MLFLOW_TRACKING_URI": s.tracking_uri,
-           "MLFLOW_TRACKING_URI": s.tracking_uri, "SKYEYE_REGISTERED_MODEL": model_name()}
-    if s.data_dir:  # resolved: a worker's working directory may differ from ours
-        env["SKYEYE_DATA_DIR"] = str(s.data)
-    if s.state_dir:
-        env["SKYEYE_STATE_DIR"] = str(s.state)
-    return {**{k: os.environ[k] for k in _FORWARDED_ENV if os.environ.get(k)}, **env}
-
-
 class _Worker:
     """One Ray actor: the model (and its untuned baseline) loaded once, answering row chunks."""
 
     def __init__(self, load_ref: str, untuned: bool, batch_size: int, threads: int, device: str) -> None:
-        import torch
-
-        from ..registry.references import load
-        from .runner import untuned_like
         torch.set_num_threads(max(1, threads))
         model = load(load_ref).model.to(device)
         cache: dict = {}  # as in-process: the two models share the frozen encoder's output
@@ -147,23 +135,14 @@ def worker_pool(model: ModelRef, num_workers: int, *, untuned: bool, batch_size:
     """`num_workers` Ray actors, each with the model loaded; a model that does not load on a
     worker is a RegistryError naming it. Ray is stopped at the end only if started here."""
     import ray
-
-    from ..registry.references import RegistryError
-    from ..training.ray_train import start_local_ray
     check_num_workers(num_workers)
-    started = not ray.is_initialized()
-    if started:
-        if os.environ.get("RAY_ADDRESS"):  # an existing cluster: its resources, its auth
-            ray.init(log_to_driver=False, logging_level="WARNING")
-        else:
-            start_local_ray(max(1, math.ceil(num_workers * cpus_per_worker)),
-                            None if gpus_per_worker else 0)
+    started = ray_session.connect(max(1, math.ceil(num_workers * cpus_per_worker)), None if gpus_per_worker else 0)
     workers: list = []
     try:
         device = "cuda" if gpus_per_worker else "cpu"
         actor = ray.remote(_Worker).options(
             num_cpus=cpus_per_worker, num_gpus=gpus_per_worker, max_restarts=1, max_task_retries=1,
-            runtime_env={"env_vars": worker_env(settings)})
+            runtime_env={"env_vars": ray_session.worker_env(settings)})
         workers = [actor.remote(model.load_ref, untuned, batch_size, math.ceil(cpus_per_worker), device)
                    for _ in range(num_workers)]
         try:
@@ -214,7 +193,6 @@ class ShardedPredictor:
                  untuned_limit: int | None = None) -> int:
         """Queue every split now (rows, answer budget), each split's untuned subset after its
         rows; returns the number of shards the model's answers were cut into."""
-        from ..formats.benchmarks import spread
         shards = 0
         for rows, budget in splits:
             prompts = [r["prompt"] for r in rows]

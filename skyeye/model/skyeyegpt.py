@@ -7,6 +7,7 @@ a KV cache (Hugging Face `generate` from `inputs_embeds`).
 """
 from __future__ import annotations
 
+# imports inside functions: peft and transformers' model classes load only when a model is built
 import json
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from torch import nn
 
 from .alignment import AlignmentLayer
 from .config import ModelConfig
+from .template import Encoded, collate, encode_prompt
 from .tokenizer import IMAGE_TOKEN, load_tokenizer
 from .vision import VisionEncoder, build_vision_encoder
 
@@ -101,7 +103,6 @@ class SkyEyeGPT(nn.Module):
             temperature: float = 0.0) -> list[str]:
         """One question per image (or clip of `frames` frames), after its conversation so far:
         the chat template, left-padded prompts, batched generation. Every caller asks this way."""
-        from .template import Encoded, collate, encode_prompt
         frames = frames or [1] * len(questions)
         histories = histories or [[] for _ in questions]
         n = self.visual_tokens_per_image()
@@ -113,7 +114,6 @@ class SkyEyeGPT(nn.Module):
 
     def prompt_length(self, question: str, history: list[tuple[str, str]], frames: int = 1) -> int:
         """Tokens of the prompt `ask` builds for this question (visual slots included)."""
-        from .template import encode_prompt
         return len(encode_prompt(self.tokenizer, history, question, self.visual_tokens_per_image() * frames))
 
     def context_length(self) -> int:
@@ -207,6 +207,13 @@ def build_model(cfg: ModelConfig, vision_path: str | None = None, llm_path: str 
                       {"vision": str(vision_path), "llm": str(llm_path), "tokenizer": str(tokenizer_path or llm_path)})
     return apply_trainable(model).to(device)
 
+
+
+def untuned_like(model: SkyEyeGPT) -> SkyEyeGPT:
+    """The same architecture before tuning: its backbones, a fresh alignment layer and adapter
+    (the evaluation's `untuned` baseline)."""
+    torch.manual_seed(0)  # a fixed 'before' model, so reruns give the same baseline
+    return build_model(model.cfg, model.paths["vision"], model.paths["llm"], model.paths["tokenizer"]).eval()
 
 def load_model(folder: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> SkyEyeGPT:
     """A saved SkyEyeGPT (see `SkyEyeGPT.save`): backbones by reference, trained parts from the folder."""

@@ -3,6 +3,7 @@ vision tower and a LLaMA-architecture causal LM, saved as ordinary HF checkpoint
 the model builder loads them exactly as it would load a hub checkpoint."""
 from __future__ import annotations
 
+# imports inside functions: transformers loads only when backbones are built (model.config reads this module's config)
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict

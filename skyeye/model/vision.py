@@ -5,6 +5,7 @@ Frozen in one place: `requires_grad_(False)`, eval mode, forward under `no_grad`
 """
 from __future__ import annotations
 
+# imports inside functions: transformers and timm load only when an encoder is built
 import torch
 from torch import nn
 

@@ -11,15 +11,21 @@ RegistryError; a bad request raises ValueError naming the row and column.
 """
 from __future__ import annotations
 
+# imports inside functions: torch, the model and PIL load only where a model is packaged, loaded or drawn
 import base64
 import binascii
 import io
 import json
 import shutil
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import mlflow
 import pandas as pd
+from mlflow.models import ModelSignature
+from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
+
+from ..model.config import ModelConfig
 
 EXAMPLE_PROMPT = "[refer] the white airplane at the top left"
 
@@ -66,7 +72,6 @@ class SkyEyeGPTModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
         import torch
 
-        from ..model.config import ModelConfig
         from ..model.skyeyegpt import META_FILE, build_model
         folder = Path(context.artifacts["model"])
         meta = json.loads((folder / META_FILE).read_text())
@@ -100,8 +105,6 @@ class SkyEyeGPTModel(mlflow.pyfunc.PythonModel):
         return answers
 
 def model_signature(max_new_tokens: int = 48):
-    from mlflow.models import ModelSignature
-    from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
     return ModelSignature(inputs=Schema([ColSpec("string", "image"), ColSpec("string", "prompt")]),
                           outputs=Schema([ColSpec("string", "answer")]),
                           params=ParamSchema([ParamSpec("max_new_tokens", "long", max_new_tokens),
@@ -128,7 +131,6 @@ def input_example(image: str | Path | None = None):
 
 def requirements() -> list[str]:
     """Pinned to what runs here; explicit, so logging does not load the model to infer them."""
-    from importlib.metadata import PackageNotFoundError, version
     out = []
     for pkg in ("mlflow", "torch", "transformers", "peft", "tokenizers", "pillow", "numpy", "pandas", "pydantic",
                 "pydantic-settings", "pyyaml"):

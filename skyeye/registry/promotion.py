@@ -3,7 +3,7 @@ model registry (configs/promotion.yaml), and the moves themselves: `promote` (ch
 against the policy, or forced with a recorded reason) and `rollback`.
 
 Apart from `store` because the policy and its records are a component of their own; this
-module reads versions, aliases and evaluation runs through `store` and `references`
+module reads versions, aliases and evaluation runs through `store` and `model.references`
 (which never import it). Every decision is one record (a JSON tag) on the version it
 concerns: a promotion's written before the alias moves, a refusal's or a rollback's likewise,
 under the registry's lock (`store.lock`: on a tracking server one that every machine sees):
@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 from mlflow.exceptions import MlflowException
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -34,6 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from ..config import get_settings, load_yaml_config
 from ..datagate.gate import validation_outcome
 from ..evaluation.baselines import TRIVIAL, approved_tasks, trivial_verdicts
+from ..evaluation.comparison import RunComparison, compare_runs
 from ..evaluation.intervals import verdict
 from ..formats.benchmarks import (
     EVAL_KEYS,
@@ -46,6 +47,7 @@ from ..formats.benchmarks import (
     primary_metric,
     primary_of,
 )
+from ..model.references import RegistryError, aliases, model_name, resolve_version, version_exists
 from ..tracking import runs
 from ..tracking.names import (
     PROMOTION,
@@ -58,11 +60,7 @@ from ..tracking.names import (
     read_records,
     record_tag,
 )
-from .references import RegistryError, aliases, model_name, resolve_version, version_exists
 from .store import ALIASES, eval_metrics, lock, now, primary_score, user
-
-if TYPE_CHECKING:
-    from ..evaluation.comparison import RunComparison
 
 
 class PromotionRefused(RegistryError):
@@ -311,7 +309,6 @@ def _check_alias(alias: str) -> None:
 
 
 def _compare_with_holder(mv, holder_mv, pt: ProductionPolicy) -> RunComparison | None:
-    from ..evaluation.comparison import compare_runs
     ours, theirs = mv.tags.get(TAG_EVAL_RUN), holder_mv.tags.get(TAG_EVAL_RUN)
     if not ours or not theirs:
         return None

@@ -21,6 +21,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import mlflow
+from filelock import FileLock, Timeout
 from mlflow.entities import Run
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
@@ -29,6 +30,7 @@ from mlflow.tracking import MlflowClient
 from ..config import get_settings
 from ..evaluation.baselines import approved_tasks
 from ..formats.benchmarks import PRIMARY_SCORE, primary_metric, primary_of
+from ..model.references import RegistryError, aliases, model_name
 from ..tracking import runs
 from ..tracking.names import (
     KIND_EVALUATION,
@@ -49,7 +51,6 @@ from ..tracking.names import (
     read_approved,
 )
 from .packaging import PackagingError, SkyEyeGPTModel, input_example, model_signature, requirements, stage_artifacts
-from .references import RegistryError, aliases, model_name
 
 ALIASES = ("staging", "production")
 ARTIFACT_NAME = "skyeyegpt"
@@ -111,7 +112,6 @@ def lock(name: str, what: str = "promotion"):
         with _registry_lock(name, what):
             yield
         return
-    from filelock import FileLock, Timeout
     path = get_settings().state / f"registry-{name}-{what}.lock"
     path.parent.mkdir(parents=True, exist_ok=True)
     lock = FileLock(str(path), timeout=LOCK_TIMEOUT_S)

@@ -37,7 +37,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..evaluation.baselines import TRIVIAL
 from ..formats.benchmarks import PRIMARY
 from ..formats.prompts import task_of
-from ..tracking.names import TAG_APPROVED_TASKS, read_approved
+from ..model.references import load, model_name
+from ..tracking import runs
+from ..tracking.names import TAG_APPROVED_TASKS, TAG_DVC_MD5, TAG_EVAL_RUN, read_approved
 from .config import ServeConfig
 from .engine import Engine
 from .media import load_image
@@ -176,9 +178,6 @@ class SkyEyeServer:
     """One replica: the model of `model_uri`, loaded before the replica takes traffic."""
 
     def __init__(self, model_uri: str):
-        from ..registry.references import load, model_name
-        from ..tracking import runs
-        from ..tracking.names import TAG_DVC_MD5, TAG_EVAL_RUN
         loaded = load(model_uri)
         name = model_name()
         tags = runs.client().get_model_version(name, str(loaded.version)).tags if loaded.version else {}

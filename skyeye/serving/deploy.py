@@ -1,7 +1,8 @@
 """Putting a registered SkyEyeGPT version behind the API on Ray Serve, checking that it
 answers, and recording the deployment on the version.
 
-- `connect`: the Ray cluster RAY_ADDRESS names, else a private local Ray in this process.
+- `connect`: the Ray cluster RAY_ADDRESS names, else a private local Ray in this process
+  (`cluster.ray_session`, which also says what the replicas are told).
 - `deploy`: a registry reference (`models:/skyeyegpt@production`, a version) becomes the
   Serve application `skyeye`; deploying again under the same name rolls the replicas to
   the new version while the old ones keep answering (no request fails).
@@ -12,8 +13,10 @@ answers, and recording the deployment on the version.
 """
 from __future__ import annotations
 
+# imports inside functions: Ray Serve, the server app and PIL load only when something is deployed or asked
 import base64
 import io
+import json
 import os
 import time
 from dataclasses import dataclass
@@ -22,9 +25,10 @@ from pathlib import Path
 
 import httpx
 
+from ..cluster import ray_session
 from ..config import Settings, get_settings
 from ..formats.files import atomic_write_text
-from ..registry.references import model_name, production_uri, resolve_version
+from ..model.references import model_name, production_uri, resolve_version
 from ..tracking import runs
 from ..tracking.names import TAG_SERVED_ENDPOINT, TAG_SERVED_REPLACED, TAG_SERVED_SINCE, TAG_SERVED_UNTIL
 from .config import ServeConfig, load_serve_config
@@ -44,17 +48,11 @@ def base_url(cfg: ServeConfig) -> str:
 
 
 def connect(cfg: ServeConfig) -> bool:
-    """Ray for serving: RAY_ADDRESS's cluster, else a local Ray started here (True)."""
-    import ray
-    if ray.is_initialized():
-        return False
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(logging_level="WARNING", log_to_driver=False)
-        return False
-    from ..training.ray_train import start_local_ray
+    """Ray for serving (`ray_session.connect`); True when a local Ray was started here (`shutdown`
+    then stops it). On RAY_ADDRESS's cluster the app outlives this process."""
     # a rollout starts the new replicas before the old ones stop: room for both, and the proxy
-    start_local_ray(max(2, int(2 * cfg.replicas * cfg.cpus_per_replica + 1)))
-    return True
+    started = ray_session.connect(max(2, int(2 * cfg.replicas * cfg.cpus_per_replica + 1)))
+    return started and not ray_session.on_cluster()
 
 
 def served_version(url: str, api_key: str | None = None) -> int | None:
@@ -68,16 +66,6 @@ def served_version(url: str, api_key: str | None = None) -> int | None:
 
 def _auth(api_key: str | None) -> dict[str, str]:
     return {"Authorization": f"Bearer {api_key}"} if api_key else {}
-
-
-def _replica_env(settings: Settings, cfg: ServeConfig) -> dict[str, str]:
-    """What a replica needs: the same store and names as this process, and the API key."""
-    env = {"SKYEYE_MLFLOW_TRACKING_URI": settings.tracking_uri, "SKYEYE_PROJECT_ROOT": str(settings.project_root),
-           "SKYEYE_REGISTERED_MODEL": model_name()}
-    for key in ("HF_HUB_OFFLINE", "SKYEYE_HUB_ONLINE", "SKYEYE_STATE_DIR", cfg.api_key_env):
-        if os.environ.get(key):
-            env[key] = os.environ[key]
-    return env
 
 
 def deploy(model_ref: str | None = None, cfg: ServeConfig | None = None, settings: Settings | None = None
@@ -108,8 +96,8 @@ def application(uri: str, cfg: ServeConfig, settings: Settings | None = None):
         # would otherwise starve the demo's own questions. Ray's queue beyond it is a backstop.
         max_ongoing_requests=cfg.max_connections, max_queued_requests=cfg.max_connections,
         backpressure_config=BackpressureConfig(status_code=429, retry_after_s=cfg.retry_after_s),
-        ray_actor_options={"num_cpus": cfg.cpus_per_replica,
-                           "runtime_env": {"env_vars": _replica_env(settings or get_settings(), cfg)}},
+        ray_actor_options={"num_cpus": cfg.cpus_per_replica, "runtime_env": {
+            "env_vars": ray_session.worker_env(settings or get_settings(), cfg.api_key_env)}},
     ).bind(uri)
 
 
@@ -123,7 +111,6 @@ def _png_data_url(path: Path) -> str:
 
 def sample_question(settings: Settings | None = None) -> tuple[Path, str]:
     """A test image and a referring expression from the grounding benchmark's evaluation file."""
-    import json
     s = settings or get_settings()
     path = s.instructions_dir / "eval" / "dior_rsvg_test.json"
     if not path.exists():
@@ -195,7 +182,6 @@ def _state_file(settings: Settings | None = None) -> Path:
 
 def write_state(url: str, version: int, follows: str | None, settings: Settings | None = None) -> None:
     """What a local `skyeye serve` serves, for the commands and flows that look for it."""
-    import json
     path = _state_file(settings)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps({"pid": os.getpid(), "url": url, "version": version, "follows": follows}))
@@ -203,7 +189,6 @@ def write_state(url: str, version: int, follows: str | None, settings: Settings 
 
 def read_state(settings: Settings | None = None) -> dict | None:
     """The local server's state, None when there is none (or its process is gone)."""
-    import json
     path = _state_file(settings)
     try:
         state = json.loads(path.read_text())

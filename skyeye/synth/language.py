@@ -10,7 +10,7 @@ from collections import Counter
 
 import numpy as np
 
-from .scene import PLURAL, Scene, SceneObject
+from .scene import LAND_USES, PLURAL, Scene, SceneObject
 
 NUMBERS = ["no", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
@@ -87,7 +87,6 @@ def _area_answer(m2: float) -> str:
 def questions(scene: Scene, rng: np.random.Generator, types: tuple[str, ...], n: int,
               metres_per_image: float = 77.0) -> list[tuple[str, str, str]]:
     """`n` (question, answer, type) triples, types drawn evenly, yes/no answers balanced."""
-    from .scene import LAND_USES
     present = sorted({o.category for o in scene.objects})
     possible = sorted({c for lu in LAND_USES.values() for c in lu["objects"]})
     out: list[tuple[str, str, str]] = []

@@ -7,6 +7,8 @@ the way a real sensor's point-spread function would.
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
@@ -138,7 +140,6 @@ def _draw_object(draw: ImageDraw.ImageDraw, obj: SceneObject, dx: float, dy: flo
 def _scaled(obj: SceneObject, fl: float, fw: float, dx: float, dy: float, shift: float = 0.0):
     """A rectangle inside the object: fraction fl of its length, fw of its width, moved
     `shift` lengths along the heading."""
-    import math
     a = math.radians(obj.angle)
     ca, sa = math.cos(a), math.sin(a)
     cx, cy = obj.centre[0] + dx + shift * obj.length * ca, obj.centre[1] + dy + shift * obj.length * sa

@@ -9,7 +9,7 @@ import av
 import numpy as np
 
 from .render import draw_objects, finish, render_background
-from .scene import Scene, SceneObject, outline
+from .scene import Scene, SceneObject, outline, sample_scene
 
 EVENTS = ("traffic_congestion", "car_racing", "boating", "harvesting", "non-event")
 FRAMES, FPS = 10, 2  # 5 s, like CapERA's clips
@@ -68,7 +68,6 @@ def event_scene(event: str, rng: np.random.Generator) -> tuple[Scene, list[tuple
         scene = Scene("farmland", "default", objs, texture_seed=int(rng.integers(0, 2**31 - 1)))
         return scene, [(0.02 if forward else -0.02, 0.0)], DIRECTIONS[(True, forward)]
     if event == "non-event":
-        from .scene import sample_scene
         scene = sample_scene(rng, land_use=str(rng.choice(["residential", "forest", "meadow", "parking lot"])))
         return scene, [(0.0, 0.0)] * len(scene.objects), ""
     raise ValueError(f"unknown event {event!r}; known: {EVENTS}")

@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import mlflow
+from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
 from ..config import Settings, configure_environment, get_settings
@@ -70,7 +71,6 @@ def run_url(run_id: str, settings: Settings | None = None) -> str:
 
 def log_metrics(run_id: str, metrics: dict[str, float], step: int = 0, settings: Settings | None = None) -> None:
     """Metrics of one step in one call (the store's batch limit is 1,000 a call)."""
-    from mlflow.entities import Metric
     stamp = int(time.time() * 1000)
     batch = [Metric(k, float(v), stamp, step) for k, v in metrics.items()]
     c = client(settings)

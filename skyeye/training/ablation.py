@@ -12,6 +12,7 @@ Budget: (stage1.max_steps + stage2.max_steps) x `budget` optimizer steps per rec
 """
 from __future__ import annotations
 
+# imports inside functions: the runs (torch, Ray) and matplotlib load only when the ablation runs or draws
 import json
 import tempfile
 from collections import Counter
@@ -19,11 +20,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+from tqdm import tqdm
 
 from ..config import Settings, get_settings, load_yaml_config
+from ..data.items import load_items
+from ..datagate.gate import data_version_of
+from ..evaluation.baselines import TRIVIAL
+from ..evaluation.intervals import ItemStats, bootstrap, compare
+from ..evaluation.paper import ONE_STAGE, SKYEYEGPT
 from ..formats.benchmarks import EVAL_KEYS, PRIMARY, TASK, TASK_OF, TASKS, metric, primary_metric
 from ..model.config import load_model_config
+from ..model.references import load
 from ..tracking import runs
 from ..tracking.names import (
     KIND_TUNING_JOB,
@@ -35,7 +44,6 @@ from ..tracking.names import (
     TUNING_EXPERIMENT,
     UNVERSIONED,
 )
-from .data import load_items
 from .stage_config import StageConfig, ValidationConfig, load_stage_config
 
 RECIPES = ("two_stage", "one_stage", "single")
@@ -182,7 +190,6 @@ def plan_for(cfg: AblationConfig, instructions: Path | None = None, settings: Se
 
 
 def _say(text: str) -> None:
-    from tqdm import tqdm
     tqdm.write(text)  # between the progress bars, not through them
 
 
@@ -190,9 +197,7 @@ def run_recipe(recipe: str, jobs: list[Job], cfg: AblationConfig, backbones: dic
                instructions: Path | None = None, md5: str | None = None, settings: Settings | None = None) -> dict:
     """Train a recipe's jobs and score its final models, as a child run of the ablation;
     returns what the comparison needs (JSON: a flow passes it between tasks)."""
-    from ..evaluation.baselines import TRIVIAL
     from ..evaluation.runner import EvalConfig, evaluate
-    from ..registry.references import load
     from .jobs import flatten, train_stage
     s = settings or get_settings()
     instructions = Path(instructions or s.instructions_dir)
@@ -240,9 +245,6 @@ def _split_of(name: str) -> str:
 def compare_recipes(results: dict[str, dict], cfg: AblationConfig) -> list[dict]:
     """One row per bench split: each recipe's primary metric with its bootstrap interval, the
     paired differences two_stage - one_stage and two_stage - single, the paper's figures."""
-    from ..evaluation.baselines import TRIVIAL
-    from ..evaluation.intervals import ItemStats, bootstrap, compare
-    from ..evaluation.paper import ONE_STAGE, SKYEYEGPT
     stats = {r: {k: ItemStats.from_json(v) for k, v in res["stats"].items()} for r, res in results.items()}
     opts = {"resamples": cfg.resamples, "seed": cfg.seed, "level": cfg.level}
     rows = []
@@ -335,7 +337,6 @@ def log_comparison(parent_id: str, results: dict[str, dict], cfg: AblationConfig
                    settings: Settings | None = None) -> dict:
     """The comparison into the ablation's parent run: table (MLflow table, JSON, markdown), chart,
     and `<recipe>/<split>/<metric>` for the primary metrics. Returns {rows, markdown}."""
-    import pandas as pd
     s = settings or get_settings()
     rows = compare_recipes(results, cfg)
     markdown = render(rows, results, cfg)
@@ -353,7 +354,6 @@ def log_comparison(parent_id: str, results: dict[str, dict], cfg: AblationConfig
 def run_ablation(cfg: AblationConfig, *, instructions: Path | None = None, settings: Settings | None = None) -> dict:
     """The whole ablation in this process (`skyeye ablation`): backbones, each recipe, the
     comparison, under one parent run. Returns {parent_run, results, rows, markdown}."""
-    from ..datagate.gate import data_version_of
     from .jobs import prepare_backbones, tuning_job
     s = settings or get_settings()
     instructions = Path(instructions or s.instructions_dir)

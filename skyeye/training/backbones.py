@@ -42,12 +42,13 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..data.instructions import NUMBER_WORDS, VIDEO_FRAMES
+from ..data.items import load_items
 from ..data.readers import read_benchmark
 from ..model.template import encode_conversation
 from ..model.tiny import BackbonesConfig, new_llm, new_vision_tower
 from ..model.tokenizer import GRID_TOKENS, instruction_texts, train_tokenizer
 from ..tracking.codehash import code_digest
-from .data import PixelCache, load_items, normalise
+from .data import PixelCache, normalise
 
 COLOUR_WORDS = ("white", "red", "blue", "yellow", "grey", "green")
 MEAN, STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)

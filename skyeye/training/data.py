@@ -1,4 +1,5 @@
-"""Training data for the stages: instruction samples, their pixels, per-source sampling.
+"""Training data for the stages: the instruction samples' pixels, per-source sampling (the
+samples themselves are `skyeye.data.items`).
 
 Images are decoded and resized once and kept as uint8 (the demo corpus is ~3,300
 images of 128 px: ~160 MB); clips enter as a few evenly spaced frames. Batches are
@@ -6,42 +7,14 @@ drawn by per-source sampling ratios (the stage config), then uniformly within a 
 """
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
-from ..formats.prompts import IMAGE_PLACEHOLDER
+from ..data.items import Item
 from ..synth.video import read_frames
-
-
-@dataclass(frozen=True)
-class Item:
-    id: str
-    source: str
-    task: str
-    media: str  # path relative to the instruction file's folder
-    frames: int  # 1 for an image
-    turns: tuple[tuple[str, str], ...]  # (question, answer); placeholder stripped from the first question
-
-
-def load_items(path: Path) -> list[Item]:
-    path = Path(path)
-    try:
-        rows = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise ValueError(f"{path}: cannot read instruction file: {err}") from None
-    items = []
-    for row in rows:
-        conv = row["conversations"]
-        turns = tuple((conv[i]["value"].replace(IMAGE_PLACEHOLDER, "").strip(), conv[i + 1]["value"])
-                      for i in range(0, len(conv) - 1, 2))
-        media = row.get("image") or row.get("video")
-        items.append(Item(row["id"], row["source"], row["task"], media, int(row.get("frames", 1)), turns))
-    return items
 
 
 class PixelCache:

@@ -7,6 +7,8 @@ Only rank 0 logs, into the child run whose id the driver created here.
 """
 from __future__ import annotations
 
+# imports inside functions: the loop, Ray Train, the backbones (torch) and matplotlib load only
+# when a stage runs or draws
 import json
 import tempfile
 import threading
@@ -22,12 +24,18 @@ from ..datagate.expectations import validate
 from ..datagate.gate import data_version_of, validation_outcome
 from ..formats.benchmarks import PRIMARY, TASK_OF, VALIDATION, VALIDATION_KEYS, metric, primary_metric
 from ..model.config import ModelConfig, load_model_config
+from ..model.references import model_folder, training_run_of
 from ..model.skyeyegpt import ALIGNMENT_FILE, META_FILE
-from ..registry.references import model_folder, training_run_of
 from ..tracking import runs
 
 if TYPE_CHECKING:  # ray_train imports torch and Ray; jobs imports it where it trains
     from .ray_train import FitResult
+from mlflow.data.meta_dataset import MetaDataset
+from mlflow.data.sources import LocalArtifactDatasetSource
+from mlflow.entities import DatasetInput, InputTag
+from tqdm import tqdm
+
+from ..evaluation.baselines import TRIVIAL
 from ..tracking.names import (
     DATASET_NAME,
     KIND_BACKBONES,
@@ -115,9 +123,6 @@ def tuning_job(name: str, settings: Settings | None = None, tags: dict | None = 
 def log_data_input(run_id: str, instructions: Path, md5: str | None, rev: str | None) -> None:
     """The data version as the run's dataset input, the DVC hash as its digest. Through the
     client: `mlflow.start_run(run_id=...)` would end the run when its block closes."""
-    from mlflow.data.meta_dataset import MetaDataset
-    from mlflow.data.sources import LocalArtifactDatasetSource
-    from mlflow.entities import DatasetInput, InputTag
     dataset = MetaDataset(source=LocalArtifactDatasetSource(str(Path(instructions).resolve())),
                           name=DATASET_NAME, digest=md5 or UNVERSIONED)
     tags = [InputTag("mlflow.data.context", "training"), InputTag("dvc_md5", md5 or UNVERSIONED),
@@ -131,7 +136,6 @@ def loss_curve_png(run_id: str, out: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ..evaluation.baselines import TRIVIAL
     client = runs.client()
     keys = sorted(client.get_run(run_id).data.metrics)
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
@@ -161,7 +165,6 @@ def loss_curve_png(run_id: str, out: Path) -> Path:
 @contextmanager
 def progress_bar(run_id: str, cfg: StageConfig, desc: str):
     """A driver-side progress bar fed by what rank 0 logs to MLflow (workers stay quiet)."""
-    from tqdm import tqdm
     done = threading.Event()
     bar = tqdm(total=cfg.max_steps, desc=desc, unit="step")  # the budget is in steps; the time budget is a safety net
 

@@ -23,12 +23,13 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from ..data.items import load_items
 from ..formats.benchmarks import EVAL_DIR
 from ..model.config import ModelConfig
 from ..model.skyeyegpt import SkyEyeGPT, build_model
 from ..model.template import IGNORE, collate, encode_conversation
 from ..model.tokenizer import grid_lookup
-from .data import PixelCache, SourceSampler, load_items, normalise
+from .data import PixelCache, SourceSampler, normalise
 from .pointing import PointingTargets, pointing_loss
 from .sealed import sealed_folder
 from .stage_config import StageConfig

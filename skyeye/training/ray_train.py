@@ -15,15 +15,15 @@ Decisions worth knowing:
 - MLflow history is exactly-once across restarts: at start rank 0 reads the last logged step
   of each metric and skips reports at or below it (a resumed loop re-runs those steps).
 - Reusing `storage_path` + `run_name` resumes that Ray run (Ray restores its checkpoints).
-- A local Ray keeps token auth on, with a per-process token in the environment instead of
-  ~/.ray/auth_token; the health-check interval is lowered to 0.1 s (default 2 s per report).
+- Ray is `cluster.ray_session.connect`'s (RAY_ADDRESS's cluster, else a private local Ray);
+  the health-check interval is lowered to 0.1 s (default 2 s per report).
 """
 from __future__ import annotations
 
+# imports inside functions: Ray and pyarrow load only where a worker group runs; MLflow only on rank 0, which logs
 import json
 import math
 import os
-import secrets
 import shutil
 import tempfile
 import time
@@ -34,6 +34,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+
+from ..cluster import ray_session
+from ..config import get_settings
 
 COMPLETE = "COMPLETE"  # marker file, written last: a checkpoint without it is ignored
 _ATTEMPTS_DIR = ".skyeye_attempts"  # one file per worker-group start, to count restarts
@@ -72,7 +75,6 @@ class FitConfig:
 
     def resolved_storage(self) -> str:
         if self.storage_path is None:
-            from ..config import get_settings
             return get_settings().checkpoint_storage
         if "://" in self.storage_path:
             return self.storage_path
@@ -81,7 +83,6 @@ class FitConfig:
     def resolved_tracking_uri(self) -> str:
         if self.mlflow_tracking_uri:
             return self.mlflow_tracking_uri
-        from ..config import get_settings
         return get_settings().tracking_uri  # explicit, so workers need not share the driver's setup
 
 
@@ -392,36 +393,6 @@ def _read_attempts(result: Any, token: str) -> tuple[list[float], set[str]]:
     return sorted(starts), nodes
 
 
-_PROCESS_TOKEN = secrets.token_hex(32)  # one per process: Ray caches the token it first sees
-
-
-def start_local_ray(num_cpus: int, num_gpus: int | None = 0, verbose: bool = False) -> None:
-    """Start a private single-machine Ray in this process (training, serving). It never
-    attaches to a cluster that something else started or left behind (`address="local"`);
-    a cluster is used only when RAY_ADDRESS names it."""
-    import logging
-
-    import ray
-    user_auth = any(os.environ.get(k) for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")) \
-        or (Path.home() / ".ray" / "auth_token").exists()
-    if not user_auth:
-        # Ray 2.60 turns token auth on for a new local cluster (its ports listen on every
-        # interface) and would write a token to ~/.ray. Keep auth on, with a token in this
-        # process's environment that raylet and workers inherit. It stays set: Ray caches the
-        # auth mode and token per process, so a later ray.init here must see the same ones.
-        os.environ["RAY_AUTH_TOKEN"] = _PROCESS_TOKEN
-        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
-    ray.init(
-        address="local",
-        num_cpus=num_cpus,
-        num_gpus=num_gpus,  # None: Ray counts the GPUs there are
-        object_store_memory=256 * 1024**2,  # checkpoints and models travel as files, not objects
-        include_dashboard=False,
-        log_to_driver=verbose,
-        logging_level="INFO" if verbose else "WARNING",
-    )
-
-
 def fit(loop_fn: Callable[[TrainContext, dict], dict | None], loop_config: dict, cfg: FitConfig) -> FitResult:
     """Run `loop_fn` on `cfg.num_workers` Ray Train workers; a local Ray unless RAY_ADDRESS is set."""
     t0 = time.time()
@@ -438,13 +409,8 @@ def fit(loop_fn: Callable[[TrainContext, dict], dict | None], loop_config: dict,
     # Read by the driver and propagated by Ray Train to the controller and the workers.
     user_interval = os.environ.get(_HEALTH_CHECK_ENV)
     os.environ[_HEALTH_CHECK_ENV] = user_interval or _HEALTH_CHECK_S
-    started_ray = not ray.is_initialized()
-    if started_ray:
-        if os.environ.get("RAY_ADDRESS"):  # an existing cluster: its resources, its auth
-            ray.init(log_to_driver=cfg.verbose, logging_level="INFO" if cfg.verbose else "WARNING")
-        else:
-            start_local_ray(max(1, math.ceil(cfg.num_workers * cfg.cpus_per_worker)),
-                            None if cfg.use_gpu else 0, cfg.verbose)
+    started_ray = ray_session.connect(max(1, math.ceil(cfg.num_workers * cfg.cpus_per_worker)),
+                                      None if cfg.use_gpu else 0, cfg.verbose)
     token = uuid.uuid4().hex
     try:
         trainer = _trainer(loop_fn, loop_config, cfg, token)

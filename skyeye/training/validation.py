@@ -4,7 +4,7 @@ per-task learning curves (and whether the model beats answering blindly) show in
 Read from the instruction folder's `validation/` files only: the test splits under `eval/`
 are sealed until the evaluation (`StageConfig` refuses a config that names one, and
 `skyeye.training.sealed` refuses to open one while a stage trains). Scored with the
-evaluation's metrics and baselines (`skyeye.formats.metrics`, `skyeye.evaluation.baselines`)
+evaluation's metrics and baselines (`skyeye.evaluation.metrics`, `skyeye.evaluation.baselines`)
 and named like the evaluation's metrics behind the prefix `validation/`:
 `validation/dior_rsvg_val/acc_at_0.5`, `validation/baseline.centred_box/dior_rsvg_val/acc_at_0.5`.
 Captions are scored by CIDEr without METEOR (its Java process takes ~15 s to start).
@@ -18,12 +18,12 @@ from pathlib import Path
 import torch
 
 from ..data.instructions import class_words, count_phrase
+from ..data.items import Item, load_items
 from ..evaluation.baselines import TRIVIAL, centred_boxes, majority_answers, trivial_answers
+from ..evaluation.metrics import caption_scores, grounding_scores, normalise_answer, vqa_scores
 from ..formats import prompts
 from ..formats.benchmarks import ACC_AT_05, CIDER, VALIDATION, metric, spread
-from ..formats.metrics import caption_scores, grounding_scores, normalise_answer, vqa_scores
 from ..synth.scene import CATEGORIES
-from .data import Item, load_items
 from .stage_config import ValidationConfig
 
 CONVERSATION = "conversation"  # the key of the stage-2 three-turn conversations in metric names

@@ -9,13 +9,14 @@ for the bootstrap intervals of `skyeye.evaluation.intervals`.
 """
 from __future__ import annotations
 
+# imports inside functions: pycocoevalcap (0.4 s to import) loads only when captions are scored
 import re
 import shutil
 from collections import defaultdict
 
-from ..evaluation.intervals import BLEU_N, TYPE_PREFIX, ItemStats
-from .benchmarks import AA, AA_ALL, ACC_AT_05, OA, PAPER_VQA_TYPES
-from .boxes import first_box_pixels, iou
+from ..formats.benchmarks import AA, AA_ALL, ACC_AT_05, OA, PAPER_VQA_TYPES
+from ..formats.boxes import first_box_pixels, iou
+from .intervals import BLEU_N, TYPE_PREFIX, ItemStats
 
 # Stands in for a prediction that is empty after tokenisation ("", "..."): given a set whose
 # hypotheses are all empty, METEOR's Java process never answers and pycocoevalcap 1.2 blocks

@@ -13,12 +13,14 @@ default in the working directory.
 """
 from __future__ import annotations
 
+# imports inside functions: the model (torch, transformers) loads only when a reference is loaded, not resolved
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
@@ -154,13 +156,12 @@ def load(ref: str) -> LoadedModel:
     text = str(ref).strip()
     try:
         if text.startswith(URI_PREFIX):  # the registered pyfunc, unwrapped to the SkyEyeGPT inside
-            import mlflow
             version = resolve_version(text)
             name = model_name()
             mv = runs.client().get_model_version(name, str(version))
             model = mlflow.pyfunc.load_model(f"{URI_PREFIX}{name}/{version}").unwrap_python_model().model
             return LoadedModel(model.eval(), text, mv.tags.get(TAG_TRAINING_RUN, ""), version)
-        from ..model.skyeyegpt import load_model
+        from .skyeyegpt import load_model
         folder = model_folder(text)
         run = text if folder != text else (training_run_of(folder) or "")
         return LoadedModel(load_model(folder).eval(), folder, run)

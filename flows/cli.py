@@ -1,0 +1,199 @@
+"""The `skyeye` command (pyproject.toml's console script): the library's commands
+(`skyeye/cli.py`) and the ones that drive Prefect, which the library never imports:
+
+- `skyeye serve`: the serve flow (`flows/serve.py`), following the production alias;
+- `skyeye server up`: the local Prefect server and the MLflow UI (`flows/servers.py`);
+- `skyeye schedule ...`: the deployments that retrain and serve by themselves (`flows/schedule.py`);
+- `skyeye data version --commit` also announces the "data versioned" event a scheduled
+  retrain starts on.
+
+The flows are imported inside the commands: they bring Prefect, httpx and Ray, which
+`skyeye --help` and the library's commands never need.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from typing import Annotated, Optional
+
+import typer
+
+from skyeye.cli import app, on_data_committed
+from skyeye.commands.console import fail, interrupt, say
+from skyeye.commands.inputs import PORT, free_port, in_range
+from skyeye.config import get_settings
+
+schedule_app = typer.Typer(help="Retraining that runs itself: Prefect deployments, schedules and triggers "
+                                "(configs/schedule.yaml), on the Prefect server at PREFECT_API_URL.",
+                           no_args_is_help=True, rich_markup_mode=None)
+server_app = typer.Typer(help="The Prefect server and the MLflow UI on this machine.", no_args_is_help=True,
+                         rich_markup_mode=None)
+
+
+@server_app.command("up")
+def server_up(
+    host: Annotated[str, typer.Option(help="Interface (loopback by default).")] = "127.0.0.1",
+    prefect_port: Annotated[int, typer.Option(callback=PORT, help="Port of the Prefect server and its UI.")
+                            ] = 4200,
+    mlflow_port: Annotated[int, typer.Option(callback=PORT, help="Port of the MLflow UI.")] = 5000,
+) -> None:
+    """Start the Prefect server (state under .skyeye/prefect) and the MLflow UI beside it, print
+    their URLs, and keep them up until Ctrl-C."""
+    from flows import servers
+    try:
+        up = servers.start(host, prefect_port, mlflow_port)
+    except RuntimeError as err:
+        fail(f"{err} (logs: {get_settings().state / 'logs'})")
+    say(f"Prefect UI  {up.prefect_url}\n"
+         f"MLflow UI   {up.mlflow_url or 'the tracking server: ' + get_settings().tracking_uri}\n"
+         f"point the commands at it:  export PREFECT_API_URL={up.prefect_url}/api\n"
+         "then: skyeye schedule up (Ctrl-C stops the servers)")
+    signal.signal(signal.SIGTERM, interrupt)
+    try:
+        while all(p.poll() is None for p in up.processes):
+            time.sleep(1)
+        say("a server exited; stopping")
+    except KeyboardInterrupt:
+        say("stopping")
+    finally:
+        up.stop()
+
+
+def _need_server() -> None:
+    from flows.schedule import NO_SERVER, api_url
+    if not api_url():
+        fail(NO_SERVER.format(url=os.environ.get("PREFECT_API_URL") or "unset"))
+
+
+@schedule_app.command("up")
+def schedule_up() -> None:
+    """Register the deployments (retrain on a schedule and on new data, watch-production, serve)
+    and run them in this process until Ctrl-C."""
+    _need_server()
+    from flows.schedule import up
+    up()
+
+
+@schedule_app.command("status")
+def schedule_status(json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
+    """Each deployment: its schedules and triggers, paused or not, the next run, the last runs."""
+    _need_server()
+    from flows.schedule import status
+    rows = status()
+    if json_out:
+        say(json.dumps(rows, indent=1))
+        return
+    if not rows:
+        say("no SkyEye deployments registered: run `skyeye schedule up`")
+    from flows.schedule import last_seen, load_schedule_config
+    say(f"production watcher (in `skyeye schedule up`): every {load_schedule_config().watch_every_s:g} s, "
+         f"last saw version {last_seen() or '-'}")
+    for r in rows:
+        say(f"{r['deployment']}{'  (paused)' if r['paused'] else ''}\n"
+             f"  schedules  {', '.join(r['schedules']) or 'none'}\n  triggers   {', '.join(r['triggers']) or 'none'}\n"
+             f"  next run   {r['next_run'] or '-'}\n  last runs  {'; '.join(r['last_runs']) or '-'}")
+
+
+def _pause(paused: bool, deployment: str | None) -> None:
+    _need_server()
+    from flows.schedule import set_paused
+    try:
+        say(("paused: " if paused else "resumed: ") + ", ".join(set_paused(paused, deployment)))
+    except ValueError as err:
+        fail(str(err))
+
+
+DEPLOYMENT_ARG = Annotated[Optional[str], typer.Argument(
+    help="flow/deployment, e.g. retrain/retrain (default: all of SkyEye's).")]
+
+
+@schedule_app.command("pause")
+def schedule_pause(deployment: DEPLOYMENT_ARG = None) -> None:
+    """Pause deployments: no scheduled or triggered runs until resumed."""
+    _pause(True, deployment)
+
+
+@schedule_app.command("resume")
+def schedule_resume(deployment: DEPLOYMENT_ARG = None) -> None:
+    """Resume paused deployments."""
+    _pause(False, deployment)
+
+
+def announce_data_version(report) -> str | None:
+    """The "data versioned" event of a committed `skyeye data version` (a VersionReport)."""
+    from flows.schedule import DATA_EVENT, emit_data_versioned
+    if emit_data_versioned(report.md5, report.git_rev):
+        return f"announced {DATA_EVENT} for {report.md5} (a scheduled retrain starts on it)"
+    return None
+
+
+def serve(
+    model: Annotated[Optional[str], typer.Option(
+        "--model", help="Registry reference to serve (default: models:/skyeyegpt@production, followed as it moves).")
+    ] = None,
+    host: Annotated[Optional[str], typer.Option(help="Interface to listen on (default: configs/serve.yaml).")] = None,
+    port: Annotated[Optional[int], typer.Option(
+        callback=PORT, help="Port (default: configs/serve.yaml, 8000).")] = None,
+    follow_every: Annotated[float, typer.Option(
+        callback=in_range(0.1), help="Seconds between checks of the production alias.")] = 10.0,
+) -> None:
+    """Serve a registered SkyEyeGPT on Ray Serve: the OpenAI API at http://HOST:PORT/v1.
+
+    With RAY_ADDRESS, deploys to that cluster and returns. Otherwise runs a local server in
+    the foreground until Ctrl-C; without --model it follows the production alias, so a
+    promotion or `skyeye rollback` rolls the served version within --follow-every seconds."""
+    from skyeye.model.references import RegistryError, production_uri, resolve_version
+    from skyeye.serving import deploy
+    from skyeye.serving.config import load_serve_config
+    # before Prefect's temporary server and Ray start: the config, the port, the model
+    cfg = load_serve_config()
+    if not os.environ.get("RAY_ADDRESS"):  # a local server: the port must be free here
+        free_port(host or cfg.host, port or cfg.port)
+    try:
+        resolve_version(model or production_uri())
+    except RegistryError as err:
+        fail(f"--model {err}")
+
+    from flows.serve import serve as serve_flow
+    try:
+        out = serve_flow(model=model, host=host, port=port)
+    except (ValueError, FileNotFoundError, RuntimeError) as err:
+        fail(str(err))
+    say(f"serving skyeyegpt version {out['version']} at {out['url']}/v1 (health: {out['url']}/health)")
+    if os.environ.get("RAY_ADDRESS"):
+        return
+    deploy.write_state(out["url"], out["version"], None if model else "production")
+    signal.signal(signal.SIGTERM, interrupt)  # `kill` stops it as cleanly as Ctrl-C
+    try:
+        while True:
+            time.sleep(follow_every)
+            if model is None and (wanted := resolve_version(production_uri())) != out["version"]:
+                out = serve_flow(model=str(wanted), host=host, port=port)
+                deploy.write_state(out["url"], out["version"], "production")
+                say(f"production moved: now serving version {out['version']}")
+    except KeyboardInterrupt:
+        say("stopping")
+    finally:
+        key = os.environ.get(load_serve_config().api_key_env)
+        serving = deploy.served_version(out["url"], key) or out["version"]  # a rollout may have been cut short
+        deploy.remove_state()
+        deploy.shutdown(started_ray=True)
+        deploy.record_stop(serving)
+
+
+# after the library's own commands, in the order `skyeye --help` has always listed them
+app.command("serve")(serve)
+app.add_typer(schedule_app, name="schedule")
+app.add_typer(server_app, name="server")
+on_data_committed.append(announce_data_version)
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    app(prog_name="skyeye")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
