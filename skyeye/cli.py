@@ -22,7 +22,7 @@ from .commands.doctor import doctor
 from .commands.errors import DEBUG_ENV, HandledGroup
 from .commands.inputs import PORT, existing_file, existing_folder, free_port, image_file, in_range, writable_folder
 from .commands.schedule import schedule_app, server_app
-from .config import configure_environment, get_settings
+from .config import DEFAULT_MODEL_FILE, REGISTERED_MODEL, configure_environment, get_settings
 
 # rich_markup_mode=None: help texts hold task identifiers such as [refer], which rich
 # markup would swallow as tags. HandledGroup: every command's errors end as commands/errors.py says.
@@ -196,7 +196,7 @@ MODEL_OPT = Annotated[Path, typer.Option("--model", help="Model config (configs/
 
 
 @app.command("backbones")
-def backbones(model: MODEL_OPT = Path("configs/model/tiny.yaml")) -> None:
+def backbones(model: MODEL_OPT = Path(DEFAULT_MODEL_FILE)) -> None:
     """Pretrain (or reuse from the cache) the tiny offline backbones the model config asks for."""
     from .training.jobs import prepare_backbones
     existing_file(model, "--model")
@@ -211,7 +211,7 @@ def backbones(model: MODEL_OPT = Path("configs/model/tiny.yaml")) -> None:
 def train(
     stage: Annotated[int, typer.Option(
         help="1: single-task instructions; 2: multi-task conversations (needs --init).")],
-    model: MODEL_OPT = Path("configs/model/tiny.yaml"),
+    model: MODEL_OPT = Path(DEFAULT_MODEL_FILE),
     config: Annotated[Optional[Path], typer.Option(help="Stage config (default configs/train/stage<N>.yaml).")] = None,
     init: Annotated[Optional[str], typer.Option(
         help="Stage-1 result (stage 2): model folder, tuning-stage run id or models:/ URI.")] = None,
@@ -254,7 +254,7 @@ def train(
 @app.command("evaluate")
 def evaluate(
     model: Annotated[str, typer.Option(
-        "--model", help="Model folder, tuning-stage run id, or models:/skyeyegpt@<alias> (or /<version>).")],
+        "--model", help=f"Model folder, tuning-stage run id, or models:/{REGISTERED_MODEL}@<alias> (or /<version>).")],
     benchmarks: Annotated[str, typer.Option(
         help="all, or a comma list of benchmarks / bench splits (e.g. rsvg_val).")] = "all",
     limit: Annotated[Optional[int], typer.Option(
@@ -292,7 +292,7 @@ def register(
     model_dir: Annotated[Optional[Path], typer.Option(
         help="Model folder (default: the one the evaluation run scored).")] = None,
 ) -> None:
-    """Log the evaluated SkyEyeGPT as one pyfunc model and register it (`skyeyegpt`)."""
+    """Log the evaluated SkyEyeGPT as one pyfunc model and register it under the registered model's name."""
     from .registry.references import model_name
     from .registry.store import register as register_model
     if model_dir:
@@ -395,7 +395,7 @@ def chat(
     image: Annotated[Path, typer.Option(help="Image file (or an MP4 clip).")],
     model: Annotated[Optional[str], typer.Option(
         "--model", help="Model folder, tuning-stage run id or models:/ URI "
-                        "(default: models:/skyeyegpt@production).")] = None,
+                        f"(default: models:/{REGISTERED_MODEL}@production).")] = None,
 ) -> None:
     """Ask SkyEyeGPT one question about one image and print the answer."""
     from .registry.references import load, production_uri
@@ -417,7 +417,8 @@ def chat(
 @app.command("serve")
 def serve(
     model: Annotated[Optional[str], typer.Option(
-        "--model", help="Registry reference to serve (default: models:/skyeyegpt@production, followed as it moves).")
+        "--model", help=f"Registry reference to serve (default: models:/{REGISTERED_MODEL}@production, followed as it "
+                        "moves).")
     ] = None,
     host: Annotated[Optional[str], typer.Option(help="Interface to listen on (default: configs/serve.yaml).")] = None,
     port: Annotated[Optional[int], typer.Option(
@@ -432,7 +433,7 @@ def serve(
     promotion or `skyeye rollback` rolls the served version within --follow-every seconds."""
     import signal
 
-    from .registry.references import RegistryError, production_uri, resolve_version
+    from .registry.references import RegistryError, model_name, production_uri, resolve_version
     from .serving import deploy
     from .serving.config import load_serve_config
     # before Prefect's temporary server and Ray start: the config, the port, the model
@@ -449,7 +450,7 @@ def serve(
         out = serve_flow(model=model, host=host, port=port)
     except (ValueError, FileNotFoundError, RuntimeError) as err:
         fail(str(err))
-    say(f"serving skyeyegpt version {out['version']} at {out['url']}/v1 (health: {out['url']}/health)")
+    say(f"serving {model_name()} version {out['version']} at {out['url']}/v1 (health: {out['url']}/health)")
     if os.environ.get("RAY_ADDRESS"):
         return
     deploy.write_state(out["url"], out["version"], None if model else "production")

@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..config import get_settings
+from ..config import LOCAL_HOST, MLFLOW_PORT, PREFECT_PORT, get_settings
 from .console import fail, interrupt, say
 from .inputs import PORT
 
@@ -22,10 +22,10 @@ server_app = typer.Typer(help="The Prefect server and the MLflow UI on this mach
 
 @server_app.command("up")
 def server_up(
-    host: Annotated[str, typer.Option(help="Interface (loopback by default).")] = "127.0.0.1",
+    host: Annotated[str, typer.Option(help="Interface (loopback by default).")] = LOCAL_HOST,
     prefect_port: Annotated[int, typer.Option(callback=PORT, help="Port of the Prefect server and its UI.")
-                            ] = 4200,
-    mlflow_port: Annotated[int, typer.Option(callback=PORT, help="Port of the MLflow UI.")] = 5000,
+                            ] = PREFECT_PORT,
+    mlflow_port: Annotated[int, typer.Option(callback=PORT, help="Port of the MLflow UI.")] = MLFLOW_PORT,
 ) -> None:
     """Start the Prefect server (state under .skyeye/prefect) and the MLflow UI beside it, print
     their URLs, and keep them up until Ctrl-C."""
