@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict
 
 from ..config import Settings, get_settings, git_revision
 from ..data.records import DataFormatError, read_json
@@ -62,7 +62,7 @@ from ..tracking.names import (
 from ..training.data import load_items
 from .baselines import BASELINES, TRIVIAL, approved_tasks, trivial_answers
 from .comparison import MODEL, save_item_stats
-from .intervals import ItemStats, bootstrap, compare, verdict
+from .intervals import LEVEL, RESAMPLES, ItemStats, Level, Resamples, bootstrap, compare, verdict
 from .predictors import ModelPredictor
 from .sharding import ShardedPredictor, check_num_workers, resolve_ref, worker_pool
 
@@ -83,8 +83,8 @@ class EvalConfig(BaseModel):
     baselines: tuple[str, ...] = BASELINES
     examples: int = 8  # grounding examples drawn in the report
     # bootstrap intervals over each split's test items (percentile, seeded: reruns agree)
-    resamples: int = Field(1000, ge=100)
-    level: float = Field(0.95, gt=0.5, lt=1.0)
+    resamples: Resamples = RESAMPLES
+    level: Level = LEVEL
     seed: int = 0
 
 
