@@ -205,7 +205,7 @@ def _register(client, name, model_dir, eval_run_id, training_run_id, tuning_job,
             with _in_run(source_run):
                 info = mlflow.pyfunc.log_model(
                     name=ARTIFACT_NAME, python_model=SkyEyeGPTModel(), artifacts=artifacts,
-                    signature=model_signature(meta["config"].get("max_new_tokens", 48)),
+                    signature=model_signature(meta["config"]),
                     input_example=input_example(example_image), pip_requirements=requirements(),
                     code_paths=[str(Path(__file__).resolve().parents[1])])
     except PackagingError as err:  # a folder or example image that cannot be packaged: refused as before
