@@ -14,6 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from skyeye.config import SCALE_NAMES
 from skyeye.data.instructions import build
 from skyeye.datagate.expectations import validate
 from skyeye.synth.corpus import synthesize
@@ -30,7 +31,7 @@ def timed(fn, repeats: int) -> tuple[float, list[float], object]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--scale", default="demo", choices=["tiny", "demo", "full"])
+    parser.add_argument("--scale", default="demo", choices=SCALE_NAMES)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:

@@ -84,10 +84,10 @@ def _clients_process(url: str, body: dict, levels: list[int], seconds: float, pe
     queue.put([_level(url, body, c, seconds, per_client) for c in levels])
 
 
-def _body(expression: str, image_path) -> dict:
+def _body(expression: str, image_path, model: str) -> dict:
     data = base64.b64encode(open(image_path, "rb").read()).decode()
     mime = "image/png" if str(image_path).lower().endswith(".png") else "image/jpeg"
-    return {"model": "skyeyegpt", "max_tokens": 16, "messages": [{"role": "user", "content": [
+    return {"model": model, "max_tokens": 16, "messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": f"data:{mime};base64,{data}"}},
         {"type": "text", "text": f"[refer] {expression}"}]}]}
 
@@ -101,11 +101,12 @@ def main() -> None:
     args = parser.parse_args()
     from skyeye.config import configure_environment
     configure_environment()
+    from skyeye.model.references import model_name
     from skyeye.serving import deploy
     from skyeye.serving.config import load_serve_config
     levels = [int(x) for x in args.levels.split(",")]
     image, expression = deploy.sample_question()
-    body = _body(expression, image)
+    body = _body(expression, image, model_name())
     base = load_serve_config().model_copy(update={"port": _free_port()})
     started = deploy.connect(base)
     report: dict = {"levels": levels, "seconds_per_level": args.seconds, "queue_limit": base.queue_limit,

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from skyeye.config import DEFAULT_MODEL_FILE
+
 
 def matmul_flops(n: int = 1024, repeats: int = 5) -> float:
     a, b = torch.randn(n, n), torch.randn(n, n)
@@ -59,7 +61,7 @@ def step_flops(model_file: Path, backbones: dict, instructions: Path, batch: int
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--model", default="configs/model/tiny.yaml")
+    parser.add_argument("--model", default=DEFAULT_MODEL_FILE)
     parser.add_argument("--stage", default="configs/train/stage1.yaml")
     args = parser.parse_args()
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from skyeye.config import configure_environment, get_settings
+from skyeye.config import SCALE_NAMES, configure_environment, get_settings
 
 configure_environment()  # before Prefect reads its settings
 
@@ -18,7 +18,7 @@ from prefect import flow, get_run_logger, task  # noqa: E402
 from prefect.cache_policies import NONE  # noqa: E402
 
 from flows.caching import retry_transient  # noqa: E402
-from flows.retrain import retrain  # noqa: E402
+from flows.retrain import DEFAULTS, retrain  # noqa: E402
 
 RETRY = {"retries": 2, "retry_delay_seconds": 10, "retry_condition_fn": retry_transient}
 
@@ -64,7 +64,7 @@ def load_configs(config_file: str, budget: float | None, recipes: list[str] | No
 @flow(name="ablation", log_prints=True)
 def ablation(config_file: str = "configs/ablation.yaml", budget: float | None = None,
              recipes: list[str] | None = None, eval_limit: int | None = None, scale: str | None = None,
-             num_workers: int | None = None, data_config: str = "configs/data.yaml") -> dict:
+             num_workers: int | None = None, data_config: str = DEFAULTS.data_config) -> dict:
     """The data steps (reused when unchanged), then the backbones, each recipe and the comparison
     under one MLflow parent run; the overrides replace the config file's values."""
     from skyeye.tracking.names import TAG_DVC_MD5
@@ -90,7 +90,7 @@ if __name__ == "__main__":
     parser.add_argument("--budget", type=float, help="scale of the steps budget (default: the config's)")
     parser.add_argument("--recipes", nargs="+", choices=RECIPES, help="recipes to run (default: the config's)")
     parser.add_argument("--eval-limit", type=int, help="samples per bench split (default: the config's)")
-    parser.add_argument("--scale", choices=["tiny", "demo", "full"], help="override the data config's scale")
+    parser.add_argument("--scale", choices=SCALE_NAMES, help="override the data config's scale")
     parser.add_argument("--num-workers", type=int, help="Ray Train workers per stage (default: the config's)")
     args = parser.parse_args()
     from skyeye.commands.errors import exit_on_error

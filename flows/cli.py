@@ -24,7 +24,7 @@ import typer
 from skyeye.cli import app, on_data_committed
 from skyeye.commands.console import fail, interrupt, say
 from skyeye.commands.inputs import PORT, free_port, in_range
-from skyeye.config import get_settings
+from skyeye.config import LOCAL_HOST, MLFLOW_PORT, PREFECT_PORT, REGISTERED_MODEL, get_settings
 
 schedule_app = typer.Typer(help="Retraining that runs itself: Prefect deployments, schedules and triggers "
                                 "(configs/schedule.yaml), on the Prefect server at PREFECT_API_URL.",
@@ -35,10 +35,10 @@ server_app = typer.Typer(help="The Prefect server and the MLflow UI on this mach
 
 @server_app.command("up")
 def server_up(
-    host: Annotated[str, typer.Option(help="Interface (loopback by default).")] = "127.0.0.1",
+    host: Annotated[str, typer.Option(help="Interface (loopback by default).")] = LOCAL_HOST,
     prefect_port: Annotated[int, typer.Option(callback=PORT, help="Port of the Prefect server and its UI.")
-                            ] = 4200,
-    mlflow_port: Annotated[int, typer.Option(callback=PORT, help="Port of the MLflow UI.")] = 5000,
+                            ] = PREFECT_PORT,
+    mlflow_port: Annotated[int, typer.Option(callback=PORT, help="Port of the MLflow UI.")] = MLFLOW_PORT,
 ) -> None:
     """Start the Prefect server (state under .skyeye/prefect) and the MLflow UI beside it, print
     their URLs, and keep them up until Ctrl-C."""
@@ -132,7 +132,8 @@ def announce_data_version(report) -> str | None:
 
 def serve(
     model: Annotated[Optional[str], typer.Option(
-        "--model", help="Registry reference to serve (default: models:/skyeyegpt@production, followed as it moves).")
+        "--model", help=f"Registry reference to serve (default: models:/{REGISTERED_MODEL}@production, followed as it "
+                        "moves).")
     ] = None,
     host: Annotated[Optional[str], typer.Option(help="Interface to listen on (default: configs/serve.yaml).")] = None,
     port: Annotated[Optional[int], typer.Option(
@@ -145,7 +146,7 @@ def serve(
     With RAY_ADDRESS, deploys to that cluster and returns. Otherwise runs a local server in
     the foreground until Ctrl-C; without --model it follows the production alias, so a
     promotion or `skyeye rollback` rolls the served version within --follow-every seconds."""
-    from skyeye.model.references import RegistryError, production_uri, resolve_version
+    from skyeye.model.references import RegistryError, model_name, production_uri, resolve_version
     from skyeye.serving import deploy
     from skyeye.serving.config import load_serve_config
     # before Prefect's temporary server and Ray start: the config, the port, the model
@@ -162,7 +163,7 @@ def serve(
         out = serve_flow(model=model, host=host, port=port)
     except (ValueError, FileNotFoundError, RuntimeError) as err:
         fail(str(err))
-    say(f"serving skyeyegpt version {out['version']} at {out['url']}/v1 (health: {out['url']}/health)")
+    say(f"serving {model_name()} version {out['version']} at {out['url']}/v1 (health: {out['url']}/health)")
     if os.environ.get("RAY_ADDRESS"):
         return
     deploy.write_state(out["url"], out["version"], None if model else "production")

@@ -10,8 +10,18 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Literal, get_args, get_origin
 
-from skyeye.config import DataConfig, configure_environment, get_settings, load_yaml_config
+from pydantic import BaseModel, ConfigDict, Field
+
+from skyeye.config import (
+    DEFAULT_MODEL_FILE,
+    DataConfig,
+    ScaleName,
+    configure_environment,
+    get_settings,
+    load_yaml_config,
+)
 from skyeye.formats.benchmarks import VALIDATION, primary_of
 
 configure_environment()  # before Prefect reads its settings
@@ -179,12 +189,67 @@ def run_step(steps: dict[str, str], force: bool, step_task, *args, **kwargs):
     return state.result()
 
 
+def _flag(flag: str | None, help: str | None = None) -> dict:
+    """How a parameter appears on `python -m flows.retrain`: its flag (None: not there) and, for a
+    flag that turns a default-on parameter off, what the flag does."""
+    return {"flag": flag, "help": help}
+
+
+class RetrainParams(BaseModel):
+    """The retrain flow's parameters, in one typed place: the flow's signature takes its defaults
+    from here and `python -m flows.retrain` its flags, defaults and help (`add_arguments`).
+    Paths are relative to the project."""
+    model_config = ConfigDict(extra="forbid")
+    data_config: str = Field("configs/data.yaml", description="data steps config")
+    scale: ScaleName | None = Field(None, description="override the data config's scale")
+    train: bool = Field(True, description="after the data gate: backbones, both stages, evaluate, register, promote",
+                        json_schema_extra=_flag("--data-only", "stop after the data gate"))
+    model_file: str = Field(DEFAULT_MODEL_FILE, description="model config", json_schema_extra=_flag("--model-config"))
+    stage1_file: str = Field("configs/train/stage1.yaml", description="stage-1 config",
+                             json_schema_extra=_flag("--stage1-config"))
+    stage2_file: str = Field("configs/train/stage2.yaml", description="stage-2 config",
+                             json_schema_extra=_flag("--stage2-config"))
+    num_workers: int = Field(2, description="Ray Train workers per stage")
+    eval_limit: int | None = Field(None, description="samples per bench split (default: all)")
+    promote: bool = Field(True, description="move staging, then production, as the policy allows",
+                          json_schema_extra=_flag("--no-promote", "register, but move no alias"))
+    force: bool = Field(False, description="recompute every step, reusing nothing")
+    expected_md5: str | None = Field(None, description="the data version an event announced",
+                                     json_schema_extra=_flag(None))
+    rollout: bool = Field(True, description="serve a new production at the end",
+                          json_schema_extra=_flag("--no-rollout", "do not serve a new production at the end"))
+    eval_workers: int = Field(1, description="Ray workers the evaluation is sharded over")
+
+
+DEFAULTS = RetrainParams()
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per field of RetrainParams, its destination the field's name: a bool that is on by
+    default is turned off by its flag, a Literal gives the choices, the default is the field's."""
+    for name, field in RetrainParams.model_fields.items():
+        cli = field.json_schema_extra or {}
+        flag = cli.get("flag", "--" + name.replace("_", "-"))
+        if flag is None:
+            continue
+        if field.annotation is bool:
+            parser.add_argument(flag, dest=name, action="store_false" if field.default else "store_true",
+                                help=cli.get("help") or field.description)
+            continue
+        kind = next(t for t in get_args(field.annotation) or (field.annotation,) if t is not type(None))
+        choices = get_args(kind) if get_origin(kind) is Literal else None
+        shown = "" if field.default is None else f" (default: {field.default})"
+        parser.add_argument(flag, dest=name, type=type(choices[0]) if choices else kind, choices=choices,
+                            default=field.default, help=f"{field.description}{shown}")
+
+
 @flow(name="retrain", log_prints=True)
-def retrain(data_config: str = "configs/data.yaml", scale: str | None = None, train: bool = True,
-            model_file: str = "configs/model/tiny.yaml", stage1_file: str = "configs/train/stage1.yaml",
-            stage2_file: str = "configs/train/stage2.yaml", num_workers: int = 2, eval_limit: int | None = None,
-            promote: bool = True, force: bool = False, expected_md5: str | None = None, rollout: bool = True,
-            eval_workers: int = 1) -> dict:
+def retrain(data_config: str = DEFAULTS.data_config, scale: str | None = DEFAULTS.scale, train: bool = DEFAULTS.train,
+            model_file: str = DEFAULTS.model_file, stage1_file: str = DEFAULTS.stage1_file,
+            stage2_file: str = DEFAULTS.stage2_file, num_workers: int = DEFAULTS.num_workers,
+            eval_limit: int | None = DEFAULTS.eval_limit, promote: bool = DEFAULTS.promote,
+            force: bool = DEFAULTS.force, expected_md5: str | None = DEFAULTS.expected_md5,
+            rollout: bool = DEFAULTS.rollout, eval_workers: int = DEFAULTS.eval_workers) -> dict:
     """Synthesize (stand-in for new data arriving) -> build -> version -> validate ->
     backbones -> stage 1 -> stage 2 -> evaluate -> register -> promote. Each step is reused
     when what determines it is unchanged (`force` recomputes all); `expected_md5` is the data
@@ -269,26 +334,10 @@ def summary(out: dict) -> str:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="Run the retrain flow on the embedded defaults.")
-    parser.add_argument("--data-config", default="configs/data.yaml",
-                        help="data steps config (relative to the project)")
-    parser.add_argument("--scale", choices=["tiny", "demo", "full"], help="override the config's scale")
-    parser.add_argument("--data-only", action="store_true", help="stop after the data gate")
-    parser.add_argument("--model-config", default="configs/model/tiny.yaml")
-    parser.add_argument("--stage1-config", default="configs/train/stage1.yaml")
-    parser.add_argument("--stage2-config", default="configs/train/stage2.yaml")
-    parser.add_argument("--num-workers", type=int, default=2)
-    parser.add_argument("--eval-limit", type=int, default=None, help="samples per bench split (default: all)")
-    parser.add_argument("--eval-workers", type=int, default=1, help="Ray workers the evaluation is sharded over")
-    parser.add_argument("--no-promote", action="store_true", help="register, but move no alias")
-    parser.add_argument("--force", action="store_true", help="recompute every step, reusing nothing")
-    parser.add_argument("--no-rollout", action="store_true", help="do not serve a new production at the end")
-    args = parser.parse_args()
+    add_arguments(parser)
+    params = RetrainParams.model_validate(vars(parser.parse_args()))
     from skyeye.commands.errors import exit_on_error
     with exit_on_error():  # a failure in a line or two, as `skyeye` reports it (SKYEYE_DEBUG=1: the traceback)
-        check_configs(args.data_config, None if args.data_only else args.model_config,
-                      () if args.data_only else (args.stage1_config, args.stage2_config))
-        print(summary(retrain(data_config=args.data_config, scale=args.scale, train=not args.data_only,
-                              model_file=args.model_config, stage1_file=args.stage1_config,
-                              stage2_file=args.stage2_config, num_workers=args.num_workers,
-                              eval_limit=args.eval_limit, promote=not args.no_promote, force=args.force,
-                              rollout=not args.no_rollout, eval_workers=args.eval_workers)))
+        check_configs(params.data_config, params.model_file if params.train else None,
+                      (params.stage1_file, params.stage2_file) if params.train else ())
+        print(summary(retrain(**params.model_dump())))

@@ -28,7 +28,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from skyeye.config import get_settings, load_yaml_config
+from skyeye.config import LOCAL_HOST, PREFECT_PORT, get_settings, load_yaml_config
 
 DATA_EVENT = "skyeye.data.versioned"
 PRODUCTION_EVENT = "skyeye.model.production-moved"
@@ -70,7 +70,7 @@ def api_url() -> str | None:
 
 NO_SERVER = ("no Prefect server at PREFECT_API_URL ({url}). Schedules and triggers need one: start it "
              "with `skyeye server up` (Prefect and MLflow UIs on loopback), then\n"
-             "  export PREFECT_API_URL=http://127.0.0.1:4200/api\nand run this again.")
+             f"  export PREFECT_API_URL=http://{LOCAL_HOST}:{PREFECT_PORT}/api\nand run this again.")
 
 
 def deployments(cfg: ScheduleConfig | None = None) -> list:

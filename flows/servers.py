@@ -12,7 +12,7 @@ from pathlib import Path
 
 import httpx
 
-from skyeye.config import configure_environment
+from skyeye.config import LOCAL_HOST, MLFLOW_PORT, PREFECT_PORT, configure_environment
 
 
 @dataclass
@@ -45,7 +45,7 @@ def _wait(url: str, what: str, proc: subprocess.Popen, timeout: float) -> None:
     raise RuntimeError(f"{what} did not answer at {url} within {timeout:.0f} s")
 
 
-def start(host: str = "127.0.0.1", prefect_port: int = 4200, mlflow_port: int = 5000,
+def start(host: str = LOCAL_HOST, prefect_port: int = PREFECT_PORT, mlflow_port: int = MLFLOW_PORT,
           log_dir: Path | None = None, timeout: float = 180) -> Servers:
     """Start both and wait until they answer."""
     settings = configure_environment()

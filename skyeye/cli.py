@@ -22,7 +22,7 @@ from .commands.console import console, fail, say
 from .commands.doctor import doctor
 from .commands.errors import DEBUG_ENV, HandledGroup
 from .commands.inputs import existing_file, existing_folder, image_file, in_range, writable_folder
-from .config import configure_environment, get_settings
+from .config import DEFAULT_MODEL_FILE, REGISTERED_MODEL, configure_environment, get_settings
 from .formats.benchmarks import VALIDATION
 from .tracking.names import read_approved
 
@@ -207,7 +207,7 @@ MODEL_OPT = Annotated[Path, typer.Option("--model", help="Model config (configs/
 
 
 @app.command("backbones")
-def backbones(model: MODEL_OPT = Path("configs/model/tiny.yaml")) -> None:
+def backbones(model: MODEL_OPT = Path(DEFAULT_MODEL_FILE)) -> None:
     """Pretrain (or reuse from the cache) the tiny offline backbones the model config asks for."""
     from .training.jobs import prepare_backbones
     existing_file(model, "--model")
@@ -222,7 +222,7 @@ def backbones(model: MODEL_OPT = Path("configs/model/tiny.yaml")) -> None:
 def train(
     stage: Annotated[int, typer.Option(
         help="1: single-task instructions; 2: multi-task conversations (needs --init).")],
-    model: MODEL_OPT = Path("configs/model/tiny.yaml"),
+    model: MODEL_OPT = Path(DEFAULT_MODEL_FILE),
     config: Annotated[Optional[Path], typer.Option(help="Stage config (default configs/train/stage<N>.yaml).")] = None,
     init: Annotated[Optional[str], typer.Option(
         help="Stage-1 result (stage 2): model folder, tuning-stage run id or models:/ URI.")] = None,
@@ -264,7 +264,7 @@ def train(
 @app.command("evaluate")
 def evaluate(
     model: Annotated[str, typer.Option(
-        "--model", help="Model folder, tuning-stage run id, or models:/skyeyegpt@<alias> (or /<version>).")],
+        "--model", help=f"Model folder, tuning-stage run id, or models:/{REGISTERED_MODEL}@<alias> (or /<version>).")],
     benchmarks: Annotated[str, typer.Option(
         help="all, or a comma list of benchmarks / bench splits (e.g. rsvg_val).")] = "all",
     limit: Annotated[Optional[int], typer.Option(
@@ -302,7 +302,7 @@ def register(
     model_dir: Annotated[Optional[Path], typer.Option(
         help="Model folder (default: the one the evaluation run scored).")] = None,
 ) -> None:
-    """Log the evaluated SkyEyeGPT as one pyfunc model and register it (`skyeyegpt`)."""
+    """Log the evaluated SkyEyeGPT as one pyfunc model and register it under the registered model's name."""
     from .model.references import model_name
     from .registry.store import register as register_model
     if model_dir:
@@ -404,7 +404,7 @@ def chat(
     image: Annotated[Path, typer.Option(help="Image file (or an MP4 clip).")],
     model: Annotated[Optional[str], typer.Option(
         "--model", help="Model folder, tuning-stage run id or models:/ URI "
-                        "(default: models:/skyeyegpt@production).")] = None,
+                        f"(default: models:/{REGISTERED_MODEL}@production).")] = None,
 ) -> None:
     """Ask SkyEyeGPT one question about one image and print the answer."""
     from .model.references import load, production_uri

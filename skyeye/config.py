@@ -12,10 +12,20 @@ import os
 import subprocess
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# Values several packages share, each defined here once (the lowest module they all import)
+DEFAULT_MODEL_FILE = "configs/model/tiny.yaml"  # the model config commands and flows use when given none
+ScaleName = Literal["tiny", "demo", "full"]  # SkyEye-Synth's scales; skyeye/synth/corpus.py sizes each
+SCALE_NAMES: tuple[str, ...] = get_args(ScaleName)
+LOCAL_HOST = "127.0.0.1"  # where `skyeye server up` listens by default: loopback only
+PREFECT_PORT = 4200  # the Prefect server and its UI (Prefect's own default)
+MLFLOW_PORT = 5000  # the MLflow UI (MLflow's own default)
+REGISTERED_MODEL = "skyeyegpt"  # the model's name in the MLflow registry (SKYEYE_REGISTERED_MODEL overrides)
 
 
 def _find_project_root() -> Path:
@@ -44,9 +54,9 @@ class Settings(BaseSettings):
                           "a cluster needs storage every node reaches (s3://bucket/path, an NFS mount).")
     mlflow_tracking_uri: str | None = Field(
         None, description="Unset: MLFLOW_TRACKING_URI, else SQLite under <root>/mlruns/.")
-    mlflow_ui_url: str = Field("http://127.0.0.1:5000", description="Where links to runs point when the "
+    mlflow_ui_url: str = Field(f"http://{LOCAL_HOST}:{MLFLOW_PORT}", description="Where links to runs point when the "
                                "tracking store is not a server (`skyeye server up` starts the UI there).")
-    registered_model: str = Field("skyeyegpt", description="Name of SkyEyeGPT in the MLflow model registry.")
+    registered_model: str = Field(REGISTERED_MODEL, description="Name of SkyEyeGPT in the MLflow model registry.")
     promotion_policy: Path = Field(Path("configs/promotion.yaml"),
                                    description="Promotion policy file (relative to the project root).")
 
@@ -88,7 +98,7 @@ class DataConfig(BaseModel):
     """The data steps of the retrain flow (configs/data.yaml)."""
 
     model_config = ConfigDict(extra="forbid")
-    scale: str = Field("demo", description="SkyEye-Synth scale: tiny | demo | full.")
+    scale: str = Field("demo", description=f"SkyEye-Synth scale: {' | '.join(SCALE_NAMES)}.")
     seed: int = Field(0, description="Same seed and scale give byte-identical data.")
     sources: dict[str, Path] = Field(default_factory=dict,
                                      description="Benchmark name -> real data folder; replaces the synthetic one.")
@@ -97,8 +107,8 @@ class DataConfig(BaseModel):
     @field_validator("scale")
     @classmethod
     def _known_scale(cls, v: str) -> str:
-        if v not in ("tiny", "demo", "full"):
-            raise ValueError(f"unknown scale {v!r}: choose tiny, demo or full")
+        if v not in SCALE_NAMES:
+            raise ValueError(f"unknown scale {v!r}: choose {', '.join(SCALE_NAMES[:-1])} or {SCALE_NAMES[-1]}")
         return v
 
 

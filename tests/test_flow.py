@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -154,3 +155,29 @@ def test_retrain_flow_trains_both_stages_after_the_gate(project):
     assert aliases == {"staging": version.version, "production": version.version}
     from flows.retrain import summary  # what `make demo` prints at the end
     assert f"skyeyegpt version {version.version}, alias reached: production" in summary(out)
+
+
+def test_the_flow_and_its_command_line_take_their_parameters_from_one_typed_object():
+    """RetrainParams is the one home of retrain's parameters: the flow's signature has its fields
+    and defaults, and `python -m flows.retrain` its flags, defaults and help."""
+    import argparse
+    import inspect
+
+    from flows.retrain import RetrainParams, add_arguments, retrain
+    from skyeye.config import DEFAULT_MODEL_FILE, SCALE_NAMES
+    signature = inspect.signature(retrain.fn).parameters
+    assert {n: p.default for n, p in signature.items()} == RetrainParams().model_dump()
+    assert RetrainParams().model_file == DEFAULT_MODEL_FILE
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert RetrainParams.model_validate(vars(parser.parse_args([]))) == RetrainParams()
+    given = RetrainParams.model_validate(vars(parser.parse_args(
+        ["--data-only", "--scale", "tiny", "--model-config", "m.yaml", "--stage1-config", "s1.yaml", "--num-workers",
+         "3", "--eval-limit", "5", "--no-promote", "--force", "--no-rollout", "--eval-workers", "2"])))
+    assert given == RetrainParams(train=False, scale="tiny", model_file="m.yaml", stage1_file="s1.yaml",
+                                  num_workers=3, eval_limit=5, promote=False, force=True, rollout=False, eval_workers=2)
+    assert next(a for a in parser._actions if a.dest == "scale").choices == SCALE_NAMES
+    assert "expected_md5" not in {a.dest for a in parser._actions}  # an event's, not a person's
+    out = subprocess.run([sys.executable, "-m", "flows.retrain", "--help"], cwd=REPO,
+                         capture_output=True, text=True)
+    assert out.returncode == 0 and "--stage2-config" in out.stdout and DEFAULT_MODEL_FILE in out.stdout

@@ -140,3 +140,27 @@ def test_a_tiny_model_overfits_one_fixed_batch(backbones):
     model.eval()
     answers = model.ask([q for q, _ in convs], pixel_values=model.preprocess(images), max_new_tokens=24)
     assert answers == [a for _, a in convs]
+
+
+def test_the_tiny_encoders_side_is_the_models_and_a_second_one_is_refused(tmp_path):
+    """tiny.yaml states the input side once (vision.image_size); the backbones step pretrains the
+    encoder at that side, and a config that gives the encoder another is refused, named."""
+    tiny = load_model_config(REPO / "configs/model/tiny.yaml")
+    assert tiny.backbones.vision.image_size == tiny.vision.image_size == 128
+    bad = tmp_path / "model.yaml"
+    bad.write_text("vision: {image_size: 128}\nbackbones: {vision: {image_size: 64}}\n")
+    with pytest.raises(ValueError, match=r"model\.yaml.*backbones\.vision\.image_size \(64\) differs from "
+                                         r"vision\.image_size \(128\)"):
+        load_model_config(bad)
+    agreed = ModelConfig.model_validate({"vision": {"image_size": 64}, "backbones": {"vision": {"image_size": 64}}})
+    assert agreed.backbones.vision.image_size == 64
+    assert ModelConfig.model_validate(agreed.model_dump()) == agreed  # a saved config loads again
+
+
+def test_the_shipped_tiny_backbones_are_the_typed_defaults():
+    """BackbonesConfig's defaults are the recipe tiny.yaml ships (it sets none of them), so
+    `backbones: {}` and a BackbonesConfig() built in code pretrain the same backbones."""
+    from skyeye.model.tiny import BackbonesConfig
+    tiny = load_model_config(REPO / "configs/model/tiny.yaml")
+    side = {"vision": {"image_size"}}
+    assert tiny.backbones.model_dump(exclude=side) == BackbonesConfig().model_dump(exclude=side)

@@ -191,3 +191,12 @@ def test_unknown_scale_is_refused(tmp_path):
     with pytest.raises(ValueError, match="unknown scale"):
         synthesize(tmp_path / "x", scale="huge")
     assert not (tmp_path / "x").exists()
+
+
+def test_the_scales_the_configs_accept_are_the_ones_synth_draws():
+    """The scale names live in skyeye/config.py (DataConfig and the flows' --scale read them):
+    synth must size exactly those."""
+    from skyeye.config import SCALE_NAMES, DataConfig
+    from skyeye.synth.corpus import SCALES
+    assert tuple(SCALES) == SCALE_NAMES
+    assert DataConfig().scale in SCALES

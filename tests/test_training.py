@@ -21,8 +21,9 @@ TINY = ModelConfig(vision=VisionConfig(image_size=64), lora=LoRAConfig(r=8, alph
                    backbones=BackbonesConfig(vision=TinyVisionSpec(image_size=64, patch_size=16, hidden_size=64,
                                                                    layers=1, heads=2),
                                              llm=TinyLLMSpec(hidden_size=64, layers=2, heads=2, intermediate_size=128),
-                                             vocab_size=400, vision_seconds=3, llm_seconds=3, vision_batch=8,
-                                             llm_batch=8, scene_batch=4, count_batch=4))
+                                             vocab_size=400, vision_seconds=3, llm_seconds=3, vision_steps=None,
+                                             llm_steps=None, vision_batch=8, llm_batch=8, scene_batch=4,
+                                             count_batch=4))
 
 
 def _stage(n: int, data: str) -> StageConfig:

@@ -35,6 +35,7 @@ from ..formats.benchmarks import (
 )
 from ..formats.boxes import box_text, boxes_text
 from ..formats.files import folder_in_place
+from ..formats.prompts import VIDEO_FRAMES
 from .readers import detect_benchmark, read_benchmark
 from .records import (
     BOX_CLIPPED,
@@ -48,7 +49,6 @@ from .records import (
     VQASample,
 )
 
-VIDEO_FRAMES = 4  # frames sampled per clip (the model sees a video as a few frames)
 # DIOR-style class names -> words for [detection] phrases (unknown names are used as they are)
 CLASS_WORDS = {"storagetank": ("storage tank", "storage tanks"), "tenniscourt": ("tennis court", "tennis courts"),
                "airplane": ("airplane", "airplanes"), "ship": ("ship", "ships"), "vehicle": ("vehicle", "vehicles"),

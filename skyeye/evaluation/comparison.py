@@ -19,7 +19,7 @@ import numpy as np
 from ..config import Settings
 from ..formats.benchmarks import ALL_KEYS, PRIMARY, TASK_OF
 from ..tracking import runs
-from .intervals import Delta, ItemStats, compare, resampled_pair
+from .intervals import LEVEL, RESAMPLES, Delta, ItemStats, compare, resampled_pair
 
 ITEM_STATS = "item_stats"  # artifact folder of an evaluation run
 MODEL = "model"  # the scored model's entry in an item_stats file; baselines are "baseline.<name>"
@@ -83,8 +83,8 @@ class RunComparison:
         return out
 
 
-def compare_stats(ours: dict[str, ItemStats], theirs: dict[str, ItemStats], resamples: int = 1000, seed: int = 0,
-                  level: float = 0.95) -> RunComparison:
+def compare_stats(ours: dict[str, ItemStats], theirs: dict[str, ItemStats], resamples: int = RESAMPLES, seed: int = 0,
+                  level: float = LEVEL) -> RunComparison:
     """Per bench split (the splits both have), the primary metric's paired difference; and the
     primary score's, whose resamples are the mean over splits of each split's resampled difference
     (the splits' test items are independent, so each split gets its own resample seed)."""
@@ -112,7 +112,7 @@ def _difference_draws(a: ItemStats, b: ItemStats, name: str, resamples: int, see
     return va[name] - vb[name]
 
 
-def compare_runs(ours_run: str, theirs_run: str, resamples: int = 1000, seed: int = 0, level: float = 0.95,
+def compare_runs(ours_run: str, theirs_run: str, resamples: int = RESAMPLES, seed: int = 0, level: float = LEVEL,
                  settings: Settings | None = None, same_items: bool = True) -> RunComparison | None:
     """The model of evaluation run `ours_run` against the model of `theirs_run`; None when
     either run kept no per-item statistics. `same_items=False` (the runs scored different

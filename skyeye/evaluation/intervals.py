@@ -34,8 +34,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Annotated
 
 import numpy as np
+from pydantic import Field
 
 from ..formats.benchmarks import AA, AA_ALL, ACC_AT_05, OA
 
@@ -44,6 +46,13 @@ BLEU_N = 4
 # pycocoevalcap's BLEU smoothing: `small` pads n-gram and reference counts, `tiny` matches and lengths
 BLEU_SMALL, BLEU_TINY = 1e-9, 1e-15
 TYPE_PREFIX = "type."  # VQA: one 0/1 column per question type, `type.<name>`
+
+
+# The bootstrap's settings, for every config that holds them (evaluation, promotion, ablation)
+RESAMPLES = 1000
+LEVEL = 0.95
+Resamples = Annotated[int, Field(ge=100, description="Bootstrap resamples per interval (seeded: reruns agree).")]
+Level = Annotated[float, Field(gt=0.5, lt=1.0, description="The intervals' coverage.")]
 
 
 @dataclass(frozen=True)
@@ -136,15 +145,16 @@ def verdict(low: float, high: float) -> str:
     return "no significant difference"
 
 
-def bootstrap(stats: ItemStats, resamples: int = 1000, seed: int = 0, level: float = 0.95) -> dict[str, Interval]:
+def bootstrap(stats: ItemStats, resamples: int = RESAMPLES, seed: int = 0, level: float = LEVEL
+              ) -> dict[str, Interval]:
     """A percentile interval for every metric of `stats.scores`."""
     _check(resamples, level)
     values = metric_values(stats, resample_weights(np.random.default_rng(seed), stats.n, resamples))
     return {m: Interval(*_percentiles(v, level)) for m, v in values.items()}
 
 
-def compare(a: ItemStats, b: ItemStats, resamples: int = 1000, seed: int = 0,
-            level: float = 0.95) -> dict[str, Delta]:
+def compare(a: ItemStats, b: ItemStats, resamples: int = RESAMPLES, seed: int = 0,
+            level: float = LEVEL) -> dict[str, Delta]:
     """a - b for every metric both have. Paired (the same resampled items for both) on a's items
     when b holds all of them (b's scores are then those on a's items) or on b's when a holds all
     of b's; otherwise the two are resampled independently (`paired=False`)."""

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict
 from tqdm import tqdm
 
 from ..config import Settings, get_settings, git_revision
@@ -65,7 +65,7 @@ from ..tracking.names import (
 )
 from .baselines import BASELINES, TRIVIAL, approved_tasks, trivial_answers
 from .comparison import MODEL, save_item_stats
-from .intervals import ItemStats, bootstrap, compare, verdict
+from .intervals import LEVEL, RESAMPLES, ItemStats, Level, Resamples, bootstrap, compare, verdict
 from .metrics import CaptionScorer, caption_items, grounding_items, vqa_items
 from .paper import SKYEYEGPT
 from .predictors import ModelPredictor
@@ -88,8 +88,8 @@ class EvalConfig(BaseModel):
     baselines: tuple[str, ...] = BASELINES
     examples: int = 8  # grounding examples drawn in the report
     # bootstrap intervals over each split's test items (percentile, seeded: reruns agree)
-    resamples: int = Field(1000, ge=100)
-    level: float = Field(0.95, gt=0.5, lt=1.0)
+    resamples: Resamples = RESAMPLES
+    level: Level = LEVEL
     seed: int = 0
 
 

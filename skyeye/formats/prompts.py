@@ -10,6 +10,8 @@ from __future__ import annotations
 import zlib
 
 IMAGE_PLACEHOLDER = "<Img><ImageHere></Img>"
+# frames a clip enters as: the instruction files' `frames`, the model's `vision.video_frames` by default
+VIDEO_FRAMES = 4
 TASK_IDENTIFIERS = ("[caption]", "[vqa]", "[refer]", "[identify]", "[detection]")
 # task (the instruction file's `task` field) -> task identifier
 TASK_TO_IDENTIFIER = {"caption": "[caption]", "video_caption": "[caption]", "vqa": "[vqa]", "scene_vqa": "[vqa]",

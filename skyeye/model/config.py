@@ -11,10 +11,14 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ..config import load_yaml_config
+from ..formats.prompts import VIDEO_FRAMES
 from .tiny import BackbonesConfig
 
 VISION_KINDS = ("hf", "timm")
 PROJECTORS = ("alignment_layer",)
+# CLIP's normalisation: the vision default, and what the tiny encoder is pretrained with
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 class VisionConfig(BaseModel):
@@ -24,10 +28,11 @@ class VisionConfig(BaseModel):
     name_or_path: str | None = Field(
         None, description="Hub id or local folder; None: the backbones step's tiny encoder.")
     image_size: int = Field(448, description="Input side in pixels (bicubic resize, no crop).")
-    mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)  # CLIP normalisation
-    std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+    mean: tuple[float, float, float] = CLIP_MEAN
+    std: tuple[float, float, float] = CLIP_STD
     drop_cls: bool = Field(True, description="Drop the CLS token: only patch tokens go to the LLM.")
-    video_frames: int = Field(4, description="Frames sampled from a clip; their visual tokens are concatenated.")
+    video_frames: int = Field(VIDEO_FRAMES, description="Frames sampled from a clip; their visual tokens are "
+                                                        "concatenated (the instruction files' clips: VIDEO_FRAMES).")
 
 
 class AlignmentConfig(BaseModel):
@@ -85,6 +90,22 @@ class ModelConfig(BaseModel):
     def _group_positive(self) -> "ModelConfig":
         if self.alignment.group < 1:
             raise ValueError("alignment.group must be >= 1")
+        return self
+
+    @model_validator(mode="after")
+    def _one_image_size(self) -> "ModelConfig":
+        """The tiny encoder is pretrained at the side the model reads: backbones.vision.image_size
+        is vision.image_size (filled in when unset), and a config where the two differ is refused."""
+        if self.backbones is None:
+            return self
+        side, tower = self.vision.image_size, self.backbones.vision
+        if tower.image_size is None:
+            self.backbones = self.backbones.model_copy(
+                update={"vision": tower.model_copy(update={"image_size": side})})
+        elif tower.image_size != side:
+            raise ValueError(f"backbones.vision.image_size ({tower.image_size}) differs from vision.image_size "
+                             f"({side}): the tiny encoder is pretrained at the side the model reads; set it once, "
+                             "as vision.image_size")
         return self
 
 

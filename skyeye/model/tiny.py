@@ -6,12 +6,14 @@ from __future__ import annotations
 # imports inside functions: transformers loads only when backbones are built (model.config reads this module's config)
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 
 class TinyVisionSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    image_size: int = 128
+    image_size: int | None = Field(
+        None, description="Input side; None: the model's vision.image_size (ModelConfig fills it in), so a "
+                          "model config states its side once.")
     patch_size: int = 16
     hidden_size: int = 192
     layers: int = 4
@@ -31,25 +33,33 @@ class TinyLLMSpec(BaseModel):
 class BackbonesConfig(BaseModel):
     """What the backbones step pretrains, and for how long: `*_steps` optimizer steps when set
     (the same backbones whatever the machine's load), the `*_seconds` budgets then only a
-    safety net; unset, the wall-clock budgets alone."""
+    safety net; unset (None), the wall-clock budgets alone.
+
+    The defaults are the recipe the shipped `configs/model/tiny.yaml` pretrains with (it sets
+    none of them): `backbones: {}` in a model config means these backbones."""
     model_config = ConfigDict(extra="forbid")
     vision: TinyVisionSpec = TinyVisionSpec()
     llm: TinyLLMSpec = TinyLLMSpec()
     vocab_size: int = 2000
-    vision_seconds: float = 120
-    vision_steps: int | None = None
-    vision_batch: int = 64
-    vision_lr: float = 1e-3
+    # budgets in steps, so every run pretrains the same backbones whatever the machine's load
+    # (what 180 s / 90 s gave on 2 idle cores); the seconds are only a safety net, far beyond that
+    vision_seconds: float = 3600.0
+    vision_steps: int | None = 620
+    vision_batch: int = 32  # more, smaller steps: box L1 error 0.036 -> 0.025 in the same 180 s
+    vision_lr: float = 2e-3
     # frames per step whose scene / event class the encoder also learns (CapERA's ERA event
-    # per clip frame, RSICD's scene class in the file name); 0 turns it off
-    scene_batch: int = 0
+    # per clip frame, RSICD's scene class in the file name); 0 turns it off. From captions
+    # alone the LLM did not learn clip events. Weight 0.3, not 1: the box read-out of object
+    # patches suffers less (docs/experiments/2026-11-29-capera-direction-of-motion.md)
+    scene_batch: int = 8
     scene_weight: float = 0.3  # of the scene loss, against the dense losses' weight of 1
     # caption images per step whose object counts (read from their train captions) the
-    # encoder also learns, summed over its patches; 0 turns it off
-    count_batch: int = 0
+    # encoder also learns, summed over its patches; 0 turns it off. Without it, captions
+    # named each scene's usual count, not the image's
+    count_batch: int = 8
     count_weight: float = 0.3
-    llm_seconds: float = 90
-    llm_steps: int | None = None
+    llm_seconds: float = 1800.0
+    llm_steps: int | None = 70
     llm_batch: int = 64
     llm_lr: float = 2e-3
     seed: int = 0

@@ -104,7 +104,10 @@ class SkyEyeGPTModel(mlflow.pyfunc.PythonModel):
                                       max_new_tokens=max_new)
         return answers
 
-def model_signature(max_new_tokens: int = 48):
+
+def model_signature(model_config: dict):
+    """What the pyfunc takes and returns; `max_new_tokens` defaults to the model config's."""
+    max_new_tokens = ModelConfig.model_validate(model_config).max_new_tokens
     return ModelSignature(inputs=Schema([ColSpec("string", "image"), ColSpec("string", "prompt")]),
                           outputs=Schema([ColSpec("string", "answer")]),
                           params=ParamSchema([ParamSpec("max_new_tokens", "long", max_new_tokens),

@@ -35,7 +35,7 @@ from ..config import get_settings, load_yaml_config
 from ..datagate.gate import validation_outcome
 from ..evaluation.baselines import TRIVIAL, approved_tasks, trivial_verdicts
 from ..evaluation.comparison import RunComparison, compare_runs
-from ..evaluation.intervals import verdict
+from ..evaluation.intervals import LEVEL, RESAMPLES, Level, Resamples, verdict
 from ..formats.benchmarks import (
     EVAL_KEYS,
     PRIMARY,
@@ -114,8 +114,8 @@ class ProductionPolicy(BaseModel):
     # above min_primary_gain), "not_worse" = not significantly worse (its high end at or above 0)
     primary: Literal["better", "not_worse"] = "better"
     min_primary_gain: float = 0.0
-    resamples: int = Field(1000, ge=100)
-    level: float = Field(0.95, gt=0.5, lt=1.0)
+    resamples: Resamples = RESAMPLES
+    level: Level = LEVEL
 
     @field_validator("tolerances")
     @classmethod

@@ -238,7 +238,7 @@ def _log_pyfunc(lineage: _Lineage, example_image: str | Path | None, copy_backbo
             with _in_run(lineage.source_run):
                 info = mlflow.pyfunc.log_model(
                     name=ARTIFACT_NAME, python_model=SkyEyeGPTModel(), artifacts=artifacts,
-                    signature=model_signature(meta["config"].get("max_new_tokens", 48)),
+                    signature=model_signature(meta["config"]),
                     input_example=input_example(example_image), pip_requirements=requirements(),
                     code_paths=[str(Path(__file__).resolve().parents[1])])
     except PackagingError as err:  # a folder or example image that cannot be packaged: refused as before

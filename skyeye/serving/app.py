@@ -305,7 +305,9 @@ class SkyEyeServer:
         cfg = self.config
         conv = conversation(body, served=self.served, max_frames=self.engine.max_frames,
                             max_messages=cfg.max_messages, max_tokens_limit=cfg.max_tokens_limit,
-                            default_max_tokens=cfg.default_max_tokens, load_image=self._image)
+                            default_max_tokens=cfg.default_max_tokens or min(self.engine.max_new_tokens,
+                                                                             cfg.max_tokens_limit),
+                            load_image=self._image)
         self.engine.check_fits(conv)
         return conv
 

@@ -32,7 +32,9 @@ class ServeConfig(BaseModel):
     max_body_bytes: int = Field(20 * 2**20, ge=1024, description="Larger bodies get 413.")
     max_image_pixels: int = Field(4096 * 4096, ge=1, description="Checked from the header, before decoding.")
     max_tokens_limit: int = Field(256, ge=1, description="The largest max_tokens a request may ask for.")
-    default_max_tokens: int = Field(48, ge=1)
+    default_max_tokens: int | None = Field(
+        None, ge=1, description="A request's max_tokens when it sends none; None: the served model's own "
+                                "max_new_tokens (its config), at most max_tokens_limit.")
     max_messages: int = Field(32, ge=1)
     allowed_local_media_path: Path | None = Field(
         None, description="Folder whose files requests may name as image URLs (file:// or a path); none: no files.")
@@ -45,7 +47,7 @@ class ServeConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> ServeConfig:
-        if self.default_max_tokens > self.max_tokens_limit:
+        if self.default_max_tokens is not None and self.default_max_tokens > self.max_tokens_limit:
             raise ValueError(f"default_max_tokens ({self.default_max_tokens}) exceeds max_tokens_limit "
                              f"({self.max_tokens_limit})")
         if self.max_connections <= self.queue_limit:

@@ -31,6 +31,11 @@ class Engine:
     def max_frames(self) -> int:
         return int(self.model.cfg.vision.video_frames)
 
+    @property
+    def max_new_tokens(self) -> int:
+        """The model's own answer budget (its config's max_new_tokens)."""
+        return int(self.model.cfg.max_new_tokens)
+
     def check_fits(self, conv: Conversation) -> int:
         """The prompt's length in tokens; APIError when prompt and answer overflow the context."""
         prompt = self.model.prompt_length(conv.question, conv.history, len(conv.images))

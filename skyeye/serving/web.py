@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image
 
 from ..formats.boxes import GRID
+from ..model.references import model_name
 
 TASKS = ["refer", "caption", "vqa", "identify", "detection", "free text"]
 HINT = {"refer": "the white airplane at the top left", "caption": "Briefly describe this image.",
@@ -82,7 +83,7 @@ def _ask(editor: dict | None, task: str, text: str, api_key: str, chat: list, re
     messages.append({"role": "user", "content": turn + [{"type": "text", "text": prompt}]})
     url = f"{request.request.url.scheme}://{request.request.url.netloc}/v1/chat/completions"
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    r = httpx.post(url, json={"model": "skyeyegpt", "messages": messages, "max_tokens": 64}, headers=headers,
+    r = httpx.post(url, json={"model": model_name(), "messages": messages, "max_tokens": 64}, headers=headers,
                    timeout=120)
     body = r.json()
     if r.status_code != 200:
@@ -94,10 +95,10 @@ def _ask(editor: dict | None, task: str, text: str, api_key: str, chat: list, re
         boxes.append(((region[0] * w // GRID, region[1] * h // GRID, region[2] * w // GRID, region[3] * h // GRID),
                       answer))
     chat = chat + [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
-    version = body["skyeye"]["lineage"].get("version")
+    lineage = body["skyeye"]["lineage"]
     warning = body["skyeye"].get("warning")
     shown = f'<p style="color:#b45309"><b>Warning:</b> {html.escape(warning)}</p>' if warning else ""
-    return (image, boxes), chat, f"skyeyegpt version {version}: {answer}", shown
+    return (image, boxes), chat, f"{lineage['model']} version {lineage.get('version')}: {answer}", shown
 
 
 def build() -> gr.Blocks:

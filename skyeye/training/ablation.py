@@ -24,11 +24,11 @@ import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from tqdm import tqdm
 
-from ..config import Settings, get_settings, load_yaml_config
+from ..config import DEFAULT_MODEL_FILE, Settings, get_settings, load_yaml_config
 from ..data.items import load_items
 from ..datagate.gate import data_version_of
 from ..evaluation.baselines import TRIVIAL
-from ..evaluation.intervals import ItemStats, bootstrap, compare
+from ..evaluation.intervals import LEVEL, RESAMPLES, ItemStats, Level, Resamples, bootstrap, compare
 from ..evaluation.paper import ONE_STAGE, SKYEYEGPT
 from ..formats.benchmarks import EVAL_KEYS, PRIMARY, TASK, TASK_OF, TASKS, metric, primary_metric
 from ..model.config import load_model_config
@@ -54,14 +54,14 @@ PAPER_NOTE = "the paper's ablation (SkyEyeGPT, Zhan et al. 2024; real data, 7B)"
 class AblationConfig(BaseModel):
     """configs/ablation.yaml. Paths are relative to the project root."""
     model_config = ConfigDict(extra="forbid")
-    model: str = "configs/model/tiny.yaml"
+    model: str = DEFAULT_MODEL_FILE
     stage1: str = "configs/train/stage1.yaml"
     stage2: str = "configs/train/stage2.yaml"
     budget: float = Field(1.0, gt=0, description="Scale of the budget (and of the time safety net).")
     recipes: list[Recipe] = Field(default_factory=lambda: list(RECIPES), min_length=1)
     limit: int | None = Field(None, ge=1, description="Evaluation samples per bench split (None: all).")
-    resamples: int = Field(1000, ge=100, description="Bootstrap resamples per interval.")
-    level: float = Field(0.95, gt=0, lt=1)
+    resamples: Resamples = RESAMPLES
+    level: Level = LEVEL
     num_workers: int = Field(2, ge=1, description="Ray Train workers per stage.")
     local: bool = Field(False, description="Train in this process instead of on Ray Train.")
     seed: int = Field(0, description="Every stage's seed (the recipes differ in nothing else) and the bootstrap's.")

@@ -41,9 +41,12 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ..data.instructions import NUMBER_WORDS, VIDEO_FRAMES
+from ..data.instructions import NUMBER_WORDS
 from ..data.items import load_items
 from ..data.readers import read_benchmark
+from ..formats.boxes import GRID
+from ..formats.prompts import VIDEO_FRAMES
+from ..model.config import CLIP_MEAN, CLIP_STD
 from ..model.template import encode_conversation
 from ..model.tiny import BackbonesConfig, new_llm, new_vision_tower
 from ..model.tokenizer import GRID_TOKENS, instruction_texts, train_tokenizer
@@ -51,7 +54,7 @@ from ..tracking.codehash import code_digest
 from .data import PixelCache, normalise
 
 COLOUR_WORDS = ("white", "red", "blue", "yellow", "grey", "green")
-MEAN, STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+MEAN, STD = CLIP_MEAN, CLIP_STD  # the model's default normalisation: the encoder meets the same there
 
 
 def cache_key(instructions: Path, cfg: BackbonesConfig) -> str:
@@ -103,7 +106,7 @@ class DenseHeads(torch.nn.Module):
         self.box = torch.nn.Linear(width, 4)
         # each box side also as a 0-100 grid bin: the LLM answers in grid tokens, so a
         # feature that names the bin is one linear read-out away from the right token
-        self.box_bins = torch.nn.Linear(width, 4 * 101)
+        self.box_bins = torch.nn.Linear(width, 4 * (GRID + 1))
         self.rgb = torch.nn.Linear(width, 3)
         self.row = torch.nn.Linear(width, grid)  # where the patch itself lies: every visual token
         self.col = torch.nn.Linear(width, grid)  # then says where it is, object or background
@@ -295,7 +298,7 @@ class _VisionObjective:
         if fg.any():
             out["box"] = F.l1_loss(torch.sigmoid(heads.box(tokens))[fg], box_t[fg])
             bins = (box_t[fg] * 100).long().clamp(0, 100)  # (F, 4)
-            out["box_bins"] = F.cross_entropy(heads.box_bins(tokens)[fg].view(-1, 101), bins.view(-1))
+            out["box_bins"] = F.cross_entropy(heads.box_bins(tokens)[fg].view(-1, GRID + 1), bins.view(-1))
         else:
             out["box"] = out["box_bins"] = tokens.sum() * 0
         out["rgb"] = F.mse_loss(heads.rgb(tokens), patch_rgb)
