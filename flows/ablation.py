@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from skyeye.config import SCALE_NAMES, configure_environment, get_settings
+from skyeye.config import ABLATION_FILE, SCALE_NAMES, configure_environment, get_settings
 
 configure_environment()  # before Prefect reads its settings
 
@@ -62,7 +62,7 @@ def load_configs(config_file: str, budget: float | None, recipes: list[str] | No
 
 
 @flow(name="ablation", log_prints=True)
-def ablation(config_file: str = "configs/ablation.yaml", budget: float | None = None,
+def ablation(config_file: str = ABLATION_FILE, budget: float | None = None,
              recipes: list[str] | None = None, eval_limit: int | None = None, scale: str | None = None,
              num_workers: int | None = None, data_config: str = DEFAULTS.data_config) -> dict:
     """The data steps (reused when unchanged), then the backbones, each recipe and the comparison
@@ -86,7 +86,7 @@ def ablation(config_file: str = "configs/ablation.yaml", budget: float | None = 
 if __name__ == "__main__":
     from skyeye.training.ablation import RECIPES
     parser = argparse.ArgumentParser(description="The paper's ablation: two_stage vs one_stage vs single.")
-    parser.add_argument("--config", default="configs/ablation.yaml", help="ablation config (relative to the project)")
+    parser.add_argument("--config", default=ABLATION_FILE, help="ablation config (relative to the project)")
     parser.add_argument("--budget", type=float, help="scale of the steps budget (default: the config's)")
     parser.add_argument("--recipes", nargs="+", choices=RECIPES, help="recipes to run (default: the config's)")
     parser.add_argument("--eval-limit", type=int, help="samples per bench split (default: the config's)")

@@ -16,6 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from skyeye.config import (
     DEFAULT_MODEL_FILE,
+    STAGE_FILE,
+    WORKERS_PER_STAGE,
     DataConfig,
     ScaleName,
     configure_environment,
@@ -205,11 +207,11 @@ class RetrainParams(BaseModel):
     train: bool = Field(True, description="after the data gate: backbones, both stages, evaluate, register, promote",
                         json_schema_extra=_flag("--data-only", "stop after the data gate"))
     model_file: str = Field(DEFAULT_MODEL_FILE, description="model config", json_schema_extra=_flag("--model-config"))
-    stage1_file: str = Field("configs/train/stage1.yaml", description="stage-1 config",
+    stage1_file: str = Field(STAGE_FILE.format(stage=1), description="stage-1 config",
                              json_schema_extra=_flag("--stage1-config"))
-    stage2_file: str = Field("configs/train/stage2.yaml", description="stage-2 config",
+    stage2_file: str = Field(STAGE_FILE.format(stage=2), description="stage-2 config",
                              json_schema_extra=_flag("--stage2-config"))
-    num_workers: int = Field(2, description="Ray Train workers per stage")
+    num_workers: int = Field(WORKERS_PER_STAGE, description="Ray Train workers per stage")
     eval_limit: int | None = Field(None, description="samples per bench split (default: all)")
     promote: bool = Field(True, description="move staging, then production, as the policy allows",
                           json_schema_extra=_flag("--no-promote", "register, but move no alias"))

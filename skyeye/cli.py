@@ -22,7 +22,14 @@ from .commands.console import console, fail, say
 from .commands.doctor import doctor
 from .commands.errors import DEBUG_ENV, HandledGroup
 from .commands.inputs import existing_file, existing_folder, image_file, in_range, writable_folder
-from .config import DEFAULT_MODEL_FILE, REGISTERED_MODEL, configure_environment, get_settings
+from .config import (
+    DEFAULT_MODEL_FILE,
+    REGISTERED_MODEL,
+    STAGE_FILE,
+    WORKERS_PER_STAGE,
+    configure_environment,
+    get_settings,
+)
 from .formats.benchmarks import VALIDATION
 from .tracking.names import read_approved
 
@@ -223,11 +230,12 @@ def train(
     stage: Annotated[int, typer.Option(
         help="1: single-task instructions; 2: multi-task conversations (needs --init).")],
     model: MODEL_OPT = Path(DEFAULT_MODEL_FILE),
-    config: Annotated[Optional[Path], typer.Option(help="Stage config (default configs/train/stage<N>.yaml).")] = None,
+    config: Annotated[Optional[Path], typer.Option(
+        help=f"Stage config (default {STAGE_FILE.format(stage='<N>')}).")] = None,
     init: Annotated[Optional[str], typer.Option(
         help="Stage-1 result (stage 2): model folder, tuning-stage run id or models:/ URI.")] = None,
     num_workers: Annotated[int, typer.Option(
-        callback=in_range(1), help="Ray Train workers (DDP: gloo on CPU, NCCL on GPU).")] = 2,
+        callback=in_range(1), help="Ray Train workers (DDP: gloo on CPU, NCCL on GPU).")] = WORKERS_PER_STAGE,
     gpu: Annotated[bool, typer.Option("--gpu", help="One GPU per worker, NCCL.")] = False,
     local: Annotated[bool, typer.Option("--local", help="Plain single process, no Ray.")] = False,
 ) -> None:
@@ -237,7 +245,7 @@ def train(
     from .training.stage_config import load_stage_config
     if stage not in (1, 2):
         fail(f"--stage {stage}: must be 1 or 2")
-    config = existing_file(config or Path(f"configs/train/stage{stage}.yaml"), "--config")
+    config = existing_file(config or Path(STAGE_FILE.format(stage=stage)), "--config")
     existing_file(model, "--model")
     # what needs no compute, before the backbones (which may be pretrained here); a config's
     # ValueError names its file and reaches the user through commands/errors.py

@@ -20,6 +20,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # Values several packages share, each defined here once (the lowest module they all import)
 DEFAULT_MODEL_FILE = "configs/model/tiny.yaml"  # the model config commands and flows use when given none
+STAGE_FILE = "configs/train/stage{stage}.yaml"  # each tuning stage's config when none is named
+ABLATION_FILE = "configs/ablation.yaml"  # the ablation's config when none is named
+WORKERS_PER_STAGE = 2  # Ray Train workers per tuning stage: one per core of the 2-core machines we run on
 ScaleName = Literal["tiny", "demo", "full"]  # SkyEye-Synth's scales; skyeye/synth/corpus.py sizes each
 SCALE_NAMES: tuple[str, ...] = get_args(ScaleName)
 LOCAL_HOST = "127.0.0.1"  # where `skyeye server up` listens by default: loopback only

@@ -7,11 +7,14 @@ import inspect
 from pathlib import Path
 
 from skyeye.config import (
+    ABLATION_FILE,
     DEFAULT_MODEL_FILE,
     LOCAL_HOST,
     MLFLOW_PORT,
     PREFECT_PORT,
     REGISTERED_MODEL,
+    STAGE_FILE,
+    WORKERS_PER_STAGE,
     Settings,
     load_yaml_config,
 )
@@ -31,6 +34,23 @@ def test_the_default_model_config_is_the_configs():
     assert _defaults(cli.backbones)["model"] == _defaults(cli.train)["model"] == Path(DEFAULT_MODEL_FILE)
     assert RetrainParams().model_file == DEFAULT_MODEL_FILE
     assert load_yaml_config(REPO / "configs/ablation.yaml", AblationConfig).model == DEFAULT_MODEL_FILE
+
+
+def test_the_stage_and_ablation_configs_and_workers_per_stage_are_the_configs():
+    from flows.ablation import ablation
+    from flows.retrain import RetrainParams
+    from skyeye import cli
+    from skyeye.commands.ablation import ablation as ablation_command
+    from skyeye.training.ablation import AblationConfig
+    from skyeye.training.ray_train import FitConfig
+    stages = [STAGE_FILE.format(stage=n) for n in (1, 2)]
+    assert all((REPO / f).is_file() for f in stages) and (REPO / ABLATION_FILE).is_file()
+    params, cfg = RetrainParams(), AblationConfig()
+    assert [params.stage1_file, params.stage2_file] == [cfg.stage1, cfg.stage2] == stages
+    assert _defaults(ablation.fn)["config_file"] == ABLATION_FILE
+    assert _defaults(ablation_command)["config"] == Path(ABLATION_FILE)
+    assert params.num_workers == cfg.num_workers == FitConfig.num_workers == WORKERS_PER_STAGE
+    assert _defaults(cli.train)["num_workers"] == WORKERS_PER_STAGE
 
 
 def test_the_servers_ports_and_the_registered_name_are_the_configs():

@@ -10,13 +10,14 @@ from typing import Annotated, Optional
 
 import typer
 
+from ..config import ABLATION_FILE
 from .console import fail, say
 from .inputs import in_range
 
 
 def ablation(
     config: Annotated[Path, typer.Option(help="Ablation config (defaults when the file does not exist).")]
-    = Path("configs/ablation.yaml"),
+    = Path(ABLATION_FILE),
     budget: Annotated[Optional[float], typer.Option(
         help="Scale of the budget: (stage1.max_steps + stage2.max_steps) x this, steps per recipe.")] = None,
     recipes: Annotated[Optional[str], typer.Option(

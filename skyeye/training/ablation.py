@@ -24,7 +24,7 @@ import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from tqdm import tqdm
 
-from ..config import DEFAULT_MODEL_FILE, Settings, get_settings, load_yaml_config
+from ..config import DEFAULT_MODEL_FILE, STAGE_FILE, WORKERS_PER_STAGE, Settings, get_settings, load_yaml_config
 from ..data.items import load_items
 from ..datagate.gate import data_version_of
 from ..evaluation.baselines import TRIVIAL
@@ -55,14 +55,14 @@ class AblationConfig(BaseModel):
     """configs/ablation.yaml. Paths are relative to the project root."""
     model_config = ConfigDict(extra="forbid")
     model: str = DEFAULT_MODEL_FILE
-    stage1: str = "configs/train/stage1.yaml"
-    stage2: str = "configs/train/stage2.yaml"
+    stage1: str = STAGE_FILE.format(stage=1)
+    stage2: str = STAGE_FILE.format(stage=2)
     budget: float = Field(1.0, gt=0, description="Scale of the budget (and of the time safety net).")
     recipes: list[Recipe] = Field(default_factory=lambda: list(RECIPES), min_length=1)
     limit: int | None = Field(None, ge=1, description="Evaluation samples per bench split (None: all).")
     resamples: Resamples = RESAMPLES
     level: Level = LEVEL
-    num_workers: int = Field(2, ge=1, description="Ray Train workers per stage.")
+    num_workers: int = Field(WORKERS_PER_STAGE, ge=1, description="Ray Train workers per stage.")
     local: bool = Field(False, description="Train in this process instead of on Ray Train.")
     seed: int = Field(0, description="Every stage's seed (the recipes differ in nothing else) and the bootstrap's.")
 

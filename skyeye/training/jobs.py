@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..config import Settings, get_settings, git_revision
+from ..config import WORKERS_PER_STAGE, Settings, get_settings, git_revision
 from ..datagate.expectations import validate
 from ..datagate.gate import data_version_of, validation_outcome
 from ..formats.benchmarks import PRIMARY, TASK_OF, VALIDATION, VALIDATION_KEYS, metric, primary_metric
@@ -225,8 +225,8 @@ def _log_result(run_id: str, model_dir: str, loop_config: dict, seconds: float, 
 
 def train_stage(stage: int, model_cfg: ModelConfig | str | Path, stage_cfg: StageConfig | str | Path,
                 backbones: dict[str, str], *, instructions: Path | None = None, init: str | None = None,
-                num_workers: int = 2, use_gpu: bool = False, local: bool = False, parent_id: str | None = None,
-                settings: Settings | None = None) -> StageResult:
+                num_workers: int = WORKERS_PER_STAGE, use_gpu: bool = False, local: bool = False,
+                parent_id: str | None = None, settings: Settings | None = None) -> StageResult:
     """One stage as a child run of `parent_id` (or of a tuning job of its own); `init` is the
     stage-1 result stage 2 starts from: a model folder, a tuning-stage run id or a registry URI."""
     from .loop import run_stage

@@ -36,7 +36,7 @@ from typing import Any, Callable
 import torch
 
 from ..cluster import ray_session
-from ..config import get_settings
+from ..config import WORKERS_PER_STAGE, get_settings
 
 COMPLETE = "COMPLETE"  # marker file, written last: a checkpoint without it is ignored
 _ATTEMPTS_DIR = ".skyeye_attempts"  # one file per worker-group start, to count restarts
@@ -51,7 +51,7 @@ CheckpointWriter = Callable[[Path], None]
 
 @dataclass
 class FitConfig:
-    num_workers: int = 2
+    num_workers: int = WORKERS_PER_STAGE
     use_gpu: bool = False  # NCCL when True, gloo otherwise
     cpus_per_worker: float = 1
     storage_path: str | None = None  # default SKYEYE_RAY_STORAGE or <state>/ray_results
