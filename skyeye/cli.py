@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Annotated, Optional
 import typer
 
 from .commands.ablation import ablation
+from .commands.checkpoints import export, import_app
 from .commands.console import console, fail, say
 from .commands.doctor import doctor
 from .commands.errors import DEBUG_ENV, HandledGroup
@@ -57,6 +58,8 @@ app.add_typer(data_app, name="data")
 on_data_committed: list[Callable[[VersionReport], str | None]] = []
 app.command("doctor")(doctor)
 app.command("ablation")(ablation)
+app.add_typer(import_app, name="import")
+app.command("export")(export)
 
 
 @app.callback()
@@ -302,6 +305,12 @@ def evaluate(
     except (ValueError, FileNotFoundError) as err:  # DataFormatError is a ValueError
         fail(str(err))
     say(result.render())
+    if model.strip().startswith("models:/") and on == "test" and benchmarks == "all" and limit is None:
+        from .model.references import resolve_version
+        from .registry.store import attach_evaluation
+        version = resolve_version(model)
+        if attach_evaluation(version, result.run_id):  # a version without one: an imported checkpoint
+            say(f"version {version} had no evaluation: this run now stands behind it (promotion reads it)")
 
 
 @app.command("register")

@@ -13,6 +13,7 @@ in `reader`, the records and results with their text and JSON forms in `records`
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,6 +33,7 @@ from ..tracking.names import (
     TAG_EVAL_RUN,
     TAG_EVAL_TRAINING_RUN,
     TAG_GIT_REV,
+    TAG_IMPORTED,
     TAG_INIT_RUN,
     TAG_PARENT,
     TAG_TRAINING_RUN,
@@ -216,6 +218,8 @@ def audit_model(ref: str | int, settings: Settings | None = None) -> ModelAudit:
     mv = _version(reader, ref)
     tags = dict(mv.tags or {})
     found = _Findings()
+    if tags.get(TAG_IMPORTED):
+        return _imported(reader, mv, tags, found)
     training = _training(reader, tags, found)
     evaluation = _evaluation(reader, tags, tags.get(TAG_TRAINING_RUN), found)
     sources = _data_sources(tags, training, evaluation)
@@ -232,6 +236,22 @@ def audit_model(ref: str | int, settings: Settings | None = None) -> ModelAudit:
         data_revisions=revisions, validation=validation, validations=n_validations, evaluation=evaluation,
         promotions=promotions, rollbacks=rollbacks, approved_tasks=read_approved(tags), missing=found.gaps,
         disagreements=found.clashes)
+
+
+def _imported(reader: Reader, mv, tags: dict[str, str], found: _Findings) -> ModelAudit:
+    """A version converted from a checkpoint trained elsewhere: where it came from, its
+    evaluation and promotions; no SkyEye training or data version, by construction."""
+    record = json.loads(tags[TAG_IMPORTED])
+    outside = "none: imported (trained outside SkyEye)"
+    evaluation = _evaluation(reader, tags, None, found) if tags.get(TAG_EVAL_RUN) else \
+        "not evaluated yet (skyeye evaluate --model models:/...)"
+    promotions, rollbacks = _promotions(tags, list(mv.aliases or []), found)
+    return ModelAudit(
+        model=mv.name, version=str(mv.version), aliases=sorted(mv.aliases or []), created=when(mv.creation_timestamp),
+        source=mv.source, source_run=mv.run_id, training_run=outside, tuning_job=outside, training_runs=[],
+        data_md5=outside, data_sources={}, data_git_rev_tag=None, data_revisions=outside, validation=outside,
+        validations=0, evaluation=evaluation, promotions=promotions, rollbacks=rollbacks,
+        approved_tasks=read_approved(tags), missing=found.gaps, disagreements=found.clashes, imported=record)
 
 
 # ---------------------------------------------------------------- data version -> models

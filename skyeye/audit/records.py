@@ -119,6 +119,7 @@ class ModelAudit:
     approved_tasks: list[str] | None = None  # None: the version has no approval tag
     missing: list[str] = field(default_factory=list)
     disagreements: list[str] = field(default_factory=list)
+    imported: dict[str, Any] | None = None  # the checkpoint file an imported version came from
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -129,6 +130,9 @@ class ModelAudit:
                     else ", ".join(self.approved_tasks) or "no task")
         lines = [f"model {self.model} version {self.version}{aliases}",
                  f"  created {self.created or '?'} from {self.source or '?'} (run {self.source_run or '-'})",
+                 *([f"  imported: {self.imported.get('file')} ({self.imported.get('bytes')} bytes, sha256 "
+                    f"{self.imported.get('sha256')}), {self.imported.get('format')} checkpoint trained outside "
+                    "SkyEye: no SkyEye data version"] if self.imported else []),
                  f"  approved for: {approved} (significantly above the trivial baseline on every split of the task)"]
         lines.append("  promotions")
         if not self.promotions and not self.rollbacks:

@@ -14,7 +14,7 @@ from ..config import load_yaml_config
 from ..formats.prompts import VIDEO_FRAMES
 from .tiny import BackbonesConfig
 
-VISION_KINDS = ("hf", "timm")
+VISION_KINDS = ("hf", "timm", "eva_vit_g")
 PROJECTORS = ("alignment_layer",)
 # CLIP's normalisation: the vision default, and what the tiny encoder is pretrained with
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -23,14 +23,16 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 class VisionConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    kind: Literal["hf", "timm"] = Field(
-        "hf", description="hf: any HF vision tower (CLIP, SigLIP, ViT); timm: e.g. EVA-CLIP.")
+    kind: Literal["hf", "timm", "eva_vit_g"] = Field(
+        "hf", description="hf: any HF vision tower (CLIP, SigLIP, ViT); timm: e.g. EVA-CLIP; eva_vit_g: the "
+                          "LAVIS/BLIP-2 EVA ViT-g weights file MiniGPT-v2 reads (eva_vit_g.pth), see eva.py.")
     name_or_path: str | None = Field(
         None, description="Hub id or local folder; None: the backbones step's tiny encoder.")
     image_size: int = Field(448, description="Input side in pixels (bicubic resize, no crop).")
     mean: tuple[float, float, float] = CLIP_MEAN
     std: tuple[float, float, float] = CLIP_STD
     drop_cls: bool = Field(True, description="Drop the CLS token: only patch tokens go to the LLM.")
+    depth: int = Field(39, description="eva_vit_g only: blocks kept (BLIP-2 and MiniGPT-v2 keep 39 of EVA's 40).")
     video_frames: int = Field(VIDEO_FRAMES, description="Frames sampled from a clip; their visual tokens are "
                                                         "concatenated (the instruction files' clips: VIDEO_FRAMES).")
 
@@ -83,6 +85,9 @@ class ModelConfig(BaseModel):
     llm: LLMConfig = LLMConfig()
     lora: LoRAConfig = LoRAConfig()
     trainable: TrainableConfig = TrainableConfig()
+    template: Literal["skyeyegpt", "minigpt_v2"] = Field(
+        "skyeyegpt", description="skyeyegpt: the tiny tokenizer's marker and coordinate tokens; minigpt_v2: "
+                                 "MiniGPT-v2's text with LLaMA-2's own tokenizer (model/template.py).")
     max_new_tokens: int = Field(48, description="Generation budget per answer.")
     backbones: BackbonesConfig | None = Field(None, description="Tiny backbones to pretrain here; None: real ones.")
 

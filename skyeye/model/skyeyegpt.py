@@ -18,8 +18,8 @@ from torch import nn
 
 from .alignment import AlignmentLayer
 from .config import ModelConfig
-from .template import Encoded, collate, encode_prompt
-from .tokenizer import IMAGE_TOKEN, load_tokenizer
+from .template import MINIGPT_V2, Encoded, collate, encode_prompt, slot_id
+from .tokenizer import load_tokenizer
 from .vision import VisionEncoder, build_vision_encoder
 
 ALIGNMENT_FILE = "alignment_layer.pt"
@@ -33,7 +33,7 @@ class SkyEyeGPT(nn.Module):
         super().__init__()
         self.cfg, self.vision, self.alignment_layer, self.llm, self.tokenizer = cfg, vision, alignment, llm, tokenizer
         self.paths = paths  # where the backbones came from (hub ids or folders)
-        self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+        self.image_token_id = slot_id(tokenizer, cfg.template)
 
     # ------------------------------------------------------------ shapes
     @property
@@ -91,12 +91,17 @@ class SkyEyeGPT(nn.Module):
         embeds = self._embeds(input_ids.to(self.device), pixel_values, frames, vision_tokens)
         sampling = {"do_sample": True, "temperature": temperature, "top_k": 0} if temperature > 0 else \
             {"do_sample": False}
+        if self.cfg.template == MINIGPT_V2:  # MiniGPT-v2's generate passes min_length=1: no empty answer
+            sampling["min_new_tokens"] = 1
         out = self.llm.generate(inputs_embeds=embeds, attention_mask=attention_mask.to(self.device),
                                 max_new_tokens=max_new_tokens or self.cfg.max_new_tokens, **sampling,
                                 use_cache=True, pad_token_id=self.tokenizer.pad_token_id,
                                 suppress_tokens=[self.image_token_id],  # an answer never holds an image slot
                                 eos_token_id=self.tokenizer.eos_token_id)
-        return [self.tokenizer.decode(row, skip_special_tokens=True).strip() for row in out]
+        answers = [self.tokenizer.decode(row, skip_special_tokens=True) for row in out]
+        if self.cfg.template == MINIGPT_V2:  # as MiniGPT-v2's generate cleans an answer
+            answers = [a.split("</s>")[0].replace("<s>", "").split("[/INST]")[-1] for a in answers]
+        return [a.strip() for a in answers]
 
     def ask(self, questions: list[str], frames: list[int] | None = None, pixel_values=None, vision_tokens=None,
             histories: list[list[tuple[str, str]]] | None = None, max_new_tokens: int | None = None,
@@ -106,7 +111,7 @@ class SkyEyeGPT(nn.Module):
         frames = frames or [1] * len(questions)
         histories = histories or [[] for _ in questions]
         n = self.visual_tokens_per_image()
-        batch = collate([Encoded(encode_prompt(self.tokenizer, h, q, n * f), [])
+        batch = collate([Encoded(encode_prompt(self.tokenizer, h, q, n * f, self.cfg.template), [])
                          for q, f, h in zip(questions, frames, histories, strict=True)],
                         self.tokenizer.pad_token_id, left_pad=True)
         return self.generate(batch["input_ids"], batch["attention_mask"], pixel_values, frames=frames,
@@ -114,7 +119,8 @@ class SkyEyeGPT(nn.Module):
 
     def prompt_length(self, question: str, history: list[tuple[str, str]], frames: int = 1) -> int:
         """Tokens of the prompt `ask` builds for this question (visual slots included)."""
-        return len(encode_prompt(self.tokenizer, history, question, self.visual_tokens_per_image() * frames))
+        return len(encode_prompt(self.tokenizer, history, question, self.visual_tokens_per_image() * frames,
+                                 self.cfg.template))
 
     def context_length(self) -> int:
         """Positions the LLM takes: prompt and answer together must fit."""
@@ -178,7 +184,7 @@ def build_model(cfg: ModelConfig, vision_path: str | None = None, llm_path: str 
         raise ValueError("model config: vision.name_or_path and llm.name_or_path must name backbones "
                          "(the tiny config gets them from the backbones step)")
     try:
-        tokenizer = load_tokenizer(tokenizer_path or cfg.llm.tokenizer or llm_path)
+        tokenizer = load_tokenizer(tokenizer_path or cfg.llm.tokenizer or llm_path, cfg.template)
     except OSError as err:
         raise ValueError(f"llm.tokenizer {tokenizer_path or llm_path!r}: cannot load: {err}") from None
     try:

@@ -56,8 +56,17 @@ def train_tokenizer(texts: Iterable[str], out: Path, vocab_size: int = 2000) -> 
     return fast
 
 
-def load_tokenizer(path: str | Path):
+def load_tokenizer(path: str | Path, template: str = "skyeyegpt"):
+    """The LLM's tokenizer. The skyeyegpt template needs its marker tokens; MiniGPT-v2's uses
+    LLaMA-2's tokenizer as it is, padding with EOS when it has no pad token (as MiniGPT-v2's
+    "$$", never attended to)."""
     tok = AutoTokenizer.from_pretrained(str(path))
+    if template == "minigpt_v2":
+        if tok.bos_token_id is None or tok.eos_token_id is None or tok.unk_token_id is None:
+            raise ValueError(f"tokenizer {path}: the minigpt_v2 template needs BOS, EOS and UNK tokens")
+        if tok.pad_token_id is None:
+            tok.pad_token = tok.eos_token
+        return tok
     missing = [t for t in (IMAGE_TOKEN, "[INST]", "[/INST]")
                if tok.convert_tokens_to_ids(t) in (None, tok.unk_token_id)]
     if missing:

@@ -56,6 +56,10 @@ def build_vision_encoder(cfg: VisionConfig, path: str, dtype: torch.dtype = torc
         # SigLIP has no CLS token; CLIP and ViT put one first.
         n_prefix = 0 if "siglip" in tower.config.model_type else 1
         return VisionEncoder(tower, "hf", vcfg.hidden_size, cfg.drop_cls, n_prefix)
+    if cfg.kind == "eva_vit_g":
+        from .eva import build_eva_tower
+        tower = build_eva_tower(path, cfg.image_size, cfg.depth, dtype)
+        return VisionEncoder(tower, "hf", tower.config.hidden_size, cfg.drop_cls, 1)
     if cfg.kind == "timm":
         try:
             import timm
@@ -63,4 +67,4 @@ def build_vision_encoder(cfg: VisionConfig, path: str, dtype: torch.dtype = torc
             raise ImportError("vision.kind 'timm' needs timm: pip install 'skyeye[timm]'") from err
         tower = timm.create_model(path, pretrained=True, num_classes=0, img_size=cfg.image_size).to(dtype)
         return VisionEncoder(tower, "timm", tower.num_features, cfg.drop_cls, getattr(tower, "num_prefix_tokens", 1))
-    raise ValueError(f"vision.kind {cfg.kind!r} unknown; known: hf, timm")
+    raise ValueError(f"vision.kind {cfg.kind!r} unknown; known: hf, timm, eva_vit_g")

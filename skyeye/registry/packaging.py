@@ -161,12 +161,12 @@ def stage_artifacts(model_dir: Path, out: Path, copy_backbones: bool) -> tuple[d
     meta = json.loads((model_dir / META_FILE).read_text())
     for part in ("vision", "llm"):
         ref = meta["paths"][part]
-        if Path(ref).is_dir():
+        if Path(ref).exists():  # a folder (or a weights file, as eva_vit_g.pth)
             if copy_backbones:
                 artifacts[part] = ref
             origin[part] = ("artifact:" if copy_backbones else "folder:") + str(Path(ref).resolve())
         elif Path(ref).is_absolute() or ref.startswith("."):
-            raise PackagingError(f"{model_dir}: {part} backbone folder {ref} not found")
+            raise PackagingError(f"{model_dir}: {part} backbone {ref} not found")
         else:
             origin[part] = f"hub:{ref}"  # loaded by id where the model is served
     return artifacts, origin, meta

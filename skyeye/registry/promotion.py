@@ -50,6 +50,7 @@ from ..formats.benchmarks import (
 from ..model.references import RegistryError, aliases, model_name, resolve_version, version_exists
 from ..tracking import runs
 from ..tracking.names import (
+    IMPORTED_DATA,
     PROMOTION,
     REFUSAL,
     ROLLBACK,
@@ -151,7 +152,9 @@ def policy_failures(alias: str, metrics: dict[str, float], policy: PromotionPoli
     out: list[str] = []
     st, prim = policy.staging, primary_of(metrics)
     if st.require_validation:
-        if not md5 or md5 == UNVERSIONED:
+        if md5 == IMPORTED_DATA:
+            pass  # trained outside SkyEye (skyeye import): no SkyEye data to gate; its file's sha256 is its record
+        elif not md5 or md5 == UNVERSIONED:
             out.append("data unversioned: staging needs a DVC-versioned data set with a passed validation")
         elif validation is None:
             out.append(f"data {md5[:12]}: never validated (run `skyeye data validate`)")
@@ -344,7 +347,7 @@ def promote(version: int | str, to: str, force: bool = False, reason: str | None
                     comparison = _compare_with_holder(mv, holder_mv, policy.production)
             except (RegistryError, MlflowException):
                 before = None
-        validation = validation_outcome(md5) if md5 and md5 != UNVERSIONED else None
+        validation = validation_outcome(md5) if md5 and md5 not in (UNVERSIONED, IMPORTED_DATA) else None
         failures = policy_failures(to, metrics, policy, validation, md5, holder, before, comparison)
         compared = comparison.record() if comparison is not None else deltas(metrics, before)
         how = "intervals" if comparison is not None else "point scores"

@@ -33,13 +33,17 @@ from ..formats.benchmarks import PRIMARY_SCORE, primary_metric, primary_of
 from ..model.references import RegistryError, aliases, model_name
 from ..tracking import runs
 from ..tracking.names import (
+    IMPORT_EXPERIMENT,
+    IMPORTED_DATA,
     KIND_EVALUATION,
+    KIND_IMPORT,
     TAG_APPROVED_TASKS,
     TAG_BACKBONES,
     TAG_DVC_MD5,
     TAG_EVAL_RUN,
     TAG_EVAL_TRAINING_RUN,
     TAG_GIT_REV,
+    TAG_IMPORTED,
     TAG_KIND,
     TAG_MODEL_DIR,
     TAG_MODEL_VERSION,
@@ -176,8 +180,46 @@ def register(model_dir: str | Path | None, eval_run_id: str, training_run_id: st
         if done is not None:
             return done
         lineage = _lineage(client, run, model_dir, training_run_id, tuning_job)
-        info, origin = _log_pyfunc(lineage, example_image, copy_backbones)
+        info, origin = _log_pyfunc(lineage.model_dir, lineage.source_run, example_image, copy_backbones)
         return _create_version(client, name, lineage, info, origin)
+
+
+def register_imported(model_dir: str | Path, imported: dict, backbones: dict[str, str]) -> int:
+    """Register a SkyEyeGPT folder converted from a checkpoint trained elsewhere (see
+    `skyeye.model.minigpt_v2`): logged into an import run, tagged with the file it came from
+    and no SkyEye data version; the backbones stay references (`backbones`: where and their
+    sha256), never copied. It has no evaluation until `skyeye evaluate` scores it
+    (`attach_evaluation`), so promotion refuses it until then."""
+    client, name = runs.client(), model_name()
+    record = json.dumps(imported, sort_keys=True)
+    with lock(name, "registration"):
+        tags = {TAG_KIND: KIND_IMPORT, TAG_IMPORTED: record, TAG_MODEL_DIR: str(Path(model_dir).resolve()),
+                TAG_DVC_MD5: IMPORTED_DATA}
+        with runs.tracked_run(IMPORT_EXPERIMENT, f"import {imported.get('file', '')}", tags) as run_id:
+            info, origin = _log_pyfunc(Path(model_dir), run_id, None, copy_backbones=False)
+        _ensure_registered_model(client, name)
+        mv = client.create_model_version(
+            name, source=info.model_uri, run_id=run_id, model_id=info.model_id,
+            tags={TAG_IMPORTED: record, TAG_DVC_MD5: IMPORTED_DATA, TAG_MODEL_DIR: tags[TAG_MODEL_DIR],
+                  TAG_BACKBONES: json.dumps({k: f"{origin.get(k, '')} sha256:{v}" for k, v in backbones.items()}),
+                  TAG_TRAINING_RUN: "", TAG_TUNING_JOB: ""})
+        return int(mv.version)
+
+
+def attach_evaluation(version: int, eval_run_id: str) -> bool:
+    """Stand a FINISHED test-split evaluation behind a version that has none (an imported one);
+    returns whether it was attached. A version with an evaluation keeps it."""
+    client, name = runs.client(), model_name()
+    with lock(name, "registration"):
+        mv = client.get_model_version(name, str(version))
+        if mv.tags.get(TAG_EVAL_RUN):
+            return False
+        run = check_eval_run(client, eval_run_id)
+        approved = json.dumps(approved_tasks(run.data.metrics))
+        client.set_model_version_tag(name, str(version), TAG_APPROVED_TASKS, approved)
+        client.set_model_version_tag(name, str(version), TAG_EVAL_RUN, eval_run_id)
+        client.set_tag(eval_run_id, TAG_MODEL_VERSION, str(version))
+        return True
 
 
 @dataclass(frozen=True)
@@ -227,15 +269,15 @@ def _lineage(client: MlflowClient, run: Run, model_dir: str | Path | None, train
     return _Lineage(run, model_dir, training_run_id, tuning_job)
 
 
-def _log_pyfunc(lineage: _Lineage, example_image: str | Path | None, copy_backbones: bool):
+def _log_pyfunc(model_dir: Path, source_run: str, example_image: str | Path | None, copy_backbones: bool):
     """Log the folder as a pyfunc model into the source run; (MLflow's model info, where the
     backbones came from)."""
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            artifacts, origin, meta = stage_artifacts(lineage.model_dir, Path(tmp), copy_backbones)
+            artifacts, origin, meta = stage_artifacts(model_dir, Path(tmp), copy_backbones)
             # code_paths: the model carries the skyeye package it runs (the folder above this one);
             # SkyEyeGPTModel is pickled by reference, skyeye.registry.packaging.SkyEyeGPTModel
-            with _in_run(lineage.source_run):
+            with _in_run(source_run):
                 info = mlflow.pyfunc.log_model(
                     name=ARTIFACT_NAME, python_model=SkyEyeGPTModel(), artifacts=artifacts,
                     signature=model_signature(meta["config"]),
@@ -249,12 +291,7 @@ def _log_pyfunc(lineage: _Lineage, example_image: str | Path | None, copy_backbo
 def _create_version(client: MlflowClient, name: str, lineage: _Lineage, info, origin) -> int:
     """The registered version of the logged model, with its lineage tags; the evaluation run
     is tagged with it."""
-    try:
-        client.create_registered_model(name, description="SkyEyeGPT, remote-sensing multimodal LLM (pyfunc: "
-                                                         "image + prompt -> answer)")
-    except MlflowException as err:
-        if err.error_code != "RESOURCE_ALREADY_EXISTS":
-            raise
+    _ensure_registered_model(client, name)
     run = lineage.eval_run
     eval_run_id, tags = run.info.run_id, run.data.tags
     version_tags = {TAG_EVAL_RUN: eval_run_id, TAG_TRAINING_RUN: lineage.training_run_id or "",
@@ -266,6 +303,15 @@ def _create_version(client: MlflowClient, name: str, lineage: _Lineage, info, or
                                      model_id=info.model_id)
     client.set_tag(eval_run_id, TAG_MODEL_VERSION, mv.version)
     return int(mv.version)
+
+
+def _ensure_registered_model(client: MlflowClient, name: str) -> None:
+    try:
+        client.create_registered_model(name, description="SkyEyeGPT, remote-sensing multimodal LLM (pyfunc: "
+                                                         "image + prompt -> answer)")
+    except MlflowException as err:
+        if err.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
 
 
 # ------------------------------------------------------------------ scores

@@ -17,12 +17,14 @@ EVALUATION_EXPERIMENT = "skyeye-evaluation"
 # the same scoring on the validation splits (recipe checks); never a registry candidate
 EVALUATION_ON_VALIDATION_EXPERIMENT = "skyeye-evaluation-on-validation"
 VALIDATION_EXPERIMENT = "skyeye-data-validation"
+IMPORT_EXPERIMENT = "skyeye-imports"  # checkpoints trained outside SkyEye, brought in as versions
 
 # what a run is
 TAG_KIND = "skyeye.kind"
 KIND_TUNING_JOB, KIND_TUNING_STAGE = "tuning-job", "tuning-stage"
 KIND_BACKBONES, KIND_EVALUATION = "backbones", "evaluation"
 KIND_EVALUATION_ON_VALIDATION = "evaluation-on-validation"
+KIND_IMPORT = "import"
 TAG_PARENT = "mlflow.parentRunId"  # MLflow's own: a stage run's tuning job
 
 # the data a run saw, and the code that ran
@@ -56,6 +58,10 @@ TAG_EVAL_RUN = "skyeye.eval_run"
 TAG_TRAINING_RUN = "skyeye.training_run"
 TAG_TUNING_JOB = "skyeye.tuning_job"  # also on evaluation runs
 TAG_BACKBONES = "skyeye.backbones"  # where each backbone comes from (artifact, folder or hub id), JSON
+# on an imported version (and its import run): the file it came from, JSON {format, file, bytes, sha256};
+# such a version has no SkyEye data version (its training data is the authors')
+TAG_IMPORTED = "skyeye.imported"
+IMPORTED_DATA = "none: imported"
 # the tasks the version is approved for (JSON list, e.g. ["caption", "vqa"]): those whose primary metric is
 # significantly above the task's trivial baseline on every split (skyeye.evaluation.baselines.approved_tasks)
 TAG_APPROVED_TASKS = "skyeye.approved_tasks"

@@ -242,7 +242,8 @@ class StageRun:
             batch_items = [self.items[i] for i in self.sampler.draw(self.per_worker - self.n_replay)]
             if self.n_replay:
                 batch_items += [self.replay[i] for i in self.replay_sampler.draw(self.n_replay)]
-            encs = [encode_conversation(self.tok, list(it.turns), self.n_vis * it.frames, cfg.max_length)
+            encs = [encode_conversation(self.tok, list(it.turns), self.n_vis * it.frames, cfg.max_length,
+                                        self.model.cfg.template)
                     for it in batch_items]
             # length groups: sorted by length, each group padded only to its own longest sample
             order = sorted(range(len(encs)), key=lambda i: len(encs[i].input_ids))
