@@ -262,7 +262,7 @@ def train(
         except ValueError as err:
             fail(f"--init {err}")
     try:
-        paths = prepare_backbones(model)
+        paths = prepare_backbones(model, init=model_folder(init) if init else None)
         result = train_stage(stage, model, config, paths, init=init, num_workers=num_workers, use_gpu=gpu,
                              local=local)
     except ValueError as err:

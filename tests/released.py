@@ -116,9 +116,8 @@ def released(root: Path) -> dict[str, Path]:
 
 def model_config():
     """configs/model/minigpt_v2.yaml's structure at these sizes."""
-    from skyeye.config import get_settings
     from skyeye.model.config import load_model_config
-    cfg = load_model_config(get_settings().project_root / "configs/model/minigpt_v2.yaml")
+    cfg = load_model_config(Path(__file__).resolve().parents[1] / "configs/model/minigpt_v2.yaml")
     return cfg.model_copy(update={
         "vision": cfg.vision.model_copy(update={"image_size": IMAGE_SIZE, "depth": DEPTH}),
         "lora": cfg.lora.model_copy(update={"r": R, "alpha": ALPHA}), "max_new_tokens": 12})

@@ -283,3 +283,29 @@ def test_import_evaluate_promote_audit_export_chat(files, tiny_instructions, tmp
     back = torch.load(tmp_path / "out.pth", weights_only=True)["model"]
     original = torch.load(files["checkpoint"], weights_only=True)["model"]
     assert all(torch.equal(back[k], original[k]) for k in back) and len(back) == len(original) - 2  # inv_freq x2
+
+
+def test_stage_2_continues_an_imported_model_and_exports(files, imported, tiny_instructions, tmp_path, monkeypatch):
+    """`skyeye train --stage 2 --init <imported>` with configs/model/minigpt_v2.yaml, which names no
+    backbones (they come from the imported model): the alignment layer and LoRA move, the result
+    exports; the tiny model's aids are refused for a MiniGPT-v2 model."""
+    from skyeye.training.jobs import prepare_backbones, train_stage
+    from skyeye.training.stage_config import StageConfig
+    from tests.projects import project_environment, write_project
+    root = write_project(tmp_path / "project")
+    stage = StageConfig(stage=2, data="stage2.json", max_steps=3, warmup_steps=1, batch_size=2, lr=1e-3,
+                        max_length=256, coordinate_sigma=0.0, pointing_weight=0.0, cache_features=False,
+                        log_every=3, checkpoint_every=3, validation={"samples": 2, "every_steps": 3})
+    with project_environment(root, monkeypatch, store=True):
+        paths = prepare_backbones(model_config(), init=imported)
+        assert paths["vision"] == str(files["vision"].resolve()) and paths["llm"] == str(files["llm"].resolve())
+        with pytest.raises(ValueError, match="training aids need its coordinate tokens"):
+            train_stage(2, model_config(), stage.model_copy(update={"pointing_weight": 1.0}), paths,
+                        instructions=tiny_instructions, init=str(imported), local=True)
+        result = train_stage(2, model_config(), stage, paths, instructions=tiny_instructions, init=str(imported),
+                             local=True)
+    before = torch.load(files["checkpoint"], weights_only=True)["model"]
+    after = torch.load(export_checkpoint(result.model_dir, tmp_path / "tuned.pth"), weights_only=True)["model"]
+    assert set(after) == {k for k in before if not k.endswith("inv_freq")}
+    assert not torch.equal(after["llama_proj.weight"], before["llama_proj.weight"])
+    assert any(not torch.equal(after[k], before[k]) for k in after if "lora_A" in k)

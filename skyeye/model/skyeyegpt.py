@@ -221,6 +221,14 @@ def untuned_like(model: SkyEyeGPT) -> SkyEyeGPT:
     torch.manual_seed(0)  # a fixed 'before' model, so reruns give the same baseline
     return build_model(model.cfg, model.paths["vision"], model.paths["llm"], model.paths["tokenizer"]).eval()
 
+def backbone_paths(folder: str | Path) -> dict[str, str]:
+    """Where a saved SkyEyeGPT's backbones are (its `SkyEyeGPT.save` record)."""
+    meta_path = Path(folder) / META_FILE
+    if not meta_path.exists():
+        raise ValueError(f"{folder}: not a saved SkyEyeGPT (no {META_FILE})")
+    return dict(json.loads(meta_path.read_text())["paths"])
+
+
 def load_model(folder: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> SkyEyeGPT:
     """A saved SkyEyeGPT (see `SkyEyeGPT.save`): backbones by reference, trained parts from the folder."""
     folder = Path(folder)

@@ -269,13 +269,17 @@ def train_stage(stage: int, model_cfg: ModelConfig | str | Path, stage_cfg: Stag
 
 def prepare_backbones(model_cfg: ModelConfig | str | Path, *, instructions: Path | None = None,
                       synth: Path | None = None, parent_id: str | None = None,
-                      settings: Settings | None = None) -> dict[str, str]:
-    """Backbone folders for this model config: the real ones it names, or the tiny ones
+                      settings: Settings | None = None, init: str | Path | None = None) -> dict[str, str]:
+    """Backbone folders for this model config: the real ones it names (or, when it names none,
+    those of the saved model `init` continues, e.g. an imported SkyEyeGPT), or the tiny ones
     pretrained here (cached by data, config and code; a fresh pretraining is an MLflow run)."""
     from .backbones import build_backbones, cache_key
     s = settings or get_settings()
     mcfg = model_cfg if isinstance(model_cfg, ModelConfig) else load_model_config(model_cfg)
     if mcfg.backbones is None:
+        if not (mcfg.vision.name_or_path or mcfg.llm.name_or_path) and init is not None:
+            from ..model.skyeyegpt import backbone_paths
+            return backbone_paths(init)
         if not (mcfg.vision.name_or_path and mcfg.llm.name_or_path):
             raise ValueError("model config: without a `backbones` section, vision.name_or_path and "
                              "llm.name_or_path must name real backbones")

@@ -177,6 +177,10 @@ class StageRun:
     def _aids(self, mcfg: ModelConfig) -> None:
         """The tiny model's training aids, when the stage config turns them on."""
         cfg, self.pointing = self.cfg, None
+        if mcfg.template != "skyeyegpt" and (cfg.pointing_weight > 0 or cfg.coordinate_sigma > 0):
+            raise ValueError(f"pointing_weight {cfg.pointing_weight}, coordinate_sigma {cfg.coordinate_sigma}: the "
+                             f"tiny model's training aids need its coordinate tokens; a {mcfg.template} model "
+                             "trains without them (set both to 0, as configs/train/stage2_minigpt_v2.yaml)")
         if cfg.pointing_weight > 0:
             n_layers = self.model.llm.config.num_hidden_layers
             bad = [i for i in cfg.pointing_layers if not -n_layers <= i < n_layers]
