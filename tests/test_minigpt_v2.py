@@ -230,6 +230,7 @@ def test_import_never_runs_a_pickle(files, tmp_path):
 
 
 # ------------------------------------------------------------------ the commands, as a user runs them
+@pytest.mark.slow
 def test_import_evaluate_promote_audit_export_chat(files, tiny_instructions, tmp_path, monkeypatch):
     """`skyeye import minigpt-v2` registers a version tagged with its file and no data version;
     promotion refuses it until `skyeye evaluate` scores it; then it promotes, the audit says
@@ -285,6 +286,7 @@ def test_import_evaluate_promote_audit_export_chat(files, tiny_instructions, tmp
     assert all(torch.equal(back[k], original[k]) for k in back) and len(back) == len(original) - 2  # inv_freq x2
 
 
+@pytest.mark.slow
 def test_stage_2_continues_an_imported_model_and_exports(files, imported, tiny_instructions, tmp_path, monkeypatch):
     """`skyeye train --stage 2 --init <imported>` with configs/model/minigpt_v2.yaml, which names no
     backbones (they come from the imported model): the alignment layer and LoRA move, the result
