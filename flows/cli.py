@@ -24,6 +24,7 @@ import typer
 from skyeye.cli import app, on_data_committed
 from skyeye.commands.console import fail, interrupt, say
 from skyeye.commands.inputs import PORT, free_port, in_range
+from skyeye.commands.supervise import supervise, supervised
 from skyeye.config import LOCAL_HOST, MLFLOW_PORT, PREFECT_PORT, REGISTERED_MODEL, get_settings
 
 schedule_app = typer.Typer(help="Retraining that runs itself: Prefect deployments, schedules and triggers "
@@ -57,9 +58,11 @@ def server_up(
             time.sleep(1)
         say("a server exited; stopping")
     except KeyboardInterrupt:
-        say("stopping")
+        pass
     finally:
         up.stop()
+        say(f"stopped: the Prefect server at {up.prefect_url}" + (f" and the MLflow UI at {up.mlflow_url}"
+                                                                   if up.mlflow_url else ""))
 
 
 def _need_server() -> None:
@@ -74,7 +77,12 @@ def schedule_up() -> None:
     and run them in this process until Ctrl-C."""
     _need_server()
     from flows.schedule import up
-    up()
+    signal.signal(signal.SIGTERM, interrupt)  # `kill` (and the supervisor's relay) stop it as Ctrl-C does
+    try:
+        up()
+    except KeyboardInterrupt:
+        pass
+    say("stopped: the deployments stay registered on the Prefect server; `skyeye schedule up` runs them again")
 
 
 @schedule_app.command("status")
@@ -167,7 +175,7 @@ def serve(
     if os.environ.get("RAY_ADDRESS"):
         return
     deploy.write_state(out["url"], out["version"], None if model else "production")
-    signal.signal(signal.SIGTERM, interrupt)  # `kill` stops it as cleanly as Ctrl-C
+    signal.signal(signal.SIGTERM, interrupt)  # `kill` (and the supervisor's relay of Ctrl-C) stop it cleanly
     try:
         while True:
             time.sleep(follow_every)
@@ -176,13 +184,15 @@ def serve(
                 deploy.write_state(out["url"], out["version"], "production")
                 say(f"production moved: now serving version {out['version']}")
     except KeyboardInterrupt:
-        say("stopping")
+        pass
     finally:
+        # the record first: the registry must not say a version is served after its server is gone
         key = os.environ.get(load_serve_config().api_key_env)
-        serving = deploy.served_version(out["url"], key) or out["version"]  # a rollout may have been cut short
+        serving = deploy.served_version(out["url"], key, timeout_s=1) or out["version"]  # a rollout cut short?
+        until = deploy.record_stop(serving)
         deploy.remove_state()
-        deploy.shutdown(started_ray=True)
-        deploy.record_stop(serving)
+        deploy.shutdown(started_ray=True)  # Serve drains the requests in flight, then Ray stops
+        say(f"stopped: version {serving} served at {out['url']} until {until}")
 
 
 # after the library's own commands, in the order `skyeye --help` has always listed them
@@ -192,9 +202,18 @@ app.add_typer(server_app, name="server")
 on_data_committed.append(announce_data_version)
 
 
-def main() -> None:  # pragma: no cover - console entry point
+# commands that run until stopped: a terminal's Ctrl-C reaches only a supervisor, which stops them
+# in order (skyeye/commands/supervise.py)
+LONG_LIVED = (("serve",), ("schedule", "up"), ("server", "up"))
+
+
+def main() -> None:  # pragma: no cover - console entry point (tests run the commands as processes)
+    args = sys.argv[1:]
+    words = [a for a in args if not a.startswith("-")]
+    if not supervised() and "--help" not in args and any(words[:len(c)] == list(c) for c in LONG_LIVED):
+        sys.exit(supervise([sys.executable, "-m", "flows.cli", *args]))
     app(prog_name="skyeye")
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    main()

@@ -26,7 +26,7 @@ class Servers:
             p.terminate()
         for p in self.processes:
             try:
-                p.wait(30)
+                p.wait(8)  # the whole stop stays under the supervisor's grace
             except subprocess.TimeoutExpired:
                 p.kill()
 

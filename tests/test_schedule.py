@@ -70,7 +70,7 @@ def scheduled(tmp_path_factory):
             from skyeye.config import get_settings
             get_settings.cache_clear()
             _wait_for("the deployments", lambda: len(_status(root, env)) == 2, 180, 3)
-            yield {"root": root, "env": env, "api": api, "logs": logs}
+            yield {"root": root, "env": env, "api": api, "logs": logs, "runner": runner, "servers": servers}
             get_settings.cache_clear()
     finally:
         if runner:
@@ -210,3 +210,23 @@ def test_two_starts_at_once_run_one_retrain_at_a_time(scheduled):
     assert all(d.state.is_completed() for d in done)
     (a, b) = sorted(done, key=lambda d: d.start_time)
     assert a.end_time <= b.start_time, (a.start_time, a.end_time, b.start_time, b.end_time)
+
+
+def test_ctrl_c_stops_schedule_up_then_server_up_within_15_s(scheduled):
+    """Last in the module: Ctrl-C as a terminal sends it (SIGINT to the process group) stops
+    `skyeye schedule up`, then `skyeye server up`, each within 15 s: exit 0, a goodbye line, no
+    traceback, nothing of the group left."""
+    import signal
+    import time
+    logs = scheduled["logs"]
+    for name, proc in (("schedule-up", scheduled["runner"]), ("server-up", scheduled["servers"])):
+        asked = time.time()
+        os.killpg(proc.pid, signal.SIGINT)
+        code = proc.wait(timeout=120)
+        took = time.time() - asked
+        out = (logs / f"{name}.log").read_text()
+        assert code == 0 and took < 15, f"{name}: exit {code} after {took:.1f} s\n{out[-3000:]}"
+        assert "Traceback" not in out, out[-3000:]
+        assert sum(line.startswith("stopped: ") for line in out.splitlines()) == 1, out[-1000:]
+        left = subprocess.run(["pgrep", "-g", str(proc.pid)], capture_output=True, text=True).stdout.split()
+        assert not left, f"{name}: processes of the group still running: {left}"

@@ -469,7 +469,9 @@ def test_skyeye_serve_follows_production_and_stops_cleanly(served, tmp_path):
         while not state_file.exists() and time.time() < deadline:  # written once the test question passed
             time.sleep(1)
         state = json.loads(state_file.read_text())
-        assert state == {"pid": proc.pid, "url": url, "version": 1, "follows": "production"}
+        server = state.pop("pid")  # the supervised child of `skyeye serve` (skyeye/commands/supervise.py)
+        assert Path(f"/proc/{server}/stat").read_text().rsplit(")", 1)[1].split()[1] == str(proc.pid)
+        assert state == {"url": url, "version": 1, "follows": "production"}
         promote(2, "production", force=True, reason="test: the server follows")
         assert deploy.wait_for_version(url, 2, timeout_s=240), (tmp_path / "serve.log").read_text()[-3000:]
         while json.loads(state_file.read_text())["version"] != 2 and time.time() < deadline + 120:
@@ -510,3 +512,52 @@ def test_a_bounded_fuzz_run_finds_no_server_error_and_no_schema_violation(served
             case.call_and_validate(checks=checks)
         fuzz()
     assert httpx.get(f"{served['url']}/health").status_code == 200  # and the replica is still healthy
+
+
+def test_ctrl_c_stops_skyeye_serve_within_15_s(served, tmp_path):
+    """Ctrl-C as a terminal sends it (SIGINT to the whole process group): the request in flight
+    is answered, the end is recorded, nothing of the group is left, no traceback, one goodbye
+    line, all within 15 s."""
+    import signal
+    import subprocess
+    import sys
+
+    from mlflow.tracking import MlflowClient
+
+    from skyeye.tracking.names import TAG_SERVED_UNTIL
+    root, port = served["root"], _free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "RAY_"))}
+    env |= {"SKYEYE_PROJECT_ROOT": str(root), "SKYEYE_MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}",
+            "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "PREFECT_HOME": str(tmp_path / "prefect")}
+    log_path = tmp_path / "serve.log"
+    with log_path.open("w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", "--model", "1", "--port", str(port)],
+                                cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            from skyeye.serving import deploy
+            assert deploy.wait_for_version(url, 1, timeout_s=240), log_path.read_text()[-3000:]
+            while not (root / ".skyeye" / "serving.json").exists():
+                time.sleep(0.5)
+            answered: list[int] = []
+            request = threading.Thread(target=lambda: answered.append(_post(url, {
+                "model": "skyeyegpt", "messages": _messages(), "max_tokens": 64}).status_code))
+            request.start()
+            time.sleep(0.3)
+            stopped_at = time.time()
+            os.killpg(proc.pid, signal.SIGINT)
+            code = proc.wait(timeout=120)
+            took = time.time() - stopped_at
+            request.join(30)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+    out = log_path.read_text()
+    assert code == 0 and took < 15, f"exit {code} after {took:.1f} s\n{out[-3000:]}"
+    assert answered == [200]
+    assert "Traceback" not in out and "Error logging to API" not in out, out[-3000:]
+    assert sum(line.startswith("stopped: version 1 served at") for line in out.splitlines()) == 1, out[-500:]
+    until = MlflowClient().get_model_version("skyeyegpt", "1").tags[TAG_SERVED_UNTIL]
+    assert until >= time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(stopped_at - 1))
+    left = subprocess.run(["pgrep", "-g", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    assert not left, f"processes of the group still running: {left}"

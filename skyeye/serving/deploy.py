@@ -55,10 +55,10 @@ def connect(cfg: ServeConfig) -> bool:
     return started and not ray_session.on_cluster()
 
 
-def served_version(url: str, api_key: str | None = None) -> int | None:
+def served_version(url: str, api_key: str | None = None, timeout_s: float = 5) -> int | None:
     """The version the API at `url` serves now, None when nothing answers there."""
     try:
-        r = httpx.get(f"{url}/v1/models", headers=_auth(api_key), timeout=5)
+        r = httpx.get(f"{url}/v1/models", headers=_auth(api_key), timeout=timeout_s)
         return r.json()["data"][0]["skyeye"]["version"] if r.status_code == 200 else None
     except (httpx.HTTPError, KeyError, IndexError, ValueError):
         return None
@@ -169,10 +169,11 @@ def record(deployed: Deployed) -> None:
         record_stop(deployed.replaced)
 
 
-def record_stop(version: int) -> None:
-    """The end of a version's deployment (replaced, or its server stopped)."""
+def record_stop(version: int) -> str:
+    """The end of a version's deployment (replaced, or its server stopped); returns its time."""
     now = datetime.now(UTC).isoformat(timespec="seconds")
     runs.client().set_model_version_tag(model_name(), str(version), TAG_SERVED_UNTIL, now)
+    return now
 
 
 # ------------------------------------------------------------------ a local server's state
