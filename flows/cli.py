@@ -189,7 +189,7 @@ def serve(
         # the record first: the registry must not say a version is served after its server is gone
         key = os.environ.get(load_serve_config().api_key_env)
         serving = deploy.served_version(out["url"], key, timeout_s=1) or out["version"]  # a rollout cut short?
-        until = deploy.record_stop(serving)
+        until = deploy.record_stop(serving, out["url"])
         deploy.remove_state()
         deploy.shutdown(started_ray=True)  # Serve drains the requests in flight, then Ray stops
         say(f"stopped: version {serving} served at {out['url']} until {until}")

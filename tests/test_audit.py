@@ -263,3 +263,21 @@ def test_stage_one_run_as_its_own_job_is_followed_from_stage_two(world):
     audit = audit_model(version)
     assert {r.label: r.run_id for r in audit.training_runs} == {"stage1": runs["1"], "stage2": runs["2"]}
     assert not [g for g in audit.missing if g.startswith("training")]
+
+
+def test_serving_periods_are_listed_per_version(world):
+    """Each time a version is served: endpoint, since, until; two servers at once are two periods,
+    and a replacement closes the one at its endpoint only."""
+    from skyeye.serving.deploy import Deployed, record, record_stop
+    v = world["versions"][2]
+    uri = f"models:/{MODEL}/{v}"
+    record(Deployed(v, uri, "http://127.0.0.1:8001", None))
+    record(Deployed(v, uri, "http://127.0.0.1:8002", None))
+    until = record_stop(v, "http://127.0.0.1:8001")
+    periods = audit_model(v).serving
+    assert [(p["endpoint"], p["until"]) for p in periods] == [("http://127.0.0.1:8001", until),
+                                                               ("http://127.0.0.1:8002", None)]
+    text = audit_model(v).render()
+    assert f"http://127.0.0.1:8001  since {periods[0]['since']}  until {until}" in text
+    assert "http://127.0.0.1:8002  since" in text and "now (still served" in text
+    assert "never served" in audit_model(world["versions"][1]).render()

@@ -42,6 +42,7 @@ from ..tracking.names import (
     VALIDATION_EXPERIMENT,
     read_approved,
     read_records,
+    serving_periods,
 )
 from .reader import Reader, md5_variants, when
 from .records import (
@@ -235,7 +236,7 @@ def audit_model(ref: str | int, settings: Settings | None = None) -> ModelAudit:
         data_md5=data_md5, data_sources=sources, data_git_rev_tag=tags.get(TAG_GIT_REV),
         data_revisions=revisions, validation=validation, validations=n_validations, evaluation=evaluation,
         promotions=promotions, rollbacks=rollbacks, approved_tasks=read_approved(tags), missing=found.gaps,
-        disagreements=found.clashes)
+        disagreements=found.clashes, serving=serving_periods(tags))
 
 
 def _imported(reader: Reader, mv, tags: dict[str, str], found: _Findings) -> ModelAudit:
@@ -251,7 +252,8 @@ def _imported(reader: Reader, mv, tags: dict[str, str], found: _Findings) -> Mod
         source=mv.source, source_run=mv.run_id, training_run=outside, tuning_job=outside, training_runs=[],
         data_md5=outside, data_sources={}, data_git_rev_tag=None, data_revisions=outside, validation=outside,
         validations=0, evaluation=evaluation, promotions=promotions, rollbacks=rollbacks,
-        approved_tasks=read_approved(tags), missing=found.gaps, disagreements=found.clashes, imported=record)
+        approved_tasks=read_approved(tags), missing=found.gaps, disagreements=found.clashes, imported=record,
+        serving=serving_periods(tags))
 
 
 # ---------------------------------------------------------------- data version -> models

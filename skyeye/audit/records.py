@@ -120,6 +120,7 @@ class ModelAudit:
     missing: list[str] = field(default_factory=list)
     disagreements: list[str] = field(default_factory=list)
     imported: dict[str, Any] | None = None  # the checkpoint file an imported version came from
+    serving: list[dict[str, Any]] = field(default_factory=list)  # periods: endpoint, since, until
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -155,6 +156,12 @@ class ModelAudit:
         for r in self.rollbacks:
             lines.append(f"    rollback of {r['alias']} to this version  at {r.get('at')}  by {r.get('by')}  "
                          f"(from {r.get('from')})")
+        lines.append("  serving")
+        if not self.serving:
+            lines.append("    never served")
+        for p in self.serving:
+            lines.append(f"    {p.get('endpoint') or '?'}  since {p.get('since')}  until "
+                         f"{p.get('until') or 'now (still served, or its server ended without a record)'}")
         lines.append("  evaluation")
         lines.append("    " + (self.evaluation if isinstance(self.evaluation, str) else self.evaluation.line()))
         lines.append("  training")

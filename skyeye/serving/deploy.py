@@ -30,7 +30,15 @@ from ..config import Settings, get_settings
 from ..formats.files import atomic_write_text
 from ..model.references import model_name, production_uri, resolve_version
 from ..tracking import runs
-from ..tracking.names import TAG_SERVED_ENDPOINT, TAG_SERVED_REPLACED, TAG_SERVED_SINCE, TAG_SERVED_UNTIL
+from ..tracking.names import (
+    MAX_PERIODS,
+    TAG_SERVED_ENDPOINT,
+    TAG_SERVED_PERIODS,
+    TAG_SERVED_REPLACED,
+    TAG_SERVED_SINCE,
+    TAG_SERVED_UNTIL,
+    serving_periods,
+)
 from .config import ServeConfig, load_serve_config
 
 
@@ -160,19 +168,33 @@ def record(deployed: Deployed) -> None:
     """The deployment on the version (and its end on the version it replaced)."""
     client, name = runs.client(), model_name()
     now = datetime.now(UTC).isoformat(timespec="seconds")
+    tags = client.get_model_version(name, str(deployed.version)).tags  # before this period's tags
     for key, value in {TAG_SERVED_SINCE: now, TAG_SERVED_ENDPOINT: deployed.url,
                        TAG_SERVED_REPLACED: str(deployed.replaced or "none")}.items():
         client.set_model_version_tag(name, str(deployed.version), key, value)
-    if TAG_SERVED_UNTIL in client.get_model_version(name, str(deployed.version)).tags:  # served again
+    periods = serving_periods(tags) + [{"endpoint": deployed.url, "since": now, "until": None}]
+    _set_periods(client, name, deployed.version, periods)
+    if TAG_SERVED_UNTIL in tags:  # served again
         client.delete_model_version_tag(name, str(deployed.version), TAG_SERVED_UNTIL)
     if deployed.replaced and deployed.replaced != deployed.version:
-        record_stop(deployed.replaced)
+        record_stop(deployed.replaced, deployed.url)
 
 
-def record_stop(version: int) -> str:
-    """The end of a version's deployment (replaced, or its server stopped); returns its time."""
+def _set_periods(client, name: str, version: int, periods: list[dict]) -> None:
+    client.set_model_version_tag(name, str(version), TAG_SERVED_PERIODS, json.dumps(periods[-MAX_PERIODS:]))
+
+
+def record_stop(version: int, endpoint: str | None = None) -> str:
+    """The end of a version's deployment at `endpoint` (replaced, or its server stopped; None:
+    its newest open period); returns its time."""
+    client, name = runs.client(), model_name()
     now = datetime.now(UTC).isoformat(timespec="seconds")
-    runs.client().set_model_version_tag(model_name(), str(version), TAG_SERVED_UNTIL, now)
+    periods = serving_periods(client.get_model_version(name, str(version)).tags)
+    open_ = [p for p in periods if p.get("until") is None and endpoint in (None, p.get("endpoint"))]
+    if open_:
+        open_[-1]["until"] = now
+        _set_periods(client, name, version, periods)
+    client.set_model_version_tag(name, str(version), TAG_SERVED_UNTIL, now)
     return now
 
 

@@ -71,6 +71,20 @@ PROMOTION, REFUSAL, ROLLBACK = "skyeye.promotion", "skyeye.refusal", "skyeye.rol
 # serving, on the version: since when it is served, where, the version it replaced, and until when
 TAG_SERVED_SINCE, TAG_SERVED_ENDPOINT = "skyeye.serving.since", "skyeye.serving.endpoint"
 TAG_SERVED_REPLACED, TAG_SERVED_UNTIL = "skyeye.serving.replaced", "skyeye.serving.until"
+# every period the version was served: JSON list of {endpoint, since, until} (until null while served)
+TAG_SERVED_PERIODS = "skyeye.serving.periods"
+MAX_PERIODS = 40  # the newest kept: a tag holds at most a few thousand characters
+
+
+def serving_periods(tags: dict[str, str]) -> list[dict]:
+    """A version's serving periods, oldest first; a version recorded before periods were kept
+    gives its one period from the since / endpoint / until tags."""
+    if tags.get(TAG_SERVED_PERIODS):
+        return json.loads(tags[TAG_SERVED_PERIODS])
+    if tags.get(TAG_SERVED_SINCE):
+        return [{"endpoint": tags.get(TAG_SERVED_ENDPOINT), "since": tags[TAG_SERVED_SINCE],
+                 "until": tags.get(TAG_SERVED_UNTIL)}]
+    return []
 PROMOTION_FIELDS = ("at", "by", "previous", "forced", "reason", "policy", "comparison", "overridden")
 REFUSAL_FIELDS = ("at", "by", "against", "policy", "comparison", "failures")
 ROLLBACK_FIELDS = ("at", "from", "by", "reason")
