@@ -375,7 +375,7 @@ def test_backbones_travel_as_artifacts_or_hub_references(model_dir, tmp_path):
                                                                          "skyeyegpt.json", "tokenizer"]
     meta["paths"]["vision"] = str(tmp_path / "gone")
     (copy / "skyeyegpt.json").write_text(json.dumps(meta))
-    with pytest.raises(packaging.PackagingError, match="vision backbone folder .*gone not found"):
+    with pytest.raises(packaging.PackagingError, match="vision backbone .*gone not found"):
         packaging.stage_artifacts(copy, tmp_path / "staged2", copy_backbones=True)
 
 

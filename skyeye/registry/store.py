@@ -362,7 +362,8 @@ def list_versions() -> list[VersionRow]:
         rows.append(VersionRow(int(mv.version), sorted(a for a, v in held.items() if v == int(mv.version)),
                                datetime.fromtimestamp(mv.creation_timestamp / 1000, UTC),
                                primary_score(metrics), {k: metrics.get(k) for k in KEY_SCORES},
-                               mv.tags.get(TAG_DVC_MD5, UNVERSIONED)[:8], run_id, read_approved(mv.tags)))
+                               "imported" if mv.tags.get(TAG_IMPORTED) else mv.tags.get(TAG_DVC_MD5, UNVERSIONED)[:8],
+                               run_id, read_approved(mv.tags)))
     return sorted(rows, key=lambda r: -r.version)
 
 
