@@ -9,7 +9,7 @@ field (the file is the split) and no val file:
 
 The videos are the ERA data set's MP4s, which keep train and test apart (a folder per event
 inside each): they are looked for under `<root>/<split>/` at any depth (the split folder's
-name in any case, ERA's is `Train`/`Test`), or under `<media>/<split>/` when the user names
+name in any case: `train`, `Train`), or under `<media>/<split>/` when the user names
 the video folder. ERA numbers its train and test videos separately, so `Baseball_001.mp4`
 of train and of test are different videos: a clip is (split, video_id), never the id alone.
 The event class is everything before the trailing `_NNN` (`TrafficCongestion_012.mp4` ->
@@ -39,7 +39,7 @@ def is_capera(folder: Path) -> bool:
 
 def event_words(event: str) -> str:
     """An event class as words for an answer: `TrafficCongestion` -> `traffic congestion`,
-    `NonEvent` -> `non-event` (ERA's spelling); the legacy `traffic_congestion` alike."""
+    `NonEvent` -> `non-event`; the earlier synthetic `traffic_congestion` alike."""
     words = re.sub(r"(?<=[a-z])(?=[A-Z])", " ", event).replace("_", " ").lower()
     return re.sub(r"^non ", "non-", words)
 
