@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from skyeye.data.capera import event_words
 from skyeye.data.readers import read_benchmark
 from skyeye.evaluation.predictors import load_frames
 from skyeye.formats.prompts import PHRASINGS, TASK_TO_IDENTIFIER
@@ -63,7 +64,8 @@ def score(clips, answers) -> dict:
     for s, a in zip(clips, answers, strict=True):
         n = per_event.setdefault(s.scene_class, Counter())
         n["clips"] += 1
-        n["event_right"] += event_of(a) == s.scene_class
+        # the event as words: ERA's class names (`TrafficCongestion`) and the generator's alike
+        n["event_right"] += event_words(event_of(a)) == event_words(s.scene_class)
         truth = next((d for c in s.captions if (d := direction_of(c))), None)
         if truth:
             said = direction_of(a)

@@ -134,8 +134,11 @@ def build(
 
 @data_app.command("inspect")
 def inspect(folder: Path, name: Annotated[Optional[str], typer.Option(
-    help="Benchmark name if the layout cannot be told from the folder.")] = None) -> None:
-    """Read one benchmark folder (real download or SkyEye-Synth) and report what was kept and skipped."""
+    help="Benchmark name if the layout cannot be told from the folder.")] = None,
+    media: Annotated[Optional[Path], typer.Option(
+        help="CapERA: the folder holding ERA's videos (<media>/<split>/...), when not under FOLDER.")] = None,
+) -> None:
+    """Read one benchmark folder (real download or SkyEye-Synth) and report what was kept and skipped, per split."""
     from .data.readers import detect_benchmark, read_benchmark
     from .data.records import DataFormatError
     existing_folder(folder, "FOLDER")
@@ -143,10 +146,12 @@ def inspect(folder: Path, name: Annotated[Optional[str], typer.Option(
     if not name:
         fail(f"{folder}: not a known benchmark layout; pass --name")
     try:
-        samples, report = read_benchmark(name, folder)
+        samples, report = read_benchmark(name, folder, media=media)
     except (ValueError, DataFormatError, FileNotFoundError) as err:
         fail(str(err))
     say(report.summary())
+    for line in report.by_split():
+        say(f"  {line}")
 
 
 @data_app.command("version")

@@ -1,5 +1,7 @@
 """Tests of skyeye.data readers: tiny fixtures written in each benchmark's native layout,
-plus the real DIOR-RSVG split files and annotation in tests/data/dior_rsvg."""
+plus the real DIOR-RSVG split files and annotation in tests/data/dior_rsvg. CapERA and RSVG
+as released: tests/test_released_layouts.py; here their SkyEye-Synth layouts of data
+versions up to 038d42f4, still read."""
 from __future__ import annotations
 
 import json
@@ -149,6 +151,7 @@ def write_clip(path: Path) -> None:
 
 
 def capera_fixture(root: Path) -> Path:
+    """SkyEye-Synth's earlier CapERA layout (`captions.json`), data versions up to 038d42f4."""
     clips = [{"id": cid, "file": f"clips/{cid}.mp4", "event": ev, "split": sp,
               "captions": [f" {ev} caption {k} " for k in range(5)]}
              for cid, ev, sp in (("c2", "flood", "test"), ("c1", "fire", "train"), ("c0", "harvest", "test"))]
@@ -182,7 +185,7 @@ def test_detect_each_layout(tmp_path):
         "rsvqa_lr": rsvqa_fixture(tmp_path / "b", "LR", "Images_LR", {"test": RSVQA_TEST}, "a"),
         "rsvqa_hr": rsvqa_fixture(tmp_path / "c", "USGS", "Data", {"test_phili": RSVQA_TEST}, "b"),
         "dior_rsvg": voc_fixture(tmp_path / "DIOR-RSVG"),
-        "rsvg": voc_fixture(tmp_path / "rsvgd"),
+        "rsvg": voc_fixture(tmp_path / "rsvg"),  # SkyEye-Synth's VOC-layout RSVG folder until 038d42f4
         "capera": capera_fixture(tmp_path / "d"),
     }
     write_karpathy(tmp_path / "e", "dataset_rsicd.json", "RSICD_images", "rsicd", [(1, "airport_1.jpg", "test", ["x"])])
@@ -221,10 +224,12 @@ def test_rsicd_scene_class_and_missing_image(tmp_path):
     samples, report = read_benchmark("rsicd", tmp_path)
     assert [(s.id, s.scene_class) for s in samples] == [("0", "denseresidential"), ("1", None), ("2", "bare_land")]
     assert samples[0].image.parent.name == "RSICD_images"
-    assert report.skipped == {"missing image file": 1}
+    assert report.skipped == {"missing image file": 1} and report.skipped_in == {"test": 1}
+    # what `skyeye data inspect` prints per split, every split read
+    assert report.by_split() == ["train: kept 0, skipped 0", "val: kept 0, skipped 0", "test: kept 3, skipped 1"]
 
 
-def test_capera_clips(tmp_path):
+def test_capera_legacy_synth_clips(tmp_path):
     samples, report = read_benchmark("capera", capera_fixture(tmp_path), splits=["test"])
     assert [(s.id, s.scene_class) for s in samples] == [("c2", "flood"), ("c0", "harvest")]
     assert all(s.is_video and s.image.suffix == ".mp4" and s.image.is_file() for s in samples)
@@ -254,6 +259,7 @@ def test_rsvqa_lr_join_by_id_and_skips(tmp_path):
     assert report.kept == {"train": 1, "test": 3}
     assert report.skipped == {"inactive image": 1, "inactive question": 1, "inactive answer": 2,
                               "question of an inactive image": 1, "question without an active answer": 2}
+    assert sum(report.skipped_in.values()) == sum(report.skipped.values())  # every skip is in its split
 
 
 @pytest.mark.parametrize("benchmark,prefix,img_dir,split", [("rsvqa_lr", "LR", "Images_LR", "test"),

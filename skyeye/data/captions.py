@@ -74,13 +74,13 @@ def read_karpathy(
             text for j, s in enumerate(sentences) if (text := caption_text(s, path, f"{where}.sentences[{j}]"))
         )
         if len(captions) < len(sentences):
-            report.skip("empty caption", len(sentences) - len(captions))
+            report.skip("empty caption", len(sentences) - len(captions), split=split)
         if not captions:
-            report.skip("image without captions")
+            report.skip("image without captions", split=split)
             continue
         image = root / img_dir / filename
         if not image.is_file():
-            report.skip("missing image file")
+            report.skip("missing image file", split=split)
             continue
         scene = rsicd_scene_class(filename) if benchmark == "rsicd" else None
         sample = CaptionSample(benchmark, split, str(imgid), image, captions=captions, scene_class=scene)

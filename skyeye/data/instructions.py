@@ -36,6 +36,7 @@ from ..formats.benchmarks import (
 from ..formats.boxes import box_text, boxes_text
 from ..formats.files import folder_in_place
 from ..formats.prompts import VIDEO_FRAMES
+from .capera import event_words
 from .readers import detect_benchmark, read_benchmark
 from .records import (
     BOX_CLIPPED,
@@ -119,7 +120,8 @@ class Builder:
         for _image, group in _by_image(samples).items():
             by_class: dict[str, list[GroundingSample]] = defaultdict(list)
             for s in group:
-                by_class[s.category].append(s)
+                if s.category:  # RSVG as released names no category: no detection rows for it
+                    by_class[s.category].append(s)
             for cls, objs in sorted(by_class.items()):
                 phrase = count_phrase(cls, len(objs))
                 singular = class_words(cls)[0]
@@ -141,18 +143,26 @@ class Builder:
         """DIOR-Conversa style: scene (counts, presence), object ([refer]), region ([identify])."""
         for _image, group in _by_image(samples).items():
             rng = np.random.default_rng(zlib.crc32(str(group[0].id).encode()))
+            # an object list, counts and detection need every object's category: a release
+            # that names none (RSVG) gets object and region turns only
+            named = all(s.category for s in group)
             counts = Counter(s.category for s in group)
             w, h = group[0].image_size
-            scene = " and ".join(count_phrase(c, n) for c, n in sorted(counts.items()))
-            cands = [(f"[caption] {prompts.pick('inventory', group[0].id)}", f"there are {scene} in the image.")]
-            cls = sorted(counts)[int(rng.integers(len(counts)))]
-            cands.append((f"[vqa] how many {class_words(cls)[1]} are there?", str(counts[cls])))
+            cands = []
+            if named:
+                scene = " and ".join(count_phrase(c, n) for c, n in sorted(counts.items()))
+                cands.append((f"[caption] {prompts.pick('inventory', group[0].id)}", f"there are {scene} in the image."))
+                cls = sorted(counts)[int(rng.integers(len(counts)))]
+                cands.append((f"[vqa] how many {class_words(cls)[1]} are there?", str(counts[cls])))
             for s in group:
                 cands.append((f"[refer] {s.expression}", box_text(s.box, w, h)))
                 cands.append((f"[identify] {box_text(s.box, w, h)}", s.expression))
-            objs = [s for s in group if s.category == cls]
-            cands.append((f"[detection] {class_words(cls)[1]}",
-                          boxes_text([o.box for o in objs], w, h, phrase=count_phrase(cls, len(objs)))))
+            if named:
+                objs = [s for s in group if s.category == cls]
+                cands.append((f"[detection] {class_words(cls)[1]}",
+                              boxes_text([o.box for o in objs], w, h, phrase=count_phrase(cls, len(objs)))))
+            if len(cands) < 3:  # one unnamed object: too little for a conversation of 3+ turns
+                continue
             self.conversation(group[0], _pick_turns(cands, rng))
 
     def caption_conversations(self, samples: list[CaptionSample]) -> None:
@@ -164,7 +174,7 @@ class Builder:
             task = "video_caption" if s.is_video else "caption"
             turns = [(f"[caption] {prompts.pick(task, s.id)}", s.captions[0])]
             if s.scene_class and s.is_video:
-                turns.append((f"[vqa] {prompts.pick('event_vqa', s.id)}", s.scene_class.replace("_", " ")))
+                turns.append((f"[vqa] {prompts.pick('event_vqa', s.id)}", event_words(s.scene_class)))
             elif s.scene_class:
                 turns.append((f"[vqa] {prompts.pick('scene_vqa', s.id)}", s.scene_class))
             turns.append(("[caption] Describe it once more in other words.", s.captions[1 % len(s.captions)]))

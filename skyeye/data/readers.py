@@ -3,6 +3,9 @@ and splits live in `skyeye.formats.benchmarks`).
 
 `read_benchmark(name, root)` reads a benchmark folder in its native layout (a real
 download or SkyEye-Synth) into typed records plus a ReadReport of what was left out.
+CapERA and RSVG are read as their authors released them; their SkyEye-Synth layouts of
+data versions up to 038d42f4 (CapERA `captions.json`, RSVG as VOC XML) are still read, so
+those versions rebuild and retrain (docs/data.md).
 """
 from __future__ import annotations
 
@@ -10,12 +13,20 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 from ..formats.benchmarks import BENCHMARKS, SPLITS
-from .capera import ANNOTATION_FILE as CAPERA_FILE
-from .capera import read_capera
+from .capera import is_capera, read_capera
 from .captions import read_karpathy
 from .records import ReadReport, Sample, read_json
+from .rsvg import is_rsvg_release, read_rsvg
 from .rsvqa import read_rsvqa
 from .voc import VOC_SPLITS, read_voc
+
+LEGACY_RSVG_FOLDER = "rsvg"  # SkyEye-Synth's VOC-layout RSVG folder, data versions up to 038d42f4
+
+
+def _read_rsvg_any(name: str, root: Path, splits: Sequence[str] | None) -> tuple[list, ReadReport]:
+    """The released `.pth` layout when present, else the VOC layout SkyEye-Synth used to write."""
+    return (read_rsvg if is_rsvg_release(root) else read_voc)(name, root, splits)
+
 
 Reader = Callable[[str, Path, Sequence[str] | None], tuple[list, ReadReport]]
 _READERS: dict[str, Reader] = {
@@ -25,17 +36,18 @@ _READERS: dict[str, Reader] = {
     "capera": read_capera,
     "rsvqa_lr": read_rsvqa,
     "rsvqa_hr": read_rsvqa,
-    "rsvg": read_voc,
+    "rsvg": _read_rsvg_any,
     "dior_rsvg": read_voc,
 }
 
 
 def read_benchmark(
-    name: str, root: Path, splits: Iterable[str] | None = None
+    name: str, root: Path, splits: Iterable[str] | None = None, media: Path | None = None
 ) -> tuple[list[Sample], ReadReport]:
     """Read benchmark `name` from folder `root`; `splits=None` reads every split present.
 
-    Image paths in the samples are absolute; the order is deterministic (split, then id).
+    `media`: CapERA only, the folder holding ERA's videos (`<media>/<split>/...`) when they
+    are not under `root`. Image paths in the samples are absolute; the order is deterministic.
     """
     if name not in BENCHMARKS:
         raise ValueError(f"unknown benchmark {name!r}; known: {', '.join(BENCHMARKS)}")
@@ -48,6 +60,12 @@ def read_benchmark(
     root = Path(root).resolve()
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: benchmark folder not found")
+    if media is not None:
+        if name != "capera":
+            raise ValueError(f"{name}: a media folder applies to CapERA only (its videos ship apart from the captions)")
+        if not Path(media).is_dir():
+            raise FileNotFoundError(f"{media}: video folder not found")
+        return read_capera(name, root, wanted, Path(media).resolve())
     return _READERS[name](name, root, wanted)
 
 
@@ -66,15 +84,17 @@ def detect_benchmark(folder: Path) -> str | None:
                 if key in hint:
                     return name
         return None
-    if (folder / CAPERA_FILE).is_file():
+    if is_capera(folder):
         return "capera"
+    if is_rsvg_release(folder):
+        return "rsvg"
     if any(folder.glob("LR_split_*.json")):
         return "rsvqa_lr"
     if any(folder.glob("USGS_split_*.json")):
         return "rsvqa_hr"
     if (folder / "Annotations").is_dir() and any((folder / f"{s}.txt").is_file() for s in VOC_SPLITS):
-        # RSVG and DIOR-RSVG share one layout: only the folder name tells them apart
-        return "dior_rsvg" if "dior" in folder_name else "rsvg"
+        # DIOR-RSVG's layout; SkyEye-Synth wrote RSVG so too, in a folder named `rsvg`, until 038d42f4
+        return "rsvg" if folder_name == LEGACY_RSVG_FOLDER else "dior_rsvg"
     return None
 
 

@@ -124,11 +124,14 @@ class ReadReport:
     benchmark: str
     kept: Counter = field(default_factory=Counter)  # split -> samples
     skipped: Counter = field(default_factory=Counter)  # reason -> rows
+    skipped_in: Counter = field(default_factory=Counter)  # split -> rows, for the skips a reader knows the split of
     clipped: Counter = field(default_factory=Counter)  # reason -> rows kept after clipping
     examples: dict[str, list[str]] = field(default_factory=dict)  # reason -> up to MAX_EXAMPLES rows
 
-    def skip(self, reason: str, n: int = 1, example: str | None = None) -> None:
+    def skip(self, reason: str, n: int = 1, example: str | None = None, split: str | None = None) -> None:
         self.skipped[reason] += n
+        if split is not None:
+            self.skipped_in[split] += n
         self._example(reason, example)
 
     def clip(self, reason: str, example: str | None = None) -> None:
@@ -146,6 +149,12 @@ class ReadReport:
             if counts:
                 text += f"; {word} " + ", ".join(f"{n} {r}{self._eg(r)}" for r, n in sorted(counts.items()))
         return text
+
+    def by_split(self) -> list[str]:
+        """One line per split read: rows kept and rows skipped (`skyeye data inspect`)."""
+        order = ("train", "val", "test", "test_phili")
+        splits = sorted(set(self.kept) | set(self.skipped_in), key=lambda s: (order.index(s) if s in order else 9, s))
+        return [f"{s}: kept {self.kept[s]}, skipped {self.skipped_in[s]}" for s in splits]
 
     def _eg(self, reason: str) -> str:
         shown = self.examples.get(reason)

@@ -100,7 +100,7 @@ def _read_split(
         tables[kind] = _index_rows(split_file(benchmark, root, split, kind), kind, complements)
         inactive = sum(1 for row in tables[kind].values() if not row["active"])
         if inactive:
-            report.skip(f"inactive {kind[:-1]}", inactive)
+            report.skip(f"inactive {kind[:-1]}", inactive, split=split)
     images, answers = tables["images"], tables["answers"]
     q_path, a_path = split_file(benchmark, root, split, "questions"), split_file(benchmark, root, split, "answers")
     image_dir = root / LAYOUTS[benchmark][1]
@@ -111,16 +111,16 @@ def _read_split(
             continue  # counted above as an inactive question
         image = images.get(q["img_id"])
         if image is None:
-            report.skip("question whose image is not in the split")
+            report.skip("question whose image is not in the split", split=split)
             continue
         if not image["active"]:
-            report.skip("question of an inactive image")
+            report.skip("question of an inactive image", split=split)
             continue
         if not all(isinstance(a, int) and not isinstance(a, bool) for a in q["answers_ids"]):
             raise DataFormatError(q_path, f"questions[id={qid}].answers_ids", "expected a list of integer ids")
         answer = next((answers[a] for a in q["answers_ids"] if a in answers and answers[a]["active"]), None)
         if answer is None:
-            report.skip("question without an active answer")
+            report.skip("question without an active answer", split=split)
             continue
         if answer.get("question_id", qid) != qid:
             raise DataFormatError(
@@ -128,7 +128,7 @@ def _read_split(
             )
         image_path = image_dir / f"{q['img_id']}.tif"
         if not image_path.is_file():
-            report.skip("missing image file")
+            report.skip("missing image file", split=split)
             continue
         samples.append(
             VQASample(

@@ -1,9 +1,10 @@
-"""Reader for DIOR-RSVG and RSVG: Pascal-VOC XML with a referring expression per object.
+"""Reader for DIOR-RSVG: Pascal-VOC XML with a referring expression per object.
 
-Layout: `Annotations/*.xml`, `JPEGImages/`, and split files `train.txt`, `val.txt`,
-`test.txt` with one integer per line. Each `<object>` is one sample; the integers index
-a running count of objects over the XML files sorted by file name. RSVG's own release
-layout was not available to us, so it is read in this same layout.
+Layout (GitHub ZhanYang-nwpu/RSVG-pytorch): `Annotations/*.xml`, `JPEGImages/`, and split
+files `train.txt`, `val.txt`, `test.txt` with one integer per line. Each `<object>` is one
+sample; the integers index a running count of objects over the XML files sorted by file
+name. RSVG is read in this layout too only where SkyEye-Synth wrote it so (data versions up
+to 038d42f4); RSVG as released is `skyeye.data.rsvg`.
 
 A box that leaves its image (the XML's `size`) goes by `records.fit_box`: an edge over by
 at most max(1 px, 1% of the side) is clipped to the image and counted as clipped; further
@@ -22,7 +23,7 @@ from pathlib import Path
 from ..formats.benchmarks import SPLITS
 from .records import BOX_CLIPPED, BOX_OUTSIDE, Box, DataFormatError, GroundingSample, ReadReport, fit_box
 
-VOC_SPLITS = SPLITS["dior_rsvg"]  # split files train.txt, val.txt, test.txt (RSVG alike)
+VOC_SPLITS = SPLITS["dior_rsvg"]  # split files train.txt, val.txt, test.txt
 
 
 @dataclass(frozen=True)
@@ -171,19 +172,19 @@ def _object_sample(benchmark: str, split: str, root: Path, xml: Path, ann: VocAn
     obj = ann.objects[k]
     x1, y1, x2, y2 = obj.box
     if not (x1 < x2 and y1 < y2):
-        report.skip("degenerate box")
+        report.skip("degenerate box", split=split)
         return None
     fit = fit_box(obj.box, ann.size)
     where = f"{xml.relative_to(root).as_posix()} object[{k}]/bndbox"
     if fit.status == "outside":
-        report.skip(BOX_OUTSIDE, example=f"{where}: {fit.detail}")
+        report.skip(BOX_OUTSIDE, example=f"{where}: {fit.detail}", split=split)
         return None
     if not obj.description:
-        report.skip("object without description")
+        report.skip("object without description", split=split)
         return None
     image = _image_path(root, xml, ann)
     if image is None:
-        report.skip("missing image file")
+        report.skip("missing image file", split=split)
         return None
     if fit.status == "clipped":  # counted once the object is kept
         report.clip(BOX_CLIPPED, example=f"{where}: {fit.detail}")

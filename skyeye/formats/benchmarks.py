@@ -18,6 +18,9 @@ BENCHMARKS: tuple[str, ...] = (
     "ucm_captions", "sydney_captions", "rsicd", "capera", "rsvqa_lr", "rsvqa_hr", "rsvg", "dior_rsvg",
 )
 _TVT = ("train", "val", "test")
+# the splits a benchmark's layouts can hold; a folder may lack some: CapERA as released has
+# train and test only (its `val` is that of SkyEye-Synth's earlier layout, still read), and
+# the builder then holds part of train out as validation (VALIDATION_KEYS below)
 SPLITS: dict[str, tuple[str, ...]] = {name: _TVT for name in BENCHMARKS} | {"rsvqa_hr": (*_TVT, "test_phili")}
 # the splits the paper reports numbers on (RSVQA-HR test set 2 is `test_phili`)
 SCORED_SPLITS: dict[str, tuple[str, ...]] = {name: ("test",) for name in BENCHMARKS} | {

@@ -1,4 +1,5 @@
-"""SkyEye-Synth: writes the 8 benchmarks' native layouts from procedural scenes.
+"""SkyEye-Synth: writes the 8 benchmarks' native layouts from procedural scenes, each as
+its authors released it (docs/data.md), so the demo goes through the readers real data does.
 
 Each image's randomness comes from `SeedSequence([seed, benchmark, index])`, so the
 work can be spread over processes and the same seed and scale still give the same
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +26,10 @@ from .language import captions, questions, referring_expression
 from .render import render
 from .scene import LAND_USES, sample_scene
 from .video import EVENTS, clip_captions, event_scene, write_clip
+
+# SkyEye-Synth's events under the ERA class names the CapERA release's video ids start with
+ERA_CLASS = {"traffic_congestion": "TrafficCongestion", "car_racing": "CarRacing", "boating": "Boating",
+             "harvesting": "Harvesting", "non-event": "NonEvent"}
 
 # The real sets' image sides in pixels (docs/data.md); `tiny` and `demo` render smaller to stay fast.
 NATIVE_SIZE = {"ucm_captions": 256, "sydney_captions": 500, "rsicd": 224, "capera": 256, "rsvqa_lr": 256,
@@ -55,12 +61,13 @@ SCALES = {
                                  "rsicd": {"test": 300}, "capera": {"test": 300},
                                  # ~4.2 expressions per image: 75 images give 300+ items
                                  "rsvg": {"val": 75, "test": 75}}),
-    "full": Scale({"ucm_captions": 2100, "sydney_captions": 613, "rsicd": 10921, "capera": 1473, "rsvqa_lr": 772,
+    "full": Scale({"ucm_captions": 2100, "sydney_captions": 613, "rsicd": 10921, "capera": 2864, "rsvqa_lr": 772,
                    "rsvqa_hr": 9567, "rsvg": 4239, "dior_rsvg": 17402}, 1092, 100, None),
 }
 # Split shares per benchmark, close to the real sets'.
 SPLIT_SHARES = {
     "captions": (("train", 0.8), ("val", 0.1), ("test", 0.1)),
+    "capera": (("train", 1473 / 2864), ("test", 1391 / 2864)),  # as released: 1,473 / 1,391 videos, no val
     "rsvqa_lr": (("train", 0.74), ("val", 0.13), ("test", 0.13)),
     "rsvqa_hr": (("train", 0.62), ("val", 0.11), ("test", 0.27)),
     "rsvg": (("train", 0.70), ("val", 0.14), ("test", 0.16)),
@@ -115,12 +122,14 @@ def _make_item(job: tuple) -> dict:
     """Render one image (or clip) and return the ground truth the layout files need."""
     bench, i, seed, size, out, extra = job
     rng = _rng(seed, bench, i)
-    if bench == "capera":
+    if bench == "capera":  # placed as ERA keeps its videos: <split>/<Event>/<Event>_NNN.mp4
+        split, video_id = extra
         event = EVENTS[i % len(EVENTS)]
         scene, vel, direction = event_scene(event, rng)
-        name = f"clip_{i:05d}"
-        write_clip(out / "clips" / f"{name}.mp4", scene, vel, size)
-        return {"id": name, "event": event, "captions": clip_captions(event, scene, direction)}
+        write_clip(out / split / ERA_CLASS[event] / video_id, scene, vel, size)
+        # the release's captions are lower case without a final period
+        caps = [c.strip().rstrip(".").lower() for c in clip_captions(event, scene, direction)]
+        return {"video_id": video_id, "split": split, "captions": caps}
     if bench in ("ucm_captions", "sydney_captions", "rsicd"):
         uses = SYDNEY_USES if bench == "sydney_captions" else tuple(LAND_USES)
         scene = sample_scene(rng, land_use=uses[i % len(uses)])
@@ -145,7 +154,8 @@ def _make_item(job: tuple) -> dict:
         described = [(o, referring_expression(o, scene, rng)) for o in scene.objects]
         scene.objects = [o for o, e in described if e is not None]
         described = [(o, e) for o, e in described if e is not None]
-        render(scene, size).save(out / "JPEGImages" / f"{i + 1:05d}.jpg", quality=92)
+        render(scene, size).save(out / ("images" if bench == "rsvg" else "JPEGImages") / f"{i + 1:05d}.jpg",
+                                 quality=92)
         objs = [{"name": o.category, "box": [int(v * size) for v in o.box], "description": e}
                 for o, e in described]
         return {"stem": f"{i + 1:05d}", "size": size, "objects": objs}
@@ -171,11 +181,30 @@ def _karpathy(bench: str, items: list[dict], out: Path, sizes) -> None:
     _dump(out / ("dataset_rsicd.json" if bench == "rsicd" else "dataset.json"), {"images": images, "dataset": name})
 
 
-def _capera(items: list[dict], out: Path, sizes) -> None:
-    clips = [{"id": it["id"], "file": f"clips/{it['id']}.mp4", "event": it["event"],
-              "split": split_of(i, sizes), "captions": it["captions"]}
-             for i, it in enumerate(items)]
-    _dump(out / "captions.json", {"dataset": "capera", "layout": "skyeye-capera-v1", "clips": clips})
+def _capera(items: list[dict], out: Path) -> None:
+    """CapERA_DATASET_<split>.json as released: entries by video_id, indented by 3, no space
+    after a colon, CRLF line endings, no final newline (the real files are exactly this dump)."""
+    for split in ("train", "test"):
+        entries = [{"video_id": it["video_id"], "annotation": {"English_caption": it["captions"]}}
+                   for it in sorted(items, key=lambda it: it["video_id"]) if it["split"] == split]
+        text = json.dumps({"ERA_caption": entries}, indent=3, separators=(",", ":"), ensure_ascii=True)
+        (out / f"CapERA_DATASET_{split}.json").write_bytes(text.replace("\n", "\r\n").encode("utf-8"))
+
+
+def _rsvg(items: list[dict], out: Path, sizes) -> None:
+    """rsvg_<split>.pth as the authors' loader reads them: a torch.save'd list of
+    (img_file, [x1, y1, x2, y2] integer pixels, phrase, _) per referring expression. The
+    fourth element is undocumented and discarded by that loader: None here."""
+    import torch
+
+    splits: dict[str, list[tuple]] = {"train": [], "val": [], "test": []}
+    for i, it in enumerate(sorted(items, key=lambda it: it["stem"])):
+        splits[split_of(i, sizes)] += [(f"{it['stem']}.jpg", [int(v) for v in o["box"]], o["description"], None)
+                                       for o in it["objects"]]
+    for split, rows in splits.items():
+        # torch's older, non-zip format: the zip one writes a random serialization id, and the
+        # same seed must give the same bytes; torch.load reads both
+        torch.save(rows, out / f"rsvg_{split}.pth", _use_new_zipfile_serialization=False)
 
 
 def _rsvqa(bench: str, items_by_split: dict[str, list[tuple[int, dict]]], out: Path) -> None:
@@ -213,8 +242,8 @@ def _rsvqa(bench: str, items_by_split: dict[str, list[tuple[int, dict]]], out: P
 
 
 def _voc(bench: str, items: list[dict], out: Path, sizes) -> None:
-    """Pascal-VOC XML per image; split files index the running object count over the
-    XML files sorted by name (DIOR-RSVG's convention)."""
+    """DIOR-RSVG: Pascal-VOC XML per image; split files index the running object count over
+    the XML files sorted by name."""
     splits: dict[str, list[int]] = {"train": [], "val": [], "test": []}
     running = 0
     for i, it in enumerate(sorted(items, key=lambda it: it["stem"])):
@@ -236,8 +265,9 @@ def _voc(bench: str, items: list[dict], out: Path, sizes) -> None:
 
 
 # ------------------------------------------------------------------ driver
-FOLDERS = {"ucm_captions": ["imgs"], "sydney_captions": ["imgs"], "rsicd": ["RSICD_images"], "capera": ["clips"],
-           "rsvqa_lr": ["Images_LR"], "rsvqa_hr": ["Data"], "rsvg": ["JPEGImages", "Annotations"],
+FOLDERS = {"ucm_captions": ["imgs"], "sydney_captions": ["imgs"], "rsicd": ["RSICD_images"],
+           "capera": [f"{split}/{event}" for split in ("train", "test") for event in ERA_CLASS.values()],
+           "rsvqa_lr": ["Images_LR"], "rsvqa_hr": ["Data"], "rsvg": ["images"],
            "dior_rsvg": ["JPEGImages", "Annotations"]}
 
 
@@ -249,6 +279,14 @@ def _jobs(bench: str, scale: Scale, seed: int, out: Path) -> list[tuple]:
     if bench == "rsvqa_hr":  # test set 2 (Philadelphia) is another city: another style
         return [(bench, i, seed, size, out, ("phili" if i >= n else "default", HR_TYPES, scale.questions_per_image))
                 for i in range(n + scale.phili_images)]
+    if bench == "capera":  # ERA numbers each split's videos of an event from 001: ids recur across splits
+        sizes, numbered = split_sizes(bench, n, scale), Counter()
+        jobs = []
+        for i in range(n):
+            split, era = split_of(i, sizes), ERA_CLASS[EVENTS[i % len(EVENTS)]]
+            numbered[split, era] += 1
+            jobs.append((bench, i, seed, size, out, (split, f"{era}_{numbered[split, era]:03d}.mp4")))
+        return jobs
     return [(bench, i, seed, size, out, None) for i in range(n)]
 
 
@@ -303,7 +341,9 @@ def _write_layouts(root: Path, jobs: list[tuple], results: list[dict], sc: Scale
         if bench in ("ucm_captions", "sydney_captions", "rsicd"):
             _karpathy(bench, items, out, sizes)
         elif bench == "capera":
-            _capera(items, out, sizes)
+            _capera(items, out)
+        elif bench == "rsvg":
+            _rsvg(items, out, sizes)
         else:
             _voc(bench, items, out, sizes)
         summary[bench] = {name: count for name, count in sizes if count}

@@ -228,7 +228,8 @@ def _grounding_targets(synth: Path, spec) -> _GroundingTargets:
     samples = []
     for name in ("dior_rsvg", "rsvg"):
         if (synth / name).exists():
-            samples += read_benchmark(name, synth / name, ["train"])[0]
+            # RSVG as released names no object category: its objects give no class targets
+            samples += [s for s in read_benchmark(name, synth / name, ["train"])[0] if s.category]
     if not samples:
         raise ValueError(f"{synth}: no DIOR-RSVG/RSVG train split to pretrain the vision encoder on")
     classes = sorted({s.category for s in samples})
