@@ -2,7 +2,11 @@
 building the model, one training step and one greedy answer. Prints JSON.
 
     python bench/paper_scale.py [--llm-layers 2] [--vision-layers 2] [--dtype bfloat16] [--device cpu]
-    python bench/paper_scale.py --llm-layers 32 --vision-layers 39   # the whole model, measured
+    python bench/paper_scale.py --llm-layers 32 --vision-layers 39 --repeats 1   # the whole model
+
+On the project's 2-core machine the default takes ~2 min; the whole model ~5 min and 17 GiB
+(docs/benchmarks.md; there the extrapolation undershot the training step by 14% in time and
+0.9 GiB in memory).
 
 The real shapes with random weights (no checkpoint is read): the EVA ViT-g/14 of BLIP-2 /
 MiniGPT-v2 (39 blocks of 1408, 448 px -> 1 CLS + 1,024 patch tokens; `post_layernorm` is
@@ -13,7 +17,7 @@ dtype and device while the classes initialise their weights), so no float32 copy
 the trainable parts (alignment layer, LoRA) are kept in float32, as peft keeps adapters.
 
 Phases, each in the same process with the RSS high-water mark reset before it
-(/proc/self/clear_refs):
+(/proc/self/clear_refs; the train phase also reports the peak before AdamW's update):
   build     the three parts and the LoRA wrapper;
   train     one step on one sample: the image (frozen ViT under no_grad) + a ~100-token text,
             loss on the answer tokens, backward with gradient checkpointing on the LLM, AdamW
@@ -216,13 +220,15 @@ def measure(llm_layers: int, vision_layers: int, dtype: torch.dtype, device: str
         t_fwd = time.perf_counter() - t0 - t_vis
         with count_bwd:
             out.loss.backward()
+        peak_backward = rss_mib()["peak"]  # the step's peak before AdamW's update
         opt.step()
         opt.zero_grad(set_to_none=True)
         sync()
         total = time.perf_counter() - t0
         steps.append({"seconds": total, "vision_seconds": t_vis, "llm_forward_seconds": t_fwd,
                       "backward_and_optimizer_seconds": total - t_vis - t_fwd,
-                      "sequence_tokens": emb.shape[1], "loss": out.loss.item()})
+                      "sequence_tokens": emb.shape[1], "loss": out.loss.item(),
+                      "peak_rss_mib_until_backward": peak_backward})
         if i == 0:
             flops = {"vision_and_alignment_flops": count_vis.get_total_flops(),
                      "llm_forward_flops": count_fwd.get_total_flops(),
