@@ -43,7 +43,10 @@ def supervise(argv: list[str], grace_s: float = STOP_GRACE_S) -> int:
         if not asked:
             asked.append(time.monotonic())
             if child.poll() is None:
-                _kill_group(child.pid, 0) and os.kill(child.pid, signal.SIGTERM)
+                try:
+                    os.kill(child.pid, signal.SIGTERM)
+                except ProcessLookupError:  # it ended on its own meanwhile
+                    pass
 
     signal.signal(signal.SIGINT, relay)
     signal.signal(signal.SIGTERM, relay)

@@ -49,7 +49,7 @@ def read_eva_state(path: str | Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise EvaWeightsError(f"vision.name_or_path {path}: no such file (the LAVIS eva_vit_g.pth)")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # read lazily: 2 GB
     except Exception as err:  # an unpickler refusal or a truncated file
         raise EvaWeightsError(f"{path}: not a tensors-only torch file ({type(err).__name__}: {err})") from None
     state = state.get("model", state) if isinstance(state, dict) else state
