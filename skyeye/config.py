@@ -60,6 +60,9 @@ class Settings(BaseSettings):
     mlflow_ui_url: str = Field(f"http://{LOCAL_HOST}:{MLFLOW_PORT}", description="Where links to runs point when the "
                                "tracking store is not a server (`skyeye server up` starts the UI there).")
     registered_model: str = Field(REGISTERED_MODEL, description="Name of SkyEyeGPT in the MLflow model registry.")
+    inference_log: str | None = Field(
+        None, description="Where `skyeye serve` logs every request (Parquet, by day): a folder or s3://bucket/prefix. "
+                          "Unset: <state>/inference_log.")
     promotion_policy: Path = Field(Path("configs/promotion.yaml"),
                                    description="Promotion policy file (relative to the project root).")
 
@@ -78,6 +81,10 @@ class Settings(BaseSettings):
     @property
     def state(self) -> Path:
         return (self.state_dir or self.project_root / ".skyeye").resolve()
+
+    @property
+    def inference_log_store(self) -> str:
+        return self.inference_log or str(self.state / "inference_log")
 
     @property
     def checkpoint_storage(self) -> str:
