@@ -34,6 +34,7 @@ from prefect.cache_policies import NONE  # noqa: E402
 from flows import reports  # noqa: E402
 from flows.caching import (  # noqa: E402
     StepKey,
+    folder_stamp,
     folder_there,
     paths_there,
     production_agrees,
@@ -62,11 +63,23 @@ def synth_task(scale: str, seed: int) -> str:
     return str(out)
 
 
-@step("build", StepKey(inputs=("root", "sources"), folders=("root", "sources"), still_there=folder_there))
-def build_task(root: str, sources: dict[str, str]) -> str:
+def source_stamps(inputs: dict) -> dict:
+    """What a build reads beyond its root: each source's folder or LLaVA file, and a LLaVA set's images."""
+    def stamp(path: str | None) -> str | None:
+        if not path:
+            return None
+        p = Path(path)
+        return folder_stamp(p) if p.is_dir() else f"{p.stat().st_size}:{p.stat().st_mtime_ns}" if p.is_file() else "-"
+    return {name: [stamp(spec.get("path")), stamp(spec.get("images"))]
+            for name, spec in (inputs.get("sources") or {}).items()}
+
+
+@step("build", StepKey(inputs=("root", "sources"), folders=("root",), reads=source_stamps, still_there=folder_there))
+def build_task(root: str, sources: dict[str, dict]) -> str:
+    from skyeye.config import SourceConfig
     from skyeye.data.instructions import build
     out = get_settings().instructions_dir
-    card = build(Path(root), out, {k: Path(v) for k, v in sources.items()})
+    card = build(Path(root), out, {k: SourceConfig.model_validate(v) for k, v in sources.items()})
     get_run_logger().info("instructions: stage1=%d stage2=%d", card["stage1"]["total"], card["stage2"]["total"])
     return str(out)
 
@@ -262,7 +275,9 @@ def retrain(data_config: str = DEFAULTS.data_config, scale: str | None = DEFAULT
     if scale:
         cfg = cfg.model_copy(update={"scale": DataConfig(scale=scale).scale})
     synth_root = run_step(steps, force, synth_task, cfg.scale, cfg.seed)
-    instructions = run_step(steps, force, build_task, synth_root, {k: str(v) for k, v in cfg.sources.items()})
+    instructions = run_step(steps, force, build_task, synth_root,
+                            {k: v.model_dump(mode="json", exclude_defaults=True)
+                             for k, v in cfg.source_configs().items()})
     md5 = run_step(steps, force, version_task, instructions, cfg.commit_data)
     if expected_md5 and expected_md5 != md5:
         get_run_logger().warning("started for data version %s; the data here is %s", expected_md5, md5)

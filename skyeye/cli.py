@@ -32,7 +32,7 @@ from .config import (
     get_settings,
 )
 from .formats.benchmarks import VALIDATION
-from .tracking.names import read_approved
+from .tracking.names import read_approved, read_licences
 
 if TYPE_CHECKING:
     from .datagate.versioning import VersionReport
@@ -95,34 +95,34 @@ def synth(
         console.print(f"  {bench:16s} " + ", ".join(f"{s}={n}" for s, n in splits.items()))
 
 
-def _sources(values: list[str]) -> dict[str, Path]:
-    out = {}
-    for v in values:
-        if "=" not in v:
-            fail(f"--source {v!r}: expected NAME=PATH, e.g. rsvqa_hr=/data/RSVQA-HR")
-        name, path = v.split("=", 1)
-        if not Path(path).expanduser().is_dir():
-            fail(f"--source {v}: no such folder")
-        out[name.strip()] = Path(path).expanduser()
-    return out
-
-
 @data_app.command("build")
 def build(
     root: Annotated[Optional[Path], typer.Option(
         help="Folder holding benchmark folders (default: data/synth).")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Output folder (default: data/instructions).")] = None,
     source: Annotated[Optional[list[str]], typer.Option(
-        help="NAME=PATH: add a benchmark folder from elsewhere (repeatable), e.g. a real download.")] = None,
+        help="NAME=PATH (repeatable): a benchmark folder from elsewhere (a real download; it replaces the "
+             "synthetic one), or NAME=FILE.json, an instruction set in the LLaVA format (with --images).")] = None,
+    images: Annotated[Optional[list[str]], typer.Option(
+        help="[NAME=]DIR (repeatable): the folder a LLaVA source's image paths are relative to; NAME= may be "
+             "left out when there is one LLaVA source.")] = None,
+    box_format: Annotated[Optional[list[str]], typer.Option(
+        help="NAME=FORMAT: how a LLaVA source writes boxes: grid100, unit (0-1), grid1000 or pixels "
+             "(default: inferred, docs/data.md).")] = None,
+    licence: Annotated[Optional[list[str]], typer.Option(
+        help="NAME=TEXT: a source's licence or terms, e.g. 'geochat=CC BY-NC 4.0' (default: unknown for a "
+             "LLaVA set; a benchmark's as recorded).")] = None,
 ) -> None:
     """Build stage-1 instructions, stage-2 conversations, evaluation files and the data card."""
+    from .commands.sources import parse_sources
     from .data.instructions import build as build_instructions
     from .data.records import DataFormatError
     s = get_settings()
     root, out = existing_folder(root or s.synth_dir, "--root"), writable_folder(out or s.instructions_dir, "--out")
+    sources = parse_sources(source or [], images or [], box_format or [], licence or [])
     start = time.perf_counter()
     try:
-        card = build_instructions(root, out, _sources(source or []))
+        card = build_instructions(root, out, sources)
     except (ValueError, DataFormatError, FileNotFoundError) as err:
         fail(str(err))
     console.print(f"built in {time.perf_counter() - start:.1f} s: stage1={card['stage1']['total']} "
@@ -130,6 +130,7 @@ def build(
     for line in card["reports"]:
         if "skipped" in line or "clipped" in line:
             say(f"  {line}")
+    console.print("licences: " + ", ".join(f"{k}: {v}" for k, v in card["licences"].items()), markup=False)
 
 
 @data_app.command("inspect")
@@ -384,7 +385,8 @@ def models(
         v = resolve_version(version)
         production = aliases(runs.client(), model_name()).get("production")
         rows = scoreboard(v, production if production != v else None)
-        approved = read_approved(runs.client().get_model_version(model_name(), str(v)).tags)
+        tags = runs.client().get_model_version(model_name(), str(v)).tags
+        approved, licences = read_approved(tags), read_licences(tags)
     except RegistryError as err:
         fail(str(err))
     say(f"{model_name()} version {v}" + (f" against production (version {production})" if production not in (None, v)
@@ -392,6 +394,8 @@ def models(
     say("approved for: " + ("not recorded (registered before approvals were recorded)" if approved is None
                             else ", ".join(approved) or "no task")
         + " (a task: better than its trivial baseline on every split of the task)")
+    say("licences of its data: " + (", ".join(f"{k}: {x}" for k, x in sorted(licences.items())) if licences
+                                    else "not recorded (registered before licences were recorded)"))
     cols = [c for c in ("benchmark", "metric", "candidate", "trivial baseline", "vs trivial", "production",
                         "vs production") if any(c in r for r in rows)]
     width = {c: max(len(c), *(len(str(r.get(c) or "")) for r in rows)) for c in cols}

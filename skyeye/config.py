@@ -9,13 +9,14 @@ services' own variables (`MLFLOW_TRACKING_URI`, `PREFECT_API_URL`, `RAY_ADDRESS`
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # Values several packages share, each defined here once (the lowest module they all import)
@@ -104,15 +105,68 @@ class Settings(BaseSettings):
         return str(self.project_root / "mlruns" / "artifacts")
 
 
+BoxFormat = Literal["auto", "grid100", "unit", "grid1000", "pixels"]  # skyeye/data/llava.py: BOX_FORMATS
+SOURCE_NAME = re.compile(r"^[a-z][a-z0-9_-]*$")  # a source's name becomes part of sample ids
+
+
+class SourceConfig(BaseModel):
+    """One training source of `skyeye data build`: a benchmark folder in its published layout (it
+    replaces the synthetic one of the same name) or an instruction set in the LLaVA format (a
+    `.json` file, with the folder its `image` paths are relative to)."""
+
+    model_config = ConfigDict(extra="forbid")
+    path: Path = Field(description="A benchmark folder, or a LLaVA JSON file (name ends in .json).")
+    images: Path | None = Field(None, description="LLaVA only: the folder its rows' `image` paths are relative to.")
+    box_format: BoxFormat = Field("auto", description="LLaVA only: how its boxes are written: grid100 (0-100, "
+                                  "SkyEyeGPT's), unit (0-1 fractions), grid1000 (0-1000), pixels; auto infers "
+                                  "by the rule in docs/data.md.")
+    licence: str | None = Field(None, description="The source's licence or terms, as its release states them "
+                                "(e.g. 'CC BY-NC 4.0', 'research use only'). Unset: what SkyEye records for "
+                                "the benchmark (skyeye/formats/licences.py), 'unknown' for a LLaVA set.")
+
+    @property
+    def is_llava(self) -> bool:
+        return self.path.suffix.lower() == ".json"
+
+    @model_validator(mode="after")
+    def _fits_its_kind(self) -> SourceConfig:
+        if self.is_llava and self.images is None:
+            raise ValueError(f"images: a LLaVA source ({self.path}) needs the folder its image paths are "
+                             f"relative to")
+        if not self.is_llava and (self.images is not None or self.box_format != "auto"):
+            raise ValueError(f"images, box_format: only for a LLaVA source (a .json file); {self.path} is a "
+                             f"benchmark folder")
+        if self.licence is not None and not self.licence.strip():
+            raise ValueError("licence: empty (leave it out for the recorded default)")
+        return self
+
+
+def as_source(value: Path | str | SourceConfig) -> SourceConfig:
+    """The plain-path form (`name: /datasets/RSVQA-HR`) as a SourceConfig."""
+    return value if isinstance(value, SourceConfig) else SourceConfig(path=Path(value))
+
+
 class DataConfig(BaseModel):
     """The data steps of the retrain flow (configs/data.yaml)."""
 
     model_config = ConfigDict(extra="forbid")
     scale: str = Field("demo", description=f"SkyEye-Synth scale: {' | '.join(SCALE_NAMES)}.")
     seed: int = Field(0, description="Same seed and scale give byte-identical data.")
-    sources: dict[str, Path] = Field(default_factory=dict,
-                                     description="Benchmark name -> real data folder; replaces the synthetic one.")
+    sources: dict[str, Path | SourceConfig] = Field(
+        default_factory=dict, description="Name -> a benchmark folder (replaces the synthetic one) or a "
+                                          "SourceConfig (a LLaVA set; a licence).")
     commit_data: bool = Field(False, description="git-commit data.dvc when the data changed.")
+
+    @field_validator("sources")
+    @classmethod
+    def _source_names(cls, v: dict) -> dict:
+        bad = [k for k in v if not SOURCE_NAME.match(k)]
+        if bad:
+            raise ValueError(f"source name(s) {bad}: lower-case letters, digits, _ and - (a letter first)")
+        return v
+
+    def source_configs(self) -> dict[str, SourceConfig]:
+        return {k: as_source(v) for k, v in self.sources.items()}
 
     @field_validator("scale")
     @classmethod

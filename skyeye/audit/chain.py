@@ -41,6 +41,7 @@ from ..tracking.names import (
     TUNING_EXPERIMENT,
     VALIDATION_EXPERIMENT,
     read_approved,
+    read_licences,
     read_records,
     serving_periods,
 )
@@ -236,7 +237,7 @@ def audit_model(ref: str | int, settings: Settings | None = None) -> ModelAudit:
         data_md5=data_md5, data_sources=sources, data_git_rev_tag=tags.get(TAG_GIT_REV),
         data_revisions=revisions, validation=validation, validations=n_validations, evaluation=evaluation,
         promotions=promotions, rollbacks=rollbacks, approved_tasks=read_approved(tags), missing=found.gaps,
-        disagreements=found.clashes, serving=serving_periods(tags))
+        disagreements=found.clashes, serving=serving_periods(tags), licences=read_licences(tags))
 
 
 def _imported(reader: Reader, mv, tags: dict[str, str], found: _Findings) -> ModelAudit:
@@ -253,7 +254,7 @@ def _imported(reader: Reader, mv, tags: dict[str, str], found: _Findings) -> Mod
         data_md5=outside, data_sources={}, data_git_rev_tag=None, data_revisions=outside, validation=outside,
         validations=0, evaluation=evaluation, promotions=promotions, rollbacks=rollbacks,
         approved_tasks=read_approved(tags), missing=found.gaps, disagreements=found.clashes, imported=record,
-        serving=serving_periods(tags))
+        serving=serving_periods(tags), licences=read_licences(tags))
 
 
 # ---------------------------------------------------------------- data version -> models

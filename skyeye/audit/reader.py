@@ -30,6 +30,7 @@ from ..tracking.names import (
     TAG_STAGE,
     TAG_TEST_SPLITS_READ,
     VALIDATION_EXPERIMENT,
+    read_licences,
 )
 from .records import GitRevision, RunSummary, Validation, md5_key, missing
 
@@ -106,7 +107,8 @@ class Reader:
     def validations(self, md5: str) -> list[Validation]:
         found = self.search(VALIDATION_EXPERIMENT, [f"tags.`{TAG_DVC_MD5}` = '{v}'" for v in md5_variants(md5)])
         return [Validation(r.info.run_id, r.data.tags.get(TAG_OUTCOME) or missing(f"run has no {TAG_OUTCOME} tag"),
-                           when(r.info.start_time), r.data.tags.get(TAG_GIT_REV)) for r in found]
+                           when(r.info.start_time), r.data.tags.get(TAG_GIT_REV), read_licences(r.data.tags))
+                for r in found]
 
     def dvc_log(self) -> list[tuple[str, str, str, str | None]]:
         """(rev, date, subject, md5 or None) for every commit on any branch that touched data.dvc."""

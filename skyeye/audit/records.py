@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ..datagate.versioning import DVC_FILE
+from ..formats.licences import lines as licence_lines
 
 MD5_RE = re.compile(r"^[0-9a-f]{32}(\.dir)?$")
 
@@ -88,6 +89,7 @@ class Validation:
     outcome: str
     at: str | None
     git_rev: str | None
+    licences: dict[str, str] | None = None  # its data card's sources -> licence, as the gate's run records them
 
 
 def _tree(lines: list[str], items: list[str], indent: str) -> None:
@@ -121,6 +123,7 @@ class ModelAudit:
     disagreements: list[str] = field(default_factory=list)
     imported: dict[str, Any] | None = None  # the checkpoint file an imported version came from
     serving: list[dict[str, Any]] = field(default_factory=list)  # periods: endpoint, since, until
+    licences: dict[str, str] | None = None  # the version's data: source -> licence (None: not recorded)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -179,6 +182,7 @@ class ModelAudit:
             lines.append(f"    {DVC_FILE} revision: {self.data_revisions}")
         for rev in self.data_revisions if isinstance(self.data_revisions, list) else []:
             lines.append(f"    {DVC_FILE} at git {rev.rev}  {rev.date[:19]}  \"{rev.message}\"")
+        lines += _licence_lines(self.licences, "    ")
         v = self.validation
         lines.append("    validation " + (v if isinstance(v, str) else
                                            f"{v.outcome.upper()}  run {v.run_id}  at {v.at}"
@@ -186,6 +190,12 @@ class ModelAudit:
                                               if self.validations > 1 else "")))
         lines += _footer(self.missing, self.disagreements)
         return "\n".join(lines)
+
+
+def _licence_lines(licences: dict[str, str] | None, indent: str) -> list[str]:
+    if not licences:
+        return [f"{indent}licences: not recorded (data built, or the version registered, before they were)"]
+    return [f"{indent}licences (source: terms)", *(f"{indent}  {line}" for line in licence_lines(licences))]
 
 
 def _footer(missing_links: list[str], disagreements: list[str]) -> list[str]:
@@ -229,6 +239,8 @@ class DataAudit:
             lines.append(f"  {DVC_FILE} revision: {self.revisions}")
         for rev in self.revisions if isinstance(self.revisions, list) else []:
             lines.append(f"  {DVC_FILE} at git {rev.rev}  {rev.date[:19]}  \"{rev.message}\"")
+        recorded = [v.licences for v in self.validations if v.licences] if isinstance(self.validations, list) else []
+        lines += _licence_lines(recorded[0] if recorded else None, "  ")
         lines.append("  validations")
         if isinstance(self.validations, str):
             lines.append(f"    {self.validations}")

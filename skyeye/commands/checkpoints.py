@@ -41,6 +41,10 @@ def import_minigpt_v2(
     = None,
     model: Annotated[Path, typer.Option(help="The model config the checkpoint was trained under.")]
     = Path(MINIGPT_V2_CONFIG),
+    licence: Annotated[str, typer.Option(
+        help="The checkpoint's licence or terms as its authors state them, e.g. 'research use only'; recorded on "
+             "the version as its data's licence (`unknown`: SkyEye cannot tell what it was trained on).")]
+    = "unknown",
 ) -> None:
     """Convert the checkpoint (tensors only; every key and shape checked against --model) and register
     it as a version tagged with the file it came from; its backbones stay references with their sha256."""
@@ -56,7 +60,8 @@ def import_minigpt_v2(
     try:
         cfg = load_model_config(model)
         record = {"format": "minigpt-v2", "name": label} | import_checkpoint(checkpoint, vision, llm, cfg, out)
-        version = register_imported(out, record, {"vision": _digest(vision), "llm": _digest(llm)})
+        version = register_imported(out, record, {"vision": _digest(vision), "llm": _digest(llm)},
+                                    {f"imported {label}": licence.strip() or "unknown"})
     except ValueError as err:
         fail(str(err))
     say(f"imported {checkpoint.name} (sha256 {record['sha256'][:12]}) as {out}\nregistered version {version}; "

@@ -33,10 +33,13 @@ from ..formats.benchmarks import (
     VALIDATION_DIR,
     VALIDATION_KEYS,
 )
+from ..config import SourceConfig, as_source
 from ..formats.boxes import box_text, boxes_text
 from ..formats.files import folder_in_place
 from ..formats.prompts import VIDEO_FRAMES
+from ..formats.licences import UNKNOWN, benchmark_licence
 from .capera import event_words
+from .llava import add_llava_sources, check_llava_sources
 from .readers import detect_benchmark, read_benchmark
 from .records import (
     BOX_CLIPPED,
@@ -299,10 +302,15 @@ def find_sources(root: Path, extra: dict[str, Path] | None = None) -> dict[str, 
     return dict(sorted(found.items(), key=lambda kv: BENCHMARKS.index(kv[0])))
 
 
-def build(root: Path, out: Path, extra: dict[str, Path] | None = None) -> dict:
+def build(root: Path, out: Path, extra: dict[str, Path | SourceConfig] | None = None) -> dict:
     """Build stage-1/stage-2 instructions, evaluation files and the data card into `out`.
+    `extra`: benchmark folders from elsewhere and LLaVA instruction sets (`SourceConfig`).
     Written to a temporary folder and renamed into place."""
-    sources = find_sources(Path(root), extra)
+    specs = {name: as_source(v) for name, v in (extra or {}).items()}
+    llava = check_llava_sources({k: v for k, v in specs.items() if v.is_llava})
+    sources = find_sources(Path(root), {k: v.path for k, v in specs.items() if not v.is_llava})
+    licences = {name: benchmark_licence(name, folder, specs[name].licence if name in specs else None)
+                for name, folder in sources.items()}
     reports: list[ReadReport] = []
     eval_counts: dict[str, int] = {}
     validation: dict[str, dict] = {}  # bench_val -> samples and where they were held out of
@@ -347,9 +355,13 @@ def build(root: Path, out: Path, extra: dict[str, Path] | None = None) -> dict:
                 _write_json(tmp / EVAL_DIR / f"{key}.json",
                             {"benchmark": name, "split": split, "task": TASK[name], "samples": rows})
                 eval_counts[key] = len(rows)
+        llava_card = add_llava_sources(b, llava, reports)  # after the benchmarks: their rows keep their order
+        licences |= {name: spec.licence or UNKNOWN for name, spec in llava.items()}
         _write_json(tmp / "stage1.json", b.stage1)
         _write_json(tmp / "stage2.json", b.stage2)
-        card = data_card(b, eval_counts, reports) | {"validation": validation}
+        card = data_card(b, eval_counts, reports) | {"validation": validation, "licences": dict(sorted(licences.items()))}
+        if llava_card:
+            card["llava"] = llava_card
         _write_json(tmp / "card.json", card)
         (tmp / "DATA_CARD.md").write_text(render_card(card), encoding="utf-8")
     card["reports"] = [r.summary() for r in reports]
@@ -424,4 +436,11 @@ def render_card(card: dict) -> str:
             lines += [f"- {bench}, {reason}: `{row}`" for reason, rows in reasons.items() for row in rows]
     if card.get("box_policy"):
         lines += ["", f"Boxes and the image edge: {card['box_policy']}"]
+    if card.get("licences"):
+        lines += ["", "## Sources and their licences (inherited by every model trained on this data)", "",
+                  "| source | licence or terms |", "|---|---|"]
+        lines += [f"| {src} | {lic} |" for src, lic in card["licences"].items()]
+    if card.get("llava"):
+        lines += ["", "## LLaVA instruction sets", "", "| source | file | box notation |", "|---|---|---|"]
+        lines += [f"| {src} | {v['file']} | {v['box_format']} |" for src, v in card["llava"].items()]
     return "\n".join(lines) + "\n"

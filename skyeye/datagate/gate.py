@@ -10,8 +10,17 @@ import tempfile
 from pathlib import Path
 
 from ..config import Settings, get_settings
+from ..formats.licences import card_licences
 from ..tracking import runs
-from ..tracking.names import TAG_DVC_MD5, TAG_GIT_REV, TAG_OUTCOME, UNCOMMITTED, UNVERSIONED, VALIDATION_EXPERIMENT
+from ..tracking.names import (
+    TAG_DVC_MD5,
+    TAG_GIT_REV,
+    TAG_OUTCOME,
+    UNCOMMITTED,
+    UNVERSIONED,
+    VALIDATION_EXPERIMENT,
+    licences_tag,
+)
 from .expectations import ValidationResult, validate
 from .versioning import current_version
 
@@ -37,11 +46,12 @@ def data_version_of(folder: Path, settings: Settings | None = None) -> tuple[str
 
 
 def log_validation(result: ValidationResult, md5: str | None, git_rev: str | None,
-                   settings: Settings | None = None) -> str:
-    """Record a data-gate result as an MLflow run tagged with the data version; returns the run id."""
+                   settings: Settings | None = None, licences: dict[str, str] | None = None) -> str:
+    """Record a data-gate result as an MLflow run tagged with the data version (and its sources'
+    licences, from its data card); returns the run id."""
     s = settings or get_settings()
     tags = {TAG_DVC_MD5: md5 or UNVERSIONED, TAG_GIT_REV: git_rev or UNCOMMITTED,
-            TAG_OUTCOME: "passed" if result.success else "failed"}
+            TAG_OUTCOME: "passed" if result.success else "failed", **licences_tag(licences)}
     with runs.tracked_run(VALIDATION_EXPERIMENT, f"validate-{(md5 or UNVERSIONED)[:8]}", tags, settings=s) as run_id:
         client = runs.client(s)
         runs.log_metrics(run_id, {"records": result.n_records, "failed_expectations": len(result.failures),
@@ -79,5 +89,5 @@ def run_gate(folder: Path, record: bool = True, settings: Settings | None = None
     run_id = None
     if record:
         md5, rev = data_version_of(folder, s)
-        run_id = log_validation(result, md5, rev, s)
+        run_id = log_validation(result, md5, rev, s, card_licences(folder))
     return result, run_id

@@ -41,6 +41,7 @@ from ..formats.benchmarks import (
     select,
     spread,
 )
+from ..formats.licences import card_licences
 from ..model.references import load
 from ..model.skyeyegpt import untuned_like
 from ..tracking import runs
@@ -62,6 +63,7 @@ from ..tracking.names import (
     TAG_TUNING_JOB,
     UNCOMMITTED,
     UNVERSIONED,
+    licences_tag,
 )
 from .baselines import BASELINES, TRIVIAL, approved_tasks, trivial_answers
 from .comparison import MODEL, save_item_stats
@@ -227,7 +229,8 @@ def _run_tags(root: Path, keys: list[str], model_ref: str, tags: dict | None, s:
     return {TAG_KIND: KIND_EVALUATION if tests else KIND_EVALUATION_ON_VALIDATION, TAG_MODEL_DIR: model_ref,
             TAG_DVC_MD5: md5 or UNVERSIONED, TAG_GIT_REV: rev or UNCOMMITTED,
             TAG_GIT_COMMIT: git_revision(s.project_root) or "none", TAG_EVAL_BENCHMARKS: ",".join(keys),
-            TAG_TEST_SPLITS_READ: ",".join(tests) or NO_TEST_SPLITS, TAG_EVAL_TRAINING_RUN: "", **(tags or {})}
+            TAG_TEST_SPLITS_READ: ",".join(tests) or NO_TEST_SPLITS, TAG_EVAL_TRAINING_RUN: "",
+            **licences_tag(card_licences(root)), **(tags or {})}
 
 
 def _finish(run_id: str, keys: list[str], metrics: dict[str, float], splits: dict[str, _Split],

@@ -47,6 +47,7 @@ from ..formats.benchmarks import (
     primary_metric,
     primary_of,
 )
+from ..formats.licences import forbidden
 from ..model.references import RegistryError, aliases, model_name, resolve_version, version_exists
 from ..tracking import runs
 from ..tracking.names import (
@@ -58,6 +59,7 @@ from ..tracking.names import (
     TAG_DVC_MD5,
     TAG_EVAL_RUN,
     UNVERSIONED,
+    read_licences,
     read_records,
     record_tag,
 )
@@ -127,10 +129,18 @@ class ProductionPolicy(BaseModel):
         return self.tolerances.get(TASK_OF[key], self.tolerance)
 
 
+class LicencePolicy(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    # licences (as the data card writes them, e.g. "CC BY-NC 4.0") that production may not carry in any
+    # source of the version's data; matched ignoring case; empty: off
+    forbid: list[str] = []
+
+
 class PromotionPolicy(BaseModel):
     model_config = ConfigDict(extra="forbid")
     staging: StagingPolicy = StagingPolicy()
     production: ProductionPolicy = ProductionPolicy()
+    licences: LicencePolicy = LicencePolicy()
 
 
 def load_policy(path: str | Path | None = None) -> PromotionPolicy:
@@ -143,13 +153,25 @@ def load_policy(path: str | Path | None = None) -> PromotionPolicy:
     return load_yaml_config(Path(path), PromotionPolicy)  # type: ignore[return-value]
 
 
+def licence_failures(licences: dict[str, str] | None, forbid: list[str]) -> list[str]:
+    """Production's licence rule: each source whose licence the policy forbids, named with it."""
+    if not forbid:
+        return []
+    if licences is None:
+        return [f"licences not recorded on the version: cannot check that it carries none of {forbid} "
+                f"(rule: licences.forbid)"]
+    return [f"source {src} is {lic!r}, which production may not carry (rule: licences.forbid)"
+            for src, lic in forbidden(licences, forbid)]
+
+
 def policy_failures(alias: str, metrics: dict[str, float], policy: PromotionPolicy, validation: str | None,
                     md5: str | None, holder: int | None = None, holder_metrics: dict[str, float] | None = None,
-                    comparison: RunComparison | None = None) -> list[str]:
+                    comparison: RunComparison | None = None, licences: dict[str, str] | None = None) -> list[str]:
     """Every reason `alias` should refuse a version with these evaluation metrics; [] = promote.
     `validation` is the data gate's outcome for `md5`; `holder_metrics` the current holder's;
-    `comparison` the candidate against the holder item by item (None: compare point scores)."""
-    out: list[str] = []
+    `comparison` the candidate against the holder item by item (None: compare point scores);
+    `licences` the version's sources -> licence (None: not recorded)."""
+    out: list[str] = licence_failures(licences, policy.licences.forbid) if alias == "production" else []
     st, prim = policy.staging, primary_of(metrics)
     if st.require_validation:
         if md5 == IMPORTED_DATA:
@@ -348,7 +370,8 @@ def promote(version: int | str, to: str, force: bool = False, reason: str | None
             except (RegistryError, MlflowException):
                 before = None
         validation = validation_outcome(md5) if md5 and md5 not in (UNVERSIONED, IMPORTED_DATA) else None
-        failures = policy_failures(to, metrics, policy, validation, md5, holder, before, comparison)
+        failures = policy_failures(to, metrics, policy, validation, md5, holder, before, comparison,
+                                   read_licences(mv.tags))
         compared = comparison.record() if comparison is not None else deltas(metrics, before)
         how = "intervals" if comparison is not None else "point scores"
         if failures and not force:

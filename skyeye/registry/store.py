@@ -30,6 +30,7 @@ from mlflow.tracking import MlflowClient
 from ..config import get_settings
 from ..evaluation.baselines import approved_tasks
 from ..formats.benchmarks import PRIMARY_SCORE, primary_metric, primary_of
+from ..formats.licences import summary as licence_summary
 from ..model.references import RegistryError, aliases, model_name
 from ..tracking import runs
 from ..tracking.names import (
@@ -52,7 +53,9 @@ from ..tracking.names import (
     TAG_TUNING_JOB,
     UNCOMMITTED,
     UNVERSIONED,
+    licences_tag,
     read_approved,
+    read_licences,
 )
 from .packaging import PackagingError, SkyEyeGPTModel, input_example, model_signature, requirements, stage_artifacts
 
@@ -184,17 +187,19 @@ def register(model_dir: str | Path | None, eval_run_id: str, training_run_id: st
         return _create_version(client, name, lineage, info, origin)
 
 
-def register_imported(model_dir: str | Path, imported: dict, backbones: dict[str, str]) -> int:
+def register_imported(model_dir: str | Path, imported: dict, backbones: dict[str, str],
+                      licences: dict[str, str] | None = None) -> int:
     """Register a SkyEyeGPT folder converted from a checkpoint trained elsewhere (see
     `skyeye.model.minigpt_v2`): logged into an import run, tagged with the file it came from
     and no SkyEye data version; the backbones stay references (`backbones`: where and their
-    sha256), never copied. It has no evaluation until `skyeye evaluate` scores it
+    sha256), never copied; `licences` (source -> terms: the checkpoint's, as the import declares
+    them) are tagged like a trained version's. It has no evaluation until `skyeye evaluate` scores it
     (`attach_evaluation`), so promotion refuses it until then."""
     client, name = runs.client(), model_name()
     record = json.dumps(imported, sort_keys=True)
     with lock(name, "registration"):
         tags = {TAG_KIND: KIND_IMPORT, TAG_IMPORTED: record, TAG_MODEL_DIR: str(Path(model_dir).resolve()),
-                TAG_DVC_MD5: IMPORTED_DATA}
+                TAG_DVC_MD5: IMPORTED_DATA, **licences_tag(licences)}
         with runs.tracked_run(IMPORT_EXPERIMENT, f"import {imported.get('file', '')}", tags) as run_id:
             info, origin = _log_pyfunc(Path(model_dir), run_id, None, copy_backbones=False)
         _ensure_registered_model(client, name)
@@ -202,7 +207,7 @@ def register_imported(model_dir: str | Path, imported: dict, backbones: dict[str
             name, source=info.model_uri, run_id=run_id, model_id=info.model_id,
             tags={TAG_IMPORTED: record, TAG_DVC_MD5: IMPORTED_DATA, TAG_MODEL_DIR: tags[TAG_MODEL_DIR],
                   TAG_BACKBONES: json.dumps({k: f"{origin.get(k, '')} sha256:{v}" for k, v in backbones.items()}),
-                  TAG_TRAINING_RUN: "", TAG_TUNING_JOB: ""})
+                  TAG_TRAINING_RUN: "", TAG_TUNING_JOB: "", **licences_tag(licences)})
         return int(mv.version)
 
 
@@ -294,8 +299,13 @@ def _create_version(client: MlflowClient, name: str, lineage: _Lineage, info, or
     _ensure_registered_model(client, name)
     run = lineage.eval_run
     eval_run_id, tags = run.info.run_id, run.data.tags
-    version_tags = {TAG_EVAL_RUN: eval_run_id, TAG_TRAINING_RUN: lineage.training_run_id or "",
-                    TAG_TUNING_JOB: lineage.tuning_job or "", TAG_DVC_MD5: tags.get(TAG_DVC_MD5, UNVERSIONED),
+    # the licences of the data it was trained on: the training run's record, else the evaluation's
+    licences = read_licences(tags)
+    if lineage.training_run_id:
+        licences = read_licences(client.get_run(lineage.training_run_id).data.tags) or licences
+    version_tags = {**licences_tag(licences), TAG_EVAL_RUN: eval_run_id,
+                    TAG_TRAINING_RUN: lineage.training_run_id or "", TAG_TUNING_JOB: lineage.tuning_job or "",
+                    TAG_DVC_MD5: tags.get(TAG_DVC_MD5, UNVERSIONED),
                     TAG_GIT_REV: tags.get(TAG_GIT_REV, UNCOMMITTED), TAG_MODEL_DIR: str(lineage.model_dir.resolve()),
                     TAG_BACKBONES: json.dumps(origin), TAG_APPROVED_TASKS: json.dumps(approved_tasks(run.data.metrics))}
     # one call with the tags: a version is never visible without its lineage
@@ -344,6 +354,7 @@ class VersionRow:
     data_md5: str
     eval_run: str
     approved: list[str] | None = None  # its approved tasks; None: registered before they were recorded
+    licences: dict[str, str] | None = None  # its data's sources -> licence; None: not recorded
 
 
 def list_versions() -> list[VersionRow]:
@@ -363,7 +374,7 @@ def list_versions() -> list[VersionRow]:
                                datetime.fromtimestamp(mv.creation_timestamp / 1000, UTC),
                                primary_score(metrics), {k: metrics.get(k) for k in KEY_SCORES},
                                "imported" if mv.tags.get(TAG_IMPORTED) else mv.tags.get(TAG_DVC_MD5, UNVERSIONED)[:8],
-                               run_id, read_approved(mv.tags)))
+                               run_id, read_approved(mv.tags), read_licences(mv.tags)))
     return sorted(rows, key=lambda r: -r.version)
 
 
@@ -373,9 +384,10 @@ def render_versions(rows: list[VersionRow]) -> str:
     def tasks(approved: list[str] | None) -> str:
         return "not recorded" if approved is None else ",".join(approved) or "none"
     head = ["version", "aliases", "created (UTC)", "primary", "dior@0.5", "lr aa", "ucm cider", "approved for", "data",
-            "eval run"]
+            "eval run", "licences"]
     body = [[str(r.version), ",".join(r.aliases) or "-", r.created.strftime("%Y-%m-%d %H:%M"), num(r.primary_score),
-             *(num(r.scores.get(k)) for k in KEY_SCORES), tasks(r.approved), r.data_md5, r.eval_run[:12] or "-"]
+             *(num(r.scores.get(k)) for k in KEY_SCORES), tasks(r.approved), r.data_md5, r.eval_run[:12] or "-",
+             licence_summary(r.licences)]
             for r in rows]
     if not body:
         return f"no versions of {model_name()} registered"

@@ -36,6 +36,9 @@ UNVERSIONED, UNCOMMITTED = "unversioned", "uncommitted"
 # tuning run (observed: `skyeye.training.sealed` refuses to open them while a stage trains)
 TAG_TEST_SPLITS_READ = "skyeye.test_splits_read"
 NO_TEST_SPLITS = "none"
+# the licence or terms of every source of that data (JSON {source: licence}, from its data card,
+# skyeye.formats.licences); on gate, tuning and evaluation runs and on registered versions
+TAG_DATA_LICENCES = "skyeye.data.licences"
 DATASET_NAME = "skyeye-instructions"  # the instruction data as a run's dataset input (digest: DVC md5)
 
 # tuning runs
@@ -122,3 +125,17 @@ def read_approved(tags: dict[str, str]) -> list[str] | None:
     except (KeyError, ValueError, TypeError):
         return None
     return [str(t) for t in tasks] if isinstance(tasks, list) else None
+
+
+def read_licences(tags: dict[str, str]) -> dict[str, str] | None:
+    """A run's or version's source -> licence (its TAG_DATA_LICENCES); None when it has no readable tag."""
+    try:
+        found = json.loads(tags[TAG_DATA_LICENCES])
+    except (KeyError, ValueError, TypeError):
+        return None
+    return {str(k): str(v) for k, v in found.items()} if isinstance(found, dict) else None
+
+
+def licences_tag(licences: dict[str, str] | None) -> dict[str, str]:
+    """{TAG_DATA_LICENCES: JSON} to merge into a run's or version's tags; {} when none is known."""
+    return {TAG_DATA_LICENCES: json.dumps(dict(sorted(licences.items())))} if licences else {}

@@ -36,6 +36,7 @@ from mlflow.entities import DatasetInput, InputTag
 from tqdm import tqdm
 
 from ..evaluation.baselines import TRIVIAL
+from ..formats.licences import card_licences
 from ..tracking.names import (
     DATASET_NAME,
     KIND_BACKBONES,
@@ -55,6 +56,7 @@ from ..tracking.names import (
     TUNING_EXPERIMENT,
     UNCOMMITTED,
     UNVERSIONED,
+    licences_tag,
 )
 from .stage_config import StageConfig, load_stage_config
 
@@ -242,7 +244,8 @@ def train_stage(stage: int, model_cfg: ModelConfig | str | Path, stage_cfg: Stag
         raise ValueError(f"--init {err}") from None
     md5, rev = preflight(stage, scfg, instructions, init, s)
     tags = {TAG_STAGE: str(stage), TAG_KIND: KIND_TUNING_STAGE, TAG_DVC_MD5: md5 or UNVERSIONED,
-            TAG_GIT_REV: rev or UNCOMMITTED, TAG_GIT_COMMIT: git_revision(s.project_root) or "none"}
+            TAG_GIT_REV: rev or UNCOMMITTED, TAG_GIT_COMMIT: git_revision(s.project_root) or "none",
+            **licences_tag(card_licences(instructions))}  # what a version registered from it inherits
     if init:  # the stage-1 run that wrote the starting folder, so the audit can follow it
         tags[TAG_INIT_RUN] = training_run_of(init) or "unknown"
     loop_config = {"stage": scfg.model_dump(mode="json"), "model": mcfg.model_dump(mode="json"),
