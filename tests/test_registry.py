@@ -554,3 +554,36 @@ def test_registration_records_the_approved_tasks_and_staging_needs_one(client, v
     assert "approved for: not recorded" in CliRunner().invoke(app, ["models", str(one)]).output
     promotion.promote(one, "production")
     assert approved(one) == ["caption"]
+
+
+def test_a_version_inherits_its_training_data_licences_and_production_can_forbid_them(project, model_dir):
+    """The stage run's licences (from its data card) reach the registered version, `skyeye models` and
+    the audit print them, and production refuses a non-commercial source when the policy says so."""
+    from skyeye.audit.chain import audit_model
+    from skyeye.config import get_settings
+    from skyeye.training.jobs import child_run, parent_run
+    licences = {"dior_rsvg": "unknown", "geochat": "CC BY-NC 4.0"}
+    s, c = get_settings(), MlflowClient()
+    for alias in (c.get_registered_model(NAME).aliases if c.search_registered_models(f"name = '{NAME}'") else {}):
+        c.delete_registered_model_alias(NAME, alias)  # no holder: production judges this version alone
+    stage2 = child_run(parent_run("tune-licences", s), "stage2", s,
+                       {"skyeye.kind": "tuning-stage", "skyeye.model_dir": str(model_dir),
+                        **names.licences_tag(licences)})
+    MlflowClient().set_terminated(stage2, "FINISHED")
+    validate("md5-licensed", True)
+    v = registry.register(model_dir, eval_run(model_dir, scores(150, 75, 30), md5="md5-licensed",
+                                              training_run=stage2))
+    tags = MlflowClient().get_model_version(NAME, str(v)).tags
+    assert names.read_licences(tags) == licences
+    row = next(r for r in registry.list_versions() if r.version == v)
+    assert row.licences == licences and "CC BY-NC 4.0; unknown" in registry.render_versions([row])
+    audit = audit_model(v)
+    assert audit.licences == licences and "geochat: CC BY-NC 4.0" in audit.render()
+    forbid = PromotionPolicy.model_validate({"licences": {"forbid": ["cc by-nc 4.0"]}})
+    assert promotion.promote(v, "staging", policy=forbid).version == v  # staging is not checked
+    with pytest.raises(PromotionRefused, match=r"source geochat is 'CC BY-NC 4.0', which production may not "
+                                               r"carry \(rule: licences.forbid\)"):
+        promotion.promote(v, "production", policy=forbid)
+    refusal = read_records(MlflowClient().get_model_version(NAME, str(v)).tags, "skyeye.refusal")["production"]
+    assert any("geochat" in f for f in refusal["failures"])
+    assert promotion.promote(v, "production", policy=PromotionPolicy()).version == v  # off by default
