@@ -198,3 +198,29 @@ def test_promote_is_keyed_on_the_production_it_is_judged_against(registry, tmp_p
     registry.set_registered_model_alias("skyeyegpt", "production", "2")  # rolled back by hand
     assert not production_agrees({"alias": "production", "version": 3})
     assert production_agrees({"alias": "staging", "version": 3}) and not production_agrees({"alias": "none"})
+
+
+def test_the_build_step_reruns_when_a_llava_file_or_its_images_change(tmp_path, monkeypatch):
+    monkeypatch.setenv("SKYEYE_PROJECT_ROOT", str(tmp_path))
+    from skyeye.config import get_settings
+    get_settings.cache_clear()
+    from flows.retrain import build_task
+    (tmp_path / "synth").mkdir()
+    (tmp_path / "images").mkdir()
+    llava = tmp_path / "set.json"
+    llava.write_text("[]")
+    sources = {"geochat": {"path": str(llava), "images": str(tmp_path / "images")}}
+
+    def key():
+        return build_task.cache_policy.base_key(build_task.fn, {"root": str(tmp_path / "synth"), "sources": sources})
+    base = key()
+    assert key() == base
+    llava.write_text("[ ]")  # the set's file
+    assert key() != base
+    base = key()
+    (tmp_path / "images" / "a.png").write_bytes(b"x")  # its images folder
+    assert key() != base
+    base = key()
+    sources["geochat"]["licence"] = "CC BY-NC 4.0"  # what the card will record
+    assert key() != base
+    get_settings.cache_clear()

@@ -17,7 +17,8 @@ from skyeye.tracking.names import TAG_DATA_LICENCES, licences_tag, read_licences
 REPO = Path(__file__).resolve().parents[1]
 LICENCES = {"geochat": "CC BY-NC 4.0", "rsvqa_hr": "unknown", "ucm_captions": "SkyEye-Synth: generated"}
 OFF = {"require_all_benchmarks": False, "require_validation": False, "require_approved_task": False}
-FORBID = PromotionPolicy.model_validate({"staging": OFF, "licences": {"forbid": [" CC BY-NC 4.0 ", "research use only"]}})
+FORBID = PromotionPolicy.model_validate({"staging": OFF,
+                                         "licences": {"forbid": [" CC BY-NC 4.0 ", "research use only"]}})
 
 
 def test_a_card_records_licences_and_tags_carry_them(tmp_path):

@@ -94,7 +94,7 @@ def test_history_and_checkout(repo: Path) -> None:
     first = version_data(repo, commit=True, message="data v1")
     original = (repo / "data/synth/a.txt").read_bytes()
     (repo / "data/synth/a.txt").write_text("second\n")
-    write_card(repo, {**CARD, "stage2": {"total": 7}})
+    write_card(repo, {**CARD, "stage2": {"total": 7}, "licences": {"geochat": "CC BY-NC 4.0", "rsvg": "unknown"}})
     second = version_data(repo, commit=True, message="data v2")
 
     outcomes = {first.md5: "passed (run abc)"}
@@ -105,6 +105,9 @@ def test_history_and_checkout(repo: Path) -> None:
     assert entries[1].stage2 == 1
     assert entries[0].validation == "not validated" and entries[1].validation == "passed (run abc)"
     assert "passed (run abc)" in render_history(entries)
+    assert entries[0].licences == {"geochat": "CC BY-NC 4.0", "rsvg": "unknown"} and entries[1].licences is None
+    table = render_history(entries).splitlines()
+    assert "CC BY-NC 4.0; unknown" in table[2] and "not recorded" in table[3]  # a card built before licences
 
     restored = checkout_data(repo, first.git_rev)
     assert (repo / "data/synth/a.txt").read_bytes() == original

@@ -26,6 +26,7 @@ import yaml
 
 from ..config import Settings, get_settings
 from ..formats.files import atomic_write_text
+from ..formats.licences import summary as licence_summary
 
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 
@@ -103,6 +104,7 @@ class HistoryEntry:
     validation: str = "not validated"
     note: str | None = None
     counts: dict[str, Any] = field(default_factory=dict, repr=False)
+    licences: dict[str, str] | None = None  # its card's sources -> licence; None: a card without them
 
 
 # ---------------------------------------------------------------- helpers
@@ -364,6 +366,7 @@ def history(root: Path | None = None, validation_lookup: Callable[[str], str | N
             entry.stage2 = (card.get("stage2") or {}).get("total")
             evals = card.get("eval") or {}
             entry.eval_total = sum(v for v in evals.values() if isinstance(v, int)) if evals else None
+            entry.licences = card.get("licences") if isinstance(card.get("licences"), dict) else None
         if validation_lookup:
             try:
                 entry.validation = validation_lookup(entry.md5) or "not validated"
@@ -377,9 +380,10 @@ def render_history(entries: list[HistoryEntry]) -> str:
     if not entries:
         return "no data versions (no commit has changed data.dvc)"
     rows = [[e.short_rev, e.date[:16].replace("T", " "), (e.md5 or "-")[:12], _fmt(e.stage1), _fmt(e.stage2),
-             _fmt(e.eval_total), e.validation, e.message[:50] + (f"  [{e.note}]" if e.note else "")]
+             _fmt(e.eval_total), e.validation, licence_summary(e.licences),
+             e.message[:50] + (f"  [{e.note}]" if e.note else "")]
             for e in entries]
-    return _table(["rev", "date", "md5", "stage1", "stage2", "eval", "validation", "message"], rows)
+    return _table(["rev", "date", "md5", "stage1", "stage2", "eval", "validation", "licences", "message"], rows)
 
 
 def checkout_data(root: Path | None = None, rev: str = "HEAD", *, force: bool = False) -> DataVersion:
