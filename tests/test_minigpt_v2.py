@@ -240,7 +240,7 @@ def test_import_evaluate_promote_audit_export_chat(files, tiny_instructions, tmp
 
     from flows.cli import app
     from skyeye.tracking import runs
-    from skyeye.tracking.names import IMPORTED_DATA, TAG_DVC_MD5, TAG_EVAL_RUN, TAG_IMPORTED
+    from skyeye.tracking.names import IMPORTED_DATA, TAG_DVC_MD5, TAG_EVAL_RUN, TAG_IMPORTED, read_licences
     from tests.projects import project_environment, write_project
     root = write_project(tmp_path / "project")
     config = root / "configs/model/minigpt_v2.yaml"
@@ -248,10 +248,11 @@ def test_import_evaluate_promote_audit_export_chat(files, tiny_instructions, tmp
     cli = CliRunner()
     with project_environment(root, monkeypatch, store=True, chdir=True):
         r = cli.invoke(app, ["import", "minigpt-v2", str(files["checkpoint"]), "--vision", str(files["vision"]),
-                             "--llm", str(files["llm"]), "--model", str(config)])
+                             "--llm", str(files["llm"]), "--model", str(config), "--licence", "research use only"])
         assert r.exit_code == 0, r.output
         assert "registered version 1" in r.output
         tags = runs.client().get_model_version("skyeyegpt", "1").tags
+        assert read_licences(tags) == {"imported skyeyegpt": "research use only"}
         record = json.loads(tags[TAG_IMPORTED])
         assert record["file"] == "skyeyegpt.pth" and record["sha256"] == sha256(files["checkpoint"])
         assert tags[TAG_DVC_MD5] == IMPORTED_DATA and TAG_EVAL_RUN not in tags
@@ -269,6 +270,7 @@ def test_import_evaluate_promote_audit_export_chat(files, tiny_instructions, tmp
         assert r.exit_code == 0, r.output
         assert f"imported: skyeyegpt.pth ({files['checkpoint'].stat().st_size} bytes, sha256 " \
                f"{record['sha256']}), minigpt-v2 checkpoint" in r.output
+        assert "imported skyeyegpt: research use only" in r.output
 
         im = image(5)
         im.save(tmp_path / "scene.png")
