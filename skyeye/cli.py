@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import time
 import warnings
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Optional
@@ -137,11 +138,29 @@ def build(
 def inspect(folder: Path, name: Annotated[Optional[str], typer.Option(
     help="Benchmark name if the layout cannot be told from the folder.")] = None,
     media: Annotated[Optional[Path], typer.Option(
-        help="CapERA: the folder holding ERA's videos (<media>/<split>/...), when not under FOLDER.")] = None,
+        help="CapERA: the folder holding ERA's videos (<media>/<split>/...), when not under FOLDER; a LLaVA "
+             "file: its images folder.")] = None,
+    box_format: Annotated[str, typer.Option(
+        help="A LLaVA file: grid100, unit, grid1000, pixels or auto (docs/data.md).")] = "auto",
 ) -> None:
-    """Read one benchmark folder (real download or SkyEye-Synth) and report what was kept and skipped, per split."""
+    """Read one benchmark folder (real download or SkyEye-Synth), or a LLaVA instruction file, and report
+    what was kept and skipped, per split."""
     from .data.readers import detect_benchmark, read_benchmark
     from .data.records import DataFormatError
+    if folder.suffix.lower() == ".json":
+        from .data.llava import read_llava
+        existing_file(folder, "FOLDER")
+        if media is None:
+            fail(f"{folder}: a LLaVA file; --media DIR names the folder its image paths are relative to")
+        try:
+            samples, report, used = read_llava(name or folder.stem, folder, existing_folder(media, "--media"),
+                                               box_format)
+        except (ValueError, DataFormatError) as err:
+            fail(str(err))
+        say(report.summary())
+        say(f"  box notation: {used}{' (inferred)' if box_format == 'auto' else ''}; tasks: "
+            + ", ".join(f"{t}={n}" for t, n in sorted(Counter(s.task for s in samples).items())))
+        return
     existing_folder(folder, "FOLDER")
     name = name or detect_benchmark(folder)
     if not name:

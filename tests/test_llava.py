@@ -182,3 +182,12 @@ def test_build_refuses_bad_source_options_naming_them(tiny_synth, tmp_path, args
     r = runner.invoke(app, ["data", "build", "--root", str(tiny_synth), "--out", str(tmp_path / "o"), *args])
     assert r.exit_code == 2 and message in r.output, r.output
     assert not (tmp_path / "o" / "stage1.json").exists()
+
+
+def test_inspect_reads_a_llava_file(images):
+    r = runner.invoke(app, ["data", "inspect", str(DATA / "unit.json"), "--media", str(images), "--box-format", "unit"])
+    assert r.exit_code == 0, r.output
+    assert "unit: kept train=4; skipped 1 <image> other than once in the first human turn" in r.output
+    assert "box notation: unit; tasks: caption=1, identify=1, refer=1, vqa=1" in r.output
+    r = runner.invoke(app, ["data", "inspect", str(DATA / "grid1000.json"), "--media", str(images)])
+    assert r.exit_code == 2 and "declare the source's box_format" in r.output, r.output

@@ -200,6 +200,7 @@ class LlavaReader:
         self.name, self.file, self.images, self.declared = name, Path(file), Path(images), box_format
         self.report = ReadReport(name)
         self.box_format = box_format
+        self._sizes: dict[Path, tuple[int, int]] = {}
 
     def read(self) -> list[LlavaSample]:
         rows = read_json(self.file)
@@ -247,11 +248,13 @@ class LlavaReader:
         path = self.images / image
         if not path.is_file():
             raise BadRow("missing image file", f"{where}.image={image}")
-        try:
-            with Image.open(path) as im:  # the header only
-                size = im.size
-        except OSError as err:
-            raise BadRow("image does not open", f"{where}.image={image}: {err}") from None
+        size = self._sizes.get(path)
+        if size is None:  # many rows ask about one image: its header is read once
+            try:
+                with Image.open(path) as im:
+                    size = self._sizes[path] = im.size
+            except OSError as err:
+                raise BadRow("image does not open", f"{where}.image={image}: {err}") from None
         if not all(LIMITS.image_side[0] <= s <= LIMITS.image_side[1] for s in size):
             raise BadRow("image side outside %d-%d px" % LIMITS.image_side, f"{where}.image={image} {size}")
         pairs = _turn_pairs(row.get("conversations"), where)
@@ -265,8 +268,9 @@ class LlavaReader:
                 raise BadRow(f"{LLAVA_IMAGE} other than once in the first human turn", at)
             question = " ".join(question.replace(LLAVA_IMAGE, " ").split())
             ident, question = _identifier(_rewrite_boxes(question, self.box_format, size, at, clipped))
-            answer = " ".join(_rewrite_boxes(answer, self.box_format, size, f"{where}.conversations[{2 * n + 1}]",
-                                             clipped).split())
+            # an answer keeps its line breaks (a list, paragraphs); a question is one line after its identifier
+            answer = _rewrite_boxes(answer, self.box_format, size, f"{where}.conversations[{2 * n + 1}]",
+                                    clipped).strip()
             ident = ident or infer_identifier(question, answer)
             _check_for_gate(ident, question, answer, at)
             turns.append((f"{ident} {question}", answer))
