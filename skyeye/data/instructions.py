@@ -7,7 +7,9 @@ granularity (scene, region, object), as the paper's *-Conversa sets do.
 Evaluation: one normalised file per scored split (`eval/`, sealed: the evaluation alone
 reads it), with all references, question types and pixel boxes; validation: one file of
 the same form per benchmark that has a validation split (`validation/`, what training may
-read; `formats.benchmarks.VALIDATION_KEYS` says which and why). Formats: docs/data.md.
+read; `formats.benchmarks.VALIDATION_KEYS` says which and why). Instruction sets in the LLaVA
+format join stage 1 and 2 after the benchmarks (`llava`). The card records each source's licence
+(`formats.licences`). Formats: docs/data.md.
 Output is deterministic.
 """
 from __future__ import annotations
