@@ -131,7 +131,11 @@ def build(
     for line in card["reports"]:
         if "skipped" in line or "clipped" in line:
             say(f"  {line}")
-    console.print("licences: " + ", ".join(f"{k}: {v}" for k, v in card["licences"].items()), markup=False)
+    by_licence: dict[str, list[str]] = {}
+    for src, lic in card["licences"].items():
+        by_licence.setdefault(lic, []).append(src)
+    console.print("licences: " + "; ".join(f"{lic} ({', '.join(srcs)})" for lic, srcs in by_licence.items()),
+                  markup=False, soft_wrap=True)
 
 
 @data_app.command("inspect")

@@ -136,7 +136,7 @@ def test_build_with_llava_sources_passes_the_gate_and_records_licences(tiny_synt
                             "--box-format", "shikra=unit", "--licence", "geochat=CC BY-NC 4.0"])
     assert r.exit_code == 0, r.output
     assert "shikra: kept train=4; skipped 1 <image> other than once" in r.output
-    assert "geochat: CC BY-NC 4.0" in r.output
+    assert "CC BY-NC 4.0 (geochat)" in r.output and "unknown (shikra)" in r.output
     stage1 = json.loads((out / "stage1.json").read_text())
     stage2 = json.loads((out / "stage2.json").read_text())
     ours = [s for s in stage1 if s["source"] in ("geochat", "shikra")]

@@ -12,13 +12,14 @@ from ..config import SOURCE_NAME, SourceConfig
 from .console import fail
 
 
-def _pairs(values: list[str], option: str, example: str) -> dict[str, str]:
+def _pairs(values: list[str], option: str, form: str, example: str) -> dict[str, str]:
+    """{NAME: VALUE} of `option NAME=VALUE` given several times; `form` and `example` for the error."""
     out: dict[str, str] = {}
     for v in values:
         name, sep, rest = v.partition("=")
         name = name.strip()
         if not sep or not name or not rest:
-            fail(f"{option} {v!r}: expected NAME=VALUE, e.g. {example}")
+            fail(f"{option} {v!r}: expected {form}, e.g. {example}")
         if name in out:
             fail(f"{option} {name}: given twice")
         out[name] = rest
@@ -27,7 +28,7 @@ def _pairs(values: list[str], option: str, example: str) -> dict[str, str]:
 
 def parse_sources(source: list[str], images: list[str], box_format: list[str], licence: list[str]
                   ) -> dict[str, SourceConfig]:
-    paths = _pairs(source, "--source", "rsvqa_hr=/data/RSVQA-HR or geochat=/data/geochat.json")
+    paths = _pairs(source, "--source", "NAME=PATH", "rsvqa_hr=/data/RSVQA-HR or geochat=/data/geochat.json")
     llava = [n for n, p in paths.items() if p.lower().endswith(".json")]
     folders: dict[str, str] = {}
     for v in images:
@@ -39,8 +40,8 @@ def parse_sources(source: list[str], images: list[str], box_format: list[str], l
         else:
             fail(f"--images {v}: say which LLaVA source it is for, --images NAME=DIR "
                  f"(LLaVA sources: {', '.join(llava) or 'none'})")
-    formats = _pairs(box_format, "--box-format", "geochat=grid100")
-    licences = _pairs(licence, "--licence", "'geochat=CC BY-NC 4.0'")
+    formats = _pairs(box_format, "--box-format", "NAME=FORMAT", "geochat=grid100")
+    licences = _pairs(licence, "--licence", "NAME=TEXT", "'geochat=CC BY-NC 4.0'")
     for option, given in (("--images", folders), ("--box-format", formats), ("--licence", licences)):
         unknown = [n for n in given if n not in paths]
         if unknown:
