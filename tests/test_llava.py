@@ -60,10 +60,11 @@ def test_the_box_format_rule(images):
     assert infer_box_format([0, 1, 1, 0]) == "grid100"  # whole numbers only: the grid, not fractions
     assert infer_box_format([100, 200, 400, 600]) is None  # 0-1000 grid or pixels: not guessed
     assert infer_box_format([0.5, 1.2]) is None
-    with pytest.raises(DataFormatError, match=r"grid1000.json: field 'box_format': boxes reach 1200.*declare"):
+    with pytest.raises(DataFormatError, match=r"grid1000.json: field 'box_format': box numbers from 50 to 1200 "
+                                              r"are not inferred; declare the source's box_format"):
         read_llava("q", DATA / "grid1000.json", images)
-    with pytest.raises(DataFormatError, match=r"unit.json: field 'box_format'"):  # one box past 1 breaks the rule
-        read_llava("u", DATA / "unit.json", images)
+    with pytest.raises(DataFormatError, match=r"unit.json: field 'box_format': box numbers from 0.1 to 1.2 "):
+        read_llava("u", DATA / "unit.json", images)  # one box past 1 breaks the rule
     assert "auto" in BOX_FORMAT_RULE
     # value / side x 100 truncated, exactly: 0.29 of the side is cell 29, not 28 (float 28.999...)
     assert grid_box((0.29, 0.29, 0.58, 0.58), "unit", (1, 1), "x") == "{<29><29><58><58>}"

@@ -213,9 +213,9 @@ class LlavaReader:
                        for box in boxes_in(turn["value"]) for v in box[:4]]
             self.box_format = infer_box_format(numbers)
             if self.box_format is None:
-                raise DataFormatError(self.file, "box_format", f"boxes reach {max(numbers, key=abs):g}, which may "
-                                      f"be a 0-1000 grid or pixels: declare the source's box_format (grid1000 or "
-                                      f"pixels); the rule: {BOX_FORMAT_RULE}")
+                raise DataFormatError(self.file, "box_format", f"box numbers from {min(numbers):g} to "
+                                      f"{max(numbers):g} are not inferred; declare the source's box_format "
+                                      f"({', '.join(BOX_FORMATS)}). The rule: {BOX_FORMAT_RULE}")
         out, seen_ids, seen = [], set(), set()
         for index, row in enumerate(rows):
             where = f"{self.file.name}[{index}]"
