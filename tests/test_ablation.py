@@ -48,8 +48,9 @@ def test_every_recipe_gets_the_same_steps_split_as_the_recipe_says():
     assert one.validation.conversation == s2.validation.conversation
     for job, task in zip(jobs["single"], TASKS, strict=True):
         assert job.name == task and job.stage == 1 and job.config.replay is None
-        assert set(job.config.sampling) == {b for b in BENCHMARKS if TASK[b] == task}
-        assert all(job.config.sampling[b] == SAMPLING[b] for b in job.config.sampling)
+        assert set(job.config.sampling) == set(COUNTS["stage1"])  # every source named: the others at 0
+        assert {b for b, r in job.config.sampling.items() if r > 0} == {b for b in BENCHMARKS if TASK[b] == task}
+        assert all(job.config.sampling[b] == SAMPLING[b] for b in job.config.sampling if TASK[b] == task)
         assert job.keys == tuple(k for k in EVAL_KEYS if TASK_OF[k] == task)
         kept = {t for t in TASKS if getattr(job.config.validation, t)}
         assert kept == {task} and job.config.validation.conversation is None
@@ -69,7 +70,7 @@ def test_a_scaled_budget_keeps_the_totals_equal_and_the_warm_up_below_each_job()
     s1, s2 = _stages()
     s1 = s1.model_copy(update={"sampling": {}})
     vqa = next(j for j in plan(AblationConfig(recipes=["single"]), s1, s2, COUNTS)["single"] if j.name == "vqa")
-    assert vqa.config.sampling == {"rsvqa_lr": 40.0, "rsvqa_hr": 35.0}
+    assert {b: r for b, r in vqa.config.sampling.items() if r} == {"rsvqa_lr": 40.0, "rsvqa_hr": 35.0}
 
 
 def test_a_budget_too_small_or_a_bad_field_is_refused_naming_it(tmp_path):

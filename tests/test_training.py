@@ -10,7 +10,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from skyeye.config import Settings
-from skyeye.formats.benchmarks import VALIDATION, primary_metric
+from skyeye.formats.benchmarks import BENCHMARKS, VALIDATION, primary_metric
 from skyeye.model.config import LoRAConfig, ModelConfig, VisionConfig
 from skyeye.model.skyeyegpt import load_model
 from skyeye.model.tiny import BackbonesConfig, TinyLLMSpec, TinyVisionSpec
@@ -30,7 +30,8 @@ def _stage(n: int, data: str) -> StageConfig:
     replay = {"replay": "stage1.json", "replay_share": 0.5} if n == 2 else {}
     # stage 1 with the tiny-model training aids, so their path through DDP (no_sync, eager attention) runs
     aids = {"pointing_weight": 1.0, "coordinate_sigma": 1.5, "length_groups": 2,
-            "sampling": {"dior_rsvg": 0.6, "rsvqa_lr": 0.2, "ucm_captions": 0.2}} if n == 1 else {}
+            "sampling": dict.fromkeys(BENCHMARKS, 0.0) | {"dior_rsvg": 0.6, "rsvqa_lr": 0.2, "ucm_captions": 0.2}
+            } if n == 1 else {}
     conversation = "validation/dior_rsvg_val.json" if n == 2 else None
     return StageConfig(stage=n, data=data, max_steps=6, warmup_steps=2, batch_size=4, log_every=2, **replay, **aids,
                        checkpoint_every=4, validation={"samples": 4, "every_steps": 6, "conversation": conversation})
@@ -326,3 +327,16 @@ def test_data_input_is_logged_without_ending_the_run(settings):
     dataset = after.inputs.dataset_inputs[0]
     assert dataset.dataset.digest == "abc123.dir"
     assert {t.key: t.value for t in dataset.tags}["git_rev"] == "deadbeef"
+
+
+def test_sampling_ratios_must_name_every_source_the_data_holds():
+    from skyeye.data.items import Item
+    from skyeye.training.data import SourceSampler
+    items = [Item(id=str(k), source=s, task="vqa", media=f"{s}.png", frames=1, turns=())
+             for k, s in enumerate(("rsvqa_lr", "rsvqa_lr", "geochat"))]
+    with pytest.raises(ValueError, match=r"do not name: \['geochat'\]"):
+        SourceSampler(items, {"rsvqa_lr": 1.0}, seed=0)
+    left_out = SourceSampler(items, {"rsvqa_lr": 1.0, "geochat": 0.0}, seed=0)  # 0: left out on purpose
+    assert {items[i].source for i in left_out.draw(50)} == {"rsvqa_lr"}
+    by_size = SourceSampler(items, {}, seed=0)  # no ratios: by size, every source drawn
+    assert {items[i].source for i in by_size.draw(200)} == {"rsvqa_lr", "geochat"}

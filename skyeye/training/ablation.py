@@ -161,12 +161,10 @@ def plan(cfg: AblationConfig, stage1: StageConfig, stage2: StageConfig, counts: 
 
 
 def _task_sampling(task: str, stage1: StageConfig, counts: Counter) -> dict[str, float]:
-    """Stage 1's ratios (by size when it has none) over the task's sources only: the sampler
-    gives every source left out weight 0."""
-    ratios = {s: (stage1.sampling.get(s, 0.0) if stage1.sampling else float(n))
-              for s, n in counts.items() if TASK.get(s) == task}
-    ratios = {s: r for s, r in ratios.items() if r > 0}
-    if not ratios:
+    """Stage 1's ratios (by size when it has none) over the task's sources; every other source 0."""
+    ratios = {s: (stage1.sampling.get(s, 0.0) if stage1.sampling else float(n)) if TASK.get(s) == task else 0.0
+              for s, n in counts.items()}
+    if not any(ratios.values()):
         raise ValueError(f"single: stage1.sampling gives no weight to a {task} source "
                          f"({', '.join(s for s in TASK if TASK[s] == task)})")
     return ratios

@@ -49,16 +49,22 @@ def normalise(pixels_u8: torch.Tensor, mean, std) -> torch.Tensor:
 
 class SourceSampler:
     """Draws item indices: a source by its ratio, then an item of that source uniformly.
-    Sources missing from `ratios` get weight 0 unless `ratios` is empty (then by size)."""
+    An empty `ratios` draws by size. Otherwise every source with samples must be named (0
+    leaves one out): a source added to the data (a LLaVA set) is never silently untrained
+    while its name and licence reach the model's lineage."""
 
     def __init__(self, items: list[Item], ratios: dict[str, float], seed: int, rank: int = 0):
         self.by_source: dict[str, list[int]] = {}
         for i, it in enumerate(items):
             self.by_source.setdefault(it.source, []).append(i)
-        unknown = set(ratios) - set(self.by_source)
+        unknown = {s for s, r in ratios.items() if r > 0} - set(self.by_source)
         if unknown:
             raise ValueError(f"sampling ratios name sources with no samples: {sorted(unknown)} "
                              f"(have: {sorted(self.by_source)})")
+        unnamed = set(self.by_source) - set(ratios) if ratios else set()
+        if unnamed:
+            raise ValueError(f"the data has sources the sampling ratios do not name: {sorted(unnamed)}; give each "
+                             "a share in the stage config's sampling (0 leaves it out)")
         self.sources = sorted(self.by_source)
         w = np.array([ratios.get(s, 0.0) if ratios else len(self.by_source[s]) for s in self.sources], dtype=float)
         if w.sum() <= 0:
