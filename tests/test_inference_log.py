@@ -72,7 +72,7 @@ def test_log_images_keeps_the_image_once_by_content_hash(tmp_path):
     log.record(_row(1), image)
     assert log.close()
     paths = read_log(tmp_path / "log")["image_path"].tolist()
-    kept = list((tmp_path / "log" / "images").iterdir())
+    kept = list((tmp_path / "log" / "_images").iterdir())
     assert len(kept) == 1 and paths == [str(kept[0])] * 2 and kept[0].suffix == ".png"
     assert Image.open(kept[0]).convert("RGB").tobytes() == image.tobytes()
     assert kept[0].stem == hashlib.sha256(kept[0].read_bytes()).hexdigest()
@@ -122,8 +122,8 @@ def test_old_day_partitions_and_images_are_deleted_by_retention(tmp_path):
     for folder in (old, recent):
         folder.mkdir(parents=True)
         (folder / "x-000000.parquet").write_bytes(b"")
-    (store / "images").mkdir()
-    stale = store / "images" / "old.png"
+    (store / "_images").mkdir()
+    stale = store / "_images" / "old.png"
     stale.write_bytes(b"png")
     ten_days_ago = time.time() - 10 * 86400
     import os
@@ -149,7 +149,7 @@ def test_skyeye_log_tail_and_stats_read_the_store(tmp_path, monkeypatch):
     for i in range(10):
         log.record(_row(i, now - timedelta(minutes=10 - i)))
     log.record(_row(10, now, task="caption", version=2, status=400, error="bad image", answer=None,
-                    latency_ms=1000.0))
+                    latency_ms=1000.0, image_signature=None))  # a refusal: no signature (null)
     log.close()
     monkeypatch.setenv("SKYEYE_INFERENCE_LOG", str(tmp_path / "log"))
     get_settings.cache_clear()

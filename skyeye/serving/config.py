@@ -17,7 +17,7 @@ class InferenceLogConfig(BaseModel):
     enabled: bool = True
     prompt: Literal["full", "hash", "off"] = Field(
         "full", description="What is kept of the question: its text, its sha256, or nothing (null).")
-    log_images: bool = Field(False, description="Keep each request's first image under <store>/images/ (PNG, named "
+    log_images: bool = Field(False, description="Keep each request's first image under <store>/_images/ (PNG, named "
                                                 "by content hash); otherwise only its perceptual hash and size.")
     flush_rows: int = Field(256, ge=1, description="A file is written once this many rows wait (and rows per file).")
     flush_s: float = Field(5.0, gt=0, description="... or once the oldest waiting row is this old.")

@@ -25,6 +25,8 @@ import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from ..formats.prompts import TASK_IDENTIFIERS
@@ -34,8 +36,13 @@ from .config import InferenceLogConfig
 
 logger = logging.getLogger("ray.serve")
 RETENTION_EVERY_S = 3600.0
-IMAGES = "images"  # beside the day partitions: <store>/images/<sha256>.png
+IMAGES = "_images"  # beside the day partitions; "_": Parquet readers (pyarrow, pandas, Spark) skip it
 _POLL_S = 0.25     # how soon the writer notices a stop while idle
+
+# SCHEMA as the files hold it: the signature as a plain list. Arrow's Parquet reader (pyarrow 25
+# here, apache/arrow#35692) cannot read a null fixed-size list, and a refused request has no
+# signature; `read_log` casts the column back to SCHEMA's 16 floats.
+STORED = SCHEMA.set(SCHEMA.get_field_index("image_signature"), pa.field("image_signature", pa.list_(pa.float32())))
 
 
 def metrics(registry: CollectorRegistry) -> dict[str, Any]:
@@ -193,9 +200,7 @@ class InferenceLog:
             self.pending = self.pending[overflow:]
 
     def _write(self, day: str, rows: list[dict]) -> bool:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-        table = pa.Table.from_pylist(rows, schema=SCHEMA)
+        table = pa.Table.from_pylist(rows, schema=SCHEMA).cast(STORED)  # SCHEMA checks the sizes
         buf = io.BytesIO()
         pq.write_table(table, buf)
         path = f"{self.root}/{day}/{self.writer}-{self.seq:06d}.parquet"
