@@ -151,7 +151,7 @@ def test_every_request_is_logged_with_its_fields(served):
     before, started = datetime.now(UTC), time.perf_counter()
     ok = _post(url, {"model": "skyeyegpt", "messages": _messages(urls=[_data_url(raw)]), "max_tokens": 16})
     took_ms = (time.perf_counter() - started) * 1000
-    long_question = "[vqa] " + "harbour " * 600
+    long_question = "[vqa]" + " harbour" * 600
     refused = _post(url, {"model": "skyeyegpt", "messages": _messages(long_question)})
     after = datetime.now(UTC)
     assert ok.status_code == 200 and refused.status_code == 400, refused.text

@@ -202,8 +202,8 @@ class SkyEyeServer:
         self.idle.set()
         self.config, self.metrics = ServeConfig(), _metrics()
         self.role = "production"  # production | candidate | shadow: the inference log's `role`
-        self.log_store, self.log = log_store, None
-        try:  # the log's file names: <replica>-<seq>.parquet
+        self.log_store, self.log, self.logs_started = log_store, None, 0
+        try:  # the log's file names: <replica>.<writer>-<seq>.parquet
             self.writer_id = serve.get_replica_context().replica_id.unique_id
         except Exception:  # noqa: BLE001 - built outside a replica
             self.writer_id = uuid.uuid4().hex[:8]
@@ -216,8 +216,9 @@ class SkyEyeServer:
         wanted = self.config.inference_log
         if self.log is None or self.log.cfg != wanted:
             self._close_log()
-            if wanted.enabled and self.log_store:
-                self.log = InferenceLog(self.log_store, wanted, self.writer_id, self.metrics)
+            if wanted.enabled and self.log_store:  # a new writer counts its files from 0: a name of its own
+                self.log = InferenceLog(self.log_store, wanted, f"{self.writer_id}.{self.logs_started}", self.metrics)
+                self.logs_started += 1
 
     def _close_log(self) -> None:
         log, self.log = getattr(self, "log", None), None
@@ -364,7 +365,8 @@ class SkyEyeServer:
                                                                              cfg.max_tokens_limit),
                             load_image=self._image)
         seen["conv"] = conv  # from here on the log keeps the question, even of a refused request
-        seen["prompt_tokens"] = self.engine.check_fits(conv)
+        seen["prompt_tokens"] = self.engine.prompt_tokens(conv)  # a refusal for length logs it too
+        self.engine.check_fits(conv, seen["prompt_tokens"])
         return conv
 
     def _image(self, url: str, param: str):

@@ -40,9 +40,13 @@ class Engine:
         """The model's own answer budget (its config's max_new_tokens)."""
         return int(self.model.cfg.max_new_tokens)
 
-    def check_fits(self, conv: Conversation) -> int:
-        """The prompt's length in tokens; APIError when prompt and answer overflow the context."""
-        prompt = self.model.prompt_length(conv.question, conv.history, len(conv.images))
+    def prompt_tokens(self, conv: Conversation) -> int:
+        return self.model.prompt_length(conv.question, conv.history, len(conv.images))
+
+    def check_fits(self, conv: Conversation, prompt: int | None = None) -> int:
+        """The prompt's length in tokens (`prompt` when counted already); APIError when prompt and
+        answer overflow the context."""
+        prompt = self.prompt_tokens(conv) if prompt is None else prompt
         context = self.model.context_length()
         if prompt + conv.max_tokens > context:
             raise APIError(400, f"the prompt is {prompt} tokens and max_tokens {conv.max_tokens}: together over the "

@@ -200,9 +200,14 @@ class InferenceLog:
             self.pending = self.pending[overflow:]
 
     def _write(self, day: str, rows: list[dict]) -> bool:
-        table = pa.Table.from_pylist(rows, schema=SCHEMA).cast(STORED)  # SCHEMA checks the sizes
         buf = io.BytesIO()
-        pq.write_table(table, buf)
+        try:  # SCHEMA checks the types and the signature's size; a row it refuses is a bug, not the store's
+            pq.write_table(pa.Table.from_pylist(rows, schema=SCHEMA).cast(STORED), buf)
+        except (pa.ArrowException, TypeError, ValueError) as err:
+            logger.error("inference log: %d rows dropped, not in the log's schema: %s", len(rows), err)
+            self.counters["log_dropped"].inc(len(rows))
+            self.counters["log_waiting"].dec(len(rows))
+            return True  # nothing to try again
         path = f"{self.root}/{day}/{self.writer}-{self.seq:06d}.parquet"
         backoff = self.cfg.retry_backoff_s
         for attempt in range(self.cfg.write_attempts):
