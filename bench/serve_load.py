@@ -116,12 +116,13 @@ def _median(values: list[float]) -> float:
 
 
 def _compare_log(args, base, settings, image, expression, body, levels, report: dict) -> None:
-    """Batching on; the log off and on in turn, `repeats` times; medians and the log's cost."""
+    """Batching on; the log off and on in turn (alternating which goes first), `repeats` times;
+    medians and the log's cost."""
     from skyeye.serving import deploy
     runs: dict[str, list[list[dict]]] = {"log_off": [], "log_on": []}
     sent_with_log = 0
-    for _ in range(args.repeats):
-        for mode, on in (("log_off", False), ("log_on", True)):
+    for i in range(args.repeats):  # the order alternates: neither always runs first after a rollout
+        for mode, on in (("log_off", False), ("log_on", True))[::1 if i % 2 == 0 else -1]:
             cfg = base.model_copy(update={"inference_log": base.inference_log.model_copy(update={"enabled": on})})
             done = deploy.deploy(args.model, cfg, settings)
             deploy.verify(done.url, image, expression, done.version)
