@@ -357,8 +357,9 @@ class SkyEyeServer:
                                      headers=headers)
         return JSONResponse(completion(conv, answer, body.model), headers=headers)
 
-    def _conversation(self, body: ChatCompletionRequest, seen: dict[str, Any]) -> Conversation:
-        cfg = self.config
+    def _conversation(self, body: ChatCompletionRequest, seen: dict[str, Any] | None = None) -> Conversation:
+        """The request as a conversation; what is known of it goes into `seen` (for the log) as it is learnt."""
+        cfg, seen = self.config, {} if seen is None else seen
         conv = conversation(body, served=self.served, max_frames=self.engine.max_frames,
                             max_messages=cfg.max_messages, max_tokens_limit=cfg.max_tokens_limit,
                             default_max_tokens=cfg.default_max_tokens or min(self.engine.max_new_tokens,
