@@ -159,6 +159,7 @@ def test_skyeye_log_tail_and_stats_read_the_store(tmp_path, monkeypatch):
         assert tail.exit_code == 0, tail.output
         assert "the last 2 of 11 requests" in tail.output and "bad image" in tail.output
         assert "chatcmpl" not in tail.output and tail.output.count("{<10><20><30><40>}") == 1
+        assert tail.output.count(QUESTION) == 2  # the task identifier shown as written, not read as markup
         out = runner.invoke(app, ["log", "stats", "--json"])
         assert out.exit_code == 0, out.output
         stats = json.loads(out.output)

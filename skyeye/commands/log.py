@@ -54,6 +54,7 @@ def _cell(value, width: int = 48) -> str:
 def tail(n: Annotated[int, typer.Option("-n", callback=in_range(1), help="Rows to show.")] = 20) -> None:
     """The last N requests, oldest first: time (UTC), version, role, task, status, latency, answer."""
     from rich.table import Table
+    from rich.text import Text
     store, rows = _read()
     if rows.empty:
         say(f"no requests logged in {store}")
@@ -63,7 +64,7 @@ def tail(n: Annotated[int, typer.Option("-n", callback=in_range(1), help="Rows t
         table.add_column(col, overflow="fold", justify="right" if col in ("version", "status", "latency_ms",
                                                                           "completion_tokens") else "left")
     for row in rows.tail(n).to_dict("records"):
-        table.add_row(*(_cell(row[c]) for c in TAIL_COLUMNS))
+        table.add_row(*(Text(_cell(row[c])) for c in TAIL_COLUMNS))  # Text: a "[refer]" is not markup
     console.print(table, markup=False, highlight=False)
 
 
