@@ -96,7 +96,7 @@ def test_a_store_that_refuses_writes_is_retried_counted_and_never_raises(tmp_pat
         log.record(_row(i))
     assert time.perf_counter() - started < 0.1  # the request side only queues
     deadline = time.time() + 10
-    while _value(counters["log_retries"]) < 2 and time.time() < deadline:
+    while _value(counters["log_failures"]) < 3 and time.time() < deadline:
         time.sleep(0.05)
     assert _value(counters["log_failures"]) >= 3 and _value(counters["log_retries"]) >= 2
     assert _value(counters["log_rows"]) == 0
@@ -178,3 +178,29 @@ def test_skyeye_log_tail_and_stats_read_the_store(tmp_path, monkeypatch):
         assert bad.exit_code == 2 and "--since 'yesterday'" in bad.output
     finally:
         get_settings.cache_clear()
+
+
+@pytest.mark.slow  # starts moto's S3 server
+def test_the_log_goes_to_an_s3_compatible_store(tmp_path, monkeypatch):
+    import os
+
+    from tests.services import ObjectStore
+    s3 = ObjectStore(tmp_path, dict(os.environ)).start()
+    try:
+        s3.create_buckets("skyeye-log")
+        for key, value in s3.client_env().items():
+            monkeypatch.setenv(key, value)
+        log, counters = _writer("s3://skyeye-log/inference", log_images=True)
+        image = Image.new("RGB", (32, 32), (10, 200, 10))
+        for i in range(3):
+            log.record(_row(i), image)
+        assert log.close() and _value(counters["log_rows"]) == 3
+        rows = read_log("s3://skyeye-log/inference")
+        assert list(rows["request_id"]) == ["chatcmpl-0", "chatcmpl-1", "chatcmpl-2"]
+        from fsspec.core import url_to_fs
+        fs, _ = url_to_fs("s3://skyeye-log")
+        [kept] = set(rows["image_path"])
+        assert kept.startswith("s3://skyeye-log/inference/_images/") and fs.exists(kept)
+        assert fs.glob(f"skyeye-log/inference/date={datetime.now(UTC):%Y-%m-%d}/w1-*.parquet")
+    finally:
+        s3.stop()
