@@ -2,6 +2,12 @@
 64 concurrent clients, with Ray Serve's batching on and off. Prints JSON.
 
     python bench/serve_load.py [--model models:/skyeyegpt@production] [--seconds 20] [--levels 1,4,16,64]
+                               [--log on|off|compare] [--repeats 3]
+
+`--log` sets the inference log of the runs (on, as configs/serve.yaml ships, or off), written
+to a throw-away folder; `--log compare` measures its cost instead of batching's: batching on,
+the log off and on in turn, `--repeats` times each, and reports the median throughput of
+each and the log's cost, and whether the log holds a row for every request sent.
 
 This process deploys the model on a local Ray (configs/serve.yaml's limits, on a free
 port); the clients run in a separate process on loopback, each level bounded in time and
@@ -92,15 +98,60 @@ def _body(expression: str, image_path, model: str) -> dict:
         {"type": "text", "text": f"[refer] {expression}"}]}]}
 
 
+def _run(url: str, body: dict, levels: list[int], seconds: float, per_client: int) -> list[dict]:
+    """The levels, from a separate process (the clients must not share this one's cores' GIL)."""
+    queue = mp.get_context("spawn").Queue()
+    proc = mp.get_context("spawn").Process(target=_clients_process, args=(url, body, levels, seconds, per_client,
+                                                                          queue))
+    proc.start()
+    out = queue.get()
+    proc.join()
+    return out
+
+
+def _median(values: list[float]) -> float:
+    values = sorted(values)
+    mid = len(values) // 2
+    return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
+
+
+def _compare_log(args, base, settings, image, expression, body, levels, report: dict) -> None:
+    """Batching on; the log off and on in turn (alternating which goes first), `repeats` times;
+    medians and the log's cost."""
+    from skyeye.serving import deploy
+    runs: dict[str, list[list[dict]]] = {"log_off": [], "log_on": []}
+    sent_with_log = 0
+    for i in range(args.repeats):  # the order alternates: neither always runs first after a rollout
+        for mode, on in (("log_off", False), ("log_on", True))[::1 if i % 2 == 0 else -1]:
+            cfg = base.model_copy(update={"inference_log": base.inference_log.model_copy(update={"enabled": on})})
+            done = deploy.deploy(args.model, cfg, settings)
+            deploy.verify(done.url, image, expression, done.version)
+            result = _run(done.url, body, levels, args.seconds, args.per_client)
+            runs[mode].append(result)
+            sent_with_log += (1 + sum(r["requests"] for r in result)) if on else 0  # verify's question too
+            report["version"] = done.version
+    report["runs"] = runs
+    report["median_throughput_rps"] = {mode: {c: _median([run[i]["throughput_rps"] for run in rs])
+                                              for i, c in enumerate(levels)} for mode, rs in runs.items()}
+    med = report["median_throughput_rps"]
+    report["log_cost"] = {c: round(1 - med["log_on"][c] / max(med["log_off"][c], 1e-9), 3) for c in levels}
+    report["log_check"] = {"requests_sent_with_log_on": sent_with_log, "log_store": settings.inference_log_store}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=None, help="registry reference (default: production)")
     parser.add_argument("--levels", default="1,4,16,64", help="concurrent clients per level")
     parser.add_argument("--seconds", type=float, default=20, help="per level")
     parser.add_argument("--per-client", type=int, default=200, help="requests per client per level, at most")
+    parser.add_argument("--log", default="on", choices=["on", "off", "compare"], help="the inference log")
+    parser.add_argument("--repeats", type=int, default=3, help="with --log compare: runs of each")
     args = parser.parse_args()
-    from skyeye.config import configure_environment
+    import tempfile
+
+    from skyeye.config import configure_environment, get_settings
     configure_environment()
+    settings = get_settings().model_copy(update={"inference_log": tempfile.mkdtemp(prefix="serve_load_log_")})
     from skyeye.model.references import model_name
     from skyeye.serving import deploy
     from skyeye.serving.config import load_serve_config
@@ -108,23 +159,28 @@ def main() -> None:
     image, expression = deploy.sample_question()
     body = _body(expression, image, model_name())
     base = load_serve_config().model_copy(update={"port": _free_port()})
+    log = base.inference_log.model_copy(update={"enabled": args.log != "off"})
+    base = base.model_copy(update={"inference_log": log})
     started = deploy.connect(base)
     report: dict = {"levels": levels, "seconds_per_level": args.seconds, "queue_limit": base.queue_limit,
-                    "max_batch_size": base.max_batch_size}
+                    "max_batch_size": base.max_batch_size, "inference_log": args.log}
     try:
-        for mode, batch in (("batching_on", base.max_batch_size), ("batching_off", 1)):
-            cfg = base.model_copy(update={"max_batch_size": batch})
-            done = deploy.deploy(args.model, cfg)
-            deploy.verify(done.url, image, expression, done.version)
-            queue = mp.get_context("spawn").Queue()
-            proc = mp.get_context("spawn").Process(target=_clients_process, args=(
-                done.url, body, levels, args.seconds, args.per_client, queue))
-            proc.start()
-            report[mode] = queue.get()
-            proc.join()
-            report["version"] = done.version
+        if args.log == "compare":
+            _compare_log(args, base, settings, image, expression, body, levels, report)
+        else:
+            for mode, batch in (("batching_on", base.max_batch_size), ("batching_off", 1)):
+                cfg = base.model_copy(update={"max_batch_size": batch})
+                done = deploy.deploy(args.model, cfg, settings)
+                deploy.verify(done.url, image, expression, done.version)
+                report[mode] = _run(done.url, body, levels, args.seconds, args.per_client)
+                report["version"] = done.version
     finally:
         deploy.shutdown(started)
+    if args.log == "compare":  # after the stop: the replicas have written their last rows
+        from skyeye.monitoring.log_schema import read_log
+        report["log_check"]["rows_logged"] = len(read_log(settings.inference_log_store))
+        print(json.dumps(report, indent=1))
+        return
     on = {r["clients"]: r for r in report["batching_on"]}
     off = {r["clients"]: r for r in report["batching_off"]}
     report["batching_speedup"] = {c: round(on[c]["throughput_rps"] / max(off[c]["throughput_rps"], 1e-9), 2)

@@ -191,8 +191,9 @@ def serve(
         serving = deploy.served_version(out["url"], key, timeout_s=1) or out["version"]  # a rollout cut short?
         until = deploy.record_stop(serving, out["url"])
         deploy.remove_state()
-        deploy.shutdown(started_ray=True)  # Serve drains the requests in flight, then Ray stops
-        say(f"stopped: version {serving} served at {out['url']} until {until}")
+        deploy.shutdown(started_ray=True)  # Serve drains the requests in flight, the replicas write their log
+        flushed = f"; the inference log flushed to {deploy.log_store()}" if cfg.inference_log.enabled else ""
+        say(f"stopped: version {serving} served at {out['url']} until {until}{flushed}")
 
 
 # after the library's own commands, in the order `skyeye --help` has always listed them

@@ -24,6 +24,7 @@ from .commands.console import console, fail, say
 from .commands.doctor import doctor
 from .commands.errors import DEBUG_ENV, HandledGroup
 from .commands.inputs import existing_file, existing_folder, image_file, in_range, writable_folder
+from .commands.log import log_app
 from .config import (
     DEFAULT_MODEL_FILE,
     REGISTERED_MODEL,
@@ -61,6 +62,7 @@ app.command("doctor")(doctor)
 app.command("ablation")(ablation)
 app.add_typer(import_app, name="import")
 app.command("export")(export)
+app.add_typer(log_app, name="log")
 
 
 @app.callback()

@@ -2,7 +2,8 @@
 models taught to answer a test question: the official `openai` client, plain and
 streaming; every limit answered with its status and OpenAI's error body; the API key; a
 rollout to a new version while requests are in flight; the warning (or refusal) of a
-question whose task the served version is not approved for."""
+question whose task the served version is not approved for; the inference log of every
+request (its fields, a store that refuses writes, nothing lost at Ctrl-C)."""
 from __future__ import annotations
 
 import base64
@@ -13,13 +14,14 @@ import socket
 import threading
 import time
 from collections import Counter
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
 import pytest
 from PIL import Image
 
-from skyeye.serving.config import ServeConfig
+from skyeye.serving.config import InferenceLogConfig, ServeConfig
 from tests.support import WORSE, eval_run, fitted_model, scores
 
 pytestmark = pytest.mark.slow  # a Ray Serve app with real replicas: ~2 minutes for the module
@@ -76,7 +78,7 @@ def served(tmp_path_factory, tiny_backbones):
             assert register(folder, eval_run(folder, scores(10, 50, 1), trivial=TRIVIAL[version])) == version
         cfg = ServeConfig(port=_free_port(), queue_limit=2, max_body_bytes=300_000, max_image_pixels=100 * 100,
                           max_tokens_limit=200, request_timeout_s=30, api_key_env="SKYEYE_TEST_API_KEY",
-                          allowed_local_media_path=root)
+                          allowed_local_media_path=root, inference_log=InferenceLogConfig(flush_s=0.5))
         started = deploy.connect(cfg)
         try:
             first = deploy.deploy("1", cfg)
@@ -124,6 +126,83 @@ def test_models_health_and_metrics(served):
     for name in ("skyeye_requests_total{status=\"200\"}", "skyeye_request_latency_seconds_bucket",
                  "skyeye_batch_size_bucket", "skyeye_generated_tokens_total"):
         assert name in metrics, name
+
+
+def _logged(match, n: int, timeout_s: float = 30):
+    """The inference log's rows for which `match(rows)` holds, once there are `n` of them."""
+    from skyeye.config import get_settings
+    from skyeye.monitoring.log_schema import read_log
+    deadline = time.time() + timeout_s
+    while True:
+        rows = read_log(get_settings().inference_log_store)
+        rows = rows[match(rows)] if len(rows) else rows
+        if len(rows) >= n or time.time() > deadline:
+            return rows.to_dict("records")
+        time.sleep(0.3)
+
+
+def test_every_request_is_logged_with_its_fields(served):
+    """An answer and a refusal, each a row with every field the issue names."""
+    import pandas as pd
+
+    from skyeye.model.references import load
+    from skyeye.monitoring.signals import image_signature, perceptual_hash
+    url, raw = served["url"], _png()
+    before, started = datetime.now(UTC), time.perf_counter()
+    ok = _post(url, {"model": "skyeyegpt", "messages": _messages(urls=[_data_url(raw)]), "max_tokens": 16})
+    took_ms = (time.perf_counter() - started) * 1000
+    long_question = "[vqa]" + " harbour" * 600
+    refused = _post(url, {"model": "skyeyegpt", "messages": _messages(long_question)})
+    after = datetime.now(UTC)
+    assert ok.status_code == 200 and refused.status_code == 400, refused.text
+    body = ok.json()
+    [row] = _logged(lambda r: r["request_id"] == body["id"], 1)
+    assert before <= row["time"] <= after and row["model"] == "skyeyegpt" and row["version"] == 1
+    assert row["role"] == "production" and row["task"] == "refer" and row["prompt"] == QUESTION
+    assert row["prompt_chars"] == len(QUESTION) and row["prompt_tokens"] == body["usage"]["prompt_tokens"]
+    image = Image.open(io.BytesIO(raw))
+    assert row["image_phash"] == perceptual_hash(image) and (row["image_width"], row["image_height"]) == (64, 64)
+    expected = image_signature(load("models:/skyeyegpt/1").model, [image])[0]
+    assert len(row["image_signature"]) == 16 and abs(row["image_signature"] - expected).max() < 1e-4
+    assert pd.isna(row["image_path"])  # log_images is off: the image itself is never kept
+    assert row["answer"] == ANSWERS[1] and json.loads(row["boxes"]) == body["skyeye"]["boxes"] != []
+    assert row["completion_tokens"] == body["usage"]["completion_tokens"] and row["finish_reason"] == "stop"
+    assert 0 < row["latency_ms"] <= took_ms and row["status"] == 200 and pd.isna(row["error"])
+    [no] = _logged(lambda r: r["prompt"] == long_question, 1)
+    assert no["status"] == 400 and "context length" in no["error"] and no["task"] == "vqa"
+    assert pd.isna(no["answer"]) and pd.isna(no["completion_tokens"]) and no["prompt_tokens"] > 600
+    assert pd.isna(no["finish_reason"]) and pd.isna(no["boxes"]) and no["image_signature"] is None
+    assert no["image_phash"] == perceptual_hash(Image.open(io.BytesIO(_png()))) and no["error"] == refused.json()[
+        "error"]["message"]
+
+
+def _metric(url: str, name: str) -> float:
+    lines = httpx.get(f"{url}/metrics").text.splitlines()
+    return next((float(line.split()[1]) for line in lines if line.startswith(name + " ")), 0.0)
+
+
+def test_a_log_store_that_refuses_writes_fails_no_request_and_is_counted(served):
+    from ray import serve
+
+    from skyeye.config import get_settings
+    deploy, cfg, url, root = served["deploy"], served["cfg"], served["url"], served["root"]
+    (root / "a_file").write_text("the store is under a file: every write fails")
+    refusing = get_settings().model_copy(update={"inference_log": str(root / "a_file" / "log")})
+    fast = cfg.model_copy(update={"inference_log": InferenceLogConfig(flush_s=0.2, retry_backoff_s=0.05)})
+    try:
+        serve.run(deploy.application(served["first"].uri, fast, refusing), name=cfg.app_name, route_prefix="/")
+        answers = _ask_together(url, 2) + _ask_together(url, 2)
+        assert answers == [(200, ANSWERS[1])] * 4
+        deadline = time.time() + 30
+        while _metric(url, "skyeye_inference_log_write_failures_total") < 3 and time.time() < deadline:
+            time.sleep(0.3)
+        assert _metric(url, "skyeye_inference_log_write_failures_total") >= 3
+        assert _metric(url, "skyeye_inference_log_write_retries_total") >= 2
+        assert _metric(url, "skyeye_inference_log_rows_written_total") == 0
+        assert _metric(url, "skyeye_inference_log_rows_waiting") == 4  # held for the next try, not lost yet
+        assert _metric(url, 'skyeye_requests_total{status="200"}') == 4
+    finally:
+        serve.run(deploy.application(served["first"].uri, cfg), name=cfg.app_name, route_prefix="/")
 
 
 def _batches(url: str) -> tuple[float, float]:
@@ -516,8 +595,9 @@ def test_a_bounded_fuzz_run_finds_no_server_error_and_no_schema_violation(served
 
 def test_ctrl_c_stops_skyeye_serve_within_15_s(served, tmp_path):
     """Ctrl-C as a terminal sends it (SIGINT to the whole process group): the request in flight
-    is answered, the end is recorded, nothing of the group is left, no traceback, one goodbye
-    line, all within 15 s."""
+    is answered, the end is recorded, the inference log flushed (its row written by the stop,
+    well before the 5 s batch would be), nothing of the group is left, no traceback, one
+    goodbye line, all within 15 s."""
     import signal
     import subprocess
     import sys
@@ -539,9 +619,9 @@ def test_ctrl_c_stops_skyeye_serve_within_15_s(served, tmp_path):
             assert deploy.wait_for_version(url, 1, timeout_s=240), log_path.read_text()[-3000:]
             while not (root / ".skyeye" / "serving.json").exists():
                 time.sleep(0.5)
-            answered: list[int] = []
+            answered: list[httpx.Response] = []
             request = threading.Thread(target=lambda: answered.append(_post(url, {
-                "model": "skyeyegpt", "messages": _messages(), "max_tokens": 64}).status_code))
+                "model": "skyeyegpt", "messages": _messages(), "max_tokens": 64})))
             request.start()
             time.sleep(0.3)
             stopped_at = time.time()
@@ -554,7 +634,12 @@ def test_ctrl_c_stops_skyeye_serve_within_15_s(served, tmp_path):
                 os.killpg(proc.pid, signal.SIGKILL)
     out = log_path.read_text()
     assert code == 0 and took < 15, f"exit {code} after {took:.1f} s\n{out[-3000:]}"
-    assert answered == [200]
+    assert [r.status_code for r in answered] == [200]
+    from skyeye.monitoring.log_schema import read_log
+    logged = read_log(root / ".skyeye" / "inference_log")
+    mine = logged[logged["request_id"] == answered[0].json()["id"]].to_dict("records")
+    assert len(mine) == 1 and mine[0]["status"] == 200 and mine[0]["answer"] == ANSWERS[1], logged.tail(3)
+    assert f"the inference log flushed to {root / '.skyeye' / 'inference_log'}" in out, out[-500:]
     assert "Traceback" not in out and "Error logging to API" not in out, out[-3000:]
     assert sum(line.startswith("stopped: version 1 served at") for line in out.splitlines()) == 1, out[-500:]
     until = MlflowClient().get_model_version("skyeyegpt", "1").tags[TAG_SERVED_UNTIL]

@@ -14,6 +14,9 @@ OpenAI chat-completions contract.
 - The limits and batching reach the replicas as the deployment's `user_config`
   (`reconfigure`). A deploy under the same app name, of a new version or new limits, rolls
   the replicas: the old ones answer until the new ones are ready (`max_surge_percent`).
+- The inference log: every answered or refused chat request is a row handed to the
+  replica's writer (`inference_log`), which writes batches off the request path; the
+  replica's shutdown (Ray Serve calls `__del__`) writes what is left.
 """
 
 import asyncio
@@ -23,6 +26,8 @@ import logging
 import os
 import re
 import time
+import uuid
+from datetime import UTC, datetime
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -42,6 +47,8 @@ from ..tracking import runs
 from ..tracking.names import TAG_APPROVED_TASKS, TAG_DVC_MD5, TAG_EVAL_RUN, read_approved
 from .config import ServeConfig
 from .engine import Engine
+from .inference_log import InferenceLog, identifier_of
+from .inference_log import metrics as log_metrics
 from .media import load_image
 from .protocol import APIError, ChatCompletionRequest, Conversation, chunks, completion, conversation
 
@@ -92,7 +99,7 @@ def _metrics() -> dict[str, Any]:
                                buckets=(1, 2, 4, 8, 16, 32, 64)),
             "tokens": Counter("skyeye_generated_tokens", "Answer tokens generated", registry=registry),
             "in_flight": Gauge("skyeye_requests_in_flight", "Chat requests admitted and not yet answered",
-                               registry=registry)}
+                               registry=registry), **log_metrics(registry)}
 
 
 def build_app(server: "SkyEyeServer") -> FastAPI:
@@ -177,7 +184,7 @@ def _openapi_schema(app: FastAPI) -> dict[str, Any]:
 class SkyEyeServer:
     """One replica: the model of `model_uri`, loaded before the replica takes traffic."""
 
-    def __init__(self, model_uri: str):
+    def __init__(self, model_uri: str, log_store: str | None = None):
         loaded = load(model_uri)
         name = model_name()
         tags = runs.client().get_model_version(name, str(loaded.version)).tags if loaded.version else {}
@@ -194,12 +201,33 @@ class SkyEyeServer:
         self.idle = asyncio.Event()  # no generation running
         self.idle.set()
         self.config, self.metrics = ServeConfig(), _metrics()
+        self.role = "production"  # production | candidate | shadow: the inference log's `role`
+        self.log_store, self.log, self.logs_started = log_store, None, 0
+        try:  # the log's file names: <replica>.<writer>-<seq>.parquet
+            self.writer_id = serve.get_replica_context().replica_id.unique_id
+        except Exception:  # noqa: BLE001 - built outside a replica
+            self.writer_id = uuid.uuid4().hex[:8]
 
     def reconfigure(self, config: dict) -> None:
         """The limits and batching of this deployment (Ray Serve calls this after __init__)."""
         self.config = ServeConfig.model_validate(config)
         self._batched.set_max_batch_size(self.config.max_batch_size)
         self._batched.set_batch_wait_timeout_s(self.config.batch_wait_s)
+        wanted = self.config.inference_log
+        if self.log is None or self.log.cfg != wanted:
+            self._close_log()
+            if wanted.enabled and self.log_store:  # a new writer counts its files from 0: a name of its own
+                self.log = InferenceLog(self.log_store, wanted, f"{self.writer_id}.{self.logs_started}", self.metrics)
+                self.logs_started += 1
+
+    def _close_log(self) -> None:
+        log, self.log = getattr(self, "log", None), None
+        if log is not None and not log.close():
+            logger.error("the inference log at %s was not flushed in time", log.store)
+
+    def __del__(self) -> None:
+        """Ray Serve's replica shutdown (after the requests in flight): the log's last rows written."""
+        self._close_log()
 
     def check_health(self) -> None:
         if self.engine is None:
@@ -253,18 +281,45 @@ class SkyEyeServer:
             raise _validation_error(err.errors()) from None
 
     async def chat(self, request: Request):
-        status = 500
+        status, started, seen = 500, time.perf_counter(), {}
         try:
-            response = await self._chat(request)
+            response = await self._chat(request, seen)
             status = response.status_code
             return response
         except APIError as err:
-            status = err.status
+            status, seen["error"] = err.status, err.message
+            raise
+        except Exception as err:
+            seen["error"] = f"internal error: {type(err).__name__}: {err}"
             raise
         finally:
             self.metrics["requests"].labels(status=str(status)).inc()
+            self._log(seen, status, time.perf_counter() - started)
 
-    async def _chat(self, request: Request):
+    def _log(self, seen: dict[str, Any], status: int, latency_s: float) -> None:
+        """The request's row to the writer: only a dict on a queue here, never an error for the request."""
+        if self.log is None:
+            return
+        try:
+            conv, answer, lineage = seen.get("conv"), seen.get("answer"), self.engine.lineage
+            question = conv.question if conv else None
+            self.log.record({
+                "time": datetime.now(UTC), "request_id": conv.id if conv else f"chatcmpl-{uuid.uuid4().hex}",
+                "model": lineage["model"], "version": lineage["version"], "role": self.role,
+                "task": identifier_of(question) if question else None, "prompt": question,
+                "prompt_chars": len(question) if question else None,
+                "prompt_tokens": answer.prompt_tokens if answer else seen.get("prompt_tokens"),
+                "image_signature": answer.signature if answer else None,
+                "answer": answer.text if answer else None,
+                "boxes": json.dumps(answer.skyeye.get("boxes", [])) if answer else None,
+                "completion_tokens": answer.completion_tokens if answer else None,
+                "finish_reason": answer.finish_reason if answer else None,
+                "latency_ms": latency_s * 1000, "status": status, "error": seen.get("error")},
+                conv.images[0] if conv and conv.images else None)
+        except Exception:  # noqa: BLE001 - the log never fails a request
+            logger.exception("inference log: the row of a request not recorded")
+
+    async def _chat(self, request: Request, seen: dict[str, Any]):
         self.authorize(request)
         cfg, started = self.config, time.perf_counter()
         body = await self._body(request)
@@ -276,7 +331,7 @@ class SkyEyeServer:
         self.metrics["in_flight"].set(self.in_flight)
         try:
             # decoding images and counting tokens in a thread: the event loop keeps taking requests
-            conv = await asyncio.get_running_loop().run_in_executor(None, self._conversation, body)
+            conv = await asyncio.get_running_loop().run_in_executor(None, self._conversation, body, seen)
             warning = self.unapproved(conv.question)
             if warning and cfg.unapproved_tasks == "refuse":
                 raise APIError(422, f"{warning}; this server refuses such questions (unapproved_tasks: refuse)",
@@ -289,6 +344,7 @@ class SkyEyeServer:
         finally:
             self.in_flight -= 1
             self.metrics["in_flight"].set(self.in_flight)
+        seen["answer"] = answer
         self.metrics["latency"].observe(time.perf_counter() - started)
         self.metrics["tokens"].inc(answer.completion_tokens)
         headers = {WARNING_HEADER: warning} if warning else {}
@@ -301,14 +357,17 @@ class SkyEyeServer:
                                      headers=headers)
         return JSONResponse(completion(conv, answer, body.model), headers=headers)
 
-    def _conversation(self, body: ChatCompletionRequest) -> Conversation:
-        cfg = self.config
+    def _conversation(self, body: ChatCompletionRequest, seen: dict[str, Any] | None = None) -> Conversation:
+        """The request as a conversation; what is known of it goes into `seen` (for the log) as it is learnt."""
+        cfg, seen = self.config, {} if seen is None else seen
         conv = conversation(body, served=self.served, max_frames=self.engine.max_frames,
                             max_messages=cfg.max_messages, max_tokens_limit=cfg.max_tokens_limit,
                             default_max_tokens=cfg.default_max_tokens or min(self.engine.max_new_tokens,
                                                                              cfg.max_tokens_limit),
                             load_image=self._image)
-        self.engine.check_fits(conv)
+        seen["conv"] = conv  # from here on the log keeps the question, even of a refused request
+        seen["prompt_tokens"] = self.engine.prompt_tokens(conv)  # a refusal for length logs it too
+        self.engine.check_fits(conv, seen["prompt_tokens"])
         return conv
 
     def _image(self, url: str, param: str):

@@ -10,6 +10,26 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ..config import get_settings, load_yaml_config
 
 
+class InferenceLogConfig(BaseModel):
+    """The inference log (skyeye/serving/inference_log.py): one row per answered or refused request,
+    Parquet by day under Settings.inference_log_store (SKYEYE_INFERENCE_LOG)."""
+    model_config = ConfigDict(extra="forbid")
+    enabled: bool = True
+    prompt: Literal["full", "hash", "off"] = Field(
+        "full", description="What is kept of the question: its text, its sha256, or nothing (null).")
+    log_images: bool = Field(False, description="Keep each request's first image under <store>/_images/ (PNG, named "
+                                                "by content hash); otherwise only its perceptual hash and size.")
+    flush_rows: int = Field(256, ge=1, description="A file is written once this many rows wait (and rows per file).")
+    flush_s: float = Field(5.0, gt=0, description="... or once the oldest waiting row is this old.")
+    queue_rows: int = Field(10_000, ge=1, description="Rows held in memory while the store is slow or refuses "
+                                                      "writes; beyond it new rows are dropped and counted.")
+    write_attempts: int = Field(3, ge=1, description="Tries per batch before it is put back to wait for the next.")
+    retry_backoff_s: float = Field(0.2, ge=0, description="Wait before the first retry; doubled for each next one.")
+    retention_days: int | None = Field(
+        30, ge=1, description="Day partitions (and kept images) older than this are deleted by the writer, at "
+                              "most once an hour; null keeps everything.")
+
+
 class ServeConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     host: str = Field("127.0.0.1", description="Interface the HTTP proxy binds; 0.0.0.0 opens it to the network.")
@@ -44,6 +64,7 @@ class ServeConfig(BaseModel):
                             "and the X-SkyEye-Warning header), `refuse` answers 422.")
     api_key_env: str = Field("SKYEYE_API_KEY", description="Environment variable whose value, when set, "
                                                             "requests must send as `Authorization: Bearer ...`.")
+    inference_log: InferenceLogConfig = Field(default_factory=InferenceLogConfig)
 
     @model_validator(mode="after")
     def _check(self) -> ServeConfig:

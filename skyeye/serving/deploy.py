@@ -97,6 +97,7 @@ def application(uri: str, cfg: ServeConfig, settings: Settings | None = None):
     from ray.serve.config import BackpressureConfig
 
     from .app import SkyEyeServer
+    s = settings or get_settings()
     return SkyEyeServer.options(
         num_replicas=cfg.replicas, user_config=cfg.model_dump(mode="json"),
         # chat requests reach the replica, which admits queue_limit and answers 429 beyond it; the
@@ -105,8 +106,15 @@ def application(uri: str, cfg: ServeConfig, settings: Settings | None = None):
         max_ongoing_requests=cfg.max_connections, max_queued_requests=cfg.max_connections,
         backpressure_config=BackpressureConfig(status_code=429, retry_after_s=cfg.retry_after_s),
         ray_actor_options={"num_cpus": cfg.cpus_per_replica, "runtime_env": {
-            "env_vars": ray_session.worker_env(settings or get_settings(), cfg.api_key_env)}},
-    ).bind(uri)
+            "env_vars": ray_session.worker_env(s, cfg.api_key_env)}},
+    ).bind(uri, log_store(s))
+
+
+def log_store(settings: Settings | None = None) -> str:
+    """Where the replicas write the inference log: SKYEYE_INFERENCE_LOG (a folder, made absolute:
+    a replica's working directory is not ours, or an fsspec URL), else <state>/inference_log."""
+    store = (settings or get_settings()).inference_log_store
+    return store if "://" in store else str(Path(store).resolve())
 
 
 def _png_data_url(path: Path) -> str:

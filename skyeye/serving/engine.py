@@ -5,9 +5,13 @@ the boxes it holds (grid and pixels of the sent image) and the model's lineage."
 from __future__ import annotations
 
 from collections import defaultdict
+from itertools import accumulate
 from typing import Any
 
+import torch
+
 from ..formats.boxes import GRID, phrase_boxes
+from ..monitoring.signals import signature_of_tokens
 from .protocol import Answer, APIError, Conversation
 
 
@@ -36,9 +40,13 @@ class Engine:
         """The model's own answer budget (its config's max_new_tokens)."""
         return int(self.model.cfg.max_new_tokens)
 
-    def check_fits(self, conv: Conversation) -> int:
-        """The prompt's length in tokens; APIError when prompt and answer overflow the context."""
-        prompt = self.model.prompt_length(conv.question, conv.history, len(conv.images))
+    def prompt_tokens(self, conv: Conversation) -> int:
+        return self.model.prompt_length(conv.question, conv.history, len(conv.images))
+
+    def check_fits(self, conv: Conversation, prompt: int | None = None) -> int:
+        """The prompt's length in tokens (`prompt` when counted already); APIError when prompt and
+        answer overflow the context."""
+        prompt = self.prompt_tokens(conv) if prompt is None else prompt
         context = self.model.context_length()
         if prompt + conv.max_tokens > context:
             raise APIError(400, f"the prompt is {prompt} tokens and max_tokens {conv.max_tokens}: together over the "
@@ -57,13 +65,23 @@ class Engine:
         out: list[Answer | None] = [None] * len(convs)
         for temperature, idx in groups.items():
             batch = [convs[i] for i in idx]
-            pixels = self.model.preprocess([im for c in batch for im in c.images])
-            texts = self.model.ask([c.question for c in batch], [len(c.images) for c in batch], pixel_values=pixels,
+            tokens = self._vision(self.model.preprocess([im for c in batch for im in c.images]))
+            texts = self.model.ask([c.question for c in batch], [len(c.images) for c in batch], vision_tokens=tokens,
                                    histories=[c.history for c in batch],
                                    max_new_tokens=max(c.max_tokens for c in batch), temperature=temperature)
-            for i, c, text in zip(idx, batch, texts, strict=True):
+            # the inference log's image signature: the first image of each conversation, from the same pass
+            signatures = signature_of_tokens(tokens)
+            firsts = [0, *accumulate(len(c.images) for c in batch)][:-1]
+            for i, c, text, first in zip(idx, batch, texts, firsts, strict=True):
                 out[i] = self._answer(c, text)
+                out[i].signature = signatures[first].tolist()
         return out  # type: ignore[return-value]
+
+    @torch.no_grad()
+    def _vision(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The frozen encoder's tokens (B, N, D), once per batch: the answer and the log's signature."""
+        dtype = self.model.llm.get_input_embeddings().weight.dtype  # as `ask` casts pixel values
+        return self.model.vision(pixels.to(self.model.device, dtype))
 
     def _answer(self, conv: Conversation, text: str) -> Answer:
         ids = self._count(text)

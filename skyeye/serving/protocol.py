@@ -150,6 +150,7 @@ class Answer:
     completion_tokens: int
     finish_reason: str  # "stop" | "length"
     skyeye: dict[str, Any] = field(default_factory=dict)  # boxes and lineage
+    signature: list[float] | None = None  # the first image's encoder signature, for the inference log only
 
 
 def usage(a: Answer) -> dict[str, int]:
