@@ -32,6 +32,17 @@ def tiny_instructions(tiny_synth: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def fresh_instructions(tmp_path_factory) -> Path:
+    """The tiny corpus and its instructions again with another seed: new images of the same world."""
+    from skyeye.data.instructions import build
+    from skyeye.synth.corpus import synthesize
+    root = tmp_path_factory.mktemp("fresh") / "synth"
+    synthesize(root, scale="tiny", seed=1, workers=1, progress=False)
+    build(root, root.parent / "instructions")
+    return root.parent / "instructions"
+
+
+@pytest.fixture(scope="session")
 def tiny_backbones(tiny_instructions: Path, tmp_path_factory) -> dict[str, str]:
     """Random dim-64 backbones (HF ViT, LLaMA-architecture LM) and a BPE tokenizer trained on
     the tiny instructions: what the backbones step produces, minus the pretraining."""
