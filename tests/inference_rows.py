@@ -46,17 +46,25 @@ def one_benchmark(requests: list[dict], source: str) -> list[dict]:
 
 
 def recolour(image: Image.Image) -> Image.Image:
+    """Red and blue swapped: another sensor's colours."""
     r, g, b = image.convert("RGB").split()
     return Image.merge("RGB", (b, g, r))
 
 
+def invert(image: Image.Image) -> Image.Image:
+    """A negative: a gross re-colouring."""
+    from PIL import ImageOps
+    return ImageOps.invert(image.convert("RGB"))
+
+
 def rows(model, requests: list[dict], start: datetime, every: timedelta = timedelta(minutes=1), *,
-         recoloured: bool = False, bad_boxes: float = 0.0, cut: float = 0.0, role: str = "production") -> list[dict]:
+         recoloured=None, bad_boxes: float = 0.0, cut: float = 0.0, role: str = "production") -> list[dict]:
     """Log rows of `requests` answered by version 1 from `start` on, `every` apart: a box (or, for
-    a `bad_boxes` share, words) for [refer]/[detection], `cut` of the answers at the token limit."""
+    a `bad_boxes` share, words) for [refer]/[detection], `cut` of the answers at the token limit;
+    `recoloured`: a function applied to every image (`recolour`, `invert`)."""
     images = [Image.open(r["image"]).convert("RGB") for r in requests]
     if recoloured:
-        images = [recolour(im) for im in images]
+        images = [recoloured(im) for im in images]
     signatures = image_signature(model, images)
     out = []
     for i, (r, im, sig) in enumerate(zip(requests, images, signatures, strict=True)):

@@ -2,7 +2,7 @@
 registered as `skyeye schedule up` registers it (its triggers become automations): a registered
 dim-64 version in production, trained on the tiny instruction set (its data version is the one
 data.dvc records); an unshifted window emits nothing and starts no retrain; a window of
-re-coloured images emits `skyeye.drift.detected` and the automation creates a retrain flow run.
+inverted images (a negative: re-coloured) emits `skyeye.drift.detected` and the automation creates a retrain flow run.
 No runner serves the deployment, so that run waits as Scheduled instead of training."""
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from inference_rows import rows, unshifted, write_log
+from inference_rows import invert, rows, unshifted, write_log
 from processes import free_port
 from projects import project_environment, write_project
 from services import stop_tree, wait_until
@@ -69,7 +69,9 @@ def served(tmp_path_factory, tiny_backbones, tiny_instructions, prefect_api):
         model_dir = build_model(CFG, b["vision"], b["llm"], b["tokenizer"]).save(root / "model")
         version = store.register(model_dir, eval_run(model_dir, scores(1, 1, 1), md5=MD5))
         runs.client().set_registered_model_alias("skyeyegpt", "production", str(version))
-        retrain = next(d for d in deployments(ScheduleConfig()) if d.name == "retrain")
+        # no cron: the scheduler's runs would stand beside the one the event creates
+        cfg = ScheduleConfig.model_validate({"retrain": {"cron": None}})
+        retrain = next(d for d in deployments(cfg) if d.name == "retrain")
         retrain.apply()
         from skyeye.model.references import load
         yield {"root": root, "model": load(f"models:/skyeyegpt/{version}").model, "version": version}
@@ -89,7 +91,8 @@ def test_unshifted_no_event_then_shifted_starts_retrain(served, fresh_instructio
     quiet, shifted = now - timedelta(hours=3), now - timedelta(hours=30)
     requests = unshifted(fresh_instructions, 80)
     store = served["root"] / "inference_log"
-    write_log(store, rows(served["model"], requests, quiet) + rows(served["model"], requests, shifted, recoloured=True))
+    write_log(store, rows(served["model"], requests, quiet)
+              + rows(served["model"], requests, shifted, recoloured=invert))
 
     out = monitor(window_hours=2, until=(quiet + timedelta(hours=2)).isoformat())
     assert out["rows"] == 80 and out["drifted"] == [] and not out["event"], out["table"]

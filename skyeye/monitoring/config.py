@@ -24,7 +24,7 @@ class MonitorConfig(BaseModel):
     """configs/monitor.yaml."""
     model_config = ConfigDict(extra="forbid")
     window_hours: float = Field(24, gt=0, description="The window of the inference log compared, ending now.")
-    min_rows: int = Field(50, ge=1, description="Fewer requests in the window: not enough traffic, no verdict.")
+    min_rows: int = Field(200, ge=1, description="Fewer requests in the window: not enough traffic, no verdict.")
     cron: str | None = Field("0 4 * * *", description="When `skyeye schedule up` runs the monitor (UTC).")
     reference_images: int = Field(256, ge=8, description="Training images sampled for encoder signatures.")
     reference_prompts: int = Field(20000, ge=100, description="Training questions sampled for mix and lengths.")

@@ -9,8 +9,9 @@ Signals, each with its test (docs/orchestration.md#drift gives the measurements 
 - prompt length (characters) and image size (the side of a square of the same area): PSI over
   ten bins at the reference's quantiles;
 - image content: the energy distance between the 16-dim frozen-encoder signatures of the two
-  samples, with a permutation p-value (no bandwidth to choose, unlike MMD; sensitive to a shift of
-  any moment, unlike per-dimension tests; the p-value holds whatever the signature's scale);
+  samples (each dimension standardised by the reference), with a permutation p-value (no
+  bandwidth to choose, unlike MMD; sensitive to a shift of any moment and to dependence
+  between dimensions, unlike per-dimension KS; the p-value is exact whatever the scale);
 - answers: the share of `[refer]`/`[detection]` answers with no box that parses, and of answers
   cut at the token limit; absolute rates of the window (training data has no answers to compare).
 PSI rather than chi-square or KS for mix, lengths and sizes: a test's p-value goes to zero on a
@@ -32,7 +33,7 @@ from .signals import SIGNATURE_DIMS
 
 NO_TASK = "none"  # a question without a task identifier (free text)
 BOX_TASKS = ("refer", "detection")  # answered with boxes ([identify] answers with words)
-PSI_FLOOR = 1e-4  # an empty bin counts as this share: PSI stays finite
+PSI_PRIOR = 0.5  # counts added to every bin: PSI stays finite and small windows less noisy
 
 
 def task_identifier(question: str) -> str:
@@ -54,8 +55,8 @@ def image_side(width, height) -> np.ndarray:
 
 @dataclass
 class Sample:
-    """One side of the comparison: a task and prompt length per request, an image side and
-    signature per image."""
+    """One side of the comparison: a task and prompt length per request (or training question),
+    a side and a signature per distinct image."""
     tasks: list[str]
     prompt_chars: np.ndarray
     image_sides: np.ndarray
@@ -87,11 +88,15 @@ class Answers:
 
 def window_of(log: pd.DataFrame) -> tuple[Sample, Answers]:
     """The log's rows (`log_schema.SCHEMA`) as the window's Sample and Answers. Shadow rows repeat
-    a request already logged; rows without an image count for task and length only."""
+    a request already logged; rows without an image count for task and length only; an image
+    counts once for size and content however often it is asked about."""
     if "role" in log:
         log = log[log["role"].fillna("") != "shadow"]
     tasks = [normalise_task(t) for t in log["task"]]
     with_image = log[log["image_signature"].notna() & log["image_width"].notna() & log["image_height"].notna()]
+    # one row per distinct image (by perceptual hash): an image asked about 100 times is one draw of
+    # the image distribution, and repeats would make the permutation p-value too small
+    with_image = with_image[with_image["image_phash"].isna() | ~with_image["image_phash"].duplicated()]
     signatures = (np.stack([np.asarray(s, np.float32) for s in with_image["image_signature"]])
                   if len(with_image) else np.zeros((0, SIGNATURE_DIMS), np.float32))
     answered = log[(log["status"].fillna(0) < 400) & log["answer"].notna()]
@@ -105,9 +110,11 @@ def window_of(log: pd.DataFrame) -> tuple[Sample, Answers]:
 # ---------------------------------------------------------------- tests
 
 def psi(expected: np.ndarray, actual: np.ndarray) -> float:
-    """Population stability index of two count (or share) vectors over the same bins."""
-    e = np.maximum(np.asarray(expected, float) / max(np.sum(expected), 1), PSI_FLOOR)
-    a = np.maximum(np.asarray(actual, float) / max(np.sum(actual), 1), PSI_FLOOR)
+    """Population stability index of two count vectors over the same bins, each bin given half
+    a count more (an empty bin of a small window would otherwise weigh as a log of zero)."""
+    e = np.asarray(expected, float) + PSI_PRIOR
+    a = np.asarray(actual, float) + PSI_PRIOR
+    e, a = e / e.sum(), a / a.sum()
     return float(np.sum((a - e) * np.log(a / e)))
 
 
@@ -124,6 +131,15 @@ def quantile_edges(ref: np.ndarray, bins: int) -> np.ndarray:
 
 def binned_counts(values: np.ndarray, edges: np.ndarray) -> np.ndarray:
     return np.bincount(np.searchsorted(edges, values, side="right"), minlength=len(edges) + 1)
+
+
+def standardise(reference: np.ndarray, *others: np.ndarray) -> list[np.ndarray]:
+    """Each dimension to the reference's zero mean and unit spread: a shift along a quiet
+    dimension counts as much as one along a loud one (distances are otherwise ruled by the
+    few dimensions where images differ most)."""
+    mean, std = reference.mean(axis=0), reference.std(axis=0)
+    std = np.where(std > 0, std, 1.0)
+    return [(a - mean) / std for a in (reference, *others)]
 
 
 def energy_test(x: np.ndarray, y: np.ndarray, permutations: int, seed: int) -> tuple[float, float, np.ndarray]:
@@ -225,7 +241,7 @@ def compare(reference: Sample, window: Sample, answers: Answers, cfg: MonitorCon
     if len(y) > cfg.window_images:
         y = y[np.random.default_rng(cfg.seed).choice(len(y), cfg.window_images, replace=False)]
     if len(x) >= 2 and len(y) >= 2:
-        stat, p, report.null = energy_test(x, y, cfg.permutations, cfg.seed)
+        stat, p, report.null = energy_test(*standardise(x, y), cfg.permutations, cfg.seed)
         report.signals.append(Signal("image_content", stat, t.image_content_p, p < t.image_content_p, p,
                                      note=f"energy distance, {len(x)} vs {len(y)} images"))
     else:

@@ -72,17 +72,16 @@ def build_reference(read: Opener, model, cfg: MonitorConfig) -> Sample:
         raise ReferenceError(f"no questions in {INSTRUCTIONS}/{{{','.join(STAGE_FILES)}}}")
     rng = np.random.default_rng(cfg.seed)
     picked = [turns[i] for i in sorted(rng.choice(len(turns), min(len(turns), cfg.reference_prompts), replace=False))]
-    # images as the questions saw them (an image asked about ten times weighs ten), as requests do
-    asked = [p for _, p in turns if p]
-    paths = [asked[i] for i in sorted(rng.choice(len(asked), min(len(asked), cfg.reference_images), replace=False))]
-    loaded: dict[str, Image.Image] = {}
+    # distinct images, as the window counts them (`drift.window_of`)
+    paths = sorted({p for _, p in turns if p})
+    paths = [paths[i] for i in sorted(rng.choice(len(paths), min(len(paths), cfg.reference_images), replace=False))]
+    images = []
     for p in paths:
         rel = posixpath.normpath(posixpath.join(INSTRUCTIONS, p))
         try:
-            loaded[p] = loaded.get(p) or Image.open(io.BytesIO(read(rel))).convert("RGB")
+            images.append(Image.open(io.BytesIO(read(rel))).convert("RGB"))
         except (OSError, ValueError) as err:
             raise ReferenceError(f"{rel}: unreadable training image ({err})") from None
-    images = [loaded[p] for p in paths]
     return Sample([task_identifier(q) for q, _ in picked], [len(q) for q, _ in picked],
                   image_side([im.width for im in images], [im.height for im in images]),
                   image_signature(model, images))
