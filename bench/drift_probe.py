@@ -4,12 +4,13 @@ A tiny SkyEye-Synth corpus (seed 0) is the training data; the windows are reques
 a second corpus (seed 1: new images of the same world) as `skyeye serve` would log them
 (tests/inference_rows.py writes them, the monitor reads them), under dim-64 models whose random
 frozen encoders differ by `--encoders` seeds. Per encoder, window size and scenario
-(`unshifted`, `recoloured`: red and blue swapped, `one_benchmark`: DIOR-RSVG images only):
-the image-content p-value of the energy test on raw signatures and on signatures standardised
-by the reference (what `drift.compare` does), and the PSIs. `--plot` writes the monitor's
-own plots (skyeye/monitoring/plots.py) of one recoloured window, e.g. docs/drift_monitor.png.
+(`unshifted`: the seed-1 corpus, `unshifted_training`: the training corpus's own questions and
+images, `recoloured`: red and blue swapped, `inverted`: a negative, `one_benchmark`: DIOR-RSVG
+images only), the monitor's figures (`drift.compare`: signatures standardised by the reference)
+and `p_raw`, the energy test on raw signatures. `--plot` writes the monitor's own overview plot
+(skyeye/monitoring/plots.py) of encoder 0's inverted window of the largest size.
 
-    python bench/drift_probe.py [--encoders 5] [--sizes 40,80,160] [--plot docs/drift_monitor.png]
+    python bench/drift_probe.py [--encoders 5] [--sizes 100,200] [--plot docs/drift_monitor.png]
 """
 from __future__ import annotations
 
@@ -51,7 +52,7 @@ def corpus(folder: Path, seed: int) -> Path:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--encoders", type=int, default=5)
-    ap.add_argument("--sizes", default="40,80,160")
+    ap.add_argument("--sizes", default="100,200")
     ap.add_argument("--plot", type=Path)
     args = ap.parse_args()
     cfg = MonitorConfig(min_rows=20, reference_images=64, permutations=500)
@@ -70,7 +71,8 @@ def main() -> None:
             model = build_model(ModelConfig(vision=VisionConfig(image_size=64), lora=LoRAConfig(r=8, alpha=16)),
                                 paths["vision"], paths["llm"], paths["llm"]).eval()
             ref = build_reference(lambda rel: (train.parent / rel.removeprefix("data/")).read_bytes(), model, cfg)
-            for n in [int(s) for s in args.sizes.split(",")]:
+            sizes = [int(s) for s in args.sizes.split(",")]
+            for n in sizes:
                 requests = unshifted(fresh, n, seed=100 + enc)
                 for name, reqs, kw in (("unshifted", requests, {}),
                                        ("unshifted_training", unshifted(train, n, seed=200 + enc), {}),
@@ -87,9 +89,9 @@ def main() -> None:
                     row |= {k: round(v, 4) for k, v in report.metrics().items() if not k.endswith("_drifted")}
                     out["results"].append(row)
                     print(json.dumps(row), file=sys.stderr)
-                    if args.plot and enc == 0 and name == "recoloured" and n == 80:
+                    if args.plot and enc == 0 and name == "inverted" and n == max(sizes):
                         from skyeye.monitoring.plots import draw
-                        files = draw(report, tmp / "plots", "drift monitor: a window of 80 re-coloured requests "
+                        files = draw(report, tmp / "plots", f"drift monitor: {n} requests about inverted images "
                                                             "against the training data (bench/drift_probe.py)")
                         shutil.copy(files[-1], args.plot)
     summary = {}
