@@ -91,6 +91,12 @@ def test_too_few_rows_is_not_enough_traffic(tmp_path, model, reference, fresh_in
     assert report.table() == "not enough traffic: 10 requests in the window, 40 needed"
 
 
+def test_an_empty_log_is_not_enough_traffic(tmp_path, reference):
+    window, answers = window_of(read_log(str(tmp_path / "nothing here")))
+    assert len(window.tasks) == 0 and answers.answers == 0
+    assert compare(reference, window, answers, MONITOR).table().startswith("not enough traffic: 0 requests")
+
+
 def test_shadow_rows_and_rows_outside_the_window_are_left_out(tmp_path, model, fresh_instructions):
     requests = unshifted(fresh_instructions, 6)
     write_log(tmp_path / "log", rows(model, requests[:4], START) + rows(model, requests[4:], START, role="shadow")

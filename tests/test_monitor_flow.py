@@ -110,3 +110,18 @@ def test_unshifted_no_event_then_shifted_starts_retrain(served, fresh_instructio
     started = wait_until("a retrain run created by the drift event", _retrain_runs, 120, 2)
     assert len(started) == 1 and started[0].created_by and started[0].created_by.type == "AUTOMATION"
     assert started[0].parameters.get("rollout") is False  # the deployment's parameters
+
+
+def test_skyeye_monitor_by_hand(served):
+    """The command: a quiet window is "not enough traffic" and emits nothing; a bad time is
+    refused before anything runs."""
+    def skyeye(*args):
+        return subprocess.run([str(BIN / "skyeye"), "monitor", *args], cwd=served["root"], capture_output=True,
+                              text=True, timeout=300)
+    before = len(_retrain_runs())
+    out = skyeye("--window-hours", "1", "--until", "2020-01-01T00:00:00+00:00")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "0 requests" in out.stdout and "not enough traffic: 0 requests in the window, 40 needed" in out.stdout
+    bad = skyeye("--until", "yesterday")
+    assert bad.returncode == 2 and "--until 'yesterday': not an ISO time" in bad.stdout + bad.stderr
+    assert len(_retrain_runs()) == before

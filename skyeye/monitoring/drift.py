@@ -100,7 +100,7 @@ def window_of(log: pd.DataFrame) -> tuple[Sample, Answers]:
     signatures = (np.stack([np.asarray(s, np.float32) for s in with_image["image_signature"]])
                   if len(with_image) else np.zeros((0, SIGNATURE_DIMS), np.float32))
     answered = log[(log["status"].fillna(0) < 400) & log["answer"].notna()]
-    boxes = answered[[normalise_task(t) in BOX_TASKS for t in answered["task"]]]
+    boxes = answered[answered["task"].map(normalise_task).isin(BOX_TASKS)]
     answers = Answers(len(boxes), sum(not parse_boxes(a) for a in boxes["answer"]), len(answered),
                       int((answered["finish_reason"] == "length").sum()))
     return Sample(tasks, log["prompt_chars"].fillna(0).to_numpy(float),
