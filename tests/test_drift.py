@@ -137,3 +137,40 @@ def test_the_monitor_is_deployed_daily_and_its_event_triggers_retrain():
     assert len(drift) == 1 and by_name["retrain"].concurrency_limit == 1  # one retrain at a time, whatever starts it
     off = deployments(ScheduleConfig.model_validate({"retrain": {"on_drift": False}}))
     assert not [t for t in off[0].triggers if t.expect == {DRIFT_EVENT}]
+
+
+def test_the_training_data_of_a_version_is_read_locally_or_through_dvc(tmp_path, monkeypatch):
+    """The served version's data version: the local data/ when data.dvc records it, else DVC at
+    the commit its lineage names (from the remote when the cache lost it); else a clear error."""
+    import shutil
+    import subprocess
+
+    from flows.monitor import training_data
+    from skyeye.config import get_settings
+    from skyeye.datagate.versioning import ensure_dvc, version_data
+    from skyeye.monitoring.reference import ReferenceError
+    for name in ("DVC_GLOBAL_CONFIG_DIR", "DVC_SYSTEM_CONFIG_DIR", "DVC_SITE_CACHE_DIR"):
+        monkeypatch.setenv(name, str(tmp_path / name))
+    monkeypatch.delenv("SKYEYE_DVC_REMOTE_URL", raising=False)
+    root = tmp_path / "repo"
+    (root / "data/instructions").mkdir(parents=True)
+    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
+    monkeypatch.setenv("SKYEYE_PROJECT_ROOT", str(root))
+    get_settings.cache_clear()
+    try:
+        stage1 = root / "data/instructions/stage1.json"
+        stage1.write_text('[{"id": "v1"}]')
+        ensure_dvc(root)
+        v1 = version_data(root, commit=True, message="data v1")
+        stage1.write_text('[{"id": "v2"}]')
+        v2 = version_data(root, commit=True, message="data v2")
+        read, where = training_data(v2.md5, v2.git_rev)
+        assert where.startswith("the local data/") and read("data/instructions/stage1.json") == b'[{"id": "v2"}]'
+        shutil.rmtree(root / ".dvc/cache")
+        read, where = training_data(v1.md5, v1.git_rev)
+        assert where == f"DVC at commit {v1.git_rev[:12]}"
+        assert read("data/instructions/stage1.json") == b'[{"id": "v1"}]'
+        with pytest.raises(ReferenceError, match=f"data version {v1.md5}.*commit {v2.git_rev}"):
+            training_data(v1.md5, v2.git_rev)  # a lineage naming the wrong commit
+    finally:
+        get_settings.cache_clear()

@@ -107,6 +107,12 @@ def test_unshifted_no_event_then_shifted_starts_retrain(served, fresh_instructio
     out = monitor(window_hours=2, until=(shifted + timedelta(hours=2)).isoformat())
     assert out["drifted"] == ["image_content"] and out["event"], out["table"]
     assert out["reference"].startswith("cached")  # the same data version and encoder: not rebuilt
+    from prefect import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    with get_client(sync_client=True) as client:
+        notes = [a.data for a in client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(
+            any_=["drift"])))]
+    assert any("**drift**: image_content; `skyeye.drift.detected` emitted" in n for n in notes), notes
     started = wait_until("a retrain run created by the drift event", _retrain_runs, 120, 2)
     assert len(started) == 1 and started[0].created_by and started[0].created_by.type == "AUTOMATION"
     assert started[0].parameters.get("rollout") is False  # the deployment's parameters
