@@ -72,13 +72,22 @@ def log_run(report: DriftReport, tags: dict[str, str], title: str) -> str:
 @flow(name="monitor", log_prints=False)
 def monitor(window_hours: float | None = None, until: str | None = None, emit: bool = True) -> dict:
     """Compare the last `window_hours` (configs/monitor.yaml) of the inference log, up to `until`
-    (ISO time, default now), with the served version's training data; emit `skyeye.drift.detected`
-    when a signal crosses its threshold (unless `emit` is false)."""
+    (ISO time, UTC unless it names an offset; default now), with the served version's training
+    data; emit `skyeye.drift.detected` when a signal crosses its threshold (unless `emit` is false)."""
     from skyeye.model.references import load, model_name
-    from skyeye.monitoring.reference import cached_reference
-    from skyeye.tracking.names import KIND_DRIFT, TAG_DVC_MD5, TAG_GIT_REV, TAG_KIND, TAG_MODEL_VERSION
+    from skyeye.monitoring.reference import ReferenceError, cached_reference
+    from skyeye.tracking.names import (
+        IMPORTED_DATA,
+        KIND_DRIFT,
+        TAG_DVC_MD5,
+        TAG_GIT_REV,
+        TAG_KIND,
+        TAG_MODEL_VERSION,
+        UNVERSIONED,
+    )
     logger, cfg, settings = get_run_logger(), load_monitor_config(), get_settings()
-    end = datetime.fromisoformat(until).astimezone(UTC) if until else datetime.now(UTC)
+    end = datetime.fromisoformat(until) if until else datetime.now(UTC)
+    end = end.replace(tzinfo=UTC) if end.tzinfo is None else end.astimezone(UTC)  # no offset given: UTC
     start = end - timedelta(hours=window_hours or cfg.window_hours)
     window, answers = window_of(read_log(settings.inference_log_store, start, end))
     out = {"since": start.isoformat(), "until": end.isoformat(), "rows": len(window.tasks), "drifted": [],
@@ -91,6 +100,9 @@ def monitor(window_hours: float | None = None, until: str | None = None, emit: b
         return out
     version, lineage = served_version()
     md5, rev = lineage.get(TAG_DVC_MD5, ""), lineage.get(TAG_GIT_REV)
+    if md5 in ("", UNVERSIONED, IMPORTED_DATA):
+        raise ReferenceError(f"version {version} of {model_name()} has no SkyEye data version ({md5 or 'none'}): "
+                             "no training data to compare its traffic with")
     model = load(f"models:/{model_name()}/{version}").model
     reference, where = cached_reference(md5, model, cfg, lambda: training_data(md5, rev))
     report = compare(reference, window, answers, cfg)
