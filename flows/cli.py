@@ -4,6 +4,7 @@
 - `skyeye serve`: the serve flow (`flows/serve.py`), following the production alias;
 - `skyeye server up`: the local Prefect server and the MLflow UI (`flows/servers.py`);
 - `skyeye schedule ...`: the deployments that retrain and serve by themselves (`flows/schedule.py`);
+- `skyeye monitor`: the drift monitor now (`flows/monitor.py`), as its daily deployment runs it;
 - `skyeye data version --commit` also announces the "data versioned" event a scheduled
   retrain starts on.
 
@@ -196,8 +197,46 @@ def serve(
         say(f"stopped: version {serving} served at {out['url']} until {until}{flushed}")
 
 
+def monitor(
+    window_hours: Annotated[Optional[float], typer.Option(
+        callback=in_range(0.01), help="Hours of the inference log to compare, ending now (default: "
+                                      "configs/monitor.yaml).")] = None,
+    until: Annotated[Optional[str], typer.Option(help="End of the window, ISO time (default: now).")] = None,
+    no_event: Annotated[bool, typer.Option("--no-event", help="Report only: emit no drift event.")] = False,
+) -> None:
+    """Compare a window of the inference log with the served version's training data: task mix,
+    prompt length, image size, image content (frozen-encoder signatures), unparsable boxes and
+    answers cut at the token limit. Drift emits skyeye.drift.detected, which starts the retrain
+    deployment of `skyeye schedule up` (with PREFECT_API_URL set to its server)."""
+    from flows.monitor import DRIFT_EVENT
+    from flows.monitor import monitor as monitor_flow
+    from skyeye.model.references import RegistryError
+    from skyeye.monitoring.reference import ReferenceError
+    if until:
+        try:
+            from datetime import datetime
+            datetime.fromisoformat(until)
+        except ValueError:
+            fail(f"--until {until!r}: not an ISO time (e.g. 2026-12-06T04:00+00:00)")
+    try:
+        out = monitor_flow(window_hours=window_hours, until=until, emit=not no_event)
+    except (RegistryError, ReferenceError, ValueError) as err:
+        fail(str(err))
+    say(f"inference log {out['since'][:16]} to {out['until'][:16]} UTC: {out['rows']} requests")
+    if out.get("version") is not None:
+        say(f"served version {out['version']}, trained on data version {out['data_md5']} ({out['reference']})")
+    say(out["table"])
+    if out["run_id"]:
+        say(f"MLflow run {out['run_id']} (experiment skyeye-monitoring: figures and a plot per signal)")
+    if out["event"]:
+        say(f"drift in {', '.join(out['drifted'])}: {DRIFT_EVENT} emitted"
+            + ("" if os.environ.get("PREFECT_API_URL") else " (to Prefect's temporary server: set PREFECT_API_URL "
+               "to the server of `skyeye schedule up` for retrain to start on it)"))
+
+
 # after the library's own commands, in the order `skyeye --help` has always listed them
 app.command("serve")(serve)
+app.command("monitor")(monitor)
 app.add_typer(schedule_app, name="schedule")
 app.add_typer(server_app, name="server")
 on_data_committed.append(announce_data_version)

@@ -1,10 +1,12 @@
 """Retraining that runs itself: SkyEye's Prefect deployments, declared here in one place,
 registered and run by `skyeye schedule up` against the Prefect server at PREFECT_API_URL.
 
-- `retrain/retrain`: on a cron schedule (configs/schedule.yaml, weekly by default) and
+- `retrain/retrain`: on a cron schedule (configs/schedule.yaml, weekly by default),
   whenever a `skyeye.data.versioned` event announces a new data version (`skyeye data
-  version --commit` emits it). One run at a time: a second start waits (`enqueue`) or is
-  dropped (`skip`), as configured, never two trainings on one machine.
+  version --commit` emits it) and whenever the drift monitor emits `skyeye.drift.detected`.
+  One run at a time, whatever started it: a second start waits (`enqueue`) or is dropped
+  (`skip`), as configured, never two trainings on one machine.
+- `monitor/monitor`: daily (configs/monitor.yaml's cron), the drift monitor (flows/monitor.py).
 - `rollout/serve`: on each `skyeye.model.production-moved` event, with the new version as
   its parameter: deploys it on the cluster (RAY_ADDRESS), or waits for the local `skyeye
   serve` that follows production.
@@ -39,6 +41,7 @@ class RetrainSchedule(BaseModel):
     model_config = ConfigDict(extra="forbid")
     cron: str | None = Field("0 3 * * 1", description="When retrain runs (UTC); null: only on new data.")
     on_new_data: bool = Field(True, description="Retrain when a data version is committed.")
+    on_drift: bool = Field(True, description="Retrain when the drift monitor emits skyeye.drift.detected.")
     when_busy: Literal["enqueue", "skip"] = Field(
         "enqueue", description="A start while a retrain runs: wait for it, or be dropped.")
     parameters: dict = Field(default_factory=dict, description="Parameters of the retrain flow runs.")
@@ -79,13 +82,18 @@ def deployments(cfg: ScheduleConfig | None = None) -> list:
     from prefect.deployments.runner import EntrypointType
     from prefect.events import DeploymentEventTrigger
 
+    from flows.monitor import DRIFT_EVENT, DRIFT_RESOURCE, monitor
     from flows.retrain import retrain
     from flows.serve import rollout
+    from skyeye.monitoring.config import load_monitor_config
     cfg = cfg or load_schedule_config()
     r = cfg.retrain
     triggers = [DeploymentEventTrigger(name="retrain on a new data version", expect={DATA_EVENT},
                                        match={"prefect.resource.id": "skyeye.data"},
                                        parameters={"expected_md5": "{{ event.payload.md5 }}"})] if r.on_new_data else []
+    if r.on_drift:  # the same deployment: its concurrency limit covers every start
+        triggers.append(DeploymentEventTrigger(name="retrain on drift", expect={DRIFT_EVENT},
+                                               match={"prefect.resource.id": DRIFT_RESOURCE}))
     module = {"entrypoint_type": EntrypointType.MODULE_PATH}  # `flows` is installed: runs from any folder
     strategy = ConcurrencyLimitStrategy.ENQUEUE if r.when_busy == "enqueue" else ConcurrencyLimitStrategy.CANCEL_NEW
     return [
@@ -93,11 +101,16 @@ def deployments(cfg: ScheduleConfig | None = None) -> list:
         retrain.to_deployment(name="retrain", cron=r.cron, triggers=triggers,
                               parameters={"rollout": False, **r.parameters},
                               concurrency_limit=ConcurrencyLimitConfig(limit=1, collision_strategy=strategy),
-                              description="Retrain SkyEyeGPT: weekly and on every new data version.", **module),
+                              description="Retrain SkyEyeGPT: weekly, on new data versions and on drift.", **module),
         rollout.to_deployment(name="serve", triggers=[DeploymentEventTrigger(
             name="serve the new production", expect={PRODUCTION_EVENT}, match={"prefect.resource.id": "skyeye.model.*"},
             parameters={"version": "{{ event.payload.version }}"})],
             description="Serve the version production moved to.", **module),
+        monitor.to_deployment(name="monitor", cron=load_monitor_config().cron,
+                              concurrency_limit=ConcurrencyLimitConfig(
+                                  limit=1, collision_strategy=ConcurrencyLimitStrategy.CANCEL_NEW),
+                              description="Drift of the inference log against the served version's training data; "
+                                          "emits skyeye.drift.detected (retrain starts on it).", **module),
     ]
 
 
@@ -161,7 +174,7 @@ def up() -> None:
 
 def _ours(client) -> list:
     from prefect.client.schemas.filters import FlowFilter, FlowFilterName
-    return client.read_deployments(flow_filter=FlowFilter(name=FlowFilterName(any_=["retrain", "rollout"])))
+    return client.read_deployments(flow_filter=FlowFilter(name=FlowFilterName(any_=["retrain", "rollout", "monitor"])))
 
 
 def status() -> list[dict]:

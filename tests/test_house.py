@@ -16,6 +16,7 @@ import pytest
 from flows.schedule import ScheduleConfig
 from skyeye.config import DataConfig, load_yaml_config
 from skyeye.model.config import ModelConfig
+from skyeye.monitoring.config import MonitorConfig
 from skyeye.registry.promotion import PromotionPolicy
 from skyeye.serving.config import ServeConfig
 from skyeye.training.ablation import AblationConfig
@@ -26,7 +27,7 @@ PACKAGE = REPO / "skyeye"
 # which typed model each shipped config folder (or file) is read with
 CONFIG_MODELS = {"configs/data.yaml": DataConfig, "configs/promotion.yaml": PromotionPolicy,
                  "configs/ablation.yaml": AblationConfig,
-                 "configs/serve.yaml": ServeConfig,
+                 "configs/serve.yaml": ServeConfig, "configs/monitor.yaml": MonitorConfig,
                  "configs/schedule.yaml": ScheduleConfig, "configs/model": ModelConfig, "configs/train": StageConfig}
 
 

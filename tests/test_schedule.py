@@ -1,9 +1,9 @@
 """Retraining that runs itself, against a real `prefect server start` on loopback (started by
 `skyeye server up`, with the MLflow UI beside it) and `skyeye schedule up` serving the
-deployments: listed with their schedules and triggers; a retrain started through the API
-completes, the next reuses every step, a config change reruns only what follows it; a
-data-version event starts retrain; moving production starts the serve deployment with the
-new version; two starts at once run one retrain at a time."""
+deployments (retrain, serve, the daily drift monitor): listed with their schedules and
+triggers; a retrain started through the API completes, the next reuses every step, a config
+change reruns only what follows it; a data-version event starts retrain; moving production
+starts the serve deployment with the new version; two starts at once run one retrain at a time."""
 from __future__ import annotations
 
 import json
@@ -69,7 +69,7 @@ def scheduled(tmp_path_factory):
                 mp.delenv(key)
             from skyeye.config import get_settings
             get_settings.cache_clear()
-            _wait_for("the deployments", lambda: len(_status(root, env)) == 2, 180, 3)
+            _wait_for("the deployments", lambda: len(_status(root, env)) == 3, 180, 3)
             yield {"root": root, "env": env, "api": api, "logs": logs, "runner": runner, "servers": servers}
             get_settings.cache_clear()
     finally:
@@ -122,9 +122,10 @@ def _retrain(logs: Path, **parameters):
 
 def test_deployments_are_listed_with_schedules_and_triggers(scheduled):
     rows = {r["deployment"]: r for r in _status(scheduled["root"], scheduled["env"])}
-    assert set(rows) == {"retrain/retrain", "rollout/serve"}
+    assert set(rows) == {"retrain/retrain", "rollout/serve", "monitor/monitor"}
     assert rows["retrain/retrain"]["schedules"] == ["cron 0 3 * * 1 (UTC)"]
-    assert rows["retrain/retrain"]["triggers"] == ["retrain on a new data version"]
+    assert sorted(rows["retrain/retrain"]["triggers"]) == ["retrain on a new data version", "retrain on drift"]
+    assert rows["monitor/monitor"]["schedules"] == ["cron 0 4 * * * (UTC)"]
     _assert_next_monday_3am(rows["retrain/retrain"]["next_run"])
     assert rows["rollout/serve"]["triggers"] == ["serve the new production"]
     assert rows["rollout/serve"]["next_run"] is None  # event-driven only

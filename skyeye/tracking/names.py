@@ -18,6 +18,7 @@ EVALUATION_EXPERIMENT = "skyeye-evaluation"
 EVALUATION_ON_VALIDATION_EXPERIMENT = "skyeye-evaluation-on-validation"
 VALIDATION_EXPERIMENT = "skyeye-data-validation"
 IMPORT_EXPERIMENT = "skyeye-imports"  # checkpoints trained outside SkyEye, brought in as versions
+MONITORING_EXPERIMENT = "skyeye-monitoring"  # drift monitor runs: a window of the inference log vs training data
 
 # what a run is
 TAG_KIND = "skyeye.kind"
@@ -25,6 +26,7 @@ KIND_TUNING_JOB, KIND_TUNING_STAGE = "tuning-job", "tuning-stage"
 KIND_BACKBONES, KIND_EVALUATION = "backbones", "evaluation"
 KIND_EVALUATION_ON_VALIDATION = "evaluation-on-validation"
 KIND_IMPORT = "import"
+KIND_DRIFT = "drift-monitor"
 TAG_PARENT = "mlflow.parentRunId"  # MLflow's own: a stage run's tuning job
 
 # the data a run saw, and the code that ran
