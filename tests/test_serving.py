@@ -121,7 +121,8 @@ def test_models_health_and_metrics(served):
     assert httpx.get(f"{url}/health").json() == {"status": "ok", "version": 1}
     _post(url, {"model": "skyeyegpt", "messages": _messages()})
     metrics = httpx.get(f"{url}/metrics").text
-    for name in ("skyeye_requests_total{status=\"200\"}", "skyeye_request_latency_seconds_bucket",
+    for name in ("skyeye_requests_total{status=\"200\",version=\"1\",role=\"production\"}",
+                 "skyeye_request_latency_seconds_bucket",
                  "skyeye_batch_size_bucket", "skyeye_generated_tokens_total"):
         assert name in metrics, name
 
@@ -131,7 +132,7 @@ def _batches(url: str) -> tuple[float, float]:
     lines = httpx.get(f"{url}/metrics").text.splitlines()
     value = {name: float(line.split()[1]) for line in lines for name in ("skyeye_batch_size_sum",
                                                                           "skyeye_batch_size_count")
-             if line.startswith(name + " ")}
+             if line.startswith((name + " ", name + "{"))}
     return value["skyeye_batch_size_sum"], value["skyeye_batch_size_count"]
 
 
