@@ -77,7 +77,7 @@ def test_shadow_mode_answers_from_production_while_the_candidate_answers_the_cop
         answers = list(pool.map(lambda _: _ask(url, max_tokens=40), range(40)))
     assert set(answers) == {(200, "1", "production", 1, ANSWERS[1])}
     r = _post(url, {"model": "skyeyegpt", "messages": _messages(), "max_tokens": 3})
-    assert r.headers["x-request-id"] == r.json()["id"]  # the id production's answer and its copy share
+    assert r.headers["x-skyeye-request-id"] == r.json()["id"]  # the id production's answer and its copy share
     deadline = time.time() + 60
     while True:  # the copies are not awaited on the client's path: they may finish after it
         answered = _samples(url, "skyeye_requests_total").get(("2", "shadow", "200"), 0) - before

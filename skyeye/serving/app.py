@@ -50,7 +50,9 @@ from .protocol import APIError, ChatCompletionRequest, Conversation, chunks, com
 
 WARNING_HEADER = "X-SkyEye-Warning"
 VERSION_HEADER, ROLE_HEADER = "X-SkyEye-Version", "X-SkyEye-Role"  # which version answered, and as what
-REQUEST_ID_HEADER = "X-Request-Id"  # the router's id of a request: a shadow copy keeps production's
+# the router's id of a request, which a shadow copy shares with production's answer (Ray Serve's proxy
+# owns X-Request-Id)
+REQUEST_ID_HEADER = "X-SkyEye-Request-Id"
 ROLES = ("production", "candidate", "shadow")
 logger = logging.getLogger("ray.serve")
 

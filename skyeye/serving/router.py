@@ -12,7 +12,7 @@ canary mode, `shadow` in shadow mode; configs/serve.yaml `canary:`).
 - A request naming a version (`skyeyegpt/N`) goes to that version, in either mode.
 
 Every answer says who gave it: the headers X-SkyEye-Version and X-SkyEye-Role, and
-`skyeye.lineage.version` in the body. The router gives each request an id (X-Request-Id)
+`skyeye.lineage.version` in the body. The router gives each request an id (X-SkyEye-Request-Id)
 that both answers of a shadowed request carry, so the log pairs them. `/metrics` holds the
 router's counts per version and role and each deployment's own metrics (labelled with
 version and role) in one exposition.
