@@ -181,7 +181,7 @@ def serve(
     except RegistryError as err:
         fail(f"--model {err}")
     try:
-        deploy.candidate_version(cfg, -1)
+        deploy.candidate_version(cfg)
     except RegistryError as err:
         fail(f"--candidate {err}")
 
@@ -191,7 +191,7 @@ def serve(
     except (ValueError, FileNotFoundError, RuntimeError) as err:
         fail(str(err))
     say(f"serving {model_name()} version {out['version']} at {out['url']}/v1 (health: {out['url']}/health)")
-    if out["candidate"]:
+    if out["mode"] != "off":
         say(f"candidate version {out['candidate']} beside it: {out['mode']}")
     if os.environ.get("RAY_ADDRESS"):
         return
@@ -202,14 +202,16 @@ def serve(
             time.sleep(follow_every)
             wanted = resolve_version(production_uri()) if model is None else out["version"]
             try:
-                beside = deploy.candidate_version(cfg, wanted)  # the candidate's alias moves too
-            except RegistryError:  # its alias removed: production alone until it is set again
-                beside = None
+                beside = deploy.candidate_version(cfg)  # the candidate's alias moves too
+            except RegistryError:  # its alias removed: production's own version (sent nothing) until set again
+                beside = out["candidate"] and wanted
             if (wanted, beside) != (out["version"], out["candidate"]):
-                out = serve_flow(model=str(wanted), host=host, port=port, canary=overrides)
+                moved = "production moved" if wanted != out["version"] else "the candidate moved"
+                pinned = overrides | ({"candidate": str(beside)} if beside else {})  # the versions just compared
+                out = serve_flow(model=str(wanted), host=host, port=port, canary=pinned)
                 deploy.write_state(out["url"], out["version"], None if model else "production")
-                say(f"now serving version {out['version']}" + (f", candidate version {out['candidate']} beside it "
-                                                               f"({out['mode']})" if out["candidate"] else ""))
+                beside_text = f", candidate version {out['candidate']} beside it ({out['mode']})"
+                say(f"{moved}: now serving version {out['version']}" + (beside_text if out["mode"] != "off" else ""))
     except KeyboardInterrupt:
         pass
     finally:

@@ -4,6 +4,7 @@ answers a binomially plausible share of 400 requests from the candidate; shadow 
 answers from production only while the candidate answers every copy (its /metrics)."""
 from __future__ import annotations
 
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -86,3 +87,22 @@ def test_shadow_mode_answers_from_production_while_the_candidate_answers_the_cop
             break
         time.sleep(0.5)
     assert (answered, routed) == (41, 41)  # every copy answered by the candidate, counted by the router
+
+    # production moves to the candidate's version: the candidate, now production's own version, gets nothing,
+    # and the move rolls without a failed request
+    results, stop = [], threading.Event()
+
+    def traffic() -> None:
+        while not stop.is_set():
+            results.append(_ask(url)[:3])
+    client = threading.Thread(target=traffic)
+    client.start()
+    try:
+        moved = deploy.deploy("2", cfg)
+    finally:
+        stop.set()
+        client.join(60)
+    assert (moved.version, moved.candidate, moved.mode) == (2, 2, "off")
+    assert results and {status for status, _, _ in results} == {200}
+    assert {v for _, v, _ in results} <= {"1", "2"}
+    assert {_ask(url)[1:3] for _ in range(5)} == {("2", "production")}

@@ -104,15 +104,19 @@ def test_the_router_draws_the_canary_share_and_honours_a_named_version():
 
     def body(model: str) -> bytes:
         return json.dumps({"model": model, "messages": []}).encode()
-    canary, rng = CanaryConfig(mode="canary", canary_percent=25), random.Random(3)
-    drawn = [route(body("skyeyegpt"), 2, canary, rng)[0] for _ in range(4000)]
+    canary, rng, versions = CanaryConfig(mode="canary", canary_percent=25), random.Random(3), {"production": 1,
+                                                                                                 "candidate": 2}
+    drawn = [route(body("skyeyegpt"), versions, canary, rng)[0] for _ in range(4000)]
     assert binomtest(drawn.count("candidate"), 4000, 0.25).pvalue > 0.001
-    assert route(body("skyeyegpt/2"), 2, canary, rng) == ("candidate", False)
-    assert {route(body(m), 2, canary, rng) for m in ("skyeyegpt/1", "skyeyegpt/7")} == {("production", False)}
-    assert route(b"{not json", 2, canary, rng) == ("production", False)  # production's replica answers the 400
+    assert route(body("skyeyegpt/2"), versions, canary, rng) == ("candidate", False)
+    assert {route(body(m), versions, canary, rng) for m in ("skyeyegpt/1", "skyeyegpt/7")} == {("production", False)}
+    assert route(b"{not json", versions, canary, rng) == ("production", False)  # production's replica says 400
     shadow = CanaryConfig(mode="shadow")
-    assert {route(body("skyeyegpt"), 2, shadow, rng) for _ in range(50)} == {("production", True)}
-    assert route(body("skyeyegpt/2"), 2, shadow, rng) == ("candidate", False)
+    assert {route(body("skyeyegpt"), versions, shadow, rng) for _ in range(50)} == {("production", True)}
+    assert route(body("skyeyegpt/2"), versions, shadow, rng) == ("candidate", False)
+    promoted = {"production": 2, "candidate": 2}  # the candidate became production: it gets nothing
+    assert {route(body("skyeyegpt"), promoted, m, rng) for m in (canary, shadow) for _ in range(50)} == {
+        ("production", False)}
 
 
 def test_both_versions_metrics_merge_into_one_family_each():

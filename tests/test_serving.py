@@ -121,7 +121,7 @@ def test_models_health_and_metrics(served):
     assert httpx.get(f"{url}/health").json() == {"status": "ok", "version": 1}
     _post(url, {"model": "skyeyegpt", "messages": _messages()})
     metrics = httpx.get(f"{url}/metrics").text
-    for name in ("skyeye_requests_total{status=\"200\",version=\"1\",role=\"production\"}",
+    for name in ("skyeye_requests_total{role=\"production\",status=\"200\",version=\"1\"}",
                  "skyeye_request_latency_seconds_bucket",
                  "skyeye_batch_size_bucket", "skyeye_generated_tokens_total"):
         assert name in metrics, name

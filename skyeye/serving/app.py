@@ -305,6 +305,8 @@ class SkyEyeReplica:
             content = b"".join([c.encode() if isinstance(c, str) else c async for c in response.body_iterator])
         else:
             content = response.body
+        if response.background is not None:  # what HTTP would run after sending (a log write, say)
+            await response.background()
         out = {k: v for k, v in response.headers.items() if k != "content-length"}
         return response.status_code, out, content
 

@@ -50,20 +50,18 @@ class Deployed:
     uri: str  # models:/skyeyegpt/<version>
     url: str  # where the API answers
     replaced: int | None  # the version served before, if the app was running
-    candidate: int | None = None  # the version served beside it (canary or shadow), if any
-    mode: str = "off"  # canary.mode as deployed: off when no candidate is served
+    candidate: int | None = None  # the version deployed as the candidate (canary.mode not off)
+    mode: str = "off"  # what the candidate does: off when there is none or it is production's own version
 
 
-def candidate_version(cfg: ServeConfig, production: int) -> int | None:
-    """The version to serve beside `production` under `cfg.canary`; None when the mode is off
-    or the candidate is production's own version (a promoted candidate: nothing to compare)."""
+def candidate_version(cfg: ServeConfig) -> int | None:
+    """The version `cfg.canary` serves beside production; None when the mode is off."""
     if cfg.canary.mode == "off":
         return None
     try:
-        version = resolve_version(cfg.canary.candidate)
+        return resolve_version(cfg.canary.candidate)
     except RegistryError as err:
         raise RegistryError(f"canary.candidate: {err}") from None
-    return None if version == production else version
 
 
 def base_url(cfg: ServeConfig) -> str:
@@ -102,18 +100,21 @@ def deploy(model_ref: str | None = None, cfg: ServeConfig | None = None, setting
     s, cfg = settings or get_settings(), cfg or load_serve_config()
     version = resolve_version(model_ref or production_uri())
     uri = f"models:/{model_name()}/{version}"
-    candidate = candidate_version(cfg, version)
+    candidate = candidate_version(cfg)
     url = base_url(cfg)
     replaced = served_version(url, os.environ.get(cfg.api_key_env))
     serve.start(http_options={"host": cfg.host, "port": cfg.port})
     serve.run(application(uri, cfg, s, candidate), name=cfg.app_name, route_prefix="/")
-    return Deployed(version, uri, url, replaced, candidate, cfg.canary.mode if candidate else "off")
+    mode = cfg.canary.mode if candidate not in (None, version) else "off"
+    return Deployed(version, uri, url, replaced, candidate, mode)
 
 
 def application(uri: str, cfg: ServeConfig, settings: Settings | None = None, candidate: int | None = None):
     """The Serve application of one model version with these limits, and `candidate` beside it
-    behind the router when given. Deployed again under the same name (a new version or new
-    limits), it rolls the replicas without dropping requests."""
+    behind the router when given (production's own version: the router sends it nothing, and
+    the app keeps its shape, so the next move of either alias rolls as any other). Deployed
+    again under the same name (a new version or new limits), it rolls the replicas without
+    dropping requests."""
     if candidate is None:
         return _server(cfg, settings).bind(uri)
     server = _server(cfg, settings, behind_router=True)

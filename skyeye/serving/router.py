@@ -75,8 +75,13 @@ def merge_exposition(texts: list[str]) -> str:
     return generate_latest(registry).decode()
 
 
-def route(body: bytes, candidate: int, canary: CanaryConfig, rng: random.Random) -> tuple[str, bool]:
-    """(the deployment that answers a chat request's `body`, whether a copy goes to the shadow)."""
+def route(body: bytes, versions: dict[str, int], canary: CanaryConfig, rng: random.Random) -> tuple[str, bool]:
+    """(the deployment that answers a chat request's `body`, whether a copy goes to the shadow);
+    `versions`: what each deployment serves. A candidate that is production's own version (a
+    promoted one) gets nothing."""
+    candidate = versions["candidate"]
+    if candidate == versions["production"]:
+        return "production", False
     try:
         model = json.loads(body).get("model")
     except (ValueError, AttributeError):
@@ -156,7 +161,7 @@ class SkyEyeRouter:
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         headers = [(k, v) for k, v in request.headers.raw if k.lower() != REQUEST_ID_HEADER.lower().encode()]
         headers.append((REQUEST_ID_HEADER.lower().encode(), request_id.encode()))
-        target, copy = route(body, self.versions["candidate"], self.config.canary, self.rng)
+        target, copy = route(body, self.versions, self.config.canary, self.rng)
         if copy:
             task = asyncio.create_task(self._ask("candidate", headers, body))
             self.shadows.add(task)
