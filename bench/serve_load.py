@@ -9,6 +9,14 @@ to a throw-away folder; `--log compare` measures its cost instead of batching's:
 the log off and on in turn, `--repeats` times each, and reports the median throughput of
 each and the log's cost, and whether the log holds a row for every request sent.
 
+    python bench/serve_load.py --canary 25 [--candidate staging] [--tiny-project]
+
+With --canary PERCENT the comparison is production alone, then a canary of PERCENT with the
+candidate beside it, then shadow (batching on in all three), and each level counts the
+answers per version (the X-SkyEye-Version header). --tiny-project runs in a throw-away
+project whose versions 1 and 2 are untrained dim-64 models (where no `make demo` registry
+is at hand): their figures show what the router and the second version cost, not the model's.
+
 This process deploys the model on a local Ray (configs/serve.yaml's limits, on a free
 port); the clients run in a separate process on loopback, each level bounded in time and
 in requests. A client answered 429 waits as Retry-After says, then asks again. Each
@@ -42,11 +50,12 @@ async def _client(url: str, body: dict, deadline: float, budget: int, out: list)
             start = time.perf_counter()
             try:
                 r = await http.post(f"{url}/v1/chat/completions", json=body)
-                out.append((r.status_code, time.perf_counter() - start, r.headers.get("retry-after")))
+                out.append((r.status_code, time.perf_counter() - start, r.headers.get("retry-after"),
+                            r.headers.get("x-skyeye-version")))
                 if r.status_code in (429, 503):
                     await asyncio.sleep(float(r.headers.get("retry-after") or 1))
             except httpx.HTTPError as err:
-                out.append((type(err).__name__, time.perf_counter() - start, None))
+                out.append((type(err).__name__, time.perf_counter() - start, None, None))
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -55,10 +64,14 @@ def _percentile(values: list[float], q: float) -> float:
 
 
 def _batches(url: str) -> tuple[float, float]:
-    """(conversations, generations) so far, from the replica's Prometheus metrics."""
-    values = dict(line.split(" ", 1) for line in httpx.get(f"{url}/metrics").text.splitlines()
-                  if line.startswith(("skyeye_batch_size_sum", "skyeye_batch_size_count")))
-    return float(values.get("skyeye_batch_size_sum", 0)), float(values.get("skyeye_batch_size_count", 0))
+    """(conversations, generations) so far, from the replicas' Prometheus metrics (every version's)."""
+    from prometheus_client.parser import text_string_to_metric_families
+    total = {"skyeye_batch_size_sum": 0.0, "skyeye_batch_size_count": 0.0}
+    for family in text_string_to_metric_families(httpx.get(f"{url}/metrics").text):
+        for sample in family.samples:
+            if sample.name in total:
+                total[sample.name] += sample.value
+    return total["skyeye_batch_size_sum"], total["skyeye_batch_size_count"]
 
 
 def _level(url: str, body: dict, clients: int, seconds: float, per_client: int) -> dict:
@@ -72,9 +85,9 @@ def _level(url: str, body: dict, clients: int, seconds: float, per_client: int) 
     asyncio.run(run())
     elapsed = time.perf_counter() - start
     after = _batches(url)
-    ok = [lat for status, lat, _ in results if status == 200]
-    statuses = Counter(str(status) for status, _, _ in results)
-    refused = [(s, ra) for s, _, ra in results if s in (429, 503)]
+    ok = [lat for status, lat, _, _ in results if status == 200]
+    statuses = Counter(str(status) for status, _, _, _ in results)
+    refused = [(s, ra) for s, _, ra, _ in results if s in (429, 503)]
     return {"clients": clients, "seconds": round(elapsed, 1), "requests": len(results), "ok": len(ok),
             "throughput_rps": round(len(ok) / elapsed, 2),
             "latency_s": {"p50": round(_percentile(ok, 0.5), 3), "p95": round(_percentile(ok, 0.95), 3),
@@ -82,6 +95,7 @@ def _level(url: str, body: dict, clients: int, seconds: float, per_client: int) 
             "p99_over_p50": round(_percentile(ok, 0.99) / _percentile(ok, 0.5), 2) if ok else None,
             "statuses": dict(statuses),
             "mean_batch_size": round((after[0] - before[0]) / max(after[1] - before[1], 1), 2),
+            "answered_by_version": dict(Counter(v for status, _, _, v in results if status == 200)),
             "refusals_without_retry_after": sum(1 for _, ra in refused if not ra),
             "errors_other": sum(n for s, n in statuses.items() if s not in ("200", "429", "503"))}
 
@@ -146,11 +160,16 @@ def main() -> None:
     parser.add_argument("--per-client", type=int, default=200, help="requests per client per level, at most")
     parser.add_argument("--log", default="on", choices=["on", "off", "compare"], help="the inference log")
     parser.add_argument("--repeats", type=int, default=3, help="with --log compare: runs of each")
+    parser.add_argument("--canary", type=float, default=None, help="compare alone, a canary of this percent, shadow")
+    parser.add_argument("--candidate", default="staging", help="the candidate's registry reference (with --canary)")
+    parser.add_argument("--tiny-project", action="store_true", help="two untrained dim-64 versions, a temp project")
     args = parser.parse_args()
     import tempfile
 
     from skyeye.config import configure_environment, get_settings
     configure_environment()
+    if args.tiny_project:
+        _tiny_project()
     settings = get_settings().model_copy(update={"inference_log": tempfile.mkdtemp(prefix="serve_load_log_")})
     from skyeye.model.references import model_name
     from skyeye.serving import deploy
@@ -161,24 +180,32 @@ def main() -> None:
     base = load_serve_config().model_copy(update={"port": _free_port()})
     log = base.inference_log.model_copy(update={"enabled": args.log != "off"})
     base = base.model_copy(update={"inference_log": log})
-    started = deploy.connect(base)
     report: dict = {"levels": levels, "seconds_per_level": args.seconds, "queue_limit": base.queue_limit,
-                    "max_batch_size": base.max_batch_size, "inference_log": args.log}
+                    "max_batch_size": base.max_batch_size, "inference_log": args.log, "tiny_project": args.tiny_project}
+    if args.canary is not None:
+        from skyeye.serving.config import CanaryConfig
+        runs = [(name, {"canary": CanaryConfig(candidate=args.candidate, mode=mode, canary_percent=args.canary)})
+                for name, mode in (("alone", "off"), (f"canary_{args.canary:g}", "canary"), ("shadow", "shadow"))]
+        base = base.model_copy(update={"canary": CanaryConfig(mode="shadow")})  # connect: room for two versions
+    else:
+        runs = [("batching_on", {}), ("batching_off", {"max_batch_size": 1})]
+    started = deploy.connect(base)
     try:
         if args.log == "compare":
             _compare_log(args, base, settings, image, expression, body, levels, report)
         else:
-            for mode, batch in (("batching_on", base.max_batch_size), ("batching_off", 1)):
-                cfg = base.model_copy(update={"max_batch_size": batch})
-                done = deploy.deploy(args.model, cfg, settings)
-                deploy.verify(done.url, image, expression, done.version)
+            for mode, update in runs:
+                done = deploy.deploy(args.model, base.model_copy(update=update), settings)
+                if not args.tiny_project:  # untrained models answer no box
+                    deploy.verify(done.url, image, expression, done.version)
                 report[mode] = _run(done.url, body, levels, args.seconds, args.per_client)
-                report["version"] = done.version
+                report["version"], report[f"{mode}_candidate"] = done.version, done.candidate
     finally:
         deploy.shutdown(started)
     if args.log == "compare":  # after the stop: the replicas have written their last rows
         from skyeye.monitoring.log_schema import read_log
         report["log_check"]["rows_logged"] = len(read_log(settings.inference_log_store))
+    if args.canary is not None or args.log == "compare":
         print(json.dumps(report, indent=1))
         return
     on = {r["clients"]: r for r in report["batching_on"]}
@@ -186,6 +213,48 @@ def main() -> None:
     report["batching_speedup"] = {c: round(on[c]["throughput_rps"] / max(off[c]["throughput_rps"], 1e-9), 2)
                                   for c in levels}
     print(json.dumps(report, indent=1))
+
+
+def _tiny_project() -> None:
+    """A throw-away project (a temp folder) holding versions 1 and 2 of untrained dim-64 models,
+    registered on hand-made evaluation runs (tests/support.py), and a grounding test file."""
+    import os
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    from PIL import Image
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from skyeye.config import get_settings
+    from skyeye.model.skyeyegpt import build_model
+    from skyeye.model.tiny import TinyLLMSpec, TinyVisionSpec, save_random_backbones
+    from skyeye.model.tokenizer import train_tokenizer
+    from skyeye.registry.promotion import promote
+    from skyeye.registry.store import register
+    from skyeye.tracking import runs
+    from tests.support import FITTABLE, eval_run, scores
+    root = Path(tempfile.mkdtemp(prefix="serve_load_"))
+    os.environ |= {"SKYEYE_PROJECT_ROOT": str(root), "SKYEYE_MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}"}
+    get_settings.cache_clear()
+    runs.setup()
+    texts = ["[refer] the red ship", "{<10><20><30><40>}", "[caption] a harbour with ships"] * 50
+    tok = train_tokenizer(texts, root / "tok", 400)
+    paths = save_random_backbones(root / "backbones", tok, TinyVisionSpec(image_size=64, patch_size=16, hidden_size=64,
+                                                                          layers=2, heads=2),
+                                  TinyLLMSpec(hidden_size=64, layers=2, heads=2, intermediate_size=128))
+    image = root / "scene.png"
+    Image.new("RGB", (64, 64), (200, 40, 40)).save(image)
+    folder = get_settings().instructions_dir / "eval"
+    folder.mkdir(parents=True)
+    (folder / "dior_rsvg_test.json").write_text(json.dumps({"benchmark": "dior_rsvg", "split": "test", "samples": [
+        {"id": "0", "image": str(image), "expression": "the red ship", "image_size": [64, 64]}]}))
+    for seed in (1, 2):
+        import torch
+        torch.manual_seed(seed)
+        model = build_model(FITTABLE, paths["vision"], paths["llm"], paths["llm"]).save(root / f"model{seed}")
+        register(model, eval_run(model, scores(10, 50, 1)))
+    promote(1, "production", force=True, reason="serve_load: the tiny project's production")
+    promote(2, "staging", force=True, reason="serve_load: the tiny project's candidate")
 
 
 if __name__ == "__main__":

@@ -149,30 +149,51 @@ def serve(
         callback=PORT, help="Port (default: configs/serve.yaml, 8000).")] = None,
     follow_every: Annotated[float, typer.Option(
         callback=in_range(0.1), help="Seconds between checks of the production alias.")] = 10.0,
+    canary: Annotated[Optional[float], typer.Option(
+        "--canary", callback=in_range(0.001, 100), help="Serve the candidate beside production and send it this "
+                                                      "percentage of the requests (canary.mode: canary).")] = None,
+    shadow: Annotated[bool, typer.Option(
+        "--shadow", help="Serve the candidate beside production in shadow: it answers a copy of each request, the "
+                         "client gets production's answer (canary.mode: shadow).")] = False,
+    candidate: Annotated[Optional[str], typer.Option(
+        "--candidate", help="The candidate's registry reference (default: configs/serve.yaml canary.candidate, "
+                            "staging; an alias is followed as it moves).")] = None,
 ) -> None:
     """Serve a registered SkyEyeGPT on Ray Serve: the OpenAI API at http://HOST:PORT/v1.
 
     With RAY_ADDRESS, deploys to that cluster and returns. Otherwise runs a local server in
     the foreground until Ctrl-C; without --model it follows the production alias, so a
-    promotion or `skyeye rollback` rolls the served version within --follow-every seconds."""
+    promotion or `skyeye rollback` rolls the served version within --follow-every seconds.
+    With --canary PERCENT or --shadow the candidate (staging by default) is served beside it."""
+    # before Prefect's temporary server and Ray start: the config, the port, the model
+    from flows.serve import serve_config
     from skyeye.model.references import RegistryError, model_name, production_uri, resolve_version
     from skyeye.serving import deploy
     from skyeye.serving.config import load_serve_config
-    # before Prefect's temporary server and Ray start: the config, the port, the model
-    cfg = load_serve_config()
+    if canary is not None and shadow:
+        fail("--canary and --shadow: choose one (a share of the traffic, or a copy of all of it)")
+    overrides = {k: v for k, v in {"mode": "canary" if canary is not None else "shadow" if shadow else None,
+                                   "canary_percent": canary, "candidate": candidate}.items() if v is not None}
+    cfg = serve_config(canary=overrides)
     if not os.environ.get("RAY_ADDRESS"):  # a local server: the port must be free here
         free_port(host or cfg.host, port or cfg.port)
     try:
         resolve_version(model or production_uri())
     except RegistryError as err:
         fail(f"--model {err}")
+    try:
+        deploy.candidate_version(cfg)
+    except RegistryError as err:
+        fail(f"--candidate {err}")
 
     from flows.serve import serve as serve_flow
     try:
-        out = serve_flow(model=model, host=host, port=port)
+        out = serve_flow(model=model, host=host, port=port, canary=overrides)
     except (ValueError, FileNotFoundError, RuntimeError) as err:
         fail(str(err))
     say(f"serving {model_name()} version {out['version']} at {out['url']}/v1 (health: {out['url']}/health)")
+    if out["mode"] != "off":
+        say(f"candidate version {out['candidate']} beside it: {out['mode']}")
     if os.environ.get("RAY_ADDRESS"):
         return
     deploy.write_state(out["url"], out["version"], None if model else "production")
@@ -180,10 +201,18 @@ def serve(
     try:
         while True:
             time.sleep(follow_every)
-            if model is None and (wanted := resolve_version(production_uri())) != out["version"]:
-                out = serve_flow(model=str(wanted), host=host, port=port)
-                deploy.write_state(out["url"], out["version"], "production")
-                say(f"production moved: now serving version {out['version']}")
+            wanted = resolve_version(production_uri()) if model is None else out["version"]
+            try:
+                beside = deploy.candidate_version(cfg)  # the candidate's alias moves too
+            except RegistryError:  # its alias removed: production's own version (sent nothing) until set again
+                beside = out["candidate"] and wanted
+            if (wanted, beside) != (out["version"], out["candidate"]):
+                moved = "production moved" if wanted != out["version"] else "the candidate moved"
+                pinned = overrides | ({"candidate": str(beside)} if beside else {})  # the versions just compared
+                out = serve_flow(model=str(wanted), host=host, port=port, canary=pinned)
+                deploy.write_state(out["url"], out["version"], None if model else "production")
+                beside_text = f", candidate version {out['candidate']} beside it ({out['mode']})"
+                say(f"{moved}: now serving version {out['version']}" + (beside_text if out["mode"] != "off" else ""))
     except KeyboardInterrupt:
         pass
     finally:

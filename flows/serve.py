@@ -18,18 +18,28 @@ configure_environment()  # before Prefect reads its settings
 from prefect import flow, get_run_logger, task  # noqa: E402
 
 from skyeye.serving import deploy  # noqa: E402
-from skyeye.serving.config import load_serve_config  # noqa: E402
+from skyeye.serving.config import ServeConfig, load_serve_config  # noqa: E402
+
+
+def serve_config(host: str | None = None, port: int | None = None, canary: dict | None = None) -> ServeConfig:
+    """configs/serve.yaml with this run's host, port and canary settings (`canary:` fields)."""
+    cfg = load_serve_config()
+    data = cfg.model_dump() | {k: v for k, v in {"host": host, "port": port}.items() if v is not None}
+    data["canary"] = data["canary"] | (canary or {})
+    return ServeConfig.model_validate(data)
 
 
 @task(name="deploy")
-def deploy_task(model: str | None, host: str | None, port: int | None) -> dict:
-    cfg = load_serve_config()
-    cfg = cfg.model_copy(update={k: v for k, v in {"host": host, "port": port}.items() if v is not None})
+def deploy_task(model: str | None, host: str | None, port: int | None, canary: dict | None = None) -> dict:
+    cfg = serve_config(host, port, canary)
     deploy.connect(cfg)
     done = deploy.deploy(model, cfg)
-    get_run_logger().info("version %d deployed at %s (replacing %s)", done.version, done.url, done.replaced or "none")
+    logger = get_run_logger()
+    logger.info("version %d deployed at %s (replacing %s)", done.version, done.url, done.replaced or "none")
+    if done.candidate:
+        logger.info("candidate version %d beside it (%s)", done.candidate, done.mode)
     return {"version": done.version, "uri": done.uri, "url": done.url, "replaced": done.replaced,
-            "api_key_env": cfg.api_key_env}
+            "api_key_env": cfg.api_key_env, "candidate": done.candidate, "mode": done.mode}
 
 
 @task(name="verify")
@@ -54,9 +64,11 @@ def record_task(deployed: dict) -> None:
 
 
 @flow(name="serve", log_prints=True)
-def serve(model: str | None = None, host: str | None = None, port: int | None = None) -> dict:
-    """Deploy -> verify (health, a real question) -> record the deployment on the version."""
-    deployed = deploy_task(model, host, port)
+def serve(model: str | None = None, host: str | None = None, port: int | None = None,
+          canary: dict | None = None) -> dict:
+    """Deploy (with a candidate beside production where `canary` or configs/serve.yaml says so)
+    -> verify (health, a real question) -> record the deployment on the version."""
+    deployed = deploy_task(model, host, port, canary)
     deployed["answer"] = verify_task(deployed)
     record_task(deployed)
     return deployed

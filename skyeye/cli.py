@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Annotated, Optional
 import typer
 
 from .commands.ablation import ablation
+from .commands.canary import canary_app
 from .commands.checkpoints import export, import_app
 from .commands.console import console, fail, say
 from .commands.doctor import doctor
@@ -63,6 +64,7 @@ app.command("ablation")(ablation)
 app.add_typer(import_app, name="import")
 app.command("export")(export)
 app.add_typer(log_app, name="log")
+app.add_typer(canary_app, name="canary")
 
 
 @app.callback()

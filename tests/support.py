@@ -102,3 +102,23 @@ def eval_run_with_items(model_dir: Path, stats: dict, md5: str = "md5-good") -> 
     run_id = eval_run(model_dir, {k: s.scores[PRIMARY[TASK_OF[k]]] for k, s in stats.items()}, md5=md5)
     save_item_stats(run_id, {k: {MODEL: s} for k, s in stats.items()})
     return run_id
+
+
+def write_log_rows(store: Path, rows: list[dict], name: str = "test") -> None:
+    """Rows of the inference log (monitoring.log_schema.SCHEMA; unnamed columns null) written as
+    serving writes them: a Parquet file per day partition under `store`."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from skyeye.monitoring.log_schema import SCHEMA, partition_of
+    by_day: dict[str, list[dict]] = {}
+    for row in rows:
+        by_day.setdefault(partition_of(row["time"]), []).append(row)
+    for day, day_rows in by_day.items():
+        folder = Path(store) / day
+        folder.mkdir(parents=True, exist_ok=True)
+        # a null image_signature (a fixed-size list) is written but not read back by pyarrow 25: zeros instead
+        table = pa.Table.from_pylist([{f: r.get(f) for f in SCHEMA.names} | {"image_signature": r.get(
+            "image_signature", [0.0] * SCHEMA.field("image_signature").type.list_size)} for r in day_rows],
+            schema=SCHEMA)
+        pq.write_table(table, folder / f"{name}-{len(list(folder.iterdir()))}.parquet")

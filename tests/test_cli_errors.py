@@ -158,7 +158,10 @@ def nothing_started(project: Path, out: subprocess.CompletedProcess) -> bool:
     (["--model", "models:/skyeyegpt/99", "--port", "{free}"], ["--model", "skyeyegpt", "99"]),
     (["--model", "models:/other@production", "--port", "{free}"], ["--model", "other"]),
     (["--port", "{free}"], ["--model", "skyeyegpt"]),  # no production model yet
-], ids=["port-too-high", "port-zero", "unknown-version", "other-model", "no-production"])
+    (["--canary", "25", "--shadow", "--port", "{free}"], ["--canary", "--shadow", "choose one"]),
+    (["--canary", "0", "--port", "{free}"], ["--canary", "0"]),
+], ids=["port-too-high", "port-zero", "unknown-version", "other-model", "no-production", "canary-and-shadow",
+        "canary-zero"])
 def test_serve_refuses_before_starting_prefect_or_ray(project, args, named):
     out = skyeye(project, "serve", *(a.format(free=free_port()) for a in args))
     assert_refused(out.stderr, out.returncode, 2, *named)

@@ -587,3 +587,38 @@ def test_a_version_inherits_its_training_data_licences_and_production_can_forbid
     refusal = read_records(MlflowClient().get_model_version(NAME, str(v)).tags, "skyeye.refusal")["production"]
     assert any("geochat" in f for f in refusal["failures"])
     assert promotion.promote(v, "production", policy=PromotionPolicy()).version == v  # off by default
+
+
+# ------------------------------------------------------------------ a clean canary before production
+def test_production_can_require_a_clean_canary_on_the_inference_log(client, versions):
+    import shutil
+    from datetime import UTC, datetime, timedelta
+
+    from skyeye.config import get_settings
+    from tests.support import write_log_rows
+    v, store = versions["v"], Path(get_settings().inference_log_store)
+    promotion.promote(v["good"], "production")
+    policy = PromotionPolicy.model_validate({"canary": {"require": True, "min_requests": 50}})
+
+    def logged(version: int, role: str, n: int, failed: int = 0) -> list[dict]:
+        start = datetime.now(UTC) - timedelta(hours=1)
+        return [{"time": start + timedelta(seconds=i), "request_id": f"{role}-{i}", "version": version, "role": role,
+                 "task": "refer", "status": 500 if i < failed else 200, "latency_ms": 100.0} for i in range(n)]
+
+    with pytest.raises(PromotionRefused) as refused:  # never served beside production
+        promotion.promote(v["better"], "production", policy=policy)
+    assert refused.value.failures == [
+        f"canary vs production v{v['good']}: candidate version {v['better']} answered 0 logged requests, fewer than "
+        "the 50 a canary needs (canary.min_requests) (rule: canary.require)",
+        f"canary vs production v{v['good']}: no production request in the log to compare with (version "
+        f"{v['good']}) (rule: canary.require)"]
+    write_log_rows(store, logged(v["good"], "production", 150) + logged(v["better"], "candidate", 60, failed=6))
+    with pytest.raises(PromotionRefused) as refused:
+        promotion.promote(v["better"], "production", policy=policy)
+    assert [f.split(": ", 1)[1] for f in refused.value.failures] == [
+        "error rate 10.00% vs production 0.00%: more than 1.00% above (canary.max_error_rate_increase) "
+        "(rule: canary.require)"]
+    assert int(client.get_model_version_by_alias(NAME, "production").version) == v["good"]
+    shutil.rmtree(store)
+    write_log_rows(store, logged(v["good"], "production", 150) + logged(v["better"], "shadow", 60))
+    assert promotion.promote(v["better"], "production", policy=policy).previous == v["good"]

@@ -123,7 +123,8 @@ def test_models_health_and_metrics(served):
     assert httpx.get(f"{url}/health").json() == {"status": "ok", "version": 1}
     _post(url, {"model": "skyeyegpt", "messages": _messages()})
     metrics = httpx.get(f"{url}/metrics").text
-    for name in ("skyeye_requests_total{status=\"200\"}", "skyeye_request_latency_seconds_bucket",
+    for name in ("skyeye_requests_total{role=\"production\",status=\"200\",version=\"1\"}",
+                 "skyeye_request_latency_seconds_bucket",
                  "skyeye_batch_size_bucket", "skyeye_generated_tokens_total"):
         assert name in metrics, name
 
@@ -178,7 +179,8 @@ def test_every_request_is_logged_with_its_fields(served):
 
 def _metric(url: str, name: str) -> float:
     lines = httpx.get(f"{url}/metrics").text.splitlines()
-    return next((float(line.split()[1]) for line in lines if line.startswith(name + " ")), 0.0)
+    # summed over the version/role labels: one replica serves here
+    return sum(float(line.rsplit(maxsplit=1)[1]) for line in lines if line.split("{")[0].split()[0] == name)
 
 
 def test_a_log_store_that_refuses_writes_fails_no_request_and_is_counted(served):
@@ -210,7 +212,7 @@ def _batches(url: str) -> tuple[float, float]:
     lines = httpx.get(f"{url}/metrics").text.splitlines()
     value = {name: float(line.split()[1]) for line in lines for name in ("skyeye_batch_size_sum",
                                                                           "skyeye_batch_size_count")
-             if line.startswith(name + " ")}
+             if line.startswith((name + " ", name + "{"))}
     return value["skyeye_batch_size_sum"], value["skyeye_batch_size_count"]
 
 

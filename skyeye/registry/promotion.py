@@ -20,11 +20,16 @@ were kept are compared on their point scores, as the record says.
 Both aliases need a version approved for at least one task (`baselines.approved_tasks`: its
 primary metric significantly above the task's trivial baseline on every split of the task),
 so a model worse than guessing never ships; which tasks, the version's tag says.
+
+Production can also require a clean canary (policy `canary.require`): the candidate served
+beside production on live traffic, its error rate and latency no worse than production's
+beyond the tolerances, over enough requests of the inference log (`monitoring.canary`).
 """
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Literal
 
@@ -49,6 +54,8 @@ from ..formats.benchmarks import (
 )
 from ..formats.licences import forbidden
 from ..model.references import RegistryError, aliases, model_name, resolve_version, version_exists
+from ..monitoring.canary import CanaryTolerance, canary_report
+from ..monitoring.log_schema import read_log
 from ..tracking import runs
 from ..tracking.names import (
     IMPORTED_DATA,
@@ -136,11 +143,26 @@ class LicencePolicy(BaseModel):
     forbid: list[str] = []
 
 
+class CanaryPolicy(CanaryTolerance):
+    # true: production refuses a version without a clean canary report against the current production
+    require: bool = False
+
+
 class PromotionPolicy(BaseModel):
     model_config = ConfigDict(extra="forbid")
     staging: StagingPolicy = StagingPolicy()
     production: ProductionPolicy = ProductionPolicy()
     licences: LicencePolicy = LicencePolicy()
+    canary: CanaryPolicy = CanaryPolicy()
+
+
+def canary_failures(version: int, holder: int, policy: CanaryPolicy) -> list[str]:
+    """Why the canary of `version` against production `holder` is not clean, from the inference
+    log's last `window_days`; [] = clean."""
+    since = datetime.now(UTC) - timedelta(days=policy.window_days)
+    log = read_log(get_settings().inference_log_store, since=since)
+    report = canary_report(log, policy, candidate=version, production=holder)
+    return [f"canary vs production v{holder}: {f} (rule: canary.require)" for f in report.failures]
 
 
 def load_policy(path: str | Path | None = None) -> PromotionPolicy:
@@ -372,6 +394,8 @@ def promote(version: int | str, to: str, force: bool = False, reason: str | None
         validation = validation_outcome(md5) if md5 and md5 not in (UNVERSIONED, IMPORTED_DATA) else None
         failures = policy_failures(to, metrics, policy, validation, md5, holder, before, comparison,
                                    read_licences(mv.tags))
+        if to == "production" and holder is not None and policy.canary.require:
+            failures += canary_failures(v, holder, policy.canary)
         compared = comparison.record() if comparison is not None else deltas(metrics, before)
         how = "intervals" if comparison is not None else "point scores"
         if failures and not force:

@@ -11,6 +11,9 @@ OpenAI chat-completions contract.
 - Approval: a question of a task the served version is not approved for (the registry tag
   `skyeye.approved_tasks`, read at load) is answered with a warning (`skyeye.warning` and
   the X-SkyEye-Warning header), or refused with 422 under `unapproved_tasks: refuse`.
+- Canary and shadow (router.py): the same class serves production and the candidate side by
+  side; `role` says which (what /metrics labels and the inference log record), and the
+  router reaches it through `handle_chat` (the request's headers and body, not a socket).
 - The limits and batching reach the replicas as the deployment's `user_config`
   (`reconfigure`). A deploy under the same app name, of a new version or new limits, rolls
   the replicas: the old ones answer until the new ones are ready (`max_surge_percent`).
@@ -53,6 +56,11 @@ from .media import load_image
 from .protocol import APIError, ChatCompletionRequest, Conversation, chunks, completion, conversation
 
 WARNING_HEADER = "X-SkyEye-Warning"
+VERSION_HEADER, ROLE_HEADER = "X-SkyEye-Version", "X-SkyEye-Role"  # which version answered, and as what
+# the router's id of a request, which a shadow copy shares with production's answer (Ray Serve's proxy
+# owns X-Request-Id)
+REQUEST_ID_HEADER = "X-SkyEye-Request-Id"
+ROLES = ("production", "candidate", "shadow")
 logger = logging.getLogger("ray.serve")
 
 
@@ -89,20 +97,26 @@ def _validation_error(errors: list[dict]) -> APIError:
     return APIError(400, f"{param or 'body'}: {first.get('msg', 'invalid')}", param=param)
 
 
-def _metrics() -> dict[str, Any]:
-    registry = CollectorRegistry()
-    return {"registry": registry,
-            "requests": Counter("skyeye_requests", "HTTP requests by status", ["status"], registry=registry),
-            "latency": Histogram("skyeye_request_latency_seconds", "Chat completion latency", registry=registry,
-                                 buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)),
-            "batch": Histogram("skyeye_batch_size", "Conversations per generation", registry=registry,
-                               buckets=(1, 2, 4, 8, 16, 32, 64)),
-            "tokens": Counter("skyeye_generated_tokens", "Answer tokens generated", registry=registry),
-            "in_flight": Gauge("skyeye_requests_in_flight", "Chat requests admitted and not yet answered",
-                               registry=registry), **log_metrics(registry)}
+def _metrics(version: str, role: str) -> dict[str, Any]:
+    """The replica's metrics, labelled with the version it serves and its role: beside a
+    candidate (router.py) both versions' figures appear in one /metrics."""
+    registry, labels = CollectorRegistry(), ["version", "role"]
+    logged = log_metrics(registry, version, role)
+    out = {"registry": registry,
+           "requests": Counter("skyeye_requests", "HTTP requests by status", ["status", *labels], registry=registry),
+           "latency": Histogram("skyeye_request_latency_seconds", "Chat completion latency", labels,
+                                registry=registry, buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)),
+           "batch": Histogram("skyeye_batch_size", "Conversations per generation", labels, registry=registry,
+                              buckets=(1, 2, 4, 8, 16, 32, 64)),
+           "tokens": Counter("skyeye_generated_tokens", "Answer tokens generated", labels, registry=registry),
+           "in_flight": Gauge("skyeye_requests_in_flight", "Chat requests admitted and not yet answered", labels,
+                              registry=registry), **logged}
+    for key in ("latency", "batch", "tokens", "in_flight"):  # bound once: their call sites need no labels
+        out[key] = out[key].labels(version=version, role=role)
+    return out
 
 
-def build_app(server: "SkyEyeServer") -> FastAPI:
+def build_app(server: "SkyEyeReplica") -> FastAPI:
     """The replica's HTTP app: the API's routes over `server`, OpenAI-shaped errors, the
     OpenAPI schema, and the web demo at /ui. Built in the replica (Ray Serve calls
     `__serve_build_asgi_app__`), so the routes reach the replica's state directly."""
@@ -137,7 +151,7 @@ def _add_error_handlers(app: FastAPI) -> None:
         return _error(APIError(500, f"internal error: {type(err).__name__}", type="server_error"))
 
 
-def _add_routes(app: FastAPI, server: "SkyEyeServer") -> None:
+def _add_routes(app: FastAPI, server: "SkyEyeReplica") -> None:
     """The API: health, models, Prometheus metrics and chat completions (/ leads to the web demo)."""
 
     @app.get("/", include_in_schema=False)
@@ -179,12 +193,15 @@ def _openapi_schema(app: FastAPI) -> dict[str, Any]:
     return out
 
 
-@serve.deployment(name="SkyEyeGPT", max_surge_percent=100)
-@serve.ingress()
-class SkyEyeServer:
-    """One replica: the model of `model_uri`, loaded before the replica takes traffic."""
+class SkyEyeReplica:
+    """One replica: the model of `model_uri`, loaded before the replica takes traffic. Deployed
+    as `SkyEyeServer` (below) it is the API's ingress; as `SkyEyeVersion`, one of the two
+    versions behind the router (router.py; an application has one HTTP ingress)."""
 
-    def __init__(self, model_uri: str, log_store: str | None = None):
+    def __init__(self, model_uri: str, log_store: str | None = None, role: str = "production"):
+        if role not in ROLES:
+            raise ValueError(f"role {role!r}: one of {', '.join(ROLES)}")
+        self.role = role  # production, or the candidate beside it (canary or shadow): logged and labelled
         loaded = load(model_uri)
         name = model_name()
         tags = runs.client().get_model_version(name, str(loaded.version)).tags if loaded.version else {}
@@ -200,8 +217,7 @@ class SkyEyeServer:
         self.in_flight, self.created = 0, int(time.time())
         self.idle = asyncio.Event()  # no generation running
         self.idle.set()
-        self.config, self.metrics = ServeConfig(), _metrics()
-        self.role = "production"  # production | candidate | shadow: the inference log's `role`
+        self.config, self.metrics = ServeConfig(), _metrics(str(loaded.version or ""), role)
         self.log_store, self.log, self.logs_started = log_store, None, 0
         try:  # the log's file names: <replica>.<writer>-<seq>.parquet
             self.writer_id = serve.get_replica_context().replica_id.unique_id
@@ -293,8 +309,41 @@ class SkyEyeServer:
             seen["error"] = f"internal error: {type(err).__name__}: {err}"
             raise
         finally:
-            self.metrics["requests"].labels(status=str(status)).inc()
+            self.metrics["requests"].labels(status=str(status), version=str(self.engine.lineage["version"] or ""),
+                                            role=self.role).inc()
             self._log(seen, status, time.perf_counter() - started)
+
+    async def handle_chat(self, headers: list[tuple[bytes, bytes]], body: bytes) -> tuple[int, dict[str, str], bytes]:
+        """A chat request the router passes on (its headers and body): answered as over HTTP, the
+        response as (status, headers, body), errors included."""
+        sent = False
+
+        async def receive() -> dict:
+            nonlocal sent
+            if sent:
+                return {"type": "http.disconnect"}
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions", "headers": headers,
+                 "query_string": b"", "http_version": "1.1", "scheme": "http", "server": None, "client": None}
+        try:
+            response = await self.chat(Request(scope, receive))
+        except APIError as err:
+            response = _error(err)
+        except Exception as err:  # noqa: BLE001 - as the HTTP app's own handler: a 500 with OpenAI's body
+            response = _error(APIError(500, f"internal error: {type(err).__name__}", type="server_error"))
+        if isinstance(response, StreamingResponse):
+            content = b"".join([c.encode() if isinstance(c, str) else c async for c in response.body_iterator])
+        else:
+            content = response.body
+        if response.background is not None:  # what HTTP would run after sending (a log write, say)
+            await response.background()
+        out = {k: v for k, v in response.headers.items() if k != "content-length"}
+        return response.status_code, out, content
+
+    def metrics_text(self) -> bytes:
+        return generate_latest(self.metrics["registry"])
 
     def _log(self, seen: dict[str, Any], status: int, latency_s: float) -> None:
         """The request's row to the writer: only a dict on a queue here, never an error for the request."""
@@ -332,6 +381,7 @@ class SkyEyeServer:
         try:
             # decoding images and counting tokens in a thread: the event loop keeps taking requests
             conv = await asyncio.get_running_loop().run_in_executor(None, self._conversation, body, seen)
+            self._request_id(request, conv)
             warning = self.unapproved(conv.question)
             if warning and cfg.unapproved_tasks == "refuse":
                 raise APIError(422, f"{warning}; this server refuses such questions (unapproved_tasks: refuse)",
@@ -347,8 +397,9 @@ class SkyEyeServer:
         seen["answer"] = answer
         self.metrics["latency"].observe(time.perf_counter() - started)
         self.metrics["tokens"].inc(answer.completion_tokens)
-        headers = {WARNING_HEADER: warning} if warning else {}
+        headers = {VERSION_HEADER: str(self.engine.lineage["version"] or ""), ROLE_HEADER: self.role}
         if warning:
+            headers[WARNING_HEADER] = warning
             answer.skyeye["warning"] = warning
         if conv.stream:
             pieces = re.findall(r"\s*\S+", answer.text) or [answer.text]
@@ -369,6 +420,14 @@ class SkyEyeServer:
         seen["prompt_tokens"] = self.engine.prompt_tokens(conv)  # a refusal for length logs it too
         self.engine.check_fits(conv, seen["prompt_tokens"])
         return conv
+
+    @staticmethod
+    def _request_id(request: Request, conv: Conversation) -> None:
+        """The router's id for the request, where it sent one: a shadow copy and production's
+        answer then share it (the response's id, and the inference log's request_id)."""
+        sent = request.headers.get(REQUEST_ID_HEADER, "")
+        if re.fullmatch(r"[A-Za-z0-9._:-]{1,128}", sent):
+            conv.id = sent
 
     def _image(self, url: str, param: str):
         return load_image(url, param, max_pixels=self.config.max_image_pixels,
@@ -391,3 +450,6 @@ class SkyEyeServer:
         finally:
             self.idle.set()
 
+
+SkyEyeServer = serve.deployment(name="SkyEyeGPT", max_surge_percent=100)(serve.ingress()(SkyEyeReplica))
+SkyEyeVersion = serve.deployment(name="SkyEyeGPTVersion", max_surge_percent=100)(SkyEyeReplica)

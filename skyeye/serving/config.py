@@ -30,6 +30,18 @@ class InferenceLogConfig(BaseModel):
                               "most once an hour; null keeps everything.")
 
 
+class CanaryConfig(BaseModel):
+    """A second version served beside production (skyeye/serving/router.py)."""
+    model_config = ConfigDict(extra="forbid")
+    candidate: str = Field("staging", description="Registry reference of the candidate: an alias (followed as it "
+                                                  "moves) or a version.")
+    mode: Literal["off", "canary", "shadow"] = Field(
+        "off", description="off: production alone; canary: canary_percent of the requests that name no version "
+                           "are answered by the candidate; shadow: the candidate answers a copy of every such "
+                           "request, the client gets production's answer only.")
+    canary_percent: float = Field(10, gt=0, le=100, description="The candidate's share of traffic in canary mode.")
+
+
 class ServeConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     host: str = Field("127.0.0.1", description="Interface the HTTP proxy binds; 0.0.0.0 opens it to the network.")
@@ -65,6 +77,7 @@ class ServeConfig(BaseModel):
     api_key_env: str = Field("SKYEYE_API_KEY", description="Environment variable whose value, when set, "
                                                             "requests must send as `Authorization: Bearer ...`.")
     inference_log: InferenceLogConfig = Field(default_factory=InferenceLogConfig)
+    canary: CanaryConfig = Field(default_factory=CanaryConfig, description="A candidate served beside production.")
 
     @model_validator(mode="after")
     def _check(self) -> ServeConfig:

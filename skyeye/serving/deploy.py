@@ -5,7 +5,9 @@ answers, and recording the deployment on the version.
   (`cluster.ray_session`, which also says what the replicas are told).
 - `deploy`: a registry reference (`models:/skyeyegpt@production`, a version) becomes the
   Serve application `skyeye`; deploying again under the same name rolls the replicas to
-  the new version while the old ones keep answering (no request fails).
+  the new version while the old ones keep answering (no request fails). With `canary.mode`
+  canary or shadow (configs/serve.yaml), the candidate (`canary.candidate`, the staging
+  alias by default) is served beside production behind the router (router.py).
 - `verify`: the health check, then a real `[refer]` question about a test image whose
   answer must hold a box (or, where the server refuses unapproved tasks and the version is
   not approved for grounding, be refused as such).
@@ -28,7 +30,7 @@ import httpx
 from ..cluster import ray_session
 from ..config import Settings, get_settings
 from ..formats.files import atomic_write_text
-from ..model.references import model_name, production_uri, resolve_version
+from ..model.references import RegistryError, model_name, production_uri, resolve_version
 from ..tracking import runs
 from ..tracking.names import (
     MAX_PERIODS,
@@ -48,6 +50,18 @@ class Deployed:
     uri: str  # models:/skyeyegpt/<version>
     url: str  # where the API answers
     replaced: int | None  # the version served before, if the app was running
+    candidate: int | None = None  # the version deployed as the candidate (canary.mode not off)
+    mode: str = "off"  # what the candidate does: off when there is none or it is production's own version
+
+
+def candidate_version(cfg: ServeConfig) -> int | None:
+    """The version `cfg.canary` serves beside production; None when the mode is off."""
+    if cfg.canary.mode == "off":
+        return None
+    try:
+        return resolve_version(cfg.canary.candidate)
+    except RegistryError as err:
+        raise RegistryError(f"canary.candidate: {err}") from None
 
 
 def base_url(cfg: ServeConfig) -> str:
@@ -59,7 +73,8 @@ def connect(cfg: ServeConfig) -> bool:
     """Ray for serving (`ray_session.connect`); True when a local Ray was started here (`shutdown`
     then stops it). On RAY_ADDRESS's cluster the app outlives this process."""
     # a rollout starts the new replicas before the old ones stop: room for both, and the proxy
-    started = ray_session.connect(max(2, int(2 * cfg.replicas * cfg.cpus_per_replica + 1)))
+    versions = 1 if cfg.canary.mode == "off" else 2  # a candidate beside production: room for its replicas too
+    started = ray_session.connect(max(2, int(2 * versions * cfg.replicas * cfg.cpus_per_replica + 1)))
     return started and not ray_session.on_cluster()
 
 
@@ -79,26 +94,51 @@ def _auth(api_key: str | None) -> dict[str, str]:
 def deploy(model_ref: str | None = None, cfg: ServeConfig | None = None, settings: Settings | None = None
            ) -> Deployed:
     """Serve the version `model_ref` names (default: production) as the Serve app; Ray must
-    be connected (`connect`). Returns once the new replicas answer."""
+    be connected (`connect`), with the candidate of `cfg.canary` beside it. Returns once the new
+    replicas answer."""
     from ray import serve
     s, cfg = settings or get_settings(), cfg or load_serve_config()
     version = resolve_version(model_ref or production_uri())
     uri = f"models:/{model_name()}/{version}"
+    candidate = candidate_version(cfg)
     url = base_url(cfg)
     replaced = served_version(url, os.environ.get(cfg.api_key_env))
     serve.start(http_options={"host": cfg.host, "port": cfg.port})
-    serve.run(application(uri, cfg, s), name=cfg.app_name, route_prefix="/")
-    return Deployed(version, uri, url, replaced)
+    serve.run(application(uri, cfg, s, candidate), name=cfg.app_name, route_prefix="/")
+    mode = cfg.canary.mode if candidate not in (None, version) else "off"
+    return Deployed(version, uri, url, replaced, candidate, mode)
 
 
-def application(uri: str, cfg: ServeConfig, settings: Settings | None = None):
-    """The Serve application of one model version with these limits. Deployed again under the
-    same name (a new version or new limits), it rolls the replicas without dropping requests."""
+def application(uri: str, cfg: ServeConfig, settings: Settings | None = None, candidate: int | None = None):
+    """The Serve application of one model version with these limits, and `candidate` beside it
+    behind the router when given (production's own version: the router sends it nothing, and
+    the app keeps its shape, so the next move of either alias rolls as any other). Deployed
+    again under the same name (a new version or new limits), it rolls the replicas without
+    dropping requests."""
+    store = log_store(settings)
+    if candidate is None:
+        return _server(cfg, settings).bind(uri, log_store=store)
+    server = _server(cfg, settings, behind_router=True)
+    from .router import SkyEyeRouter
+    production = resolve_version(uri)
+    role = "shadow" if cfg.canary.mode == "shadow" else "candidate"
+    handles = (server.options(name="production").bind(uri, log_store=store, role="production"),
+               server.options(name="candidate").bind(f"models:/{model_name()}/{candidate}", log_store=store,
+                                                     role=role))
+    # every request passes the router and waits there for its answer: room for both versions' connections
+    return SkyEyeRouter.options(
+        user_config=cfg.model_dump(mode="json"), max_ongoing_requests=2 * cfg.replicas * cfg.max_connections,
+        ray_actor_options={"num_cpus": 0, "runtime_env": {
+            "env_vars": ray_session.worker_env(settings or get_settings(), cfg.api_key_env)}},
+    ).bind(*handles, {"production": production, "candidate": candidate})
+
+
+def _server(cfg: ServeConfig, settings: Settings | None, behind_router: bool = False):
     from ray.serve.config import BackpressureConfig
 
-    from .app import SkyEyeServer
+    from .app import SkyEyeServer, SkyEyeVersion
     s = settings or get_settings()
-    return SkyEyeServer.options(
+    return (SkyEyeVersion if behind_router else SkyEyeServer).options(
         num_replicas=cfg.replicas, user_config=cfg.model_dump(mode="json"),
         # chat requests reach the replica, which admits queue_limit and answers 429 beyond it; the
         # rest of max_connections is for health checks and the web demo's long-lived streams, which
@@ -107,7 +147,7 @@ def application(uri: str, cfg: ServeConfig, settings: Settings | None = None):
         backpressure_config=BackpressureConfig(status_code=429, retry_after_s=cfg.retry_after_s),
         ray_actor_options={"num_cpus": cfg.cpus_per_replica, "runtime_env": {
             "env_vars": ray_session.worker_env(s, cfg.api_key_env)}},
-    ).bind(uri, log_store(s))
+    )
 
 
 def log_store(settings: Settings | None = None) -> str:

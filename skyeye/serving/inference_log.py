@@ -45,18 +45,22 @@ _POLL_S = 0.25     # how soon the writer notices a stop while idle
 STORED = SCHEMA.set(SCHEMA.get_field_index("image_signature"), pa.field("image_signature", pa.list_(pa.float32())))
 
 
-def metrics(registry: CollectorRegistry) -> dict[str, Any]:
-    """The log's counters, in the replica's registry (one set per replica, whatever the writer)."""
-    return {"log_rows": Counter("skyeye_inference_log_rows_written", "Inference log rows written", registry=registry),
-            "log_failures": Counter("skyeye_inference_log_write_failures",
-                                    "Inference log writes that raised (each try)", registry=registry),
-            "log_retries": Counter("skyeye_inference_log_write_retries", "Inference log writes tried again",
-                                   registry=registry),
-            "log_dropped": Counter("skyeye_inference_log_rows_dropped",
-                                   "Inference log rows dropped (queue full, or not written by the stop)",
-                                   registry=registry),
-            "log_waiting": Gauge("skyeye_inference_log_rows_waiting", "Inference log rows not yet written",
-                                 registry=registry)}
+def metrics(registry: CollectorRegistry, version: str = "", role: str = "production") -> dict[str, Any]:
+    """The log's counters, in the replica's registry (one set per replica, whatever the writer),
+    labelled like its other metrics: beside a candidate both versions' appear in one /metrics."""
+    labels = ["version", "role"]
+    out = {"log_rows": Counter("skyeye_inference_log_rows_written", "Inference log rows written", labels,
+                               registry=registry),
+           "log_failures": Counter("skyeye_inference_log_write_failures",
+                                   "Inference log writes that raised (each try)", labels, registry=registry),
+           "log_retries": Counter("skyeye_inference_log_write_retries", "Inference log writes tried again", labels,
+                                  registry=registry),
+           "log_dropped": Counter("skyeye_inference_log_rows_dropped",
+                                  "Inference log rows dropped (queue full, or not written by the stop)", labels,
+                                  registry=registry),
+           "log_waiting": Gauge("skyeye_inference_log_rows_waiting", "Inference log rows not yet written", labels,
+                                registry=registry)}
+    return {k: m.labels(version=version, role=role) for k, m in out.items()}
 
 
 def identifier_of(question: str) -> str | None:
