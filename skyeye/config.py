@@ -28,6 +28,7 @@ SCALE_NAMES: tuple[str, ...] = get_args(ScaleName)
 LOCAL_HOST = "127.0.0.1"  # where `skyeye server up` listens by default: loopback only
 PREFECT_PORT = 4200  # the Prefect server and its UI (Prefect's own default)
 MLFLOW_PORT = 5000  # the MLflow UI (MLflow's own default)
+NEAR_DUPLICATE_BITS = 8  # pHash threshold of the leakage check; why this value: docs/data.md
 REGISTERED_MODEL = "skyeyegpt"  # the model's name in the MLflow registry (SKYEYE_REGISTERED_MODEL overrides)
 
 
@@ -104,6 +105,18 @@ class Settings(BaseSettings):
         return str(self.project_root / "mlruns" / "artifacts")
 
 
+class LeakageConfig(BaseModel):
+    """Test images found among the training images (docs/data.md, "Leakage across sources")."""
+
+    model_config = ConfigDict(extra="forbid")
+    near_duplicate_bits: int = Field(
+        NEAR_DUPLICATE_BITS, ge=0, le=31,
+        description="pHash bits at most this far apart count as the same image (measured: docs/data.md).")
+    action: Literal["drop", "fail"] = Field(
+        "drop", description="drop: the builder removes the training samples that use a test image and reports "
+                            "each pair; fail: it keeps them and the data gate fails naming each pair.")
+
+
 class DataConfig(BaseModel):
     """The data steps of the retrain flow (configs/data.yaml)."""
 
@@ -113,6 +126,8 @@ class DataConfig(BaseModel):
     sources: dict[str, Path] = Field(default_factory=dict,
                                      description="Benchmark name -> real data folder; replaces the synthetic one.")
     commit_data: bool = Field(False, description="git-commit data.dvc when the data changed.")
+    leakage: LeakageConfig = Field(default_factory=LeakageConfig,
+                                   description="Test images among the training images: threshold and action.")
 
     @field_validator("scale")
     @classmethod

@@ -23,6 +23,8 @@ import numpy as np
 from PIL import Image
 from pycocoevalcap.cider.cider import Cider
 
+from ..config import LeakageConfig
+from ..datagate.leakage import LEAKAGE_FILE, HashCache, drop_leaked, find_leaks, leak_lines, leak_report
 from ..formats import prompts
 from ..formats.benchmarks import (
     BENCHMARKS,
@@ -299,9 +301,13 @@ def find_sources(root: Path, extra: dict[str, Path] | None = None) -> dict[str, 
     return dict(sorted(found.items(), key=lambda kv: BENCHMARKS.index(kv[0])))
 
 
-def build(root: Path, out: Path, extra: dict[str, Path] | None = None) -> dict:
+def build(root: Path, out: Path, extra: dict[str, Path] | None = None, leakage: LeakageConfig | None = None,
+          hash_cache: Path | None = None) -> dict:
     """Build stage-1/stage-2 instructions, evaluation files and the data card into `out`.
-    Written to a temporary folder and renamed into place."""
+    Written to a temporary folder and renamed into place. Then the leakage check
+    (`datagate.leakage`, rules in `leakage`, pHashes cached in `hash_cache`): with action
+    drop, training samples whose image is an eval/validation image (same bytes or a pHash
+    near-duplicate) are removed; every pair goes to `leakage.json` and the card."""
     sources = find_sources(Path(root), extra)
     reports: list[ReadReport] = []
     eval_counts: dict[str, int] = {}
@@ -349,7 +355,15 @@ def build(root: Path, out: Path, extra: dict[str, Path] | None = None) -> dict:
                 eval_counts[key] = len(rows)
         _write_json(tmp / "stage1.json", b.stage1)
         _write_json(tmp / "stage2.json", b.stage2)
-        card = data_card(b, eval_counts, reports) | {"validation": validation}
+        cfg = leakage or LeakageConfig()
+        leaks = find_leaks(tmp, cfg, HashCache(hash_cache))
+        dropped = drop_leaked({"stage1.json": b.stage1, "stage2.json": b.stage2}, leaks) if cfg.action == "drop" else {}
+        if any(dropped.values()):
+            _write_json(tmp / "stage1.json", b.stage1)
+            _write_json(tmp / "stage2.json", b.stage2)
+        leak_card = leak_report(leaks, cfg, dropped)
+        _write_json(tmp / LEAKAGE_FILE, leak_card)
+        card = data_card(b, eval_counts, reports) | {"validation": validation, "leakage": leak_card}
         _write_json(tmp / "card.json", card)
         (tmp / "DATA_CARD.md").write_text(render_card(card), encoding="utf-8")
     card["reports"] = [r.summary() for r in reports]
@@ -424,4 +438,5 @@ def render_card(card: dict) -> str:
             lines += [f"- {bench}, {reason}: `{row}`" for reason, rows in reasons.items() for row in rows]
     if card.get("box_policy"):
         lines += ["", f"Boxes and the image edge: {card['box_policy']}"]
+    lines += leak_lines(card.get("leakage"))
     return "\n".join(lines) + "\n"

@@ -9,10 +9,11 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from ..config import Settings, get_settings
+from ..config import LeakageConfig, Settings, get_settings
 from ..tracking import runs
 from ..tracking.names import TAG_DVC_MD5, TAG_GIT_REV, TAG_OUTCOME, UNCOMMITTED, UNVERSIONED, VALIDATION_EXPERIMENT
 from .expectations import ValidationResult, validate
+from .leakage import LEAKAGE_FILE, configured
 from .versioning import current_version
 
 
@@ -45,11 +46,15 @@ def log_validation(result: ValidationResult, md5: str | None, git_rev: str | Non
     with runs.tracked_run(VALIDATION_EXPERIMENT, f"validate-{(md5 or UNVERSIONED)[:8]}", tags, settings=s) as run_id:
         client = runs.client(s)
         runs.log_metrics(run_id, {"records": result.n_records, "failed_expectations": len(result.failures),
-                                  "seconds": result.seconds}, settings=s)
+                                  "seconds": result.seconds, "leak_pairs": len(result.leaks),
+                                  "hashes_computed": result.hashes_computed}, settings=s)
         with tempfile.TemporaryDirectory() as tmp:
             report = Path(tmp) / "validation.json"
             report.write_text(json.dumps(result.to_dict(), indent=1, default=str))
             client.log_artifact(run_id, str(report))
+            pairs = Path(tmp) / LEAKAGE_FILE  # every pair, also when there are none: the check ran
+            pairs.write_text(json.dumps({"pairs": result.leaks}, indent=1))
+            client.log_artifact(run_id, str(pairs))
         docs = getattr(result, "data_docs_index", None)
         if docs and Path(docs).exists():
             client.log_artifacts(run_id, str(Path(docs).parent), artifact_path="data_docs")
@@ -67,15 +72,17 @@ def validation_outcome(md5: str, settings: Settings | None = None) -> str | None
     return found[0].data.tags.get(TAG_OUTCOME) if found else None
 
 
-def run_gate(folder: Path, record: bool = True, settings: Settings | None = None
-             ) -> tuple[ValidationResult, str | None]:
-    """Validate `folder`; with `record`, store the outcome against its data version."""
+def run_gate(folder: Path, record: bool = True, settings: Settings | None = None,
+             leakage: LeakageConfig | None = None) -> tuple[ValidationResult, str | None]:
+    """Validate `folder`; with `record`, store the outcome against its data version.
+    `leakage` defaults to the project's configs/data.yaml (its defaults if absent)."""
     s = settings or get_settings()
     # Data Docs show the latest run only (each run's copy goes to MLflow), so neither the
     # folder nor the artifacts grow with every validation.
     gx_root = s.state / "gx"
     shutil.rmtree(gx_root, ignore_errors=True)
-    result = validate(Path(folder), gx_root)
+    configured_leakage, cache = configured(s)
+    result = validate(Path(folder), gx_root, leakage=leakage or configured_leakage, hash_cache=cache)
     run_id = None
     if record:
         md5, rev = data_version_of(folder, s)
