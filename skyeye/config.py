@@ -28,7 +28,6 @@ SCALE_NAMES: tuple[str, ...] = get_args(ScaleName)
 LOCAL_HOST = "127.0.0.1"  # where `skyeye server up` listens by default: loopback only
 PREFECT_PORT = 4200  # the Prefect server and its UI (Prefect's own default)
 MLFLOW_PORT = 5000  # the MLflow UI (MLflow's own default)
-NEAR_DUPLICATE_BITS = 8  # pHash threshold of the leakage check; why this value: docs/data.md
 REGISTERED_MODEL = "skyeyegpt"  # the model's name in the MLflow registry (SKYEYE_REGISTERED_MODEL overrides)
 
 
@@ -110,7 +109,7 @@ class LeakageConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     near_duplicate_bits: int = Field(
-        NEAR_DUPLICATE_BITS, ge=0, le=31,
+        6, ge=0, le=31,  # every planted JPEG-q70 + 50-200% resized copy was <= 6 bits off (docs/data.md)
         description="pHash bits at most this far apart count as the same image (measured: docs/data.md).")
     action: Literal["drop", "fail"] = Field(
         "drop", description="drop: the builder removes the training samples that use a test image and reports "

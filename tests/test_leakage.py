@@ -18,7 +18,7 @@ from skyeye.data.instructions import build
 from skyeye.datagate.expectations import validate
 from skyeye.datagate.leakage import LEAKAGE_FILE, BandIndex, HashCache, find_leaks
 
-BITS = 8
+BITS = 8  # the index tests: 9 exact bands at radius 0, 3 bands at radius 2
 
 
 def _flip(h: int, n: int, rng: np.random.Generator) -> int:
@@ -102,13 +102,13 @@ def test_builder_drops_the_training_samples_of_a_planted_near_duplicate(planted,
     leaked_ids = _uses(clean_stage1, "ucm_captions/imgs/1.tif")
     assert leaked_ids  # the planted image is trained on before the check
     out = tmp_path / "instructions"
-    card = build(root, out, leakage=LeakageConfig(near_duplicate_bits=BITS, action="drop"))
+    card = build(root, out, leakage=LeakageConfig(action="drop"))  # the shipped threshold
     pairs = json.loads((out / LEAKAGE_FILE).read_text())["pairs"]
     assert pairs == card["leakage"]["pairs"] and pairs
     for p in pairs:  # every pair is the planted one: the rsvqa_lr test image ~ a ucm_captions sample
         assert (p["benchmark"], p["train_source"], p["exact"]) == ("rsvqa_lr", "ucm_captions", False)
         assert p["test_file"] == "eval/rsvqa_lr_test.json" and p["train_path"].endswith("ucm_captions/imgs/1.tif")
-        assert 0 <= p["distance"] <= BITS
+        assert 0 <= p["distance"] <= LeakageConfig().near_duplicate_bits
     assert any(p["test_id"] == test_id for p in pairs)
     assert {p["train_id"] for p in pairs} >= set(leaked_ids)
     stage1 = json.loads((out / "stage1.json").read_text())
@@ -118,24 +118,23 @@ def test_builder_drops_the_training_samples_of_a_planted_near_duplicate(planted,
     assert dropped["stage1.json"] == len(leaked_ids) and len(stage1) == len(clean_stage1) - len(leaked_ids)
     assert card["stage1"]["total"] == len(stage1)
     assert "rsvqa_lr" in (out / "DATA_CARD.md").read_text().split("## Leakage across sources")[1]
-    assert find_leaks(out, LeakageConfig(near_duplicate_bits=BITS)) == []  # what the gate re-checks
+    assert find_leaks(out, LeakageConfig()) == []  # what the gate re-checks
 
 
 def test_with_action_fail_the_gate_fails_naming_the_pair(planted, tmp_path):
     root, test_id = planted
     out = tmp_path / "instructions"
-    card = build(root, out, leakage=LeakageConfig(near_duplicate_bits=BITS, action="fail"))
+    card = build(root, out, leakage=LeakageConfig(action="fail"))
     assert card["leakage"]["dropped"] == {} and card["leakage"]["pairs"]
     cache = tmp_path / "hash_cache.sqlite"
-    result = validate(out, tmp_path / "gx", data_docs=False, leakage=LeakageConfig(near_duplicate_bits=BITS),
-                      hash_cache=cache)
+    result = validate(out, tmp_path / "gx", data_docs=False, leakage=LeakageConfig(), hash_cache=cache)
     assert not result.success
     failed = [f for f in result.failures if f.table == "leakage"]
     assert [f.column for f in result.failures] == ["train_id"], result.render()
     example = failed[0].examples[0]
     assert (example["file"], example["id"], example["train_source"]) == ("eval/rsvqa_lr_test.json", test_id,
                                                                          "ucm_captions")
-    assert example["distance"] <= BITS and example["train_id"].startswith("s1-ucm_captions")
+    assert example["distance"] <= LeakageConfig().near_duplicate_bits and example["train_id"].startswith("s1-ucm_captions")
     assert {(x["benchmark"], x["train_source"], x["exact"]) for x in result.leaks} == \
         {("rsvqa_lr", "ucm_captions", False)}  # other bytes, another path: found by the pHash
     assert "pHash" in result.render() and test_id in result.render()
