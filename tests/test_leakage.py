@@ -134,7 +134,8 @@ def test_with_action_fail_the_gate_fails_naming_the_pair(planted, tmp_path):
     example = failed[0].examples[0]
     assert (example["file"], example["id"], example["train_source"]) == ("eval/rsvqa_lr_test.json", test_id,
                                                                          "ucm_captions")
-    assert example["distance"] <= LeakageConfig().near_duplicate_bits and example["train_id"].startswith("s1-ucm_captions")
+    assert example["distance"] <= LeakageConfig().near_duplicate_bits
+    assert example["train_id"].startswith("s1-ucm_captions")
     assert {(x["benchmark"], x["train_source"], x["exact"]) for x in result.leaks} == \
         {("rsvqa_lr", "ucm_captions", False)}  # other bytes, another path: found by the pHash
     assert "pHash" in result.render() and test_id in result.render()

@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
+from ..config import LeakageConfig
 from ..formats.benchmarks import SCORED_FILE_KEYS, VALIDATION_FILE_KEYS
 from ..formats.prompts import STAGE_TASKS, TASK_IDENTIFIERS, TASK_TO_IDENTIFIER
-from ..config import LeakageConfig
 from .leakage import HashCache, Leak
 from .tables import build_tables
 

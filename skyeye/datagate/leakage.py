@@ -20,7 +20,9 @@ import json
 import os
 import sqlite3
 from collections import defaultdict
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -76,7 +78,8 @@ class Leak:
     def render(self) -> str:
         how = "same bytes" if self.exact else f"pHash {self.distance} bits apart"
         return (f"{self.test_file}[{self.test_index}] {self.test_id} ({self.benchmark}, {self.test_path}) ~ "
-                f"{self.train_file}[{self.train_index}] {self.train_id} ({self.train_source}, {self.train_path}): {how}")
+                f"{self.train_file}[{self.train_index}] {self.train_id} ({self.train_source}, {self.train_path}): "
+                f"{how}")
 
 
 def references(folder: Path) -> tuple[list[Ref], list[Ref]]:
@@ -158,8 +161,15 @@ class HashCache:
             with self._connect() as db:
                 db.execute("CREATE TABLE IF NOT EXISTS phash (sha256 TEXT PRIMARY KEY, phash TEXT)")
 
-    def _connect(self) -> sqlite3.Connection:
-        return sqlite3.connect(self.path, timeout=60)
+    @contextmanager
+    def _connect(self) -> Iterator[sqlite3.Connection]:
+        """One transaction (committed, or rolled back on error), then the connection closed."""
+        db = sqlite3.connect(self.path, timeout=60)  # waits while another build or gate writes
+        try:
+            with db:
+                yield db
+        finally:
+            db.close()
 
     def get(self, shas: list[str]) -> dict[str, str | None]:
         if self.path is None:
@@ -326,6 +336,7 @@ def leak_lines(report: dict[str, Any] | None, shown: int = 20) -> list[str]:
     if report["dropped"]:
         lines.append("Training samples dropped: " + ", ".join(f"{k} {n}" for k, n in report["dropped"].items()) + ".")
     if pairs:
-        lines += ["", f"First {min(shown, len(pairs))} pairs (all in {LEAKAGE_FILE}; train index as built, before the drop):",
-                  ""] + [f"- {Leak(**p).render()}" for p in pairs[:shown]]
+        lines += ["", f"First {min(shown, len(pairs))} pairs (all in {LEAKAGE_FILE}; "
+                      "a training index is the sample's place as built, before the drop):", ""]
+        lines += [f"- {Leak(**p).render()}" for p in pairs[:shown]]
     return lines
