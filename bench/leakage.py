@@ -140,7 +140,7 @@ def main() -> None:
             return validate(inst, tmp / "gx", leakage=cfg, hash_cache=cache, near_duplicates=near)
 
         gate(True, tmp / "gate-warm.sqlite")  # fills the warm cache (and GX's context)
-        off_all, cold_runs, warm_all = [], [], []
+        off_all, cold_runs, warm_all, alone_cold, alone_warm = [], [], [], [], []
         for i in range(args.repeats):  # interleaved, so a busy spell on the shared machine hits all three
             _, (t,), result = timed(lambda: gate(False, None), 1)
             off_all.append(t)
@@ -148,6 +148,11 @@ def main() -> None:
             cold_runs.append(t)
             _, (t,), checked = timed(lambda: gate(True, tmp / "gate-warm.sqlite"), 1)
             warm_all.append(t)
+            # the check alone (what the gate adds): read the files, sha256 every image, index, query
+            _, (t,), _ = timed(lambda i=i: find_leaks(inst, cfg, HashCache(tmp / f"alone-cold-{i}.sqlite")), 1)
+            alone_cold.append(t)
+            _, (t,), _ = timed(lambda: find_leaks(inst, cfg, HashCache(tmp / "gate-warm.sqlite")), 1)
+            alone_warm.append(t)
         off_s, warm_gate_s = statistics.median(off_all), statistics.median(warm_all)
         index = index_at_scale(args.index_size, seed=1)
         # what each threshold flags on the clean corpus (distinct images: false positives) and drops
@@ -178,6 +183,9 @@ def main() -> None:
         "gate_with_check_warm_cache_s": round(warm_gate_s, 2),
         "check_overhead_cold": round(statistics.median(cold_runs) / off_s - 1, 3),
         "check_overhead_warm": round(warm_gate_s / off_s - 1, 3),
+        "check_alone_cold_cache_s": round(statistics.median(alone_cold), 2),
+        "check_alone_warm_cache_s": round(statistics.median(alone_warm), 2),
+        "check_alone_warm_share_of_gate": round(statistics.median(alone_warm) / off_s, 3),
         "gate_records": result.n_records, "gate_passed_with_check": checked.success,
         "hash_images_per_s_cold": round(rate_cold, 1), "hash_images_per_s_cached": round(rate_warm, 1),
         "index_1m": index, "index_size": args.index_size,
@@ -189,7 +197,8 @@ def main() -> None:
             "note": f"at this corpus's mean file size ({round(mean_bytes)} B); cached time is reading "
                     "and sha256 of every file, which grows with file size"},
         "runs_s": {"without": [round(t, 2) for t in off_all], "cold": [round(t, 2) for t in cold_runs],
-                   "warm": [round(t, 2) for t in warm_all]},
+                   "warm": [round(t, 2) for t in warm_all], "alone_cold": [round(t, 2) for t in alone_cold],
+                   "alone_warm": [round(t, 2) for t in alone_warm]},
     }, indent=1))
 
 
