@@ -1,7 +1,7 @@
 """Leakage across sources: the pHash index, the hash cache, and a planted cross-source
 near-duplicate (a test image re-encoded and resized into another benchmark's training
 images) that the builder drops, or, with action=fail, that the gate fails on, naming the pair.
-Real PIL, imagehash, SQLite and Great Expectations; no mocks."""
+Real PIL, imagehash, SQLite, Great Expectations and MLflow; no mocks."""
 from __future__ import annotations
 
 import io
@@ -12,11 +12,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from projects import project_environment
 
-from skyeye.config import LeakageConfig
+from skyeye.config import LeakageConfig, get_settings
 from skyeye.data.instructions import build
-from skyeye.datagate.expectations import validate
-from skyeye.datagate.leakage import LEAKAGE_FILE, BandIndex, HashCache, find_leaks
+from skyeye.datagate.gate import run_gate
+from skyeye.datagate.leakage import CACHE_FILE, LEAKAGE_FILE, BandIndex, HashCache, find_leaks
+from skyeye.tracking import runs
 
 BITS = 8  # the index tests: 9 exact bands at radius 0, 3 bands at radius 2
 
@@ -121,24 +123,31 @@ def test_builder_drops_the_training_samples_of_a_planted_near_duplicate(planted,
     assert find_leaks(out, LeakageConfig()) == []  # what the gate re-checks
 
 
-def test_with_action_fail_the_gate_fails_naming_the_pair(planted, tmp_path):
+def test_with_action_fail_the_gate_fails_naming_the_pair(planted, tmp_path, monkeypatch):
+    """The gate as the platform runs it (`run_gate`: the project's config, its hash cache,
+    a real MLflow store): it fails, names the pair, and stores every pair as an artifact."""
     root, test_id = planted
     out = tmp_path / "instructions"
     card = build(root, out, leakage=LeakageConfig(action="fail"))
     assert card["leakage"]["dropped"] == {} and card["leakage"]["pairs"]
-    cache = tmp_path / "hash_cache.sqlite"
-    result = validate(out, tmp_path / "gx", data_docs=False, leakage=LeakageConfig(), hash_cache=cache)
-    assert not result.success
-    failed = [f for f in result.failures if f.table == "leakage"]
-    assert [f.column for f in result.failures] == ["train_id"], result.render()
-    example = failed[0].examples[0]
-    assert (example["file"], example["id"], example["train_source"]) == ("eval/rsvqa_lr_test.json", test_id,
-                                                                         "ucm_captions")
-    assert example["distance"] <= LeakageConfig().near_duplicate_bits
-    assert example["train_id"].startswith("s1-ucm_captions")
-    assert {(x["benchmark"], x["train_source"], x["exact"]) for x in result.leaks} == \
-        {("rsvqa_lr", "ucm_captions", False)}  # other bytes, another path: found by the pHash
-    assert "pHash" in result.render() and test_id in result.render()
-    assert result.hashes_computed > 0
-    # the same data again: every pHash comes from the cache
-    assert validate(out, tmp_path / "gx", data_docs=False, hash_cache=cache).hashes_computed == 0
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs/data.yaml").write_text("leakage: {near_duplicate_bits: 6, action: fail}\n")
+    with project_environment(tmp_path, monkeypatch, store=True):
+        result, run_id = run_gate(out)
+        assert not result.success
+        assert [f.column for f in result.failures] == ["train_id"], result.render()
+        example = result.failures[0].examples[0]
+        assert (example["file"], example["id"], example["train_source"]) == ("eval/rsvqa_lr_test.json", test_id,
+                                                                             "ucm_captions")
+        assert example["distance"] <= 6 and example["train_id"].startswith("s1-ucm_captions")
+        assert {(x["benchmark"], x["train_source"], x["exact"]) for x in result.leaks} == \
+            {("rsvqa_lr", "ucm_captions", False)}  # other bytes, another path: found by the pHash
+        assert "pHash" in result.render() and test_id in result.render()
+        client = runs.client()
+        stored = json.loads(Path(client.download_artifacts(run_id, LEAKAGE_FILE, str(tmp_path))).read_text())
+        assert stored["pairs"] == result.leaks
+        assert client.get_run(run_id).data.metrics["leak_pairs"] == len(result.leaks)
+        assert result.hashes_computed > 0
+        cache = HashCache(get_settings().state / CACHE_FILE)  # the gate's cache: a second run hashes nothing
+        find_leaks(out, LeakageConfig(), cache)
+        assert cache.computed == 0
