@@ -6,7 +6,7 @@
 - the gate's time without the check (same-path leakage only), with it and a cold hash cache,
   and with it and a warm cache (medians of `--repeats`);
 - hashing throughput (images/s), cold and cached;
-- the index at 1M random 64-bit hashes: build time and time per query, radius 0 (the 9 exact
+- the index at 1M random 64-bit hashes: build time and time per query, radius 0 (threshold + 1 exact
   bands of the pigeonhole argument) and 2 (3 bands, neighbours within 2 bits: the default);
 - the projection for SkyEye-968k (968k training images).
 
