@@ -74,13 +74,19 @@ def source_stamps(inputs: dict) -> dict:
             for name, spec in (inputs.get("sources") or {}).items()}
 
 
-@step("build", StepKey(inputs=("root", "sources"), folders=("root",), reads=source_stamps, still_there=folder_there))
-def build_task(root: str, sources: dict[str, dict]) -> str:
-    from skyeye.config import SourceConfig
+@step("build", StepKey(inputs=("root", "sources", "leakage"), folders=("root",), reads=source_stamps,
+                       still_there=folder_there))
+def build_task(root: str, sources: dict[str, dict], leakage: dict) -> str:
+    from skyeye.config import LeakageConfig, SourceConfig
     from skyeye.data.instructions import build
-    out = get_settings().instructions_dir
-    card = build(Path(root), out, {k: SourceConfig.model_validate(v) for k, v in sources.items()})
-    get_run_logger().info("instructions: stage1=%d stage2=%d", card["stage1"]["total"], card["stage2"]["total"])
+    from skyeye.datagate.leakage import CACHE_FILE
+    s = get_settings()
+    out = s.instructions_dir
+    card = build(Path(root), out, {k: SourceConfig.model_validate(v) for k, v in sources.items()},
+                 leakage=LeakageConfig.model_validate(leakage), hash_cache=s.state / CACHE_FILE)
+    get_run_logger().info("instructions: stage1=%d stage2=%d; leakage: %d pairs, dropped %s",
+                          card["stage1"]["total"], card["stage2"]["total"], len(card["leakage"]["pairs"]),
+                          card["leakage"]["dropped"])
     return str(out)
 
 
@@ -94,10 +100,11 @@ def version_task(instructions: str, commit: bool) -> str:
     return report.md5
 
 
-@step("validate", StepKey(inputs=("md5",), still_there=run_there))
-def validate_task(instructions: str, md5: str) -> str:
+@step("validate", StepKey(inputs=("md5", "leakage"), still_there=run_there))
+def validate_task(instructions: str, md5: str, leakage: dict) -> str:
+    from skyeye.config import LeakageConfig
     from skyeye.datagate.gate import GateFailed, run_gate
-    result, run_id = run_gate(Path(instructions))
+    result, run_id = run_gate(Path(instructions), leakage=LeakageConfig.model_validate(leakage))
     get_run_logger().info("data gate %s for %s (MLflow run %s)", "passed" if result.success else "FAILED", md5,
                           run_id)
     if not result.success:
@@ -275,13 +282,14 @@ def retrain(data_config: str = DEFAULTS.data_config, scale: str | None = DEFAULT
     if scale:
         cfg = cfg.model_copy(update={"scale": DataConfig(scale=scale).scale})
     synth_root = run_step(steps, force, synth_task, cfg.scale, cfg.seed)
+    leakage = cfg.leakage.model_dump()
     instructions = run_step(steps, force, build_task, synth_root,
                             {k: v.model_dump(mode="json", exclude_defaults=True)
-                             for k, v in cfg.source_configs().items()})
+                             for k, v in cfg.source_configs().items()}, leakage)
     md5 = run_step(steps, force, version_task, instructions, cfg.commit_data)
     if expected_md5 and expected_md5 != md5:
         get_run_logger().warning("started for data version %s; the data here is %s", expected_md5, md5)
-    validation_run = run_step(steps, force, validate_task, instructions, md5)
+    validation_run = run_step(steps, force, validate_task, instructions, md5, leakage)
     out = {"data_md5": md5, "validation_run": validation_run, "steps": steps}
     reports.data_artifact(md5, validation_run)
     if train:

@@ -122,16 +122,22 @@ def build(
     from .commands.sources import parse_sources
     from .data.instructions import build as build_instructions
     from .data.records import DataFormatError
+    from .datagate.leakage import LEAKAGE_FILE, configured
     s = get_settings()
     root, out = existing_folder(root or s.synth_dir, "--root"), writable_folder(out or s.instructions_dir, "--out")
     sources = parse_sources(source or [], images or [], box_format or [], licence or [])
     start = time.perf_counter()
     try:
-        card = build_instructions(root, out, sources)
+        leakage, cache = configured(s)
+        card = build_instructions(root, out, sources, leakage=leakage, hash_cache=cache)
     except (ValueError, DataFormatError, FileNotFoundError) as err:
         fail(str(err))
     console.print(f"built in {time.perf_counter() - start:.1f} s: stage1={card['stage1']['total']} "
                   f"stage2={card['stage2']['total']} eval files={len(card['eval'])} -> {out}")
+    if pairs := card["leakage"]["pairs"]:
+        dropped = sum(card["leakage"]["dropped"].values())
+        say(f"  leakage: {len(pairs)} eval/training image pairs ({out / LEAKAGE_FILE}); "
+            + (f"{dropped} training samples dropped" if dropped else "kept: the data gate will fail"))
     for line in card["reports"]:
         if "skipped" in line or "clipped" in line:
             say(f"  {line}")

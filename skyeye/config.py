@@ -146,6 +146,18 @@ def as_source(value: Path | str | SourceConfig) -> SourceConfig:
     return value if isinstance(value, SourceConfig) else SourceConfig(path=Path(value))
 
 
+class LeakageConfig(BaseModel):
+    """Test images found among the training images (docs/data.md, "Leakage across sources")."""
+
+    model_config = ConfigDict(extra="forbid")
+    near_duplicate_bits: int = Field(
+        6, ge=0, le=31,  # every planted JPEG-q70 + 50-200% resized copy was <= 6 bits off (docs/data.md)
+        description="pHash bits at most this far apart count as the same image (measured: docs/data.md).")
+    action: Literal["drop", "fail"] = Field(
+        "drop", description="drop: the builder removes the training samples that use a test image and reports "
+                            "each pair; fail: it keeps them and the data gate fails naming each pair.")
+
+
 class DataConfig(BaseModel):
     """The data steps of the retrain flow (configs/data.yaml)."""
 
@@ -156,6 +168,8 @@ class DataConfig(BaseModel):
         default_factory=dict, description="Name -> a benchmark folder (replaces the synthetic one) or a "
                                           "SourceConfig (a LLaVA set; a licence).")
     commit_data: bool = Field(False, description="git-commit data.dvc when the data changed.")
+    leakage: LeakageConfig = Field(default_factory=LeakageConfig,
+                                   description="Test images among the training images: threshold and action.")
 
     @field_validator("sources")
     @classmethod

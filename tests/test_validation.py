@@ -210,7 +210,8 @@ def test_leaked_image(corpus: Path, tmp_path: Path, gx_root: Path) -> None:
     f = _names(_defect(corpus, tmp_path, gx_root, defect), "leakage", "train_id")
     assert f.unexpected_count == 1
     assert f.examples[0] == {"file": "eval/ucm_captions_test.json", "id": "ucm-test-2",
-                             "path": "../../synth/ucm_captions/imgs/2.png", "train_id": "s1-ucm-0"}
+                             "path": "../../synth/ucm_captions/imgs/2.png", "train_source": "ucm_captions",
+                             "distance": 0, "train_id": "s1-ucm-0"}
 
 
 def test_duplicate_id(corpus: Path, tmp_path: Path, gx_root: Path) -> None:

@@ -25,6 +25,8 @@ import numpy as np
 from PIL import Image
 from pycocoevalcap.cider.cider import Cider
 
+from ..config import LeakageConfig
+from ..datagate.leakage import LEAKAGE_FILE, HashCache, drop_leaked, find_leaks, leak_lines, leak_report
 from ..formats import prompts
 from ..formats.benchmarks import (
     BENCHMARKS,
@@ -304,10 +306,14 @@ def find_sources(root: Path, extra: dict[str, Path] | None = None) -> dict[str, 
     return dict(sorted(found.items(), key=lambda kv: BENCHMARKS.index(kv[0])))
 
 
-def build(root: Path, out: Path, extra: dict[str, Path | SourceConfig] | None = None) -> dict:
+def build(root: Path, out: Path, extra: dict[str, Path | SourceConfig] | None = None,
+          leakage: LeakageConfig | None = None, hash_cache: Path | None = None) -> dict:
     """Build stage-1/stage-2 instructions, evaluation files and the data card into `out`.
     `extra`: benchmark folders from elsewhere and LLaVA instruction sets (`SourceConfig`).
-    Written to a temporary folder and renamed into place."""
+    Written to a temporary folder and renamed into place. Then the leakage check
+    (`datagate.leakage`, rules in `leakage`, pHashes cached in `hash_cache`): with action
+    drop, training samples whose image is an eval/validation image (same bytes or a pHash
+    near-duplicate) are removed; every pair goes to `leakage.json` and the card."""
     specs = {name: as_source(v) for name, v in (extra or {}).items()}
     llava = check_llava_sources({k: v for k, v in specs.items() if v.is_llava})
     sources = find_sources(Path(root), {k: v.path for k, v in specs.items() if not v.is_llava})
@@ -361,7 +367,16 @@ def build(root: Path, out: Path, extra: dict[str, Path | SourceConfig] | None = 
         licences |= {name: spec.licence or UNKNOWN for name, spec in llava.items()}
         _write_json(tmp / "stage1.json", b.stage1)
         _write_json(tmp / "stage2.json", b.stage2)
-        card = data_card(b, eval_counts, reports) | {"validation": validation, "licences": dict(sorted(licences.items()))}
+        cfg = leakage or LeakageConfig()
+        leaks = find_leaks(tmp, cfg, HashCache(hash_cache))
+        dropped = drop_leaked({"stage1.json": b.stage1, "stage2.json": b.stage2}, leaks) if cfg.action == "drop" else {}
+        if any(dropped.values()):
+            _write_json(tmp / "stage1.json", b.stage1)
+            _write_json(tmp / "stage2.json", b.stage2)
+        leak_card = leak_report(leaks, cfg, dropped)
+        _write_json(tmp / LEAKAGE_FILE, leak_card)
+        card = data_card(b, eval_counts, reports) | {"validation": validation, "licences": dict(sorted(licences.items())),
+                                                     "leakage": leak_card}
         if llava_card:
             card["llava"] = llava_card
         _write_json(tmp / "card.json", card)
@@ -445,4 +460,5 @@ def render_card(card: dict) -> str:
     if card.get("llava"):
         lines += ["", "## LLaVA instruction sets", "", "| source | file | box notation |", "|---|---|---|"]
         lines += [f"| {src} | {v['file']} | {v['box_format']} |" for src, v in card["llava"].items()]
+    lines += leak_lines(card.get("leakage"))
     return "\n".join(lines) + "\n"

@@ -17,8 +17,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
+from ..config import LeakageConfig
 from ..formats.benchmarks import SCORED_FILE_KEYS, VALIDATION_FILE_KEYS
 from ..formats.prompts import STAGE_TASKS, TASK_IDENTIFIERS, TASK_TO_IDENTIFIER
+from .leakage import HashCache, Leak
 from .tables import build_tables
 
 
@@ -47,7 +49,7 @@ LIMITS = Limits()
 KEYS = {"files": ["file"], "samples": ["file", "index", "id"],
         "turns": ["file", "index", "id", "turn"], "boxes": ["file", "index", "id", "text"],
         "images": ["file", "id", "path"], "eval_samples": ["file", "index", "id"],
-        "leakage": ["file", "id", "path"], "vqa_types": ["file", "question_type"]}
+        "leakage": ["file", "id", "path", "train_source", "distance"], "vqa_types": ["file", "question_type"]}
 
 Spec = tuple[str, str, dict[str, Any], str]  # table, GX expectation class, kwargs, description
 IN_SET, BETWEEN, NULL, NOT_NULL = ("ExpectColumnValuesToBeInSet", "ExpectColumnValuesToBeBetween",
@@ -142,7 +144,8 @@ def expectations(lim: Limits = LIMITS) -> list[Spec]:
         *[_e("eval_samples", EQUAL, f"declared image_size {c} matches the image", column_A=c,
              column_B=f"actual_{c}", **EITHER) for c in ("width", "height")],
 
-        _e("leakage", NULL, "eval image not used by a training instruction (leakage)", column="train_id"),
+        _e("leakage", NULL, "eval image not used by a training instruction: same path, same bytes or a pHash "
+           "near-duplicate (leakage; every pair in leaks)", column="train_id"),
         _e("vqa_types", BETWEEN, f"each VQA question type {share0:.0%}-{share1:.0%} of its file's questions",
            column="share", min_value=share0, max_value=share1),
     ]
@@ -168,6 +171,8 @@ class ValidationResult:
     n_instructions: int = 0
     n_eval: int = 0
     n_expectations: int = 0
+    leaks: list[dict[str, Any]] = field(default_factory=list)  # every leak pair (leakage.Leak), by eval file and index
+    hashes_computed: int = 0  # pHashes not found in the hash cache (0 on a second run over the same data)
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -183,6 +188,9 @@ class ValidationResult:
             where = f"{f.table}.{f.column}" if f.column else f.table
             lines.append(f"- [{where}] {f.description}: {f.unexpected_count} unexpected ({f.expectation})")
             lines += ["    " + ", ".join(f"{k}={v}" for k, v in row.items()) for row in f.examples[:3]]
+        if self.leaks:
+            lines.append(f"Leakage: {len(self.leaks)} pairs (eval image ~ training sample), first ones:")
+            lines += [f"    {Leak(**x).render()}" for x in self.leaks[:5]]
         if self.data_docs_index:
             lines.append(f"Data Docs: {self.data_docs_index}")
         return "\n".join(lines)
@@ -230,11 +238,17 @@ def _context(gx_root: Path) -> Any:
     return ctx
 
 
-def validate(instructions_dir: Path, gx_root: Path, *, data_docs: bool = True,
-             limits: Limits = LIMITS) -> ValidationResult:
-    """Run the gate; never raises on bad data (bad files are failures in the result)."""
+def validate(instructions_dir: Path, gx_root: Path, *, data_docs: bool = True, limits: Limits = LIMITS,
+             leakage: LeakageConfig | None = None, hash_cache: Path | None = None,
+             near_duplicates: bool = True) -> ValidationResult:
+    """Run the gate; never raises on bad data (bad files are failures in the result).
+    `leakage` (default: LeakageConfig()) sets the near-duplicate threshold; pHashes are kept
+    in `hash_cache` (None: in memory, this run only); `near_duplicates=False` leaves only the
+    same-path leakage check (what bench/leakage.py compares against)."""
     start = time.perf_counter()
-    tables = build_tables(Path(instructions_dir))
+    cfg = (leakage or LeakageConfig()) if near_duplicates else None
+    cache = HashCache(hash_cache)
+    tables = build_tables(Path(instructions_dir), leakage=cfg, cache=cache)
 
     import great_expectations as gx  # heavy (seconds): only when a gate actually runs
     import great_expectations.expectations as gxe
@@ -275,4 +289,5 @@ def validate(instructions_dir: Path, gx_root: Path, *, data_docs: bool = True,
     return ValidationResult(success=not failures, n_records=tables.n_instructions + tables.n_eval,
                             seconds=time.perf_counter() - start, failures=failures, data_docs_index=index,
                             n_instructions=tables.n_instructions, n_eval=tables.n_eval,
-                            n_expectations=len(specs))
+                            n_expectations=len(specs), leaks=[asdict(x) for x in tables.leaks],
+                            hashes_computed=cache.computed)

@@ -9,7 +9,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from ..config import Settings, get_settings
+from ..config import LeakageConfig, Settings, get_settings
 from ..formats.licences import card_licences
 from ..tracking import runs
 from ..tracking.names import (
@@ -22,6 +22,7 @@ from ..tracking.names import (
     licences_tag,
 )
 from .expectations import ValidationResult, validate
+from .leakage import LEAKAGE_FILE, configured
 from .versioning import current_version
 
 
@@ -54,12 +55,17 @@ def log_validation(result: ValidationResult, md5: str | None, git_rev: str | Non
             TAG_OUTCOME: "passed" if result.success else "failed", **licences_tag(licences)}
     with runs.tracked_run(VALIDATION_EXPERIMENT, f"validate-{(md5 or UNVERSIONED)[:8]}", tags, settings=s) as run_id:
         client = runs.client(s)
+        leaks = getattr(result, "leaks", [])  # a result recorded by other means may not say
         runs.log_metrics(run_id, {"records": result.n_records, "failed_expectations": len(result.failures),
-                                  "seconds": result.seconds}, settings=s)
+                                  "seconds": result.seconds, "leak_pairs": len(leaks),
+                                  "hashes_computed": getattr(result, "hashes_computed", 0)}, settings=s)
         with tempfile.TemporaryDirectory() as tmp:
             report = Path(tmp) / "validation.json"
             report.write_text(json.dumps(result.to_dict(), indent=1, default=str))
             client.log_artifact(run_id, str(report))
+            pairs = Path(tmp) / LEAKAGE_FILE  # every pair, also when there are none: the check ran
+            pairs.write_text(json.dumps({"pairs": leaks}, indent=1))
+            client.log_artifact(run_id, str(pairs))
         docs = getattr(result, "data_docs_index", None)
         if docs and Path(docs).exists():
             client.log_artifacts(run_id, str(Path(docs).parent), artifact_path="data_docs")
@@ -77,15 +83,17 @@ def validation_outcome(md5: str, settings: Settings | None = None) -> str | None
     return found[0].data.tags.get(TAG_OUTCOME) if found else None
 
 
-def run_gate(folder: Path, record: bool = True, settings: Settings | None = None
-             ) -> tuple[ValidationResult, str | None]:
-    """Validate `folder`; with `record`, store the outcome against its data version."""
+def run_gate(folder: Path, record: bool = True, settings: Settings | None = None,
+             leakage: LeakageConfig | None = None) -> tuple[ValidationResult, str | None]:
+    """Validate `folder`; with `record`, store the outcome against its data version.
+    `leakage` defaults to the project's configs/data.yaml (its defaults if absent)."""
     s = settings or get_settings()
     # Data Docs show the latest run only (each run's copy goes to MLflow), so neither the
     # folder nor the artifacts grow with every validation.
     gx_root = s.state / "gx"
     shutil.rmtree(gx_root, ignore_errors=True)
-    result = validate(Path(folder), gx_root)
+    configured_leakage, cache = configured(s)
+    result = validate(Path(folder), gx_root, leakage=leakage or configured_leakage, hash_cache=cache)
     run_id = None
     if record:
         md5, rev = data_version_of(folder, s)

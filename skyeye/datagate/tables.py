@@ -16,16 +16,18 @@ import os
 import re
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 from PIL import Image, ImageFile
 
+from ..config import LeakageConfig
 from ..formats.benchmarks import EVAL_DIR, TASKS, VALIDATION_DIR
 from ..formats.boxes import BOX_LIKE_RE, BOX_RE
 from ..formats.prompts import IMAGE_PLACEHOLDER
+from .leakage import HashCache, Leak, find_leaks
 
 NO_IDENTIFIER = "(none)"  # a human turn without one: a value, so the in-set check sees it
 # Turns that must carry box text: grounding answers, identify prompts, detection answers.
@@ -50,13 +52,14 @@ COLUMNS = {
                      "prompt_identifier", "n_references", "ref_words_min", "ref_words_max",
                      "answer_chars", "question_type", "x1", "y1", "x2", "y2", "width", "height",
                      "actual_width", "actual_height"],
-    "leakage": ["file", "index", "id", "benchmark", "path", "train_id", "train_source"],
+    "leakage": ["file", "index", "id", "benchmark", "path", "train_id", "train_source", "train_file",
+                "train_path", "distance"],
     "vqa_types": ["file", "question_type", "count", "share"],
 }
 NUMERIC = {"n_records", "turn", "img_tags", "expected_img_tags", "caption_words",
            "answer_chars", "required_boxes", "x1", "y1", "x2", "y2", "bytes", "width", "height",
            "frames", "n_references", "ref_words_min", "ref_words_max", "actual_width",
-           "actual_height", "count", "share"}
+           "actual_height", "count", "share", "distance"}
 
 
 @dataclass
@@ -64,6 +67,7 @@ class Tables:
     frames: dict[str, pd.DataFrame]  # table name -> rows, columns as in COLUMNS
     n_instructions: int
     n_eval: int
+    leaks: list[Leak] = field(default_factory=list)  # by content and pHash (leakage.find_leaks)
 
 
 def _frame(name: str, rows: list[dict[str, Any]]) -> pd.DataFrame:
@@ -291,8 +295,11 @@ def probe_media(path: str, kind: str) -> dict[str, Any]:
     return out
 
 
-def build_tables(instructions_dir: Path, workers: int | None = None) -> Tables:
-    """Read every instruction and eval file under `instructions_dir` into tables."""
+def build_tables(instructions_dir: Path, workers: int | None = None, leakage: LeakageConfig | None = None,
+                 cache: HashCache | None = None) -> Tables:
+    """Read every instruction and eval file under `instructions_dir` into tables. With
+    `leakage`, the leakage table also names training samples whose image has the same bytes
+    as an eval image or is a pHash near-duplicate of it, not only the same path."""
     root = Path(instructions_dir)
     col = _Collector(root)
     paths = [root / "stage1.json", root / "stage2.json", *sorted((root / EVAL_DIR).glob("*.json")),
@@ -304,10 +311,12 @@ def build_tables(instructions_dir: Path, workers: int | None = None) -> Tables:
     for row in col.rows["eval_samples"]:
         probe = probes.get(row["media"]) or {}
         row.update(actual_width=probe.get("width"), actual_height=probe.get("height"))
-    col.rows["leakage"] = _leakage_rows(col.rows["eval_samples"], col.train_media)
+    leaks = find_leaks(root, leakage, cache) if leakage is not None else []
+    col.rows["leakage"] = _leakage_rows(col.rows["eval_samples"], col.train_media, leaks)
     col.rows["vqa_types"] = _vqa_type_rows(col.rows["eval_samples"])
     frames = {name: _frame(name, rows) for name, rows in col.rows.items()}
-    return Tables(frames, n_instructions=len(col.rows["samples"]), n_eval=len(col.rows["eval_samples"]))
+    return Tables(frames, n_instructions=len(col.rows["samples"]), n_eval=len(col.rows["eval_samples"]),
+                  leaks=leaks)
 
 
 def _read_file(col: _Collector, path: Path) -> None:
@@ -343,8 +352,13 @@ def _probe_all(media: dict[str, dict[str, Any]], workers: int | None) -> dict[st
         ImageFile.LOAD_TRUNCATED_IMAGES = lenient
 
 
-def _leakage_rows(eval_rows: list[dict[str, Any]], train_media: dict[str, tuple[str, str]]) -> list[dict[str, Any]]:
-    """One row per eval image and file, naming the training sample that uses the same file (if any)."""
+def _leakage_rows(eval_rows: list[dict[str, Any]], train_media: dict[str, tuple[str, str]],
+                  leaks: list[Leak]) -> list[dict[str, Any]]:
+    """One row per eval image and file, naming the training sample that uses the same file,
+    else the closest one whose image has the same bytes or a near pHash (if any)."""
+    closest: dict[tuple[str, int], Leak] = {}  # (eval file, index of the image's first use) -> leak
+    for leak in sorted(leaks, key=lambda x: x.distance):
+        closest.setdefault((leak.test_file, leak.test_index), leak)
     rows, seen = [], set()
     for row in eval_rows:
         if row["media"] is None or (row["file"], row["media"]) in seen:
@@ -353,8 +367,13 @@ def _leakage_rows(eval_rows: list[dict[str, Any]], train_media: dict[str, tuple[
         # Any training use counts, whatever its `source`: paths are normalised, so a match
         # is the same file (in practice always one of the eval file's own benchmark).
         train_id, train_source = train_media.get(row["media"], (None, None))
-        rows.append({"file": row["file"], "index": row["index"], "id": row["id"], "benchmark": row["benchmark"],
-                     "path": row["path"], "train_id": train_id, "train_source": train_source})
+        out = {"file": row["file"], "index": row["index"], "id": row["id"], "benchmark": row["benchmark"],
+               "path": row["path"], "train_id": train_id, "train_source": train_source,
+               "distance": 0 if train_id is not None else None}
+        if train_id is None and (leak := closest.get((row["file"], row["index"]))):
+            out.update(train_id=leak.train_id, train_source=leak.train_source, train_file=leak.train_file,
+                       train_path=leak.train_path, distance=leak.distance)
+        rows.append(out)
     return rows
 
 

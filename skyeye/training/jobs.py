@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 from ..config import WORKERS_PER_STAGE, Settings, get_settings, git_revision
 from ..datagate.expectations import validate
 from ..datagate.gate import data_version_of, validation_outcome
+from ..datagate.leakage import configured
 from ..formats.benchmarks import PRIMARY, TASK_OF, VALIDATION, VALIDATION_KEYS, metric, primary_metric
 from ..model.config import ModelConfig, load_model_config
 from ..model.references import model_folder, training_run_of
@@ -97,7 +98,9 @@ def preflight(stage: int, stage_cfg: StageConfig, instructions: Path, init: str 
     md5, rev = data_version_of(Path(instructions), settings)
     outcome = validation_outcome(md5, settings) if md5 else None
     if outcome != "passed":  # never validated (or failed before): check now
-        result = validate(Path(instructions), settings.state / "gx-preflight", data_docs=False)
+        leakage, cache = configured(settings)
+        result = validate(Path(instructions), settings.state / "gx-preflight", data_docs=False,
+                          leakage=leakage, hash_cache=cache)
         if not result.success:
             raise ValueError(f"{instructions}: the instruction data fails the data gate; not training on it.\n"
                              + result.render())
