@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from skyeye.config import LeakageConfig
 from skyeye.data.instructions import build
 from skyeye.data.readers import read_benchmark
 from skyeye.data.records import BOX_CLIPPED, BOX_OUTSIDE, BOX_POLICY, fit_box
@@ -85,7 +86,9 @@ def test_builder_leaves_the_bad_object_out_and_the_card_says_so(tmp_path):
     root = tmp_path / "corpus"
     dior_folder(root / "dior_rsvg")
     out = tmp_path / "instructions"
-    card = build(root, out)
+    # the fixture's images are one blank picture: the leakage check would drop every training
+    # sample as a copy of the test image; `fail` keeps them (the gate would refuse the version)
+    card = build(root, out, leakage=LeakageConfig(action="fail"))
     stage1 = json.loads((out / "stage1.json").read_text())
     stage2 = json.loads((out / "stage2.json").read_text())
     text = json.dumps(stage1 + stage2)
@@ -120,5 +123,6 @@ def test_a_card_without_box_defects_keeps_its_old_keys(tmp_path):
     (root / "test.txt").write_text("")
     build(tmp_path / "corpus", tmp_path / "out")
     saved = json.loads((tmp_path / "out" / "card.json").read_text())
-    assert list(saved) == ["stage1", "stage2", "eval", "skipped", "validation"] and saved["skipped"] == {}
+    assert list(saved) == ["stage1", "stage2", "eval", "skipped", "validation", "licences", "leakage"]
+    assert saved["skipped"] == {}
     assert "Boxes and the image edge" not in (tmp_path / "out" / "DATA_CARD.md").read_text()
