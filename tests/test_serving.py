@@ -179,8 +179,12 @@ def test_every_request_is_logged_with_its_fields(served):
 
 def _metric(url: str, name: str) -> float:
     lines = httpx.get(f"{url}/metrics").text.splitlines()
-    # summed over the version/role labels: one replica serves here
-    return sum(float(line.rsplit(maxsplit=1)[1]) for line in lines if line.split("{")[0].split()[0] == name)
+    # `name` or `name{label="value",...}`: summed over the samples with those labels (and any
+    # others: each metric also carries the version and role it was served as)
+    base, _, wanted = name.partition("{")
+    pairs = [p for p in wanted.rstrip("}").split(",") if p]
+    return sum(float(line.rsplit(maxsplit=1)[1]) for line in lines
+               if line.split("{")[0].split()[0] == base and all(p in line for p in pairs))
 
 
 def test_a_log_store_that_refuses_writes_fails_no_request_and_is_counted(served):
