@@ -184,7 +184,8 @@ def _metric(url: str, name: str) -> float:
     base, _, wanted = name.partition("{")
     pairs = [p for p in wanted.rstrip("}").split(",") if p]
     return sum(float(line.rsplit(maxsplit=1)[1]) for line in lines
-               if line.split("{")[0].split()[0] == base and all(p in line for p in pairs))
+               if line and not line.startswith("#") and line.split("{")[0].split()[0] == base
+               and all(p in line for p in pairs))
 
 
 def test_a_log_store_that_refuses_writes_fails_no_request_and_is_counted(served):
