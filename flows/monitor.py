@@ -119,6 +119,8 @@ def monitor(window_hours: float | None = None, until: str | None = None, emit: b
         emit_event(event=DRIFT_EVENT, resource={"prefect.resource.id": DRIFT_RESOURCE},
                    payload={"version": version, "data_md5": md5, "signals": report.drifted, "run_id": run_id,
                             "since": out["since"], "until": out["until"]})
+        from prefect.events.worker import EventsWorker
+        EventsWorker.drain_all()  # sent now: `skyeye monitor` is a short command, and its server may go next
         out["event"] = True
         logger.warning("drift in %s: %s emitted (retrain starts on it)", ", ".join(report.drifted), DRIFT_EVENT)
     verdict = f"**drift**: {', '.join(report.drifted)}; `{DRIFT_EVENT}` emitted" if out["event"] else (

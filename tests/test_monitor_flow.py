@@ -41,6 +41,12 @@ def prefect_api(tmp_path_factory):
         wait_until("the Prefect server", lambda: httpx.get(f"{api}/health", timeout=2).status_code == 200, 180)
         yield api
     finally:
+        # nothing left for this server in Prefect's event and log workers: a later test's
+        # harness drains them all and would wait on retries to a server that is gone
+        from prefect.events.worker import EventsWorker
+        from prefect.logging.handlers import APILogWorker
+        EventsWorker.drain_all()
+        APILogWorker.drain_all()
         stop_tree(proc)
 
 
