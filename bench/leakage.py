@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from data_steps import timed  # bench/ is the script's folder: its sibling's timer
 from PIL import Image
 
 from skyeye.config import SCALE_NAMES, LeakageConfig
@@ -36,15 +37,6 @@ from skyeye.synth.corpus import synthesize
 
 SKYEYE_968K = 968_000  # training images of the paper's instruction set, as the issue sizes it
 QUERIES = 10_000
-
-
-def timed(fn, repeats: int) -> tuple[float, list[float], object]:
-    times, result = [], None
-    for _ in range(repeats):
-        start = time.perf_counter()
-        result = fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), times, result
 
 
 def distinct_distances(hashes: list[int]) -> np.ndarray:
