@@ -74,6 +74,36 @@ def test_hash_cache_keys_by_content_so_a_second_run_hashes_nothing(tmp_path):
     assert newer.computed == 1
 
 
+def test_perceptual_hash_is_imagehash_phash_within_two_bits_and_exact_below_the_reducing_gap():
+    import imagehash
+
+    from skyeye.monitoring.signals import hamming, perceptual_hash
+    rng = np.random.default_rng(3)
+    for seed in range(10):  # DIOR-sized scenes: reduced by 8 before Lanczos, as PIL's thumbnails are
+        small = np.random.default_rng(seed).integers(0, 255, (12, 12, 3), dtype=np.uint8)
+        big = np.asarray(Image.fromarray(small).resize((800, 800), Image.BICUBIC), np.int16)
+        im = Image.fromarray(np.clip(big + rng.integers(-20, 21, big.shape), 0, 255).astype(np.uint8))
+        assert hamming(perceptual_hash(im), str(imagehash.phash(im))) <= 2
+    tile = Image.fromarray(rng.integers(0, 255, (150, 150, 3), dtype=np.uint8))  # under 2 x 3 x 32: no reduction
+    assert perceptual_hash(tile) == str(imagehash.phash(tile))
+    assert perceptual_hash(tile.convert("P")) == perceptual_hash(tile.convert("P").convert("RGB"))
+
+
+def test_hash_cache_never_reads_a_hash_of_an_older_phash_version(tmp_path):
+    import sqlite3
+
+    from skyeye.datagate.leakage import content_sha256
+    _image(tmp_path / "a.png", 0)
+    db = tmp_path / "hash_cache.sqlite"
+    with sqlite3.connect(db) as old:  # version 1's table, as caches written before version 2 hold it
+        old.execute("CREATE TABLE phash (sha256 TEXT PRIMARY KEY, phash TEXT)")
+        old.execute("INSERT INTO phash VALUES (?, ?)", (content_sha256(str(tmp_path / "a.png")), "0" * 16))
+    old.close()
+    cache = HashCache(db)
+    (sha, phash), = cache.hash_media({str(tmp_path / "a.png"): "image"}).values()
+    assert cache.computed == 1 and phash != "0" * 16
+
+
 def _reencode(src: Path, scale: float, dst: Path) -> None:
     """JPEG at quality 70, then resized by `scale`, then saved in the destination's format."""
     buf = io.BytesIO()

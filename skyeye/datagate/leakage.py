@@ -32,7 +32,7 @@ from PIL import Image
 
 from ..config import DataConfig, LeakageConfig, Settings, load_yaml_config
 from ..formats.benchmarks import EVAL_DIR, VALIDATION_DIR
-from ..monitoring.signals import HASH_BITS, perceptual_hash
+from ..monitoring.signals import HASH_BITS, PHASH_VERSION, perceptual_hash
 
 LEAKAGE_FILE = "leakage.json"  # every pair the builder found, beside stage1.json
 CACHE_FILE = "hash_cache.sqlite"  # under Settings.state
@@ -151,7 +151,10 @@ def media_phash(path: str, kind: str) -> str | None:
 class HashCache:
     """content sha256 -> pHash, in SQLite (`path`) or in memory (None). Each write is one
     transaction, so a crash leaves the file as it was; `computed` counts the pHashes this
-    object had to compute (a second run over the same data computes none)."""
+    object had to compute (a second run over the same data computes none). One table per
+    `PHASH_VERSION`, so hashes of an older pHash are never read as current ones."""
+
+    TABLE = f"phash_v{PHASH_VERSION}"
 
     def __init__(self, path: Path | None):
         self.path, self.computed = path, 0
@@ -159,7 +162,7 @@ class HashCache:
         if path is not None:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
             with self._connect() as db:
-                db.execute("CREATE TABLE IF NOT EXISTS phash (sha256 TEXT PRIMARY KEY, phash TEXT)")
+                db.execute(f"CREATE TABLE IF NOT EXISTS {self.TABLE} (sha256 TEXT PRIMARY KEY, phash TEXT)")
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
@@ -179,7 +182,7 @@ class HashCache:
             for i in range(0, len(shas), 500):  # below SQLite's bound-parameter limit
                 chunk = shas[i:i + 500]
                 marks = ",".join("?" * len(chunk))
-                out.update(db.execute(f"SELECT sha256, phash FROM phash WHERE sha256 IN ({marks})", chunk))
+                out.update(db.execute(f"SELECT sha256, phash FROM {self.TABLE} WHERE sha256 IN ({marks})", chunk))
         return out
 
     def put(self, rows: dict[str, str | None]) -> None:
@@ -187,7 +190,7 @@ class HashCache:
             self._memory.update(rows)
             return
         with self._connect() as db:  # one transaction: all rows or none
-            db.executemany("INSERT OR REPLACE INTO phash VALUES (?, ?)", rows.items())
+            db.executemany(f"INSERT OR REPLACE INTO {self.TABLE} VALUES (?, ?)", rows.items())
 
     def hash_media(self, media: dict[str, str], workers: int | None = None) -> dict[str, tuple[str, str | None]]:
         """media path -> kind  =>  path -> (sha256, pHash or None); missing files are left out."""
