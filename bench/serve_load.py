@@ -7,7 +7,8 @@
 `--log` sets the inference log of the runs (on, as configs/serve.yaml ships, or off), written
 to a throw-away folder; `--log compare` measures its cost instead of batching's: batching on,
 the log off and on in turn, `--repeats` times each, and reports the median throughput of
-each and the log's cost, and whether the log holds a row for every request sent.
+each and the log's cost, by those medians and by the median of the repeats' own off/on ratios
+(`log_cost_paired`), and whether the log holds a row for every request sent.
 
     python bench/serve_load.py --canary 25 [--candidate staging] [--tiny-project]
 
@@ -149,6 +150,12 @@ def _compare_log(args, base, settings, image, expression, body, levels, report: 
                                               for i, c in enumerate(levels)} for mode, rs in runs.items()}
     med = report["median_throughput_rps"]
     report["log_cost"] = {c: round(1 - med["log_on"][c] / max(med["log_off"][c], 1e-9), 3) for c in levels}
+    # each repeat's off and on ran back to back: their ratio is free of the machine's slower drifts
+    report["log_cost_paired"] = {}
+    for i, c in enumerate(levels):
+        costs = [round(1 - on[i]["throughput_rps"] / max(off[i]["throughput_rps"], 1e-9), 3)
+                 for off, on in zip(runs["log_off"], runs["log_on"], strict=True)]
+        report["log_cost_paired"][c] = {"median": round(_median(costs), 3), "runs": costs}
     report["log_check"] = {"requests_sent_with_log_on": sent_with_log, "log_store": settings.inference_log_store}
 
 
