@@ -2,7 +2,7 @@
 64 concurrent clients, with Ray Serve's batching on and off. Prints JSON.
 
     python bench/serve_load.py [--model models:/skyeyegpt@production] [--seconds 20] [--levels 1,4,16,64]
-                               [--log on|off|compare] [--repeats 3]
+                               [--log on|off|compare] [--repeats 3] [--image-side 800]
 
 `--log` sets the inference log of the runs (on, as configs/serve.yaml ships, or off), written
 to a throw-away folder; `--log compare` measures its cost instead of batching's: batching on,
@@ -33,6 +33,7 @@ import multiprocessing as mp
 import socket
 import time
 from collections import Counter
+from pathlib import Path
 
 import httpx
 
@@ -124,6 +125,17 @@ def _run(url: str, body: dict, levels: list[int], seconds: float, per_client: in
     return out
 
 
+def _enlarged(image: Path, side: int) -> Path:
+    """The sample image resized to side x side, as a JPEG in a temporary folder."""
+    import tempfile
+
+    from PIL import Image
+    out = Path(tempfile.mkdtemp(prefix="serve_load_image_")) / f"{image.stem}_{side}.jpg"
+    with Image.open(image) as im:
+        im.convert("RGB").resize((side, side), Image.BICUBIC).save(out, quality=90)
+    return out
+
+
 def _median(values: list[float]) -> float:
     values = sorted(values)
     mid = len(values) // 2
@@ -169,6 +181,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="with --log compare: runs of each")
     parser.add_argument("--canary", type=float, default=None, help="compare alone, a canary of this percent, shadow")
     parser.add_argument("--candidate", default="staging", help="the candidate's registry reference (with --canary)")
+    parser.add_argument("--image-side", type=int, default=0, help="send the sample image enlarged to N x N pixels")
     parser.add_argument("--tiny-project", action="store_true", help="two untrained dim-64 versions, a temp project")
     args = parser.parse_args()
     import tempfile
@@ -183,6 +196,8 @@ def main() -> None:
     from skyeye.serving.config import load_serve_config
     levels = [int(x) for x in args.levels.split(",")]
     image, expression = deploy.sample_question()
+    if args.image_side:  # the demo corpus's images are 128 px; DIOR-RSVG's are 800: what the log hashes costs more
+        image = _enlarged(image, args.image_side)
     body = _body(expression, image, model_name())
     base = load_serve_config().model_copy(update={"port": _free_port()})
     log = base.inference_log.model_copy(update={"enabled": args.log != "off"})
