@@ -24,6 +24,7 @@ OpenAI chat-completions contract.
 
 import asyncio
 import hmac
+import inspect
 import json
 import logging
 import os
@@ -123,7 +124,7 @@ def build_app(server: "SkyEyeReplica") -> FastAPI:
     app = FastAPI(title="SkyEyeGPT", version="1",
                   description="SkyEyeGPT, remote-sensing multimodal LLM, behind the OpenAI chat-completions API.")
     _add_error_handlers(app)
-    _add_routes(app, server)
+    add_routes(app, server)
     app.openapi = lambda: _openapi_schema(app)
     from . import web  # gradio is heavy: only replicas load it
     web.mount(app)
@@ -151,8 +152,15 @@ def _add_error_handlers(app: FastAPI) -> None:
         return _error(APIError(500, f"internal error: {type(err).__name__}", type="server_error"))
 
 
-def _add_routes(app: FastAPI, server: "SkyEyeReplica") -> None:
-    """The API: health, models, Prometheus metrics and chat completions (/ leads to the web demo)."""
+async def _answer(value: Any) -> Any:
+    """A backend's answer, awaited when it is a coroutine (the router asks the versions behind it)."""
+    return await value if inspect.isawaitable(value) else value
+
+
+def add_routes(app: FastAPI, backend: Any) -> None:
+    """The API over `backend`: a replica (SkyEyeReplica, below) or the router of a canary or
+    shadow app (router.py), each with health, models, metrics_text, authorize and chat: health,
+    models, Prometheus metrics and chat completions (/ leads to the web demo)."""
 
     @app.get("/", include_in_schema=False)
     async def home():
@@ -160,21 +168,29 @@ def _add_routes(app: FastAPI, server: "SkyEyeReplica") -> None:
 
     @app.get("/health", responses={503: ERRORS[503]})
     async def health():
-        return server.health()
+        return backend.health()
 
     @app.get("/v1/models", responses={k: ERRORS[k] for k in (401, 500)})
     async def models(request: Request):
-        server.authorize(request)
-        return server.models()
+        backend.authorize(request)
+        return await _answer(backend.models())
 
     @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics():
-        return PlainTextResponse(generate_latest(server.metrics["registry"]).decode(),
-                                 media_type="text/plain; version=0.0.4")
+        return PlainTextResponse(await _answer(backend.metrics_text()), media_type="text/plain; version=0.0.4")
 
     @app.post("/v1/chat/completions", responses=ERRORS)
     async def chat(request: Request):
-        return await server.chat(request)
+        return await backend.chat(request)
+
+
+def authorize(request: Request, config: ServeConfig) -> None:
+    """401 unless the request holds the API key (when `config.api_key_env` names one that is set)."""
+    key = os.environ.get(config.api_key_env)
+    sent = request.headers.get("authorization", "")
+    if key and not hmac.compare_digest(sent.encode(), f"Bearer {key}".encode()):
+        raise APIError(401, "missing or wrong API key: send Authorization: Bearer <key>",
+                       type="authentication_error", code="invalid_api_key")
 
 
 def _openapi_schema(app: FastAPI) -> dict[str, Any]:
@@ -264,11 +280,7 @@ class SkyEyeReplica:
              "max_model_len": self.engine.model.context_length(), "skyeye": lineage} for served in sorted(self.served)]}
 
     def authorize(self, request: Request) -> None:
-        key = os.environ.get(self.config.api_key_env)
-        sent = request.headers.get("authorization", "")
-        if key and not hmac.compare_digest(sent.encode(), f"Bearer {key}".encode()):
-            raise APIError(401, "missing or wrong API key: send Authorization: Bearer <key>",
-                           type="authentication_error", code="invalid_api_key")
+        authorize(request, self.config)
 
     def unapproved(self, question: str) -> str | None:
         """The warning a question earns when its task is one the served version is not approved for."""

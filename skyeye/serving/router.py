@@ -20,10 +20,8 @@ version and role) in one exposition.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
-import os
 import random
 import re
 import time
@@ -31,12 +29,21 @@ import uuid
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import PlainTextResponse, RedirectResponse, Response
+from fastapi.responses import Response
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from ray import serve
 
-from .app import ERRORS, REQUEST_ID_HEADER, ROLE_HEADER, VERSION_HEADER, _add_error_handlers, _error, _openapi_schema
+from .app import (
+    REQUEST_ID_HEADER,
+    ROLE_HEADER,
+    VERSION_HEADER,
+    _add_error_handlers,
+    _error,
+    _openapi_schema,
+    add_routes,
+    authorize,
+)
 from .config import CanaryConfig, ServeConfig
 from .protocol import APIError
 
@@ -113,7 +120,7 @@ class SkyEyeRouter:
         app = FastAPI(title="SkyEyeGPT", version="1", description="SkyEyeGPT, remote-sensing multimodal LLM, "
                       "behind the OpenAI chat-completions API; a candidate version beside production.")
         _add_error_handlers(app)
-        _add_routes(app, self)
+        add_routes(app, self)
         app.openapi = lambda: _openapi_schema(app)
         from . import web  # gradio is heavy: only replicas load it
         web.mount(app)
@@ -128,11 +135,7 @@ class SkyEyeRouter:
                 "candidate": {"version": self.versions["candidate"], "role": self.candidate_role}}
 
     def authorize(self, request: Request) -> None:
-        key = os.environ.get(self.config.api_key_env)
-        sent = request.headers.get("authorization", "")
-        if key and not hmac.compare_digest(sent.encode(), f"Bearer {key}".encode()):
-            raise APIError(401, "missing or wrong API key: send Authorization: Bearer <key>",
-                           type="authentication_error", code="invalid_api_key")
+        authorize(request, self.config)
 
     async def models(self) -> dict[str, Any]:
         """Production's models, then the candidate's own version; each says its role."""
@@ -192,28 +195,3 @@ class SkyEyeRouter:
         self.metrics["routed"].labels(version=version, role=role, status=str(status)).inc()
         self.metrics["latency"].labels(version=version, role=role).observe(time.perf_counter() - started)
         return status, out, content
-
-
-def _add_routes(app: FastAPI, router: SkyEyeRouter) -> None:
-    """The API of app.py's replica, over the router: chat routed, the rest from both versions."""
-
-    @app.get("/", include_in_schema=False)
-    async def home():
-        return RedirectResponse("/ui/")
-
-    @app.get("/health", responses={503: ERRORS[503]})
-    async def health():
-        return router.health()
-
-    @app.get("/v1/models", responses={k: ERRORS[k] for k in (401, 500)})
-    async def models(request: Request):
-        router.authorize(request)
-        return await router.models()
-
-    @app.get("/metrics", response_class=PlainTextResponse)
-    async def metrics():
-        return PlainTextResponse(await router.metrics_text(), media_type="text/plain; version=0.0.4")
-
-    @app.post("/v1/chat/completions", responses=ERRORS)
-    async def chat(request: Request):
-        return await router.chat(request)
