@@ -112,8 +112,9 @@ def monitor(window_hours: float | None = None, until: str | None = None, emit: b
                      title)
     out |= {"version": version, "data_md5": md5, "reference": where, "drifted": report.drifted, "run_id": run_id,
             "table": report.table(), "metrics": report.metrics()}
-    logger.info("version %s, %s requests against data version %s (%s):\n%s", version, out["rows"], md5, where,
-                out["table"])
+    # one line: the table is in the MLflow run and the artifact, and `skyeye monitor` prints it
+    logger.info("version %s, %s requests against data version %s (%s): %s past its threshold", version, out["rows"],
+                md5, where, ", ".join(report.drifted) or "no signal")
     if report.drifted and emit:
         from prefect.events import emit_event
         emit_event(event=DRIFT_EVENT, resource={"prefect.resource.id": DRIFT_RESOURCE},
