@@ -261,6 +261,8 @@ def monitor(
         say(f"drift in {', '.join(out['drifted'])}: {DRIFT_EVENT} emitted"
             + ("" if os.environ.get("PREFECT_API_URL") else " (to Prefect's temporary server: set PREFECT_API_URL "
                "to the server of `skyeye schedule up` for retrain to start on it)"))
+    elif out.get("drifted"):
+        say(f"drift in {', '.join(out['drifted'])}: no event (--no-event)")
 
 
 # after the library's own commands, in the order `skyeye --help` has always listed them

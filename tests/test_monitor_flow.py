@@ -124,9 +124,9 @@ def test_unshifted_no_event_then_shifted_starts_retrain(served, fresh_instructio
     assert started[0].parameters.get("rollout") is False  # the deployment's parameters
 
 
-def test_skyeye_monitor_by_hand(served):
+def test_skyeye_monitor_by_hand(served, fresh_instructions):
     """The command: a quiet window is "not enough traffic" and emits nothing; a bad time is
-    refused before anything runs."""
+    refused before anything runs; with --no-event a drifted window is reported and starts nothing."""
     def skyeye(*args):
         return subprocess.run([str(BIN / "skyeye"), "monitor", *args], cwd=served["root"], capture_output=True,
                               text=True, timeout=300)
@@ -136,4 +136,11 @@ def test_skyeye_monitor_by_hand(served):
     assert "0 requests" in out.stdout and "not enough traffic: 0 requests in the window, 40 needed" in out.stdout
     bad = skyeye("--until", "yesterday")
     assert bad.returncode == 2 and "--until 'yesterday': not an ISO time" in bad.stdout + bad.stderr
+    inverted = datetime.now(UTC) - timedelta(hours=60)  # a window of its own, apart from the other test's
+    write_log(served["root"] / "inference_log", rows(served["model"], unshifted(fresh_instructions, 60, seed=2),
+                                                     inverted, recoloured=invert))
+    quiet = skyeye("--window-hours", "2", "--until", (inverted + timedelta(hours=2)).isoformat(), "--no-event")
+    assert quiet.returncode == 0 and "60 requests" in quiet.stdout, quiet.stdout + quiet.stderr
+    assert "drift in image_content: no event (--no-event)" in quiet.stdout and "emitted" not in quiet.stdout
+    time.sleep(5)  # an event would have reached the automation by now
     assert len(_retrain_runs()) == before
