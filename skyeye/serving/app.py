@@ -24,7 +24,6 @@ OpenAI chat-completions contract.
 
 import asyncio
 import hmac
-import inspect
 import json
 import logging
 import os
@@ -152,15 +151,10 @@ def _add_error_handlers(app: FastAPI) -> None:
         return _error(APIError(500, f"internal error: {type(err).__name__}", type="server_error"))
 
 
-async def _answer(value: Any) -> Any:
-    """A backend's answer, awaited when it is a coroutine (the router asks the versions behind it)."""
-    return await value if inspect.isawaitable(value) else value
-
-
 def add_routes(app: FastAPI, backend: Any) -> None:
     """The API over `backend`: a replica (SkyEyeReplica, below) or the router of a canary or
-    shadow app (router.py), each with health, models, metrics_text, authorize and chat: health,
-    models, Prometheus metrics and chat completions (/ leads to the web demo)."""
+    shadow app (router.py), each with health, authorize and the coroutines models, metrics_text
+    and chat: health, models, Prometheus metrics and chat completions (/ leads to the web demo)."""
 
     @app.get("/", include_in_schema=False)
     async def home():
@@ -173,11 +167,11 @@ def add_routes(app: FastAPI, backend: Any) -> None:
     @app.get("/v1/models", responses={k: ERRORS[k] for k in (401, 500)})
     async def models(request: Request):
         backend.authorize(request)
-        return await _answer(backend.models())
+        return await backend.models()
 
     @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics():
-        return PlainTextResponse(await _answer(backend.metrics_text()), media_type="text/plain; version=0.0.4")
+        return PlainTextResponse(await backend.metrics_text(), media_type="text/plain; version=0.0.4")
 
     @app.post("/v1/chat/completions", responses=ERRORS)
     async def chat(request: Request):
@@ -273,7 +267,7 @@ class SkyEyeReplica:
             return _error(APIError(503, "no model loaded yet", type="server_error"))
         return {"status": "ok", "version": self.engine.lineage["version"]}
 
-    def models(self) -> dict[str, Any]:
+    async def models(self) -> dict[str, Any]:  # async as the router's: one route table awaits both
         lineage = self.engine.lineage
         return {"object": "list", "data": [
             {"id": served, "object": "model", "created": self.created, "owned_by": "skyeye", "root": lineage["uri"],
@@ -354,7 +348,7 @@ class SkyEyeReplica:
         out = {k: v for k, v in response.headers.items() if k != "content-length"}
         return response.status_code, out, content
 
-    def metrics_text(self) -> bytes:
+    async def metrics_text(self) -> bytes:
         return generate_latest(self.metrics["registry"])
 
     def _log(self, seen: dict[str, Any], status: int, latency_s: float) -> None:
