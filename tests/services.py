@@ -5,6 +5,7 @@ in the store, `prefect server start` on PostgreSQL, and Ray nodes started with `
 Each can be stopped and started again on the same port, for the fault tests."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -240,8 +241,9 @@ class RayNode(Service):
         if self.head is None:
             return [*cmd, "--head", "--port", str(self.port), "--include-dashboard", "false",
                     "--temp-dir", str(self.folder / "ray")]
-        ports = [free_port() for _ in range(7)]
+        ports = [free_port() for _ in range(6)]
         low = free_port()
+        self.node_manager_port = ports[0]
         return [*cmd, "--address", self.head.address, "--node-manager-port", str(ports[0]),
                 "--object-manager-port", str(ports[1]), "--dashboard-agent-grpc-port", str(ports[2]),
                 "--dashboard-agent-listen-port", str(ports[3]), "--metrics-export-port", str(ports[4]),
@@ -253,16 +255,40 @@ class RayNode(Service):
         return f"127.0.0.1:{(self.head or self).port}"
 
     def start(self, timeout: float = 120) -> "RayNode":
-        before = self.head.alive_nodes() if self.head else 0
         self.proc = subprocess.Popen(self.command(), env=self.env, cwd=self.folder, start_new_session=True,
                                      stdout=open(self.log, "ab"), stderr=subprocess.STDOUT)
-        wait_until(f"{self.name} joined", lambda: self.proc.poll() is None and self.alive_nodes() > before, timeout, 1)
+
+        def joined() -> bool:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"`ray start` ended ({self.proc.returncode}):\n{self.log.read_text()[-3000:]}")
+            alive = self.alive_node_ports()
+            # a worker is known by its own node-manager port: a count of nodes can be fooled by a
+            # lost node the head has not yet marked dead
+            return bool(alive) if self.head is None else self.node_manager_port in alive
+        try:
+            wait_until(f"{self.name} joined", joined, timeout, 1)
+        except AssertionError as err:
+            raise AssertionError(f"{err}\nnodes the head knows: {self._nodes()}\n"
+                                 f"{self.log.read_text()[-3000:]}") from None
         return self
 
-    def alive_nodes(self) -> int:
-        out = subprocess.run([str(BIN / "python"), "-c", _COUNT_NODES, self.address], env=self.env,
-                             capture_output=True, text=True, timeout=60)
-        return int(out.stdout.strip() or 0)
+    def alive_node_ports(self) -> set[int]:
+        """The node-manager ports of the nodes the head's GCS holds alive."""
+        return {port for port, state in self._nodes() if state == "ALIVE"}
+
+    def _nodes(self) -> list[tuple[int, str]]:
+        # the GCS asked directly (a fraction of a second), not through a driver's ray.init
+        out = subprocess.run([str(BIN / "python"), "-c", _NODES, self.address], env=self.env, capture_output=True,
+                             text=True, timeout=60)
+        if out.returncode != 0:
+            raise RuntimeError(f"the GCS at {self.address} did not answer: {out.stderr[-500:]}")
+        return [tuple(n) for n in json.loads(out.stdout)]
+
+    def stop(self) -> None:
+        # `ray start --block` passes SIGTERM on, but some of a head's processes outlive it for
+        # good: 5 s, not 20, before the SIGKILL that ends them anyway
+        stop_tree(self.proc, timeout=5)
+        self.proc = None
 
     def kill(self) -> None:
         """The node dies at once, as a lost machine would."""
@@ -270,14 +296,12 @@ class RayNode(Service):
         self.proc = None
 
 
-_COUNT_NODES = """
-import logging, sys
-import ray
-try:
-    ray.init(address=sys.argv[1], logging_level=logging.ERROR, log_to_driver=False)
-    print(sum(n["Alive"] for n in ray.nodes()))
-except Exception:
-    print(0)
+_NODES = """
+import json, sys
+from ray._raylet import GcsClient
+from ray.core.generated.gcs_pb2 import GcsNodeInfo
+nodes = GcsClient(address=sys.argv[1]).get_all_node_info(timeout=10).values()
+print(json.dumps([(n.node_manager_port, GcsNodeInfo.GcsNodeState.Name(n.state)) for n in nodes]))
 """
 
 

@@ -106,11 +106,10 @@ def test_retrain_flow_trains_both_stages_after_the_gate(project):
     with prefect_test_harness():
         out = retrain(**kwargs)
         aliases = client.get_registered_model("skyeyegpt").aliases  # before the reruns below move them
+        assert Path(out["stage2_model"], "skyeyegpt.json").exists()
         again = retrain(**kwargs)  # nothing changed
-        stage2 = yaml.safe_load((project / "configs/stage2.yaml").read_text())
-        (project / "configs/stage2.yaml").write_text(yaml.safe_dump({**stage2, "max_steps": 6}))
-        changed = retrain(**kwargs)  # stage 2's config changed
-        shutil.rmtree(changed["stage2_model"])
+        # (a changed config rerunning what follows it: tests/test_schedule.py, through the server)
+        shutil.rmtree(out["stage2_model"])
         dangling = retrain(**kwargs)  # stage 2's result deleted
         from prefect import get_client
         from prefect.client.schemas.filters import ArtifactCollectionFilter, ArtifactCollectionFilterKey
@@ -121,9 +120,8 @@ def test_retrain_flow_trains_both_stages_after_the_gate(project):
     assert {s for s, how in again["steps"].items() if how == "ran"} == {"version"}
     assert again["model_version"] == out["model_version"] and again["eval_run"] == out["eval_run"]
     downstream = {"version", "stage2", "evaluate", "register", "promote"}
-    assert {s for s, how in changed["steps"].items() if how == "ran"} == downstream
-    assert changed["stage1_model"] == out["stage1_model"] and changed["stage2_model"] != out["stage2_model"]
     assert {s for s, how in dangling["steps"].items() if how == "ran"} == downstream
+    assert dangling["stage1_model"] == out["stage1_model"] and dangling["stage2_model"] != out["stage2_model"]
     assert Path(dangling["stage2_model"], "skyeyegpt.json").exists()
     from skyeye.formats.benchmarks import EVAL_KEYS
     table = json.loads(shown["retrain-benchmarks"]) if isinstance(shown["retrain-benchmarks"], str) \
@@ -139,7 +137,6 @@ def test_retrain_flow_trains_both_stages_after_the_gate(project):
     assert sorted(r.info.run_name for r in children) == ["backbones", "stage1", "stage2"]
     assert client.get_run(out["tuning_run"]).info.status == "FINISHED"  # the job is closed once its stages are
     assert all(r.data.tags["skyeye.data.dvc_md5"] == out["data_md5"] for r in children)
-    assert Path(out["stage2_model"], "skyeyegpt.json").exists()
     # evaluate -> register -> promote, each its own task, linked through MLflow
     from skyeye.formats.benchmarks import EVAL_KEYS, primary_of
     evaluation = client.get_run(out["eval_run"])
