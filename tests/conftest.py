@@ -57,3 +57,13 @@ def tiny_backbones(tiny_instructions: Path, tmp_path_factory) -> dict[str, str]:
                                                            heads=2),
                                   TinyLLMSpec(hidden_size=64, layers=2, heads=2, intermediate_size=128))
     return paths | {"tokenizer": paths["llm"]}
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """One Prefect test server (SQLite) for the tests that run flows in this process: its start,
+    a fresh database migrated (about 20 s here), is paid once a session, not once a test.
+    Prefect reads its settings once per process, so results go where they went before."""
+    from prefect.testing.utilities import prefect_test_harness
+    with prefect_test_harness(server_startup_timeout=120):
+        yield

@@ -130,12 +130,10 @@ def _children(client: MlflowClient, experiment: str, parent: str) -> list:
 
 
 @pytest.mark.slow
-def test_the_ablation_flow_trains_three_recipes_on_one_budget_and_compares_them(project, tmp_path):
-    from prefect.testing.utilities import prefect_test_harness
-
+def test_the_ablation_flow_trains_three_recipes_on_one_budget_and_compares_them(project, tmp_path,
+                                                                                 prefect_harness):
     from flows.ablation import ablation
-    with prefect_test_harness():
-        out = ablation(budget=1.5)  # (4 + 4) x 1.5 = 12 steps a recipe: 6 + 6, 12, 4 + 4 + 4
+    out = ablation(budget=1.5)  # (4 + 4) x 1.5 = 12 steps a recipe: 6 + 6, 12, 4 + 4 + 4
     client = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlruns/mlflow.db'}")
     parent = client.get_run(out["parent_run"])
     assert parent.info.status == "FINISHED" and parent.info.run_name == "ablation"

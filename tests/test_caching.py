@@ -131,10 +131,9 @@ PLANTED = {
 
 
 @pytest.mark.slow
-def test_a_step_reruns_when_code_two_imports_away_changes_and_only_then(tmp_path, monkeypatch):
+def test_a_step_reruns_when_code_two_imports_away_changes_and_only_then(tmp_path, monkeypatch, prefect_harness):
     """Real Prefect, the real cache policy, a planted package: double -> helper -> deep."""
     from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
-    from prefect.testing.utilities import prefect_test_harness
 
     from skyeye.config import get_settings
     code = plant(tmp_path / "code", PLANTED)
@@ -143,7 +142,7 @@ def test_a_step_reruns_when_code_two_imports_away_changes_and_only_then(tmp_path
     get_settings.cache_clear()
     from planted_steps.tasks import run
     try:
-        with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: tmp_path / "results"}), prefect_test_harness():
+        with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: tmp_path / "results"}):
             states = [run(1), run(1)]
             edit(code / "planted_steps/deep.py")
             states.append(run(1))

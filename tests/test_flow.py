@@ -29,41 +29,38 @@ def project(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_retrain_flow_versions_and_validates_the_data(project):
-    from prefect.testing.utilities import prefect_test_harness
-
+def test_retrain_flow_versions_and_validates_the_data(project, prefect_harness):
     from flows.retrain import retrain
     from skyeye.datagate.gate import validation_outcome
     from skyeye.datagate.versioning import history
     from skyeye.tracking.names import TAG_DVC_MD5, TAG_OUTCOME
 
-    with prefect_test_harness():
-        first = retrain(train=False)
-        # Stored under the project: data in DVC (pushed to the local remote), result in MLflow.
-        md5 = first["data_md5"]
-        assert md5 in (project / "data.dvc").read_text()
-        assert any((project / ".dvc-storage").rglob("*"))
-        client = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlruns/mlflow.db'}")
-        run = client.get_run(first["validation_run"])
-        assert run.data.tags[TAG_DVC_MD5] == md5
-        assert run.data.tags[TAG_OUTCOME] == "passed"
-        subprocess.run(["git", "add", "-A"], cwd=project, check=True)
-        subprocess.run(["git", "commit", "-qm", "demo data"], cwd=project, check=True)
-        # Deterministic data: a second run reproduces the same version, and git stays clean.
-        second = retrain(train=False)
-        forced = retrain(train=False, force=True)
-        status = subprocess.run(["git", "status", "--porcelain"], cwd=project, capture_output=True, text=True).stdout
-        entries = history(project, validation_lookup=validation_outcome)
-        # a defect in the data: the gate fails once (no retry), the run fails naming the step and where to look
-        items = json.loads((project / "data/instructions/stage1.json").read_text())
-        items[0]["conversations"][1]["value"] = ""
-        (project / "data/instructions/stage1.json").write_text(json.dumps(items))
-        failed = retrain(train=False, return_state=True)
-        from prefect import get_client
-        from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-        with get_client(sync_client=True) as prefect:
-            tasks = prefect.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(
-                any_=[failed.state_details.flow_run_id])))
+    first = retrain(train=False)
+    # Stored under the project: data in DVC (pushed to the local remote), result in MLflow.
+    md5 = first["data_md5"]
+    assert md5 in (project / "data.dvc").read_text()
+    assert any((project / ".dvc-storage").rglob("*"))
+    client = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlruns/mlflow.db'}")
+    run = client.get_run(first["validation_run"])
+    assert run.data.tags[TAG_DVC_MD5] == md5
+    assert run.data.tags[TAG_OUTCOME] == "passed"
+    subprocess.run(["git", "add", "-A"], cwd=project, check=True)
+    subprocess.run(["git", "commit", "-qm", "demo data"], cwd=project, check=True)
+    # Deterministic data: a second run reproduces the same version, and git stays clean.
+    second = retrain(train=False)
+    forced = retrain(train=False, force=True)
+    status = subprocess.run(["git", "status", "--porcelain"], cwd=project, capture_output=True, text=True).stdout
+    entries = history(project, validation_lookup=validation_outcome)
+    # a defect in the data: the gate fails once (no retry), the run fails naming the step and where to look
+    items = json.loads((project / "data/instructions/stage1.json").read_text())
+    items[0]["conversations"][1]["value"] = ""
+    (project / "data/instructions/stage1.json").write_text(json.dumps(items))
+    failed = retrain(train=False, return_state=True)
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    with get_client(sync_client=True) as prefect:
+        tasks = prefect.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(
+            any_=[failed.state_details.flow_run_id])))
     assert failed.is_failed()
     message = str(failed.result(raise_on_failure=False))
     assert "validate failed: data gate failed" in message and "where to look: the validation run" in message
@@ -80,10 +77,8 @@ def test_retrain_flow_versions_and_validates_the_data(project):
 
 
 @pytest.mark.slow
-def test_retrain_flow_trains_both_stages_after_the_gate(project):
+def test_retrain_flow_trains_both_stages_after_the_gate(project, prefect_harness):
     """The whole chain with a dim-64 model and a few steps per stage, each step its own task."""
-    from prefect.testing.utilities import prefect_test_harness
-
     from flows.retrain import retrain
     tiny = {"vision": {"image_size": 64}, "lora": {"r": 8, "alpha": 16},
             "backbones": {"vision": {"image_size": 64, "patch_size": 16, "hidden_size": 64, "layers": 1, "heads": 2},
@@ -103,19 +98,18 @@ def test_retrain_flow_trains_both_stages_after_the_gate(project):
     kwargs = {"model_file": "configs/model/test.yaml", "stage1_file": "configs/stage1.yaml",
               "stage2_file": "configs/stage2.yaml", "num_workers": 1, "eval_limit": 3}
     client = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlruns/mlflow.db'}")
-    with prefect_test_harness():
-        out = retrain(**kwargs)
-        aliases = client.get_registered_model("skyeyegpt").aliases  # before the reruns below move them
-        assert Path(out["stage2_model"], "skyeyegpt.json").exists()
-        again = retrain(**kwargs)  # nothing changed
-        # (a changed config rerunning what follows it: tests/test_schedule.py, through the server)
-        shutil.rmtree(out["stage2_model"])
-        dangling = retrain(**kwargs)  # stage 2's result deleted
-        from prefect import get_client
-        from prefect.client.schemas.filters import ArtifactCollectionFilter, ArtifactCollectionFilterKey
-        with get_client(sync_client=True) as prefect:  # what the last run shows in the Prefect UI
-            shown = {a.key: a.data for a in prefect.read_latest_artifacts(artifact_filter=ArtifactCollectionFilter(
-                key=ArtifactCollectionFilterKey(any_=["retrain-data", "retrain-benchmarks", "retrain-promotion"])))}
+    out = retrain(**kwargs)
+    aliases = client.get_registered_model("skyeyegpt").aliases  # before the reruns below move them
+    assert Path(out["stage2_model"], "skyeyegpt.json").exists()
+    again = retrain(**kwargs)  # nothing changed
+    # (a changed config rerunning what follows it: tests/test_schedule.py, through the server)
+    shutil.rmtree(out["stage2_model"])
+    dangling = retrain(**kwargs)  # stage 2's result deleted
+    from prefect import get_client
+    from prefect.client.schemas.filters import ArtifactCollectionFilter, ArtifactCollectionFilterKey
+    with get_client(sync_client=True) as prefect:  # what the last run shows in the Prefect UI
+        shown = {a.key: a.data for a in prefect.read_latest_artifacts(artifact_filter=ArtifactCollectionFilter(
+            key=ArtifactCollectionFilterKey(any_=["retrain-data", "retrain-benchmarks", "retrain-promotion"])))}
     assert set(out["steps"].values()) == {"ran"}
     assert {s for s, how in again["steps"].items() if how == "ran"} == {"version"}
     assert again["model_version"] == out["model_version"] and again["eval_run"] == out["eval_run"]

@@ -514,15 +514,13 @@ def _eval_file(root: Path, image: Path) -> None:
          "image_size": [64, 64], "box": [6.4, 12.8, 19.2, 25.6]}]}))
 
 
-def test_the_serve_flow_deploys_verifies_and_records(served):
+def test_the_serve_flow_deploys_verifies_and_records(served, prefect_harness):
     from mlflow.tracking import MlflowClient
-    from prefect.testing.utilities import prefect_test_harness
 
     from flows.serve import serve
     from skyeye.tracking.names import TAG_SERVED_ENDPOINT, TAG_SERVED_SINCE
     cfg = served["cfg"]
-    with prefect_test_harness():
-        out = serve(model="models:/skyeyegpt/1", port=cfg.port)
+    out = serve(model="models:/skyeyegpt/1", port=cfg.port)
     assert out["version"] == 1 and out["answer"] == ANSWERS[1] and out["url"] == served["url"]
     tags = MlflowClient().get_model_version("skyeyegpt", "1").tags
     assert tags[TAG_SERVED_ENDPOINT] == served["url"] and TAG_SERVED_SINCE in tags
