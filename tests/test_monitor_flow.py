@@ -39,6 +39,10 @@ def prefect_api(tmp_path_factory):
     try:
         import httpx
         wait_until("the Prefect server", lambda: httpx.get(f"{api}/health", timeout=2).status_code == 200, 180)
+        # Prefect's event worker is one per process whatever the server: one started for the
+        # session's test server would carry this module's events there
+        from prefect.events.worker import EventsWorker
+        EventsWorker.drain_all()
         yield api
     finally:
         # nothing left for this server in Prefect's event and log workers: a later test's
